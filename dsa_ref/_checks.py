@@ -1,0 +1,93 @@
+"""Argument checks shared by every public op, for every array library.
+
+Each check names the argument, what it got, and what was expected, so that a wrong call fails
+at the boundary with a readable ``TypeError`` / ``ValueError`` instead of an IndexError or a
+silently wrong answer deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from . import interop
+
+FLOATS = ("float64", "float32", "float16", "bfloat16")
+FLOATS_AND_FP8 = FLOATS + ("float8_e4m3fn",)
+INDEX_INTS = ("int32", "int64")
+
+
+def array(name: str, x: Any, layout: str, dtypes: tuple[str, ...]) -> None:
+    """``x`` is an array with ``len(layout)`` axes and one of ``dtypes``.
+
+    ``layout`` is written like ``"[s_q, h, d_qk]"`` and quoted in the message.
+    """
+    if not interop.is_array(x):
+        raise TypeError(f"{name} must be an array (numpy.ndarray, torch.Tensor or cupy.ndarray) "
+                        f"of shape {layout}, got {type(x).__name__}")
+    ndim = layout.count(",") + 1
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have shape {layout} ({ndim} axes), got shape {tuple(x.shape)}")
+    got = interop.dtype_name(x)
+    if got not in dtypes:
+        raise TypeError(f"{name}.dtype must be one of {', '.join(dtypes)}, got {got}")
+
+
+def optional_array(name: str, x: Any, layout: str, dtypes: tuple[str, ...]) -> None:
+    if x is not None:
+        array(name, x, layout, dtypes)
+
+
+def axis(name: str, x: Any, index: int, expected: int, layout: str, because: str) -> None:
+    """Axis ``index`` of ``x`` has length ``expected`` (``because`` says which other argument sets it)."""
+    if x is not None and x.shape[index] != expected:
+        raise ValueError(f"{name} must have shape {layout} with {layout.strip('[]').split(', ')[index]}="
+                         f"{expected} ({because}), got shape {tuple(x.shape)}")
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def finite_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _min_max(x: Any) -> tuple[int, int]:
+    # A tiny reduction; on a GPU array it is one small device->host copy.
+    return int(x.min()), int(x.max())
+
+
+def key_ranges(key_start: Any, key_end: Any, s_q: int, s_kv: int) -> None:
+    """``0 <= key_start[i] <= key_end[i] <= s_kv`` for every query ``i``."""
+    for name, ranges in (("key_start", key_start), ("key_end", key_end)):
+        array(name, ranges, "[s_q]", INDEX_INTS)
+        axis(name, ranges, 0, s_q, "[s_q]", "the queries' s_q")
+    if s_q == 0:
+        return
+    low, _ = _min_max(key_start)
+    _, high = _min_max(key_end)
+    if low < 0:
+        raise ValueError(f"key_start must be >= 0, got min(key_start)={low}")
+    if high > s_kv:
+        raise ValueError(f"key_end must be <= s_kv={s_kv}, got max(key_end)={high}")
+    shortest, _ = _min_max(key_end - key_start)
+    if shortest < 0:
+        raise ValueError(f"key_start must be <= key_end for every query (an empty range is key_start == key_end), "
+                         f"got a query with key_end - key_start = {shortest}")
+
+
+def int_range(name: str, x: Any, low: int, high: int) -> None:
+    if x is not None and x.shape[0] > 0:
+        lo, hi = _min_max(x)
+        if lo < low or hi > high:
+            raise ValueError(f"{name} values must lie in [{low}, {high}], got min={lo}, max={hi}")

@@ -1,0 +1,39 @@
+"""The NumPy reference of DeepSeek Sparse Attention: the spec every backend is checked against.
+
+Each function computes one equation in float64 and returns float32 (indices int32). They take
+the same arguments as the public, dispatched functions in :mod:`dsa_ref` but do no argument
+checking: call those for validated input, or these directly to read or step through the math.
+"""
+
+from .formats import (
+    FP8_E4M3,
+    FP8_E4M3_MAX,
+    KV_CACHE_FP8_BYTES,
+    dequantize_fp8,
+    fp8_block_scales,
+    pack_kv_cache_fp8,
+    quantize_fp8,
+    unpack_kv_cache_fp8,
+)
+from .indexer import lightning_indexer
+from .ranges import causal_key_ranges, slot_indices, varlen_key_ranges
+from .sparse_mla import sparse_mla, valid_slots
+from .topk import topk_indices
+
+__all__ = [
+    "FP8_E4M3",
+    "FP8_E4M3_MAX",
+    "KV_CACHE_FP8_BYTES",
+    "causal_key_ranges",
+    "dequantize_fp8",
+    "fp8_block_scales",
+    "lightning_indexer",
+    "pack_kv_cache_fp8",
+    "quantize_fp8",
+    "slot_indices",
+    "sparse_mla",
+    "topk_indices",
+    "unpack_kv_cache_fp8",
+    "valid_slots",
+    "varlen_key_ranges",
+]
