@@ -1,0 +1,131 @@
+"""The ``dsa-ref`` command: ``info``, ``demo``, ``check``, and the subcommands of optional parts
+(``bench`` needs a GPU backend's package, ``train-indexer`` the layer)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import platform
+import shutil
+import sys
+
+import numpy as np
+
+from . import __version__, registry
+
+
+# ---------------------------------------------------------------------------- info
+def _devices() -> list[str]:
+    lines = []
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            for index in range(torch.cuda.device_count()):
+                props = torch.cuda.get_device_properties(index)
+                lines.append(f"cuda:{index} {props.name} (sm_{props.major}{props.minor}, "
+                             f"{props.total_memory / 2**30:.0f} GiB) via torch {torch.__version__}")
+        else:
+            lines.append(f"no CUDA device visible to torch {torch.__version__}")
+    else:
+        lines.append("torch not installed")
+    nvcc = shutil.which("nvcc")
+    lines.append(f"nvcc: {nvcc}" if nvcc else "nvcc: not found")
+    return lines
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import ml_dtypes
+
+    print(f"dsa-ref {__version__} on Python {platform.python_version()}, numpy {np.__version__}, "
+          f"ml_dtypes {ml_dtypes.__version__}")
+    print(f"active backend: {registry.active_backend_name()} (DSA_BACKEND / use_backend / backend=)")
+    print("backends:")
+    for info in registry.list_backends():
+        state = "available" if info.available else "unavailable"
+        print(f"  {info.name:8s} {state:11s} {info.description}")
+        print(f"  {'':8s} from {info.origin}")
+        for reason in info.reasons:
+            print(f"  {'':8s} - {reason}")
+    print("devices:")
+    for line in _devices():
+        print(f"  {line}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- check
+def cmd_check(args: argparse.Namespace) -> int:
+    from .testing import check_backend
+
+    name = args.backend or registry.active_backend_name()
+    ops = args.ops.split(",") if args.ops else None
+    print(f"checking backend {name!r} against the reference, profile {args.profile} ...", flush=True)
+    report = check_backend(name, profile=args.profile, ops_to_check=ops, max_examples=args.max_examples)
+    print(report)
+    return 0 if report.ok else 1
+
+
+# ---------------------------------------------------------------------------- optional parts
+def _delegate(module: str, what: str):
+    def add(parser: argparse.ArgumentParser) -> None:
+        try:
+            target = importlib.import_module(module)
+        except ImportError as exc:
+            parser.set_defaults(func=lambda args: _missing(what, exc))
+            return
+        target.add_arguments(parser)
+        parser.set_defaults(func=target.run)
+
+    return add
+
+
+def _missing(what: str, exc: Exception) -> int:
+    print(f"dsa-ref: {what} is not available here: {exc}", file=sys.stderr)
+    return 2
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; the optional part named by ``command`` is imported to add its options."""
+    parser = argparse.ArgumentParser(prog="dsa-ref", description="DeepSeek Sparse Attention: reference and backends")
+    parser.add_argument("--version", action="version", version=f"dsa-ref {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="version, backends (with why any cannot run), devices")
+    info.set_defaults(func=cmd_info)
+
+    from .demo import add_arguments as demo_arguments, run as demo_run
+
+    demo = commands.add_parser("demo", help="a narrated DSA step on a small problem with the active backend")
+    demo_arguments(demo)
+    demo.set_defaults(func=demo_run)
+
+    check = commands.add_parser("check", help="property-test a backend against the reference")
+    check.add_argument("--backend", help="backend name (default: the active one)")
+    check.add_argument("--profile", default="ci", choices=("ci", "thorough"))
+    check.add_argument("--ops", help="comma-separated subset of ops")
+    check.add_argument("--max-examples", type=int, help="examples per op (default: the profile's)")
+    check.set_defaults(func=cmd_check)
+
+    optional = {
+        "bench": ("dsa_ref_backends.bench", "the benchmark (needs torch and a GPU backend)",
+                  "time kernels, baselines and ceilings on this GPU"),
+        "train-indexer": ("dsa_ref.layer.experiment", "the indexer warm-up experiment",
+                          "warm up an indexer with the KL loss and watch the captured attention rise"),
+    }
+    for name, (module, what, help_text) in optional.items():
+        sub = commands.add_parser(name, help=help_text)
+        if command == name:  # import an optional part only when its command runs
+            _delegate(module, what)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (registry.BackendUnavailableError, ValueError, TypeError) as exc:
+        print(f"dsa-ref {args.command}: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,192 @@
+"""Valid input problems for each op, built from a seed: shared by the hypothesis strategies, the
+GPU tests at real shapes, the benchmarks and the demo.
+
+Every builder takes a ``numpy.random.Generator`` and plain parameters, and returns a problem
+whose ``inputs`` are NumPy arrays in the dtype under test, ready for the public ops. The
+awkward cases the peers have tripped on are switches here: ragged and empty key ranges, rows with
+fewer valid keys than ``topk``, exact-zero score plateaus, adversarial invalid indices,
+duplicates, non-contiguous inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dsa_ref import interop
+from dsa_ref.reference import causal_key_ranges, pack_kv_cache_fp8, quantize_fp8
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+RANGE_KINDS = ("full", "causal", "ragged")
+INDEX_DISTRIBUTIONS = ("uniform", "recent")
+
+
+@dataclass
+class Problem:
+    """Inputs of one op call, plus how to hand them to a backend.
+
+    ``strided``: give the backend non-contiguous views (every other element of a larger array
+    whose other half is poison: NaN, or INT32_MIN for integers), so a backend that ignores
+    strides reads poison and fails.
+    """
+
+    op: str
+    inputs: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    strided: bool = False
+
+    def native_inputs(self, backend) -> dict[str, Any]:
+        """The inputs as the backend's arrays (non-contiguous when ``strided``)."""
+        return {name: _native(backend, value, self.strided) if isinstance(value, np.ndarray) else value
+                for name, value in self.inputs.items()}
+
+    def describe(self) -> str:
+        shapes = ", ".join(f"{k}={tuple(v.shape)}:{v.dtype}" for k, v in self.inputs.items()
+                           if isinstance(v, np.ndarray))
+        return f"{self.op}({shapes}; {self.params}; strided={self.strided})"
+
+
+def _native(backend, x: np.ndarray, strided: bool):
+    if not strided or x.ndim == 0 or x.shape[-1] == 0:
+        return backend.to_native(x)
+    padded = np.empty(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+    padded[..., ::2] = x
+    if x.dtype == np.uint8:
+        padded[..., 1::2] = 0x7F  # NaN in e4m3
+    elif np.issubdtype(x.dtype, np.integer):
+        padded[..., 1::2] = INT32_MIN
+    else:
+        padded[..., 1::2] = np.nan
+    return backend.to_native(padded)[..., ::2]
+
+
+def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
+    return x.astype(np.float32).astype(interop.NUMPY_DTYPES[dtype])
+
+
+def key_ranges(rng: np.random.Generator, s_q: int, s_kv: int, kind: str, empty_fraction: float = 0.0):
+    """``(key_start, key_end)`` int32: every key (``full``), ``causal`` (queries are the last s_q
+    positions; needs s_q <= s_kv, else falls back to ragged), or random ``ragged`` ranges; then
+    ``empty_fraction`` of the rows get an empty range."""
+    if kind == "causal" and s_q <= s_kv:
+        start, end = causal_key_ranges(s_q, s_kv)
+    elif kind == "full":
+        start, end = np.zeros(s_q, np.int32), np.full(s_q, s_kv, np.int32)
+    else:
+        bounds = np.sort(rng.integers(0, s_kv + 1, size=(s_q, 2)), axis=1)  # [s_q, 2]
+        start, end = bounds[:, 0].astype(np.int32), bounds[:, 1].astype(np.int32)
+    empty = rng.random(s_q) < empty_fraction  # [s_q]
+    end = np.where(empty, start, end).astype(np.int32)
+    return start.astype(np.int32), end
+
+
+def indexer_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h_i: int, d_i: int,
+                    dtype: str = "float32", ranges: str = "full", empty_fraction: float = 0.0,
+                    plateau: bool = False, strided: bool = False) -> Problem:
+    """Lightning-indexer inputs. ``dtype="float8_e4m3fn"`` quantizes q per (token, head) and k per
+    token, folds q's scales into the weights and passes k's as ``k_scale`` (the official path).
+    ``plateau``: keys non-negative and a third of the queries non-positive, so those rows score
+    exactly 0 everywhere visible (ReLU plateaus: ties)."""
+    q = rng.standard_normal((s_q, h_i, d_i))  # [s_q, h_i, d_i]
+    k = rng.standard_normal((s_kv, d_i))  # [s_kv, d_i]
+    weights = rng.standard_normal((s_q, h_i)) * (h_i * d_i) ** -0.5  # [s_q, h_i]
+    if plateau:
+        k = np.abs(k)
+        flat_rows = rng.random(s_q) < 1 / 3  # [s_q]
+        q[flat_rows] = -np.abs(q[flat_rows])
+    key_start, key_end = key_ranges(rng, s_q, s_kv, ranges, empty_fraction)
+    k_scale = None
+    if dtype == "float8_e4m3fn":
+        q, q_scale = quantize_fp8(q, block=d_i)  # [s_q, h_i, d_i], [s_q, h_i, 1]
+        k, k_scale_blocks = quantize_fp8(k, block=d_i)  # [s_kv, d_i], [s_kv, 1]
+        weights = weights * q_scale[..., 0]  # [s_q, h_i]
+        k_scale = k_scale_blocks[:, 0].astype(np.float32)  # [s_kv]
+    else:
+        q, k = _cast(q, dtype), _cast(k, dtype)
+    inputs = dict(q=q, weights=weights.astype(np.float32), k=k, key_start=key_start, key_end=key_end,
+                  k_scale=k_scale)
+    return Problem("lightning_indexer", inputs, dict(ranges=ranges, plateau=plateau), dtype, strided)
+
+
+def topk_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, topk: int, masked_fraction: float = 0.2,
+                 plateau: bool = False, nan_fraction: float = 0.0, strided: bool = False) -> Problem:
+    """Scores for top-k: ``masked_fraction`` of them ``-inf``; with ``plateau`` they take only a few
+    distinct values (heavy ties, many exact zeros); ``nan_fraction`` of them NaN (never selected)."""
+    scores = rng.standard_normal((s_q, s_kv)).astype(np.float32)  # [s_q, s_kv]
+    if plateau:
+        scores = np.maximum(np.round(scores * 2) / 2, 0).astype(np.float32)  # few values, many exact 0
+    scores[rng.random((s_q, s_kv)) < masked_fraction] = -np.inf
+    scores[rng.random((s_q, s_kv)) < nan_fraction] = np.nan
+    return Problem("topk_indices", dict(scores=scores, topk=topk), dict(plateau=plateau), "float32", strided)
+
+
+def selected_indices(rng: np.random.Generator, *, s_q: int, s_kv: int, topk: int, distribution: str = "uniform",
+                     causal: bool = True) -> np.ndarray:
+    """int32 ``[s_q, topk]`` distinct key indices per query, ``-1`` where fewer keys are visible.
+
+    ``uniform``: uniform without replacement over the visible keys ``[0, t]`` (query i at position
+    t = s_kv - s_q + i when ``causal``, else all keys). ``recent``: half the slots go to the most
+    recent visible keys, the rest uniformly to the older ones (the locality real indexers show).
+    """
+    visible = np.arange(s_kv - s_q + 1, s_kv + 1) if causal and s_q <= s_kv else np.full(s_q, s_kv)  # [s_q]
+    indices = np.full((s_q, topk), -1, np.int32)  # [s_q, topk]
+    step = max(1, 2**24 // max(1, s_kv))
+    for begin in range(0, s_q, step):
+        rows = slice(begin, min(s_q, begin + step))
+        keys = rng.random((rows.stop - begin, s_kv))  # [c, s_kv]   random priority of each key
+        position = np.arange(s_kv)[None, :]  # [1, s_kv]
+        if distribution == "recent":
+            recent = position >= (visible[rows, None] - topk // 2)  # [c, s_kv]
+            keys = np.where(recent, keys - 1.0, keys)  # recent keys win first
+        keys = np.where(position < visible[rows, None], keys, np.inf)  # [c, s_kv]
+        kept = min(topk, s_kv)
+        chosen = np.argsort(keys, axis=1)[:, :kept] if kept == s_kv else np.argpartition(keys, kept - 1, axis=1)[:, :kept]
+        chosen_keys = np.take_along_axis(keys, chosen, axis=1)  # [c, kept]
+        indices[rows, :kept] = np.where(np.isfinite(chosen_keys), chosen, -1)
+    return indices
+
+
+def sparse_mla_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h: int, d_qk: int, d_v: int, topk: int,
+                       dtype: str = "bfloat16", distribution: str = "uniform", causal: bool = True,
+                       invalid_fraction: float = 0.0, duplicate_fraction: float = 0.0,
+                       topk_length: bool = False, attn_sink: bool = False, packed_fp8: bool = False,
+                       logit_scale: float = 1.0, strided: bool = False) -> Problem:
+    """Sparse-MLA inputs. ``invalid_fraction`` of the slots get adversarial invalid indices from
+    {INT32_MIN, -1, s_kv, INT32_MAX}; ``duplicate_fraction`` repeat another slot's valid index;
+    ``packed_fp8`` hands kv over as the 656-byte FP8 cache (forces d_qk = 576)."""
+    if packed_fp8:
+        d_qk = 576
+    q = rng.standard_normal((s_q, h, d_qk)) * logit_scale  # [s_q, h, d_qk]
+    kv = rng.standard_normal((s_kv, d_qk))  # [s_kv, d_qk]
+    indices = selected_indices(rng, s_q=s_q, s_kv=s_kv, topk=topk, distribution=distribution, causal=causal)
+    if duplicate_fraction > 0 and topk > 1:
+        copy = rng.random((s_q, topk)) < duplicate_fraction  # [s_q, topk]
+        source = rng.integers(0, topk, size=(s_q, topk))  # [s_q, topk]
+        indices = np.where(copy, np.take_along_axis(indices, source, axis=1), indices).astype(np.int32)
+    if invalid_fraction > 0:
+        invalid = rng.random((s_q, topk)) < invalid_fraction  # [s_q, topk]
+        adversarial = rng.choice(np.array([INT32_MIN, -1, s_kv, INT32_MAX], np.int64), size=(s_q, topk))
+        indices = np.where(invalid, adversarial, indices).astype(np.int32)
+    inputs: dict[str, Any] = dict(q=_cast(q, dtype), indices=indices, d_v=d_v)
+    inputs["kv"] = pack_kv_cache_fp8(kv) if packed_fp8 else _cast(kv, dtype)
+    inputs["topk_length"] = rng.integers(0, topk + 1, size=s_q).astype(np.int32) if topk_length else None
+    inputs["attn_sink"] = rng.standard_normal(h).astype(np.float32) if attn_sink else None
+    params = dict(distribution=distribution, invalid_fraction=invalid_fraction, packed_fp8=packed_fp8,
+                  duplicate_fraction=duplicate_fraction)
+    return Problem("sparse_mla", inputs, params, dtype, strided)
+
+
+def dsa_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h: int, d_qk: int, d_v: int, h_i: int, d_i: int,
+                topk: int, dtype: str = "bfloat16", index_dtype: str | None = None, ranges: str = "causal",
+                strided: bool = False) -> Problem:
+    """Inputs of a whole DSA step: indexer inputs plus main-attention q and kv."""
+    indexer = indexer_problem(rng, s_q=s_q, s_kv=s_kv, h_i=h_i, d_i=d_i, dtype=index_dtype or dtype, ranges=ranges)
+    q = _cast(rng.standard_normal((s_q, h, d_qk)), dtype)  # [s_q, h, d_qk]
+    kv = _cast(rng.standard_normal((s_kv, d_qk)), dtype)  # [s_kv, d_qk]
+    ix = indexer.inputs
+    inputs = dict(q=q, kv=kv, q_index=ix["q"], weights=ix["weights"], k_index=ix["k"], topk=topk,
+                  key_start=ix["key_start"], key_end=ix["key_end"], k_scale=ix["k_scale"], d_v=d_v)
+    return Problem("dsa_attention", inputs, dict(ranges=ranges), dtype, strided)

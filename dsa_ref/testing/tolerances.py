@@ -1,0 +1,57 @@
+"""The tolerance policy: how close a backend must come to the float64 reference.
+
+Every comparison is against the reference computed in float64 **on the same inputs** (a bf16
+input is compared with the reference of those exact bf16 values), so the tolerance only has to
+cover the backend's own arithmetic, not the rounding of its inputs.
+
+An element passes when ``|actual - expected| <= atol * scale + rtol * |expected|``. For scores
+and attention outputs ``scale`` is the largest finite ``|expected|`` of the whole output, so
+``atol`` is a fraction of the output's magnitude and tiny elements (near-cancelling sums) are
+judged against the size of the whole, as their error is. For ``lse`` (a log, whose error is
+absolute) ``scale`` is 1.
+
+Why these numbers (u = unit roundoff of the type: fp32 2^-24, tf32 2^-11, fp16 2^-11, bf16 2^-8):
+
+============== ====== ====== ===============================================================
+input dtype    rtol   atol   what dominates the error
+============== ====== ====== ===============================================================
+float64        1e-6   1e-6   only the final rounding of the reference's float64 to float32
+float32        2e-3   2e-3   GPU kernels may run float32 dots as tf32 (10-bit mantissa, as
+                             Triton and cuBLAS do by default): u = 4.9e-4 per product, a few
+                             u after accumulation and softmax
+float16        4e-3   4e-3   attention probabilities are rounded to fp16 before the P·V
+                             product (u = 4.9e-4 each); products and sums stay in fp32
+bfloat16       2e-2   1.6e-2 probabilities rounded to bf16 before P·V (u = 3.9e-3); an
+                             output is a convex mix, so its error stays a few u of max |V|
+float8_e4m3fn  2e-3   2e-3   fp8 products are exact in fp32, but Hopper's fp8 tensor-core
+                             accumulator keeps ~14 mantissa bits: ~1e-4 per partial sum
+============== ====== ====== ===============================================================
+
+The packed FP8 KV cache (``uint8``) is compared after exact dequantization, with the tolerance
+of the queries' dtype. Top-k on given scores involves no arithmetic: its sets are checked with
+a score tolerance of 0 (ties included). Top-k after a backend's own indexer uses the indexer's
+tolerance, since near-equal scores may legitimately swap places.
+"""
+
+from __future__ import annotations
+
+from dsa_ref.backend import Backend, Tolerance
+
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(rtol=1e-6, atol=1e-6),
+    "float32": Tolerance(rtol=2e-3, atol=2e-3),
+    "float16": Tolerance(rtol=4e-3, atol=4e-3),
+    "bfloat16": Tolerance(rtol=2e-2, atol=1.6e-2),
+    "float8_e4m3fn": Tolerance(rtol=2e-3, atol=2e-3),
+}
+
+
+def tolerance_for(dtype: str, backend: Backend | None = None) -> Tolerance:
+    """The tolerance a backend's outputs meet for inputs of ``dtype``: the backend's own
+    declaration if it has one (it may only be stricter in spirit; the kit does not check), else
+    the default policy above."""
+    if backend is not None and dtype in backend.tolerances:
+        return backend.tolerances[dtype]
+    if dtype not in DEFAULT_TOLERANCES:
+        raise ValueError(f"dtype={dtype!r} has no tolerance (known: {', '.join(DEFAULT_TOLERANCES)})")
+    return DEFAULT_TOLERANCES[dtype]
