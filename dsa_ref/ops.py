@@ -167,9 +167,10 @@ def dsa_attention(q, kv, q_index, weights, k_index, *, topk: int, key_start=None
     key_start, key_end = _check_indexer_inputs(q_index, weights, k_index, key_start, key_end, k_scale)
     topk = _checks.positive_int("topk", topk)
     s_q, s_kv = q_index.shape[0], k_index.shape[0]
+    _checks.array("q", q, "[s_q, h, d_qk]", _checks.FLOATS)
+    _checks.axis("q", q, 0, s_q, "[s_q, h, d_qk]", "q_index's s_q")
     placeholder = np.zeros((s_q, topk), np.int32)  # checks the main-attention inputs with the real shapes
     sm_scale, d_v = _check_sparse_mla_inputs(q, kv, placeholder, sm_scale, d_v, None, None)
-    _checks.axis("q", q, 0, s_q, "[s_q, h, d_qk]", "q_index's s_q")
     _checks.axis("kv", kv, 0, s_kv, "[s_kv, d_qk]", "k_index's s_kv")
     return _run("dsa_attention", backend, q, dict(q=q, kv=kv, q_index=q_index, weights=weights,
                                                    k_index=k_index, topk=topk, key_start=key_start,

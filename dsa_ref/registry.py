@@ -96,6 +96,8 @@ def _import_class(target: str, label: str) -> type[Backend]:
             f"backend {label!r} cannot be imported ({module_name}: {exc}); "
             f"is its package installed?") from exc
     cls = getattr(module, attr, None)
+    if cls is None:
+        raise BackendUnavailableError(f"backend {label!r}: module {module_name} has no attribute {attr!r}")
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise TypeError(f"backend {label!r}: {target!r} is not a subclass of dsa_ref.backend.Backend")
     return cls

@@ -24,6 +24,16 @@ KV_SCALE_BLOCK = 128
 KV_CACHE_FP8_BYTES = KV_LATENT_DIM + 4 * (KV_LATENT_DIM // KV_SCALE_BLOCK) + 2 * KV_ROPE_DIM  # 656
 
 
+def _check_blocks(name: str, x, block: int, scale_format: str = "fp32") -> None:
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"block must be >= 1 (an int), got {block!r}")
+    if scale_format not in SCALE_FORMATS:
+        raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}")
+    shape = np.shape(x)
+    if len(shape) == 0 or shape[-1] % block:
+        raise ValueError(f"{name} must have a last axis that is a multiple of block={block}, got shape {shape}")
+
+
 def fp8_block_scales(x, block: int = 128, scale_format: str = "fp32") -> np.ndarray:
     r"""One scale per ``block`` consecutive values of the last axis.
 
@@ -57,6 +67,7 @@ def quantize_fp8(x, block: int = 128, scale_format: str = "fp32"):
         with ``dequantize_fp8(x_fp8, scales) ≈ x`` (relative error <= 2^-4 per element, the e4m3
         half-ulp, for values above the subnormal range).
     """
+    _check_blocks("x", x, block, scale_format)
     x = as_float64(x)  # [..., n]
     scales = fp8_block_scales(x, block, scale_format)  # [..., n/block]
     blocks = x.reshape(*x.shape[:-1], -1, block)  # [..., n/block, block]
@@ -67,6 +78,10 @@ def quantize_fp8(x, block: int = 128, scale_format: str = "fp32"):
 
 def dequantize_fp8(x_fp8, scales, block: int = 128) -> np.ndarray:
     """Inverse of :func:`quantize_fp8`: float32 ``[..., n]`` = ``x_fp8 * scale`` per block."""
+    _check_blocks("x_fp8", x_fp8, block)
+    if np.shape(scales) != np.shape(x_fp8)[:-1] + (np.shape(x_fp8)[-1] // block,):
+        raise ValueError(f"scales must have shape {np.shape(x_fp8)[:-1] + (np.shape(x_fp8)[-1] // block,)} "
+                         f"(one per block of x_fp8), got {np.shape(scales)}")
     values = as_float64(x_fp8)  # [..., n]
     blocks = values.reshape(*values.shape[:-1], -1, block)  # [..., n/block, block]
     restored = blocks * as_float64(scales)[..., None]  # [..., n/block, block]
@@ -90,6 +105,9 @@ def pack_kv_cache_fp8(kv) -> np.ndarray:
     Returns:
         uint8 ``[..., 656]``.
     """
+    if np.shape(kv)[-1:] != (KV_LATENT_DIM + KV_ROPE_DIM,):
+        raise ValueError(f"kv must have shape [..., {KV_LATENT_DIM + KV_ROPE_DIM}] (512 latent + 64 RoPE), "
+                         f"got {np.shape(kv)}")
     kv = as_float64(kv)  # [..., 576]
     latent, rope = kv[..., :KV_LATENT_DIM], kv[..., KV_LATENT_DIM:]  # [..., 512], [..., 64]
     latent_fp8, scales = quantize_fp8(latent, KV_SCALE_BLOCK, "ue8m0")  # [..., 512], [..., 4]
@@ -107,6 +125,8 @@ def unpack_kv_cache_fp8(packed) -> np.ndarray:
     Exact: e4m3 times a power of two, and bf16, are all representable in float32.
     """
     packed = np.ascontiguousarray(packed)  # [..., 656]
+    if packed.dtype != np.uint8 or packed.shape[-1:] != (KV_CACHE_FP8_BYTES,):
+        raise ValueError(f"packed must be uint8 [..., {KV_CACHE_FP8_BYTES}], got {packed.dtype} {packed.shape}")
     latent_end = KV_LATENT_DIM
     scales_end = latent_end + 4 * (KV_LATENT_DIM // KV_SCALE_BLOCK)
     latent_fp8 = packed[..., :latent_end].view(FP8_E4M3)  # [..., 512]

@@ -44,11 +44,16 @@ def lightning_indexer(q, weights, k, *, key_start=None, key_end=None, k_scale=No
         key_start = default_start if key_start is None else key_start
         key_end = default_end if key_end is None else key_end
 
-    scores = np.empty((s_q, s_kv), np.float64)  # [s_q, s_kv]
+    key_start, key_end = np.asarray(key_start), np.asarray(key_end)
+    scores = np.zeros((s_q, s_kv), np.float64)  # [s_q, s_kv]
     for rows in query_chunks(s_q, bytes_per_query=2 * h_i * s_kv * 8):
-        logits = np.matmul(q[rows], k.T)  # [c, h_i, s_kv]   q_{i,h} · k_j
-        gated = np.maximum(logits, 0.0)  # [c, h_i, s_kv]   ReLU
-        scores[rows] = np.einsum("ch,chs->cs", weights[rows], gated)  # [c, s_kv]   Σ_h w_{i,h} · ReLU(...)
+        if key_end[rows].max() <= key_start[rows].min():
+            continue  # no query of the chunk sees any key
+        # Only the keys some query of the chunk can see (half the work for causal ranges).
+        cols = slice(int(key_start[rows].min()), int(key_end[rows].max()))
+        logits = np.matmul(q[rows], k[cols].T)  # [c, h_i, n]   q_{i,h} · k_j
+        gated = np.maximum(logits, 0.0)  # [c, h_i, n]   ReLU
+        scores[rows, cols] = np.einsum("ch,chn->cn", weights[rows], gated)  # [c, n]   Σ_h w_{i,h} · ReLU(...)
     if k_scale is not None:
         scores *= as_float64(k_scale)[None, :]  # [s_q, s_kv]
     visible = visible_keys(key_start, key_end, s_kv)  # [s_q, s_kv]

@@ -75,8 +75,16 @@ def slot_indices(token_indices, block_table, block_size: int) -> np.ndarray:
     Returns:
         int32, the shape of ``token_indices``; invalid entries stay ``-1``.
     """
-    tokens = np.asarray(token_indices, np.int64)  # [b, ..., topk]
-    table = np.asarray(block_table, np.int64)  # [b, max_blocks]
+    tokens = np.asarray(token_indices)  # [b, ..., topk]
+    table = np.asarray(block_table)  # [b, max_blocks]
+    if not np.issubdtype(tokens.dtype, np.integer) or tokens.ndim < 2:
+        raise TypeError(f"token_indices must be an integer array [b, ..., topk], got {tokens.dtype} {tokens.shape}")
+    if not np.issubdtype(table.dtype, np.integer) or table.ndim != 2 or table.shape[0] != tokens.shape[0]:
+        raise ValueError(f"block_table must be an integer array [b={tokens.shape[0]}, max_blocks], "
+                         f"got {table.dtype} {table.shape}")
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    tokens, table = tokens.astype(np.int64), table.astype(np.int64)
     batch = tokens.shape[0]
     flat = tokens.reshape(batch, -1)  # [b, n]
     logical_block = flat // block_size  # [b, n]

@@ -71,16 +71,16 @@ def sparse_mla(q, kv, indices, *, sm_scale=None, d_v: int = 512, topk_length=Non
         sm_scale = d_qk**-0.5
 
     valid = valid_slots(indices, s_kv, topk_length)  # [s_q, topk]
-    rows_to_read = np.where(valid, indices, 0)  # [s_q, topk]   invalid slots point at row 0 ...
+    # Invalid slots read an all-zero row appended after the last token, never a row of kv:
+    # nothing of another token (not even a NaN) can leak in, and the gather needs no branch.
+    kv_and_zero_row = np.concatenate([kv, np.zeros((1, d_qk))])  # [s_kv + 1, d_qk]
+    rows_to_read = np.where(valid, indices, s_kv)  # [s_q, topk]
     out = np.zeros((s_q, h, d_v), np.float64)  # [s_q, h, d_v]
     lse = np.full((s_q, h), -np.inf, np.float64)  # [s_q, h]
-    if s_kv == 0 or topk == 0:
-        return out.astype(np.float32), lse.astype(np.float32)
 
     for rows in query_chunks(s_q, bytes_per_query=8 * topk * (d_qk + 2 * h)):
         chunk_valid = valid[rows]  # [c, topk]
-        # ... and are zeroed right after the gather, so nothing of row 0 (not even a NaN) leaks in.
-        selected = np.where(chunk_valid[:, :, None], kv[rows_to_read[rows]], 0.0)  # [c, topk, d_qk]
+        selected = np.take(kv_and_zero_row, rows_to_read[rows], axis=0)  # [c, topk, d_qk]
         logits = sm_scale * np.matmul(q[rows], selected.transpose(0, 2, 1))  # [c, h, topk]
         logits = np.where(chunk_valid[:, None, :], logits, -np.inf)  # [c, h, topk]
         row_max = logits.max(axis=-1, keepdims=True)  # [c, h, 1]
@@ -89,7 +89,7 @@ def sparse_mla(q, kv, indices, *, sm_scale=None, d_v: int = 512, topk_length=Non
         denom = probs.sum(axis=-1)  # [c, h]
         weighted = np.matmul(probs, selected[:, :, :d_v])  # [c, h, d_v]
         with np.errstate(divide="ignore", invalid="ignore"):
-            out[rows] = np.where(denom[..., None] > 0, weighted / denom[..., None], 0.0)  # [c, h, d_v]
+            out[rows] = np.where(denom[..., None] == 0, 0.0, weighted / denom[..., None])  # [c, h, d_v]   NaN propagates
             lse[rows] = np.log(denom) + row_max[..., 0]  # [c, h]   log(0) = -inf for empty rows
 
     if attn_sink is not None:

@@ -1,0 +1,41 @@
+"""Shared test setup: GPU tests skip without a CUDA device; backend choice is reset per test."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # the naive loop versions in tests/naive.py
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_available() -> bool:
+    if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidiactl"):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if gpu_items and not cuda_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_choice(monkeypatch):
+    from dsa_ref import registry
+
+    registry._env_choice.clear()
+    yield
+    registry._env_choice.clear()
