@@ -67,6 +67,8 @@ class Backend:
     tolerances
         Per input dtype, the :class:`Tolerance` its outputs meet against the reference.
         Missing entries fall back to :data:`dsa_ref.testing.tolerances.DEFAULT_TOLERANCES`.
+    ci_max_examples
+        Examples per op in the test suite's ``ci`` conformance run (None: the profile's).
     """
 
     name: ClassVar[str] = ""
@@ -75,6 +77,9 @@ class Backend:
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     supported_dtypes: ClassVar[Mapping[str, frozenset[str]]] = {}
     tolerances: ClassVar[Mapping[str, Tolerance]] = {}
+    #: Examples per op of the ``ci`` conformance profile when run by the test suite; a backend
+    #: running on a slow simulator (Triton's CPU interpreter) may ask for fewer. None: the profile's.
+    ci_max_examples: ClassVar[int | None] = None
 
     # ------------------------------------------------------------------ availability
     def unavailable_reasons(self) -> list[str]:

@@ -1,0 +1,42 @@
+# Everything a fresh clone needs: `make demo` and `make test` create .venv and install into it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+# The CPU wheel of torch and the Triton whose interpreter matches the GPU machine's Triton.
+# Pinned: an unpinned torch would pull a multi-GB CUDA build.
+TORCH_PIN  ?= torch==2.13.0
+TRITON_PIN ?= triton==3.6.0
+# Without a GPU, Triton kernels run (slowly) on the CPU interpreter.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),)
+export TRITON_INTERPRET ?= 1
+endif
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast docs docs-serve clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "setuptools>=64" wheel
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -q --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PIP) install -q "$(TORCH_PIN)" "$(TRITON_PIN)"
+	$(PIP) install -q --no-build-isolation -e ".[test,plot,layer]" pytest-xdist
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/dsa-ref demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,83 @@
+"""The conformance kit itself: it must pass the reference and catch each kind of broken backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dsa_ref import Tolerance
+from dsa_ref.testing import assert_close, check_backend, check_topk
+
+TIGHT = Tolerance(rtol=1e-3, atol=1e-3)
+
+
+def test_assert_close_reports_the_worst_element():
+    expected = np.array([[1.0, 2.0], [3.0, 4.0]])
+    actual = expected.copy()
+    actual[1, 0] += 0.5
+    with pytest.raises(AssertionError, match=r"worst element \(1, 0\): actual=3.5, expected=3.0"):
+        assert_close(actual, expected, TIGHT, name="out")
+    comparison = assert_close(expected + 1e-4, expected, TIGHT)
+    assert 0 < comparison.error_ratio <= 1
+
+
+@pytest.mark.parametrize("bad,label", [(np.nan, "NaN"), (np.inf, r"\+inf"), (-np.inf, "-inf")])
+def test_assert_close_checks_special_values_first(bad, label):
+    expected = np.array([1.0, -np.inf, 3.0])
+    actual = expected.copy()
+    actual[0] = bad
+    with pytest.raises(AssertionError, match=f"scores: {label} positions differ"):
+        assert_close(actual, expected, TIGHT, name="scores")
+
+
+def test_assert_close_atol_is_relative_to_the_output_magnitude():
+    expected = np.array([1000.0, 0.0])
+    assert_close(np.array([1000.0, 0.5]), expected, TIGHT)  # 0.5 <= 1e-3 * 1000
+    with pytest.raises(AssertionError):
+        assert_close(np.array([1000.0, 0.5]), expected, TIGHT, scale_by_max=False)
+
+
+def test_check_topk_accepts_any_order_and_any_tie_choice():
+    scores = np.array([[3.0, 1.0, 1.0, 1.0, -np.inf]])
+    check_topk(np.array([[2, 0]]), scores, 2)  # tie at 1.0: key 2 is as good as key 1
+    check_topk(np.array([[3, 1, 0, 2, -1]]), scores, 5)
+    with pytest.raises(AssertionError, match="a masked"):
+        check_topk(np.array([[0, 4]]), scores, 2)
+    with pytest.raises(AssertionError, match="selected twice"):
+        check_topk(np.array([[0, 1, 1, 2, -1]]), scores, 5)
+    with pytest.raises(AssertionError, match="2 keys selected, expected 4"):
+        check_topk(np.array([[0, 1, -1, -1, -1]]), scores, 5)
+    with pytest.raises(AssertionError, match="above the k-th best score"):
+        check_topk(np.array([[1, 2]]), scores, 2)
+    with pytest.raises(AssertionError, match=r"outside \[-1, 5\)"):
+        check_topk(np.array([[0, 7]]), scores, 2)
+
+
+def test_check_topk_tolerance_allows_near_ties_only():
+    scores = np.array([[1.0, 0.9995, 0.5]])
+    check_topk(np.array([[1]]), scores, 1, score_tolerance=1e-3)
+    with pytest.raises(AssertionError):
+        check_topk(np.array([[1]]), scores, 1)
+    with pytest.raises(AssertionError):
+        check_topk(np.array([[2]]), scores, 1, score_tolerance=1e-3)
+
+
+def test_the_reference_passes_its_own_kit():
+    report = check_backend("numpy", "ci", max_examples=15)
+    assert report.ok, str(report)
+    assert all(op.ran == 15 or op.ran > 0 for op in report.ops)
+
+
+@pytest.mark.parametrize("broken,op,symptom", [
+    ("IgnoresKeyRanges", "lightning_indexer", "-inf positions differ"),
+    ("AssumesContiguous", "lightning_indexer", "NaN positions differ"),
+    ("SelectsMaskedKeys", "topk_indices", "top-k row"),
+    ("BreaksTiesWrongly", "topk_indices", "top-k row"),
+    ("ClampsInvalidIndices", "sparse_mla", "worst element"),
+    ("Base2Lse", "sparse_mla", "lse"),
+    ("RefusesEverything", "sparse_mla", "every example was refused"),
+])
+def test_the_kit_catches_broken_backends(broken, op, symptom):
+    report = check_backend(f"module://fake_backends:{broken}", "ci", ops_to_check=[op], max_examples=60)
+    assert not report.ok
+    assert symptom in report.ops[0].failure, report.ops[0].failure
