@@ -12,6 +12,11 @@ on the training sequences and on held-out ones, against three references: the ex
 k random keys, of the k most recent keys (a sliding window) and of the best possible k keys
 (the top-k of p itself).
 
+What to expect: on the training sequences the captured mass climbs from the random level to near
+the oracle within a few hundred steps; on held-out sequences it stays at the random level. The
+pattern of a randomly initialised model on random inputs has no rule to learn that transfers,
+so the indexer fits the fixed pattern it is shown; the point here is the loss and its gradients.
+
 Run it as ``dsa-ref train-indexer`` or ``python -m dsa_ref.layer.experiment``.
 """
 
@@ -146,7 +151,7 @@ def plot_history(result: dict, path: str) -> None:
     axis.set_ylabel(f"attention mass captured by top-{settings['topk']}")
     axis.set_title(f"Indexer warm-up, {settings['seq_len']} tokens, k = {settings['topk']}")
     axis.set_ylim(0, 1)
-    axis.legend(fontsize=8, loc="lower right")
+    axis.legend(fontsize=8, loc="center right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

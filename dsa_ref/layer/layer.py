@@ -83,20 +83,11 @@ def init_parameters(config: DSAConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def core_op(name: str, backend: str | None):
-    """The public, dispatched core op ``dsa_ref.<name>`` bound to ``backend``.
-
-    Falls back to the float64 reference when the public API is absent (an installation without
-    :mod:`dsa_ref.ops`), which can only serve the ``numpy`` backend.
-    """
+    """The public, validated, dispatched core op ``dsa_ref.<name>`` bound to ``backend``."""
     import dsa_ref
 
-    public = getattr(dsa_ref, name, None)
-    if callable(public):
-        return lambda *args, **kwargs: public(*args, backend=backend, **kwargs)
-    if backend not in (None, "numpy"):
-        raise RuntimeError(f"backend={backend!r} needs the public dispatched op dsa_ref.{name}, "
-                           "which this installation lacks")
-    return getattr(reference, name)
+    op = getattr(dsa_ref, name)
+    return lambda *args, **kwargs: op(*args, backend=backend, **kwargs)
 
 
 @dataclass
