@@ -28,7 +28,7 @@ def array(name: str, x: Any, layout: str, dtypes: tuple[str, ...]) -> None:
     ndim = layout.count(",") + 1
     if x.ndim != ndim:
         raise ValueError(f"{name} must have shape {layout} ({ndim} axes), got shape {tuple(x.shape)}")
-    got = interop.dtype_name(x)
+    got = interop.logical_dtype_name(x, packed_kv=name == "kv")
     if got not in dtypes:
         raise TypeError(f"{name}.dtype must be one of {', '.join(dtypes)}, got {got}")
 

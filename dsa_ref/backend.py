@@ -103,7 +103,7 @@ class Backend:
         main = _MAIN_INPUT[op]
         supported = self.supported_dtypes.get(op if op != "dsa_attention" else "sparse_mla")
         if supported is not None and main in inputs and inputs[main] is not None:
-            got = interop.dtype_name(inputs[main])
+            got = interop.logical_dtype_name(inputs[main])
             if got not in supported:
                 reasons.append(f"{main}.dtype={got} (supported: {', '.join(sorted(supported))})")
         return reasons

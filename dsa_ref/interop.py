@@ -62,6 +62,24 @@ def dtype_name(x: Any) -> str:
     return name[len("torch."):] if name.startswith("torch.") else name
 
 
+#: CuPy has no bfloat16 or float8 dtype: dsa-ref carries them in cupy arrays as same-width
+#: integers (this is what :func:`convert` produces), and reads such arrays back that way.
+CUPY_CARRIERS = {"int16": "bfloat16", "uint8": "float8_e4m3fn"}
+KV_CACHE_ROW_BYTES = 656
+
+
+def logical_dtype_name(x: Any, *, packed_kv: bool = False) -> str:
+    """The dtype an array stands for: :func:`dtype_name`, except that a cupy ``int16`` / ``uint8``
+    array carries bfloat16 / float8_e4m3fn (:data:`CUPY_CARRIERS`). With ``packed_kv``, a
+    ``uint8 [..., 656]`` array of any library is the packed FP8 KV cache and stays ``"uint8"``."""
+    name = dtype_name(x)
+    if packed_kv and name == "uint8" and x.shape[-1:] == (KV_CACHE_ROW_BYTES,):
+        return name
+    if array_kind(x) == "cupy" and name in CUPY_CARRIERS:
+        return CUPY_CARRIERS[name]
+    return name
+
+
 def device_of(x: Any) -> str:
     """``"cpu"`` or ``"cuda:N"``."""
     kind = array_kind(x)
@@ -119,7 +137,9 @@ def _to_torch(x: Any, device: Any):
     if kind == "cupy":
         import torch
 
-        return torch.from_dlpack(x)
+        tensor = torch.from_dlpack(x)
+        name = logical_dtype_name(x, packed_kv=True)
+        return tensor.view(getattr(torch, name)) if name != dtype_name(x) else tensor
     raise TypeError(f"expected a numpy, torch or cupy array, got {type(x).__name__}")
 
 

@@ -52,3 +52,18 @@ def test_torch_errors_name_arguments_too():
 
 def test_bfloat16_numpy_is_ml_dtypes():
     assert interop.NUMPY_DTYPES["bfloat16"] == np.dtype(ml_dtypes.bfloat16)
+
+
+def test_cupy_carriers_are_read_as_the_dtypes_they_carry():
+    class ndarray:  # stands in for cupy.ndarray: same module root and class name
+        __module__ = "cupy._core.core"
+
+        def __init__(self, dtype, shape):
+            self.dtype, self.shape = np.dtype(dtype), shape
+
+    assert interop.array_kind(ndarray("int16", (2,))) == "cupy"
+    assert interop.logical_dtype_name(ndarray("int16", (2, 3))) == "bfloat16"
+    assert interop.logical_dtype_name(ndarray("uint8", (2, 3))) == "float8_e4m3fn"
+    assert interop.logical_dtype_name(ndarray("uint8", (2, 656)), packed_kv=True) == "uint8"
+    assert interop.logical_dtype_name(ndarray("float32", (2, 3))) == "float32"
+    assert interop.logical_dtype_name(np.zeros(3, np.int16)) == "int16"  # only cupy arrays carry

@@ -1,0 +1,352 @@
+"""The ``cupy`` backend: DSA as CUDA C++ kernels (threads, warps, shared memory, tensor cores).
+
+Arrays are CuPy arrays. CuPy has no bfloat16 or float8 dtype, so, as everywhere in dsa-ref
+(:mod:`dsa_ref.interop`), those travel as same-width integer views: a CuPy ``int16`` array
+*is* bfloat16 data and a CuPy ``uint8`` array *is* float8_e4m3fn data, except for the latent
+KV of :meth:`sparse_mla`, where ``uint8 [s_kv, 656]`` is the packed FP8 cache. No other meaning
+of those integer dtypes is valid for the float inputs of these ops, so the carrier dtype alone
+says what the data is; nothing needs to travel beside the array. The methods also accept NumPy
+and PyTorch arrays (PyTorch CUDA tensors are taken through DLPack, without a copy).
+
+Which kernel runs (all compute the same function; see csrc/*.cu):
+
+* indexer: tensor cores for bf16 / f16 / fp8 with H_I <= 64 and d_I a multiple of 16 (32 for
+  fp8, at most 256); float32 CUDA cores for float32 and for every other shape.
+* top-k: radix select, one block per row.
+* sparse MLA: tensor cores for bf16 queries with bf16 rows or the packed FP8 cache at
+  d_qk = 576, d_v = 512; float32 CUDA cores for every other shape and dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from dsa_ref import interop
+from dsa_ref.backend import OPS, Backend
+
+from . import kernels
+
+_FLOAT_INPUTS = frozenset({"float32", "bfloat16", "float16", "float8_e4m3fn"})
+_MAIN_INPUT = {"lightning_indexer": "q", "topk_indices": "scores", "sparse_mla": "q", "dsa_attention": "q"}
+
+
+def logical_dtype(x: Any, *, kv: bool = False) -> str:
+    """The dtype an array stands for (see :func:`dsa_ref.interop.logical_dtype_name`): CuPy's
+    ``int16`` / ``uint8`` carriers are bfloat16 / float8; with ``kv``, a ``uint8 [..., 656]``
+    array is the packed FP8 cache (``"uint8"``)."""
+    return interop.logical_dtype_name(x, packed_kv=kv)
+
+
+class CupyBackend(Backend):
+    """CUDA C++ kernels loaded with ``cupy.RawModule``; see the module docstring."""
+
+    name = "cupy"
+    description = "CUDA C++ kernels through CuPy (mma.sync tensor cores, radix-select top-k)"
+    array_kind = "cupy"
+    devices = ("cuda",)
+    supported_dtypes = {
+        "lightning_indexer": frozenset({"float32", "bfloat16", "float16", "float8_e4m3fn"}),
+        "topk_indices": frozenset({"float32", "bfloat16", "float16"}),
+        "sparse_mla": frozenset({"float32", "bfloat16", "float16"}),
+    }
+
+    #: Fill fresh outputs with NaN before the kernels run, so that an element a kernel forgets to
+    #: write fails every comparison (tests set this, or the environment variable below).
+    poison_outputs: bool = False
+
+    def __init__(self) -> None:
+        self._unavailable: list[str] | None = None
+
+    # ------------------------------------------------------------------ availability
+    def unavailable_reasons(self) -> list[str]:
+        if self._unavailable is None:
+            self._unavailable = _probe_device()
+        return list(self._unavailable)
+
+    def not_supported_reasons(self, op: str, **inputs: Any) -> list[str]:
+        reasons = self.unavailable_reasons()
+        if op not in OPS:
+            return reasons + [f"op={op!r} (known ops: {', '.join(OPS)})"]
+        main = inputs.get(_MAIN_INPUT[op])
+        if main is not None and interop.is_array(main):
+            got = logical_dtype(main)
+            supported = self.supported_dtypes["sparse_mla" if op == "dsa_attention" else op]
+            if got not in supported:
+                reasons.append(f"{_MAIN_INPUT[op]}.dtype={got} (supported: {', '.join(sorted(supported))})")
+        for other in ("k", "kv", "q_index", "k_index", "weights"):
+            x = inputs.get(other)
+            if x is not None and interop.is_array(x):
+                got = logical_dtype(x, kv=other == "kv")
+                if got not in _FLOAT_INPUTS and not (other == "kv" and got == "uint8"):
+                    reasons.append(f"{other}.dtype={got} (supported: {', '.join(sorted(_FLOAT_INPUTS))}"
+                                   + (", uint8 [s_kv, 656] FP8 cache" if other == "kv" else "") + ")")
+        if not self._unavailable:
+            capability = _compute_capability()
+            for key in ("q", "k", "q_index", "k_index"):
+                x = inputs.get(key)
+                if (x is not None and interop.is_array(x) and logical_dtype(x) == "float8_e4m3fn"
+                        and capability < 89):
+                    reasons.append(f"{key}.dtype=float8_e4m3fn needs compute capability >= 8.9 (got {capability / 10:.1f})")
+            reasons += self._shape_reasons(op, inputs)
+        return reasons
+
+    def _shape_reasons(self, op: str, inputs: dict) -> list[str]:
+        """Limits of the general float32 kernels: their per-block shared memory."""
+        reasons = []
+        limit = _smem_optin()
+        q = inputs.get("q_index" if op == "dsa_attention" else "q")
+        if op in ("lightning_indexer", "dsa_attention") and q is not None and getattr(q, "ndim", 0) == 3:
+            h_i, d_i = int(q.shape[1]), int(q.shape[2])
+            if (h_i * d_i + h_i) * 4 > limit:
+                reasons.append(f"h_i * d_i = {h_i * d_i} (the float32 indexer keeps one query in "
+                               f"{limit} bytes of shared memory: at most {limit // 4 - h_i})")
+        if op in ("sparse_mla", "dsa_attention"):
+            q = inputs.get("q")
+            d_v = int(inputs.get("d_v") or 512)
+            if q is not None and getattr(q, "ndim", 0) == 3:
+                d_qk = int(q.shape[2])
+                if (d_qk + d_v) * 4 > limit:
+                    reasons.append(f"d_qk + d_v = {d_qk + d_v} (at most {limit // 4} in the float32 kernel)")
+        return reasons
+
+    # ------------------------------------------------------------------ arrays
+    def device(self) -> Any:
+        return None
+
+    def _native(self, x: Any):
+        """A C-contiguous CuPy array (DLPack for torch; one copy for strided input)."""
+        import cupy
+
+        if x is None:
+            return None
+        x = interop.convert(x, "cupy", self.device())
+        return cupy.ascontiguousarray(x)
+
+    def _empty(self, shape, dtype):
+        import cupy
+
+        if self.poison_outputs or os.environ.get("DSA_REF_POISON_OUTPUTS") == "1":
+            return cupy.full(shape, np.nan if np.dtype(dtype).kind == "f" else -7, dtype)
+        return cupy.empty(shape, dtype)
+
+    # ------------------------------------------------------------------ lightning indexer
+    def lightning_indexer(self, q, weights, k, *, key_start, key_end, k_scale):
+        import cupy
+
+        q_dtype, k_dtype = logical_dtype(q), logical_dtype(k)
+        q, weights, k, k_scale = self._native(q), self._native(weights), self._native(k), self._native(k_scale)
+        s_q, h_i, d_i = (int(n) for n in q.shape)
+        s_kv = int(k.shape[0])
+        key_start = self._native(key_start).astype(cupy.int32, copy=False)
+        key_end = self._native(key_end).astype(cupy.int32, copy=False)
+        weights = _to_float32(weights, logical_dtype(weights))
+        if k_scale is not None:
+            k_scale = _to_float32(k_scale, logical_dtype(k_scale))
+        scores = self._empty((s_q, s_kv), cupy.float32)
+        if s_q == 0 or s_kv == 0:
+            return scores
+        device_id = q.device.id
+        elem = {"bfloat16": kernels.ELEM_BF16, "float16": kernels.ELEM_F16,
+                "float8_e4m3fn": kernels.ELEM_E4M3}.get(q_dtype)
+        dims_multiple = 32 if q_dtype == "float8_e4m3fn" else 16
+        if elem is not None and q_dtype == k_dtype and 0 < h_i <= 64 and d_i % dims_multiple == 0 and d_i <= 256:
+            m_tiles = (h_i + 15) // 16
+            if elem == kernels.ELEM_E4M3:  # widened to f16 with permuted dims (indexer.cu)
+                table = _on_device("e4m3_to_f16", device_id)
+                order = _permutation_on_device(d_i, device_id)
+                q = table[q.view(cupy.uint8)[..., order]]
+            k_bytes = 1 if elem == kernels.ELEM_E4M3 else 2
+            smem = 2 * m_tiles * 16 * (2 * d_i + 16) + 2 * 128 * (k_bytes * d_i + 16) + 2 * m_tiles * 16 * 4
+            n_tiles = (s_kv + 127) // 128
+            groups = (s_q + 1) // 2
+            target_blocks = 8 * _multiprocessors()
+            tiles_per_block = min(n_tiles, max(1, min(16, math.ceil(n_tiles * groups / target_blocks))))
+            grid = (groups, (n_tiles + tiles_per_block - 1) // tiles_per_block)
+            function = kernels.kernel("indexer.cu", f"indexer_mma<{elem}, {m_tiles}>", device_id, smem)
+            function(grid, (256,), (q, weights, k, _nullable(k_scale), key_start, key_end, scores, np.int32(s_q),
+                                    np.int32(h_i), np.int32(s_kv), np.int32(d_i), np.int32(tiles_per_block)),
+                     shared_mem=smem)
+            return scores
+        q32, k32 = _to_float32(q, q_dtype), _to_float32(k, k_dtype)
+        smem = (h_i * d_i + h_i) * 4
+        function = kernels.kernel("indexer.cu", "indexer_simt", device_id, smem)
+        function((s_q, (s_kv + 127) // 128), (128,), (q32, weights, k32, _nullable(k_scale), key_start, key_end, scores,
+                                                      np.int32(h_i), np.int32(s_kv), np.int32(d_i)),
+                 shared_mem=smem)
+        return scores
+
+    # ------------------------------------------------------------------ top-k
+    def topk_indices(self, scores, topk: int):
+        import cupy
+
+        scores = _to_float32(self._native(scores), logical_dtype(scores))
+        s_q, s_kv = (int(n) for n in scores.shape)
+        topk = int(topk)
+        indices = self._empty((s_q, topk), cupy.int32)
+        if s_q == 0 or topk == 0:
+            return indices
+        if s_kv == 0:
+            indices.fill(-1)
+            return indices
+        in_smem = s_kv * 4 <= _smem_optin() - 4096
+        smem = s_kv * 4 if in_smem else 0
+        function = kernels.kernel("topk.cu", f"topk_radix<{'true' if in_smem else 'false'}>", scores.device.id, smem)
+        function((s_q,), (1024,), (scores, indices, np.int32(s_kv), np.int32(topk)), shared_mem=smem)
+        return indices
+
+    # ------------------------------------------------------------------ sparse MLA
+    def sparse_mla(self, q, kv, indices, *, sm_scale: float, d_v: int, topk_length, attn_sink):
+        import cupy
+
+        q_dtype, kv_dtype = logical_dtype(q), logical_dtype(kv, kv=True)
+        q, kv = self._native(q), self._native(kv)
+        s_q, h, d_qk = (int(n) for n in q.shape)
+        s_kv, d_v = int(kv.shape[0]), int(d_v)
+        indices = _valid_int32_indices(self._native(indices), s_kv)
+        topk = int(indices.shape[1])
+        if topk_length is not None:
+            topk_length = cupy.clip(self._native(topk_length), 0, topk).astype(cupy.int32)
+        if attn_sink is not None:
+            attn_sink = _to_float32(self._native(attn_sink), logical_dtype(attn_sink))
+        out = self._empty((s_q, h, d_v), cupy.float32)
+        lse = self._empty((s_q, h), cupy.float32)
+        if s_q == 0 or h == 0:
+            return out, lse
+        device_id = q.device.id
+        packed = kv_dtype == "uint8"
+        fast_kv = packed or (kv_dtype == "bfloat16" and kv.shape[1] == 576)
+        if q_dtype == "bfloat16" and d_qk == 576 and d_v == 512 and fast_kv:
+            smem = _MMA_SMEM[packed]
+            if smem <= _smem_optin():
+                function = kernels.kernel("sparse_mla.cu", f"sparse_mla_fwd_mma<{'true' if packed else 'false'}>",
+                                          device_id, smem)
+                head_blocks = (h + 63) // 64
+                function((s_q * head_blocks,), (256,),
+                         (q, kv, indices, _nullable(topk_length), _nullable(attn_sink), out, lse, np.int32(h), np.int32(s_kv),
+                          np.int32(topk), np.float32(float(sm_scale) * math.log2(math.e))),
+                         shared_mem=smem)
+                return out, lse
+        q32 = _to_float32(q, q_dtype)
+        kv32 = _unpack_fp8_cache(kv) if packed else _to_float32(kv, kv_dtype)
+        d_row = int(kv32.shape[1])
+        smem = (d_qk + d_v) * 4
+        function = kernels.kernel("sparse_mla.cu", "sparse_mla_fwd_simt", device_id, smem)
+        function((s_q * h,), (128,), (q32, kv32, indices, _nullable(topk_length), _nullable(attn_sink), out, lse, np.int32(h),
+                                      np.int32(s_kv), np.int32(topk), np.int32(d_row), np.int32(d_v),
+                                      np.float32(sm_scale)),
+                 shared_mem=smem)
+        return out, lse
+
+
+# Shared memory of sparse_mla_fwd_mma (Smem<FP8_CACHE>::TOTAL in sparse_mla.cu).
+_MMA_SMEM = {False: 73728 * 3 + 9216 + 3 * 512, True: 73728 * 2 + 41984 + 9216 + 3 * 512}
+
+
+# ---------------------------------------------------------------------------- device helpers
+def _probe_device() -> list[str]:
+    try:
+        import cupy
+    except Exception as error:  # ImportError, or a broken CUDA install
+        return [f"cupy is not importable ({type(error).__name__}: {error}); install dsa-ref[cupy13]"]
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:
+        return [f"no CUDA device ({type(error).__name__}: {error})"]
+    if count == 0:
+        return ["no CUDA device"]
+    capability = _compute_capability()
+    if capability < 80:
+        return [f"compute capability {capability / 10:.1f} (needs >= 8.0: cp.async, ldmatrix, bf16 mma.sync)"]
+    return []
+
+
+def _attribute(name: str) -> int:
+    import cupy
+
+    return _device_attributes(cupy.cuda.Device().id)[name]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_attributes(device_id: int) -> dict:
+    """Attributes of a device, read once (reading them all costs about a millisecond)."""
+    import cupy
+
+    return {name: int(value) for name, value in cupy.cuda.Device(device_id).attributes.items()}
+
+
+def _compute_capability() -> int:
+    import cupy
+
+    return int(cupy.cuda.Device().compute_capability)
+
+
+def _smem_optin() -> int:
+    return _attribute("MaxSharedMemoryPerBlockOptin")
+
+
+def _multiprocessors() -> int:
+    return _attribute("MultiProcessorCount")
+
+
+# ---------------------------------------------------------------------------- conversions
+@functools.lru_cache(maxsize=None)
+def _on_device(table: str, device_id: int):
+    """The e4m3 lookup tables, copied to a device once."""
+    import cupy
+
+    host = {"e4m3_to_f32": kernels.E4M3_TO_FLOAT32, "e4m3_to_f16": kernels.E4M3_TO_FLOAT16_BITS}[table]
+    with cupy.cuda.Device(device_id):
+        return cupy.asarray(host)
+
+
+@functools.lru_cache(maxsize=None)
+def _permutation_on_device(d_i: int, device_id: int):
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.asarray(kernels.query_permutation(d_i))
+
+
+def _nullable(x):
+    """An optional array argument: the array, or a null pointer (8 zero bytes passed by value)."""
+    return np.uint64(0) if x is None else x
+
+def _to_float32(x, dtype_name: str):
+    """float32 copy of a CuPy array holding ``dtype_name`` data (bf16 / fp8 as their carriers)."""
+    import cupy
+
+    if dtype_name == "float32":
+        return cupy.ascontiguousarray(x)
+    if dtype_name == "bfloat16":  # bf16 is the top half of a float32
+        return (x.view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32)
+    if dtype_name == "float8_e4m3fn":
+        return _on_device("e4m3_to_f32", x.device.id)[x.view(cupy.uint8)]
+    if dtype_name in ("float16", "float64", "int32", "int64"):
+        return x.astype(cupy.float32)
+    raise TypeError(f"cannot use dtype {dtype_name} as float input of the cupy backend")
+
+
+def _unpack_fp8_cache(packed):
+    """uint8 [s_kv, 656] -> float32 [s_kv, 576], exactly as dsa_ref.unpack_kv_cache_fp8."""
+    import cupy
+
+    s_kv = packed.shape[0]
+    latent = _on_device("e4m3_to_f32", packed.device.id)[packed[:, :512]].reshape(s_kv, 4, 128)  # [s_kv, 4, 128]
+    scales = cupy.ascontiguousarray(packed[:, 512:528]).view(cupy.float32)  # [s_kv, 4]
+    rope = _to_float32(cupy.ascontiguousarray(packed[:, 528:]).view(cupy.int16), "bfloat16")  # [s_kv, 64]
+    return cupy.concatenate([(latent * scales[:, :, None]).reshape(s_kv, 512), rope], axis=1)  # [s_kv, 576]
+
+
+def _valid_int32_indices(indices, s_kv: int):
+    """int32 indices; any value outside [0, s_kv) (even one that int32 cannot hold) becomes -1."""
+    import cupy
+
+    if indices.dtype == cupy.int32:
+        return indices
+    valid = (indices >= 0) & (indices < s_kv)
+    return cupy.where(valid, indices, -1).astype(cupy.int32)

@@ -1,0 +1,171 @@
+"""Compile every CUDA source of the cupy backend with nvcc and read the compiler's resource report.
+
+Used by tests/test_cuda_compile.py (CI, no GPU needed) and, to refresh the reports kept in
+``resource_usage/``, from the shell::
+
+    python -m dsa_ref_backends.cupy_cuda.compile_check --write
+
+Each source is compiled to a cubin for each architecture in :data:`ARCHITECTURES`, with every
+template instance the backend launches (:data:`kernels.KERNELS`) explicitly instantiated, all
+warnings treated as errors (``-Werror all-warnings`` also turns ptxas' spill warnings into
+errors), and ptxas' verbose report parsed into registers / stack / spills per kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import kernels
+
+#: Architectures every source must compile for: sm_90 (Hopper, the target) and sm_80 (Ampere;
+#: the fp8 paths trap there and the host never launches them).
+ARCHITECTURES = ("sm_90", "sm_80")
+REPORT_DIR = Path(__file__).resolve().parent / "resource_usage"
+
+
+@dataclass
+class KernelUsage:
+    name: str           # readable: indexer_mma<2, 4>
+    registers: int
+    stack_bytes: int
+    spill_stores: int
+    spill_loads: int
+    smem_bytes: int     # static shared memory (the big tiles are dynamic)
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_stores > 0 or self.spill_loads > 0 or self.stack_bytes > 0
+
+
+def find_nvcc() -> str | None:
+    for candidate in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def instantiation_source(source: str) -> str:
+    """A translation unit that includes ``source`` and instantiates its launched templates."""
+    templates = kernels.template_kernels(source)
+    lines = [f'#include "{kernels.CSRC / source}"', ""]
+    if templates:
+        lines.append("// Taking each instance's address forces nvcc to compile it, as NVRTC's name expressions do.")
+        lines.append("void* dsa_ref_instances(int which) {")
+        lines.append("    void* instances[] = {" + ", ".join(f"(void*)&{name}" for name in templates) + "};")
+        lines.append("    return instances[which];")
+        lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def nvcc_command(nvcc: str, unit: Path, arch: str, cubin: Path) -> list[str]:
+    number = arch.split("_")[1]
+    return [nvcc, *kernels.COMPILE_OPTIONS, f"-gencode=arch=compute_{number},code={arch}", "-cubin",
+            "-Werror", "all-warnings", "-Xptxas", "-v,-warn-spills", f"-I{kernels.CSRC}",
+            "-o", str(cubin), str(unit)]
+
+
+_MANGLED = re.compile(r"_Z(\d+)(\w+)")
+
+
+def readable_name(symbol: str) -> str:
+    """``_Z11indexer_mmaILi2ELi4EEv...`` -> ``indexer_mma<2, 4>``; C names pass through."""
+    match = _MANGLED.match(symbol)
+    if not match:
+        return symbol
+    length = int(match.group(1))
+    rest = match.group(2)
+    name, tail = rest[:length], rest[length:]
+    if not tail.startswith("I"):
+        return name
+    args = []
+    for kind, value in re.findall(r"L([ib])(\d+)E", tail[: tail.index("EE") + 2] if "EE" in tail else tail):
+        args.append(("true" if value == "1" else "false") if kind == "b" else value)
+    return f"{name}<{', '.join(args)}>"
+
+
+def parse_report(text: str) -> list[KernelUsage]:
+    usages, current = [], None
+    stack = stores = loads = 0
+    for line in text.splitlines():
+        if m := re.search(r"Compiling entry function '([^']+)'", line):
+            current = readable_name(m.group(1))
+        elif m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):
+            stack, stores, loads = (int(g) for g in m.groups())
+        elif (m := re.search(r"Used (\d+) registers", line)) and current is not None:
+            smem = re.search(r"(\d+) bytes smem", line)
+            usages.append(KernelUsage(current, int(m.group(1)), stack, stores, loads, int(smem.group(1)) if smem else 0))
+            current = None
+    return usages
+
+
+@dataclass
+class CompileResult:
+    source: str
+    arch: str
+    returncode: int
+    log: str
+    usages: list[KernelUsage]
+
+    def report(self) -> str:
+        lines = [f"# {self.source} for {self.arch}: nvcc -cubin -Xptxas -v (registers, stack, spills per kernel)",
+                 f"# {'kernel':34s} {'regs':>5s} {'stack':>6s} {'spill_st':>8s} {'spill_ld':>8s} {'smem':>6s}"]
+        for u in sorted(self.usages, key=lambda u: u.name):
+            lines.append(f"{u.name:36s} {u.registers:5d} {u.stack_bytes:6d} {u.spill_stores:8d} {u.spill_loads:8d} "
+                         f"{u.smem_bytes:6d}")
+        return "\n".join(lines) + "\n"
+
+
+def compile_source(nvcc: str, source: str, arch: str, workdir: Path) -> CompileResult:
+    unit = workdir / f"{Path(source).stem}_{arch}.cu"
+    unit.write_text(instantiation_source(source))
+    cubin = workdir / f"{Path(source).stem}_{arch}.cubin"
+    done = subprocess.run(nvcc_command(nvcc, unit, arch, cubin), capture_output=True, text=True)
+    log = done.stdout + done.stderr
+    return CompileResult(source, arch, done.returncode, log, parse_report(log))
+
+
+def compile_all(nvcc: str, workers: int = 2) -> list[CompileResult]:
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = [(source, arch) for source in kernels.KERNELS for arch in ARCHITECTURES]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda job: compile_source(nvcc, job[0], job[1], Path(tmp)), jobs))
+
+
+def report_path(source: str, arch: str) -> Path:
+    return REPORT_DIR / f"{Path(source).stem}.{arch}.txt"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="refresh the reports in resource_usage/")
+    args = parser.parse_args(argv)
+    nvcc = find_nvcc()
+    if nvcc is None:
+        print("nvcc not found (PATH or $CUDA_HOME/bin)", file=sys.stderr)
+        return 2
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    failed = False
+    for result in compile_all(nvcc):
+        status = "ok" if result.returncode == 0 else "FAILED"
+        print(f"{result.source} {result.arch}: {status}")
+        if result.returncode != 0:
+            print(result.log)
+            failed = True
+        print(result.report())
+        if args.write and result.returncode == 0:
+            REPORT_DIR.mkdir(exist_ok=True)
+            report_path(result.source, result.arch).write_text(f"# {version}\n" + result.report())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

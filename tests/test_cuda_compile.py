@@ -1,0 +1,73 @@
+"""Every CUDA source of the cupy backend compiles with nvcc, warnings as errors, without spills.
+
+Runs on CI machines without a GPU: only nvcc is needed. A missing nvcc is a failure, not a skip,
+so the check cannot silently stop running (set DSA_REF_ALLOW_NO_NVCC=1 on a developer machine
+without CUDA, never in CI).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+
+from dsa_ref_backends.cupy_cuda import compile_check, kernels
+
+
+@functools.lru_cache(maxsize=None)
+def _results():
+    nvcc = compile_check.find_nvcc()
+    if nvcc is None:
+        if os.environ.get("DSA_REF_ALLOW_NO_NVCC") == "1" and not os.environ.get("CI"):
+            pytest.skip("nvcc not found and DSA_REF_ALLOW_NO_NVCC=1")
+        pytest.fail("nvcc not found (PATH or $CUDA_HOME/bin): the CUDA sources of the cupy backend must be "
+                    "compiled in CI; install the CUDA toolkit")
+    return {(r.source, r.arch): r for r in compile_check.compile_all(nvcc)}
+
+
+JOBS = [(source, arch) for source in kernels.KERNELS for arch in compile_check.ARCHITECTURES]
+
+
+@pytest.mark.parametrize(("source", "arch"), JOBS)
+def test_source_compiles_without_warnings(source, arch):
+    result = _results()[(source, arch)]
+    assert result.returncode == 0, f"nvcc failed on {source} for {arch}:\n{result.log}"
+
+
+@pytest.mark.parametrize(("source", "arch"), JOBS)
+def test_every_launched_kernel_is_compiled_and_spill_free(source, arch):
+    result = _results()[(source, arch)]
+    compiled = {usage.name: usage for usage in result.usages}
+    expected = {name.replace(" ", "") for name in kernels.KERNELS[source]}
+    assert {name.replace(" ", "") for name in compiled} == expected, result.log
+    hot = {name.replace(" ", "") for name in kernels.HOT_KERNELS}
+    spilling = [u for u in result.usages if u.spills and u.name.replace(" ", "") in hot]
+    assert not spilling, f"{source} for {arch}: kernels spill or use a stack frame: {spilling}\n{result.report()}"
+
+
+@pytest.mark.parametrize(("source", "arch"), JOBS)
+def test_committed_resource_report_lists_every_kernel(source, arch):
+    path = compile_check.report_path(source, arch)
+    assert path.exists(), f"missing {path}: run python -m dsa_ref_backends.cupy_cuda.compile_check --write"
+    listed = {line.split()[0] + (line.split()[1] if line.split()[0].endswith(",") else "")
+              for line in path.read_text().splitlines() if line and not line.startswith("#")}
+    for name in kernels.KERNELS[source]:
+        assert name.replace(" ", "") in listed, f"{name} missing from {path}; refresh it with --write"
+
+
+def test_readable_names_of_mangled_instances():
+    assert compile_check.readable_name("_Z11indexer_mmaILi2ELi4EEvPKhPKf") == "indexer_mma<2, 4>"
+    assert compile_check.readable_name("_Z10topk_radixILb1EEvPKfPiii") == "topk_radix<true>"
+    assert compile_check.readable_name("indexer_simt") == "indexer_simt"
+
+
+def test_report_parser_counts_spills():
+    log = ("ptxas info    : Compiling entry function '_Z10topk_radixILb0EEvPKfPiii' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z10topk_radixILb0EEvPKfPiii\n"
+           "    8 bytes stack frame, 12 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 1 barriers, 1312 bytes smem\n")
+    (usage,) = compile_check.parse_report(log)
+    assert (usage.name, usage.registers, usage.spill_stores, usage.spill_loads, usage.smem_bytes) == \
+        ("topk_radix<false>", 40, 12, 4, 1312)
+    assert usage.spills
