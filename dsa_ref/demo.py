@@ -12,6 +12,7 @@ import argparse
 import numpy as np
 
 from . import ops, registry
+from .cost import attention_flops, indexer_flops
 from .reference import causal_key_ranges
 
 D_LATENT, D_ROPE = 512, 64
@@ -24,15 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=16, help="main attention heads (default 16)")
     parser.add_argument("--topk", type=int, default=48, help="keys kept per query (default 48)")
     parser.add_argument("--seed", type=int, default=0)
-
-
-def attention_flops(context: np.ndarray, *, heads: int, d_qk: int, d_v: int) -> float:
-    """Multiply-adds x 2 of attention over ``context`` keys per query: QK^T (d_qk) and PV (d_v)."""
-    return float(2 * heads * np.sum(context) * (d_qk + d_v))
-
-
-def indexer_flops(context: np.ndarray, *, index_heads: int, index_dim: int) -> float:
-    return float(2 * index_heads * index_dim * np.sum(context))
 
 
 def build_problem(rng: np.random.Generator, tokens: int, heads: int, index_heads: int = 4, index_dim: int = 64,
