@@ -87,8 +87,8 @@ def topk_indices(scores, topk: int, *, backend=None):
         topk: slots per row, ``>= 1`` (may exceed ``s_kv``: the rest is ``-1``).
 
     Returns:
-        int32 ``[s_q, topk]``. The reference orders each row by descending score (ties: lower key
-        first); other backends may return the same set in another order. See
+        int32 ``[s_q, topk]``. The reference orders each row by descending score, ties to the
+        lower key; other backends may return the same set in another order. See
         :func:`dsa_ref.reference.topk_indices`.
     """
     _checks.array("scores", scores, "[s_q, s_kv]", _checks.FLOATS)

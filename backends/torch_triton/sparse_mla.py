@@ -1,0 +1,266 @@
+"""Sparse MLA forward kernel (paper eq. 2, MQA mode) over bf16/fp16/fp32 latent rows or the
+packed FP8 cache (656 bytes a token), with an online softmax.
+
+.. math:: \\mathrm{out}_{i,h} = \\sum_{t\\ \\mathrm{valid}}
+          \\mathrm{softmax}_t(\\mathrm{sm\\_scale}\\; q_{i,h}\\cdot kv_{\\mathrm{idx}_{i,t}})\\,
+          kv_{\\mathrm{idx}_{i,t},:d_v}
+
+How the work is laid out. A program takes one query and ``BLOCK_H`` of its heads, and walks
+over its index slots ``BLOCK_T`` at a time: it gathers the ``BLOCK_T`` selected latent rows once
+(an invalid index is replaced by row 0 *and* masked, so it is never dereferenced), and every
+head of the block uses them: ``S = Q K^T`` is a ``[BLOCK_H, d_qk] x [d_qk, BLOCK_T]`` tensor-core
+product and ``O += P V`` a ``[BLOCK_H, BLOCK_T] x [BLOCK_T, d_v]`` one, with ``V`` the first
+``d_v`` columns of the same gathered rows. The ``d_qk`` columns are split into the ``d_v`` value
+columns and the rest (the 64 RoPE columns of DeepSeek's 576 = 512 + 64), so each product runs
+on power-of-two blocks. The softmax runs in base 2 with a running max (FlashAttention's online
+softmax); P is rounded to the input dtype before the P V product, as in FlashAttention.
+
+FP8 cache rows (uint8 ``[s_kv, 656]``: 512 e4m3 values, 4 float32 power-of-two scales, 64 bf16
+RoPE values) are dequantized to bf16 on the fly; this is exact (e4m3 times a power of two fits
+in bf16), so the tensor-core products see exactly the reference's dequantized values.
+
+Decode (few queries, many heads) leaves most of the GPU idle with one program per query and
+head block, so the slots can be split over ``NUM_SPLITS`` programs (flash-decoding); each
+writes a partial ``(out, lse)`` and :func:`_combine_kernel` merges them with their lse weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+KV_FP8_LATENT = 512
+KV_FP8_ROPE = 64
+KV_FP8_BYTES = 656
+KV_FP8_SCALE_BLOCK = 128
+
+
+@triton.jit
+def _load_rows(p_kv, b_row, m_valid, d_v, d_qk, stride_kv,
+               o_dv, o_dr, KV_FP8: tl.constexpr, BLOCK_T: tl.constexpr, D_V: tl.constexpr, D_R: tl.constexpr,
+               SCALE_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """Gather latent rows ``b_row`` as (value part ``[BLOCK_T, D_V]``, rest ``[BLOCK_T, D_R]``).
+
+    Masked slots load zeros and touch no memory.
+    """
+    p_rows = p_kv + b_row.to(tl.int64)[:, None] * stride_kv
+    if KV_FP8:
+        # bytes [0, 512): e4m3 latent; [512, 528): 4 fp32 scales; [528, 656): 64 bf16 RoPE values.
+        b_bytes = tl.load(p_rows + o_dv[None, :], mask=m_valid[:, None], other=0)
+        b_latent = b_bytes.to(tl.float8e4nv, bitcast=True).to(tl.float32)  # [BLOCK_T, D_V]
+        p_scales = (p_rows + D_V).to(tl.pointer_type(tl.float32))
+        o_scale = tl.arange(0, SCALE_BLOCKS)
+        b_scales = tl.load(p_scales + o_scale[None, :], mask=m_valid[:, None], other=0.0)  # [BLOCK_T, 4]
+        b_latent = tl.reshape(b_latent, (BLOCK_T, SCALE_BLOCKS, D_V // SCALE_BLOCKS)) * b_scales[:, :, None]
+        b_value = tl.reshape(b_latent, (BLOCK_T, D_V)).to(COMPUTE_DTYPE)
+        p_rope = (p_rows + D_V + 4 * SCALE_BLOCKS).to(tl.pointer_type(tl.bfloat16))
+        b_rest = tl.load(p_rope + o_dr[None, :], mask=m_valid[:, None], other=0.0).to(COMPUTE_DTYPE)
+    else:
+        b_value = tl.load(p_rows + o_dv[None, :], mask=m_valid[:, None] & (o_dv < d_v)[None, :], other=0.0)
+        b_rest = tl.load(p_rows + d_v + o_dr[None, :], mask=m_valid[:, None] & (o_dr < d_qk - d_v)[None, :],
+                         other=0.0)
+    return b_value, b_rest
+
+
+@triton.jit
+def _sparse_mla_kernel(
+    p_q, p_kv, p_indices, p_topk_length, p_sink, p_out, p_lse,
+    s_q, h, s_kv, topk, d_v, d_qk, slots_per_split, scale_log2,
+    stride_q_m, stride_q_h, stride_kv, stride_i_m, stride_o_s, stride_o_m, stride_o_h, stride_l_s, stride_l_m,
+    HAS_TOPK_LENGTH: tl.constexpr, HAS_SINK: tl.constexpr, KV_FP8: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, D_V: tl.constexpr, D_R: tl.constexpr,
+    SCALE_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+):
+    """One query (axis 0), ``BLOCK_H`` heads (axis 1), one slot range (axis 2, ``SPLIT`` only).
+
+    Without ``SPLIT`` it writes the final out/lse (sink applied); with it, the partial out
+    (normalized over its own slots) and partial lse of its slot range, for the combine kernel.
+    """
+    query = tl.program_id(0)
+    o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_h = o_h < h
+    o_dv = tl.arange(0, D_V)
+    o_dr = tl.arange(0, D_R)
+    m_dv = o_dv < d_v
+    m_dr = o_dr < d_qk - d_v
+
+    p_q_rows = p_q + query.to(tl.int64) * stride_q_m + o_h[:, None] * stride_q_h
+    b_q_value = tl.load(p_q_rows + o_dv[None, :], mask=m_h[:, None] & m_dv[None, :], other=0.0)  # [BLOCK_H, D_V]
+    b_q_rest = tl.load(p_q_rows + d_v + o_dr[None, :], mask=m_h[:, None] & m_dr[None, :], other=0.0)
+    b_q_value = b_q_value.to(COMPUTE_DTYPE)
+    b_q_rest = b_q_rest.to(COMPUTE_DTYPE)
+
+    n_slots = topk
+    if HAS_TOPK_LENGTH:
+        n_slots = tl.minimum(tl.maximum(tl.load(p_topk_length + query), 0), topk)
+    slot_begin = tl.program_id(2) * slots_per_split
+    slot_end = tl.minimum(slot_begin + slots_per_split, n_slots)
+
+    b_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)  # running max of the base-2 logits
+    b_sum = tl.zeros((BLOCK_H,), tl.float32)  # running softmax denominator
+    b_acc = tl.zeros((BLOCK_H, D_V), tl.float32)
+    p_index_row = p_indices + query.to(tl.int64) * stride_i_m
+    for t in range(slot_begin, slot_end, BLOCK_T):
+        o_t = t + tl.arange(0, BLOCK_T)
+        b_index = tl.load(p_index_row + o_t, mask=o_t < slot_end, other=-1)
+        m_valid = (b_index >= 0) & (b_index < s_kv)
+        b_row = tl.where(m_valid, b_index, 0)  # invalid slots point at row 0 and load nothing
+        b_value, b_rest = _load_rows(p_kv, b_row, m_valid, d_v, d_qk, stride_kv, o_dv, o_dr,
+                                     KV_FP8, BLOCK_T, D_V, D_R, SCALE_BLOCKS, COMPUTE_DTYPE)
+        b_logits = tl.dot(b_q_value, tl.trans(b_value))  # [BLOCK_H, BLOCK_T]
+        b_logits = tl.dot(b_q_rest, tl.trans(b_rest), b_logits)
+        b_logits = tl.where(m_valid[None, :], b_logits * scale_log2, float("-inf"))
+        b_max_new = tl.maximum(b_max, tl.max(b_logits, axis=1))
+        # A head that has seen no valid slot keeps max -inf; subtract 0 instead so exp2 stays 0, not NaN.
+        b_shift = tl.where(b_max_new == float("-inf"), 0.0, b_max_new)
+        b_rescale = tl.exp2(b_max - b_shift)
+        b_prob = tl.exp2(b_logits - b_shift[:, None])  # [BLOCK_H, BLOCK_T], 0 at invalid slots
+        b_sum = b_sum * b_rescale + tl.sum(b_prob, axis=1)
+        b_acc = b_acc * b_rescale[:, None] + tl.dot(b_prob.to(COMPUTE_DTYPE), b_value)
+        b_max = b_max_new
+
+    m_empty = b_sum == 0.0
+    b_out = tl.where(m_empty[:, None], 0.0, b_acc / tl.where(m_empty, 1.0, b_sum)[:, None])
+    # Natural-log lse; an empty softmax (no valid slot) has lse = log(0) = -inf.
+    b_lse = tl.where(m_empty, float("-inf"), (b_max + tl.log2(tl.where(m_empty, 1.0, b_sum))) / 1.4426950408889634)
+    if HAS_SINK and not SPLIT:
+        b_sink = tl.load(p_sink + o_h, mask=m_h, other=0.0).to(tl.float32)
+        b_out = b_out * (1.0 / (1.0 + tl.exp(b_sink - b_lse)))[:, None]
+    p_out_rows = p_out + tl.program_id(2).to(tl.int64) * stride_o_s + query.to(tl.int64) * stride_o_m
+    tl.store(p_out_rows + o_h[:, None] * stride_o_h + o_dv[None, :], b_out, mask=m_h[:, None] & m_dv[None, :])
+    p_lse_row = p_lse + tl.program_id(2).to(tl.int64) * stride_l_s + query.to(tl.int64) * stride_l_m
+    tl.store(p_lse_row + o_h, b_lse, mask=m_h)
+
+
+@triton.jit
+def _combine_kernel(p_part_out, p_part_lse, p_sink, p_out, p_lse, h, d_v, num_splits,
+                    stride_po_s, stride_po_m, stride_po_h, stride_pl_s, stride_pl_m,
+                    stride_o_m, stride_o_h, stride_l_m,
+                    HAS_SINK: tl.constexpr, BLOCK_H: tl.constexpr, D_V: tl.constexpr):
+    """Merge the split partials of one query: lse = log sum_s exp(lse_s), out = sum_s e^(lse_s - lse) out_s."""
+    query = tl.program_id(0)
+    o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_h = o_h < h
+    o_dv = tl.arange(0, D_V)
+    m_out = m_h[:, None] & (o_dv < d_v)[None, :]
+    b_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    for split in range(0, num_splits):
+        b_part = tl.load(p_part_lse + split * stride_pl_s + query * stride_pl_m + o_h, mask=m_h, other=float("-inf"))
+        b_max = tl.maximum(b_max, b_part)
+    b_shift = tl.where(b_max == float("-inf"), 0.0, b_max)
+    b_sum = tl.zeros((BLOCK_H,), tl.float32)
+    b_acc = tl.zeros((BLOCK_H, D_V), tl.float32)
+    for split in range(0, num_splits):
+        b_part = tl.load(p_part_lse + split * stride_pl_s + query * stride_pl_m + o_h, mask=m_h, other=float("-inf"))
+        b_weight = tl.exp(b_part - b_shift)  # 0 for an empty split
+        p_part = p_part_out + split * stride_po_s + query.to(tl.int64) * stride_po_m
+        b_part_out = tl.load(p_part + o_h[:, None] * stride_po_h + o_dv[None, :], mask=m_out, other=0.0)
+        b_acc += b_weight[:, None] * b_part_out
+        b_sum += b_weight
+    m_empty = b_sum == 0.0
+    b_out = tl.where(m_empty[:, None], 0.0, b_acc / tl.where(m_empty, 1.0, b_sum)[:, None])
+    b_lse = tl.where(m_empty, float("-inf"), b_shift + tl.log(tl.where(m_empty, 1.0, b_sum)))
+    if HAS_SINK:
+        b_sink = tl.load(p_sink + o_h, mask=m_h, other=0.0).to(tl.float32)
+        b_out = b_out * (1.0 / (1.0 + tl.exp(b_sink - b_lse)))[:, None]
+    tl.store(p_out + query.to(tl.int64) * stride_o_m + o_h[:, None] * stride_o_h + o_dv[None, :], b_out, mask=m_out)
+    tl.store(p_lse + query.to(tl.int64) * stride_l_m + o_h, b_lse, mask=m_h)
+
+
+_COMPUTE_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _multiprocessors(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def sparse_mla_config(s_q: int, h: int, topk: int, d_v: int, d_qk: int, kv_fp8: bool, dtype, device) -> dict:
+    """Block sizes, and the number of slot splits that fills the GPU when queries are few."""
+    block_h = max(16, min(64, triton.next_power_of_2(h)))
+    d_v_pad = max(16, triton.next_power_of_2(d_v))
+    d_rest_pad = max(16, triton.next_power_of_2(max(d_qk - d_v, 1)))
+    block_t = 32 if dtype == torch.float32 else 64
+    block_t = max(16, min(block_t, triton.next_power_of_2(max(topk, 1))))
+    programs = s_q * triton.cdiv(h, block_h)
+    # Split only when the queries leave most multiprocessors idle. Measured on an H100 (FP8 decode,
+    # b 64, s_q 1, h 128 = 128 programs for 132 SMs): 1 split 0.201 ms, 2 splits 0.365, 4 splits
+    # 0.483: one program per SM already beats writing and merging partials there.
+    num_splits = 1
+    while programs * num_splits * 4 <= _multiprocessors(device) and topk // (num_splits * 2) >= 4 * block_t:
+        num_splits *= 2
+    return dict(BLOCK_H=block_h, BLOCK_T=block_t, D_V=d_v_pad, D_R=d_rest_pad,
+                num_splits=num_splits, num_warps=8 if d_v_pad >= 256 else 4, num_stages=2)
+
+
+def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn_sink=None, *,
+               num_splits: int | None = None, config: dict | None = None):
+    """``(out float32 [s_q, h, d_v], lse float32 [s_q, h])``; see :func:`dsa_ref.sparse_mla`.
+
+    ``kv`` is ``[s_kv, d_qk]`` (same dtype as ``q``) or the packed FP8 cache, uint8 ``[s_kv, 656]``.
+    ``num_splits`` and ``config`` override the launch choices of :func:`sparse_mla_config` (for tuning).
+    """
+    s_q, h, d_qk = q.shape
+    s_kv = kv.shape[0]
+    topk = indices.shape[1]
+    kv_fp8 = kv.dtype == torch.uint8
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if kv.stride(-1) != 1:
+        kv = kv.contiguous()
+    if indices.stride(-1) != 1 or indices.dtype not in (torch.int32, torch.int64):
+        indices = indices.contiguous()
+    compute_dtype = q.dtype  # with the FP8 cache: bf16 or float32 (the cache dequantizes exactly into either)
+    out = torch.empty((s_q, h, d_v), dtype=torch.float32, device=q.device)
+    lse = torch.empty((s_q, h), dtype=torch.float32, device=q.device)
+    if s_q == 0 or h == 0:
+        return out, lse
+    config = {**sparse_mla_config(s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, q.device), **(config or {})}
+    splits = config.pop("num_splits") if num_splits is None else num_splits
+    config.pop("num_splits", None)
+    slots_per_split = triton.cdiv(max(topk, 1), splits * config["BLOCK_T"]) * config["BLOCK_T"]
+    if topk_length is not None:
+        topk_length = topk_length.to(torch.int32).contiguous()
+    if attn_sink is not None:
+        attn_sink = attn_sink.to(torch.float32).contiguous()
+    common = dict(HAS_TOPK_LENGTH=topk_length is not None, HAS_SINK=attn_sink is not None, KV_FP8=kv_fp8,
+                  SCALE_BLOCKS=KV_FP8_LATENT // KV_FP8_SCALE_BLOCK, COMPUTE_DTYPE=_COMPUTE_DTYPES[compute_dtype],
+                  **config)
+    if kv_fp8:
+        common["D_V"], common["D_R"] = KV_FP8_LATENT, KV_FP8_ROPE
+    grid = (s_q, triton.cdiv(h, config["BLOCK_H"]), splits)
+    scale_log2 = sm_scale * LOG2E
+    dummy = lse
+    if splits == 1:
+        _sparse_mla_kernel[grid](
+            q, kv, indices, topk_length if topk_length is not None else dummy,
+            attn_sink if attn_sink is not None else dummy, out, lse,
+            s_q, h, s_kv, topk, d_v, d_qk, slots_per_split, scale_log2,
+            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), 0, out.stride(0), out.stride(1), 0, lse.stride(0),
+            SPLIT=False, **common)
+        return out, lse
+    part_out = torch.empty((splits, s_q, h, d_v), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((splits, s_q, h), dtype=torch.float32, device=q.device)
+    _sparse_mla_kernel[grid](
+        q, kv, indices, topk_length if topk_length is not None else dummy,
+        attn_sink if attn_sink is not None else dummy, part_out, part_lse,
+        s_q, h, s_kv, topk, d_v, d_qk, slots_per_split, scale_log2,
+        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+        SPLIT=True, **common)
+    block_h = config["BLOCK_H"]
+    _combine_kernel[(s_q, triton.cdiv(h, block_h))](
+        part_out, part_lse, attn_sink if attn_sink is not None else dummy, out, lse, h, d_v, splits,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        HAS_SINK=attn_sink is not None, BLOCK_H=block_h, D_V=common["D_V"], num_warps=4)
+    return out, lse
+
+
+def default_sm_scale(d_qk: int) -> float:
+    return 1.0 / math.sqrt(d_qk)
