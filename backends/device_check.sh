@@ -1,0 +1,30 @@
+#!/bin/sh
+# One call on a GPU machine, from a copy of the repository: install dsa-ref, then check every GPU
+# backend end to end and benchmark them side by side.
+#   sh backends/device_check.sh OUT_DIR [CONFORMANCE_EXAMPLES_PER_OP]
+# Writes OUT_DIR/device_check.log and OUT_DIR/bench/{bench.json,bench.md,bench.png}.
+set -u
+OUT=$1
+EXAMPLES=${2:-250}
+LOG=$OUT/device_check.log
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+step() { printf '\n===== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)" | tee -a "$LOG"; }
+
+step "install"
+python3 -m pip install -q --no-deps --no-build-isolation . >>"$LOG" 2>&1 || echo "install failed" | tee -a "$LOG"
+step "dsa-ref info"
+python3 -m dsa_ref info >>"$LOG" 2>&1
+for backend in triton cupy; do
+  step "DSA_BACKEND=$backend dsa-ref demo"
+  DSA_BACKEND=$backend python3 -m dsa_ref demo >>"$LOG" 2>&1; echo "rc=$?" >>"$LOG"
+done
+step "the DSA layer on the GPU backends"
+python3 -m pytest -q -p no:cacheprovider -rA tests/test_layer_backends.py >>"$LOG" 2>&1
+step "conformance, thorough profile, $EXAMPLES examples per op"
+DSA_CONFORMANCE_MAX_EXAMPLES=$EXAMPLES timeout 240 python3 -m pytest -q -p no:cacheprovider -n 8 -rA \
+  tests/test_conformance.py --dsa-backend triton,cupy --dsa-profile thorough >>"$LOG" 2>&1
+echo "rc=$?" >>"$LOG"
+step "benchmark, both backends in one run"
+timeout 300 python3 -m dsa_ref bench --backend triton,cupy --out "$OUT/bench" 2>&1 | tail -n 60 >>"$LOG"
+step "done"
