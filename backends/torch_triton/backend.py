@@ -137,8 +137,8 @@ def _scale(k_scale):
 
 
 def _common_dot_dtype(a, b):
-    """Both operands of a tensor-core product in one dtype. Mixed dtypes go to float32: bf16,
-    fp16 and e4m3 values are exact in tf32, so only genuinely float32 inputs round."""
+    """Both operands of a tensor-core product in one dtype. Mixed dtypes go to float32, which
+    the kernels multiply float32-accurately (3xTF32, see :mod:`.precision`)."""
     import torch
 
     if a.dtype == b.dtype:

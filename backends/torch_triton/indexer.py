@@ -24,13 +24,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .precision import dot_precision
+
 
 @triton.jit
 def _indexer_kernel(
     p_q, p_weights, p_k, p_k_scale, p_key_start, p_key_end, p_scores,
     s_q, s_kv, h_i, d_i, row_begin,
     stride_q_m, stride_q_h, stride_w_m, stride_k_n, stride_s_m,
-    HAS_K_SCALE: tl.constexpr, FILL_MASKED: tl.constexpr,
+    HAS_K_SCALE: tl.constexpr, FILL_MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, HEADS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Scores of queries ``row_begin + [pid*BLOCK_M, (pid+1)*BLOCK_M)`` against all their keys.
@@ -67,7 +69,7 @@ def _indexer_kernel(
         m_n = o_n < s_kv
         b_k = tl.load(p_k + o_n.to(tl.int64)[:, None] * stride_k_n + o_d[None, :],
                       mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        b_logits = tl.dot(b_q, tl.trans(b_k))  # [BLOCK_M*HEADS, BLOCK_N]   q_{i,h} . k_j, fp32
+        b_logits = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BLOCK_M*HEADS, BLOCK_N]   q_{i,h} . k_j, fp32
         # ReLU that keeps NaN (the reference's np.maximum does), then the head weight.
         b_gated = tl.maximum(b_logits, 0.0, propagate_nan=tl.PropagateNan.ALL) * b_w[:, None]
         b_scores = tl.sum(tl.reshape(b_gated, (BLOCK_M, HEADS, BLOCK_N)), axis=1)  # [BLOCK_M, BLOCK_N]
@@ -141,6 +143,6 @@ def lightning_indexer(q, weights, k, key_start, key_end, k_scale=None, *, out=No
         q, weights, k, k_scale if has_scale else weights, key_start, key_end, out,
         row_end, s_kv, h_i, d_i, row_begin,
         q.stride(0), q.stride(1), weights.stride(0), k.stride(0), out.stride(0),
-        HAS_K_SCALE=has_scale, FILL_MASKED=fill_masked, **config,
+        HAS_K_SCALE=has_scale, FILL_MASKED=fill_masked, DOT_PRECISION=dot_precision(q.dtype), **config,
     )
     return out

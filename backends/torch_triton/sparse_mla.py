@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .precision import dot_precision
+
 LOG2E = 1.4426950408889634
 KV_FP8_LATENT = 512
 KV_FP8_ROPE = 64
@@ -73,7 +75,7 @@ def _sparse_mla_kernel(
     stride_q_m, stride_q_h, stride_kv, stride_i_m, stride_o_s, stride_o_m, stride_o_h, stride_l_s, stride_l_m,
     HAS_TOPK_LENGTH: tl.constexpr, HAS_SINK: tl.constexpr, KV_FP8: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, D_V: tl.constexpr, D_R: tl.constexpr,
-    SCALE_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    SCALE_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One query (axis 0), ``BLOCK_H`` heads (axis 1), one slot range (axis 2, ``SPLIT`` only).
 
@@ -111,8 +113,8 @@ def _sparse_mla_kernel(
         b_row = tl.where(m_valid, b_index, 0)  # invalid slots point at row 0 and load nothing
         b_value, b_rest = _load_rows(p_kv, b_row, m_valid, d_v, d_qk, stride_kv, o_dv, o_dr,
                                      KV_FP8, BLOCK_T, D_V, D_R, SCALE_BLOCKS, COMPUTE_DTYPE)
-        b_logits = tl.dot(b_q_value, tl.trans(b_value))  # [BLOCK_H, BLOCK_T]
-        b_logits = tl.dot(b_q_rest, tl.trans(b_rest), b_logits)
+        b_logits = tl.dot(b_q_value, tl.trans(b_value), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_T]
+        b_logits = tl.dot(b_q_rest, tl.trans(b_rest), b_logits, input_precision=DOT_PRECISION)
         b_logits = tl.where(m_valid[None, :], b_logits * scale_log2, float("-inf"))
         b_max_new = tl.maximum(b_max, tl.max(b_logits, axis=1))
         # A head that has seen no valid slot keeps max -inf; subtract 0 instead so exp2 stays 0, not NaN.
@@ -120,7 +122,8 @@ def _sparse_mla_kernel(
         b_rescale = tl.exp2(b_max - b_shift)
         b_prob = tl.exp2(b_logits - b_shift[:, None])  # [BLOCK_H, BLOCK_T], 0 at invalid slots
         b_sum = b_sum * b_rescale + tl.sum(b_prob, axis=1)
-        b_acc = b_acc * b_rescale[:, None] + tl.dot(b_prob.to(COMPUTE_DTYPE), b_value)
+        b_acc = b_acc * b_rescale[:, None] + tl.dot(b_prob.to(COMPUTE_DTYPE), b_value,
+                                                           input_precision=DOT_PRECISION)
         b_max = b_max_new
 
     m_empty = b_sum == 0.0
@@ -230,7 +233,7 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
         attn_sink = attn_sink.to(torch.float32).contiguous()
     common = dict(HAS_TOPK_LENGTH=topk_length is not None, HAS_SINK=attn_sink is not None, KV_FP8=kv_fp8,
                   SCALE_BLOCKS=KV_FP8_LATENT // KV_FP8_SCALE_BLOCK, COMPUTE_DTYPE=_COMPUTE_DTYPES[compute_dtype],
-                  **config)
+                  DOT_PRECISION=dot_precision(compute_dtype), **config)
     if kv_fp8:
         common["D_V"], common["D_R"] = KV_FP8_LATENT, KV_FP8_ROPE
     grid = (s_q, triton.cdiv(h, config["BLOCK_H"]), splits)

@@ -15,7 +15,7 @@ Why these numbers (u = unit roundoff of the type: fp32 2^-24, tf32 2^-11, fp16 2
 | input dtype | rtol | atol | what dominates the error |
 | --- | --- | --- | --- |
 | float64 | 1e-6 | 1e-6 | only the final rounding of the reference's float64 to float32 |
-| float32 | 2e-3 | 2e-3 | GPU kernels may run float32 dots as tf32 (10-bit mantissa, as Triton and cuBLAS do by default): u = 4.9e-4 per product, a few u after accumulation and softmax |
+| float32 | 2e-3 | 2e-3 | float32 operands must be multiplied float32-accurately (IEEE FMA, or 3xTF32 on tensor cores); the allowance covers fp32 accumulation order and fast exp/log. Plain TF32 (10-bit mantissa) does not conform: a score or logit that cancels loses its leading digits (seen on an H100: error ratio 2 on a one-key indexer score) |
 | float16 | 4e-3 | 4e-3 | attention probabilities are rounded to fp16 before the P·V product (u = 4.9e-4 each); products and sums stay in fp32 |
 | bfloat16 | 2e-2 | 1.6e-2 | probabilities rounded to bf16 before P·V (u = 3.9e-3); an output is a convex mix, so its error stays a few u of max abs(V) |
 | float8_e4m3fn | 2e-3 | 2e-3 | fp8 products are exact in fp32, but Hopper's fp8 tensor-core accumulator keeps ~14 mantissa bits: ~1e-4 per partial sum |
