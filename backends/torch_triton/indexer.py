@@ -92,17 +92,22 @@ def _indexer_kernel(
             tl.store(p_scores_rows + o_n[None, :], b_masked, mask=m_m[:, None] & (o_n < s_kv)[None, :])
 
 
-def indexer_config(h_i: int, d_i: int, s_kv: int, fp8: bool) -> dict:
+def indexer_config(h_i: int, d_i: int, s_kv: int, dtype) -> dict:
     """Block sizes: ~128 stacked rows per program (one warpgroup tile), keys 64 at a time.
 
     Measured on an H100 (causal 16K, H_I 64, d_I 128): BLOCK_N 64 with 4 warps ran at 382 TFLOP/s
     (fp8) and 275 (bf16); BLOCK_N 128 with 8 warps at 321 and 267; BLOCK_N 256 at 228 (fp8).
+    float32 operands (3xTF32) keep a high and a low half of every tile in shared memory: with
+    BLOCK_N 64 that needs 256 KiB at d_I 128, over the H100's 227 KiB, so they take keys 32 at a
+    time (192 KiB; the compiler's count, checked in tests/test_triton_resources.py).
     """
+    fp8 = dtype == torch.float8_e4m3fn
     heads = triton.next_power_of_2(max(h_i, 1))
     block_m = max(1, 128 // heads)
     # tl.dot needs K >= 16 (>= 32 for fp8 on Hopper); padded columns are masked to 0.
     block_d = max(32 if fp8 else 16, triton.next_power_of_2(max(d_i, 1)))
-    block_n = max(16, min(64, triton.next_power_of_2(max(s_kv, 1))))
+    widest_n = 32 if dtype == torch.float32 else 64
+    block_n = max(16, min(widest_n, triton.next_power_of_2(max(s_kv, 1))))
     return dict(BLOCK_M=block_m, HEADS=heads, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=3)
 
 
@@ -136,7 +141,7 @@ def lightning_indexer(q, weights, k, key_start, key_end, k_scale=None, *, out=No
         out = torch.empty((rows, s_kv), dtype=torch.float32, device=q.device)
     if rows == 0 or s_kv == 0:
         return out
-    config = {**indexer_config(h_i, d_i, s_kv, q.dtype == torch.float8_e4m3fn), **(config or {})}
+    config = {**indexer_config(h_i, d_i, s_kv, q.dtype), **(config or {})}
     grid = (triton.cdiv(rows, config["BLOCK_M"]),)
     has_scale = k_scale is not None
     _indexer_kernel[grid](

@@ -184,8 +184,13 @@ def _multiprocessors(device) -> int:
 
 
 def sparse_mla_config(s_q: int, h: int, topk: int, d_v: int, d_qk: int, kv_fp8: bool, dtype, device) -> dict:
-    """Block sizes, and the number of slot splits that fills the GPU when queries are few."""
-    block_h = max(16, min(64, triton.next_power_of_2(h)))
+    """Block sizes, and the number of slot splits that fills the GPU when queries are few.
+
+    float32 operands (3xTF32) keep a high and a low half of the query and row tiles in shared
+    memory: 64 heads at d_v 512 would need 488 KiB, over the H100's 227 KiB, so they take 16 heads
+    at a time (144 KiB; the compiler's count, checked in tests/test_triton_resources.py).
+    """
+    block_h = max(16, min(16 if dtype == torch.float32 else 64, triton.next_power_of_2(h)))
     d_v_pad = max(16, triton.next_power_of_2(d_v))
     d_rest_pad = max(16, triton.next_power_of_2(max(d_qk - d_v, 1)))
     block_t = 32 if dtype == torch.float32 else 64

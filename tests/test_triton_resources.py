@@ -1,0 +1,86 @@
+"""The Triton kernels, compiled for the H100 (sm_90) on this machine, fit its shared memory.
+
+Triton compiles for a named GPU target without a GPU present, so a launch configuration that asks
+for more shared memory than Hopper has (which fails only at run time on the card) fails here.
+The compilation runs in a subprocess: in this test process, triton may have been imported in
+interpreter mode (TRITON_INTERPRET=1), in which the kernels cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+H100_SHARED_MEMORY_PER_BLOCK = 232448  # 227 KiB, the opt-in maximum of sm_90
+INDEXER_CASES = [(dtype, heads) for dtype in ("float32", "bfloat16", "float8_e4m3fn") for heads in (1, 64)]
+SPARSE_MLA_CASES = [("float32", False), ("bfloat16", False), ("bfloat16", True), ("float32", True)]
+
+
+def _compile_all() -> dict[str, int]:
+    """Shared memory (bytes) of every case, compiled for sm_90; run in a process without the interpreter."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dsa_ref_backends.torch_triton import indexer, sparse_mla
+    from dsa_ref_backends.torch_triton.precision import dot_precision
+
+    pointer = {"float32": "*fp32", "bfloat16": "*bf16", "float8_e4m3fn": "*fp8e4nv"}
+
+    def shared_memory(kernel, pointers, constants, num_warps, num_stages):
+        signature = {name: "constexpr" if name in constants else pointers.get(name, "i32")
+                     for name in kernel.arg_names}
+        signature.update({name: "fp32" for name in kernel.arg_names if name.startswith("scale")})
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+        options = dict(num_warps=num_warps, num_stages=num_stages)
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
+
+    used = {}
+    for dtype_name, heads in INDEXER_CASES:
+        dtype = getattr(torch, dtype_name)
+        config = indexer.indexer_config(heads, 128, 65536, dtype)
+        warps, stages = config.pop("num_warps"), config.pop("num_stages")
+        pointers = dict(p_q=pointer[dtype_name], p_weights="*fp32", p_k=pointer[dtype_name], p_k_scale="*fp32",
+                        p_key_start="*i32", p_key_end="*i32", p_scores="*fp32")
+        constants = dict(HAS_K_SCALE=True, FILL_MASKED=True, DOT_PRECISION=dot_precision(dtype), **config)
+        used[f"indexer-{dtype_name}-{heads}"] = shared_memory(indexer._indexer_kernel, pointers, constants, warps, stages)
+    for dtype_name, kv_fp8 in SPARSE_MLA_CASES:
+        dtype = getattr(torch, dtype_name)
+        config = sparse_mla.sparse_mla_config(4096, 128, 2048, 512, 576, kv_fp8, dtype, torch.device("cpu"))
+        config.pop("num_splits")
+        warps, stages = config.pop("num_warps"), config.pop("num_stages")
+        pointers = dict(p_q=pointer[dtype_name], p_kv="*u8" if kv_fp8 else pointer[dtype_name], p_indices="*i32",
+                        p_topk_length="*i32", p_sink="*fp32", p_out="*fp32", p_lse="*fp32")
+        constants = dict(HAS_TOPK_LENGTH=True, HAS_SINK=True, KV_FP8=kv_fp8, SPLIT=False, SCALE_BLOCKS=4,
+                         COMPUTE_DTYPE=sparse_mla._COMPUTE_DTYPES[dtype], DOT_PRECISION=dot_precision(dtype), **config)
+        if kv_fp8:
+            constants["D_V"], constants["D_R"] = 512, 64
+        used[f"sparse_mla-{dtype_name}-{kv_fp8}"] = shared_memory(sparse_mla._sparse_mla_kernel, pointers, constants,
+                                                                  warps, stages)
+    return used
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[str, int]:
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", [f"indexer-{d}-{h}" for d, h in INDEXER_CASES]
+                         + [f"sparse_mla-{d}-{f}" for d, f in SPARSE_MLA_CASES])
+def test_kernel_fits_in_h100_shared_memory(compiled, case):
+    assert compiled[case] <= H100_SHARED_MEMORY_PER_BLOCK, f"{case}: {compiled[case]} bytes of shared memory"
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_all()))
