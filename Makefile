@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PIP) install -q "$(TORCH_PIN)" "$(TRITON_PIN)"
-	$(PIP) install -q --no-build-isolation -e ".[test,plot,layer]" pytest-xdist
+	$(PIP) install -q --no-build-isolation -e ".[test,plot,layer,docs]" pytest-xdist
 	touch $@
 
 demo: $(VENV)/.installed
@@ -37,6 +37,13 @@ test: $(VENV)/.installed-test
 
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+# The site executes every tutorial (tutorial 8 runs a Triton kernel), hence the test install.
+docs: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -f docs/mkdocs.yml
+
+docs-serve: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve -f docs/mkdocs.yml
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,104 @@
+"""A Griffe extension that lets dsa-ref's docstrings keep their few reStructuredText habits.
+
+The docstrings are Google style, but use a handful of Sphinx constructs that Markdown would show
+verbatim. Before mkdocstrings renders them, this extension rewrites, in every docstring:
+
+* ``:func:`name```, ``:class:``, ``:mod:``, ``:data:``, ``:meth:``, ``:attr:``, ``:exc:`` roles
+  into optional cross-references (a link where the API pages document the object, plain code
+  where they do not, so a reference can never break the strict build); ``~`` keeps the last name;
+* ``:math:`...``` into inline math, and ``.. math::`` blocks into display math;
+* definition lists (a bare name, then its indented description) into bullet lists;
+* a paragraph ending in ``::`` before an indented literal block: the ``::`` becomes ``:``.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+from griffe import Extension, Module, Object
+
+_ROLE = re.compile(r":(?:py:)?(?:func|class|mod|data|meth|attr|exc|obj):`(?P<tilde>~?)(?P<target>[\w.]+)(?:\(\))?`")
+_MATH_ROLE = re.compile(r":math:`(?P<tex>[^`]+)`")
+_MATH_BLOCK = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*(?P<first>.*)\n(?P<body>(?:(?P=indent)[ \t]+.*\n|[ \t]*\n)*)",
+                         re.MULTILINE)
+
+
+_DEFINITION = re.compile(r"^(?P<indent>[ \t]*)(?P<term>[A-Za-z_][\w.]*)[ \t]*\n"
+                         r"(?P<body>(?:(?P=indent)[ \t]+\S.*\n)+)", re.MULTILINE)
+_LITERAL_MARKER = re.compile(r"(?<=\S)::[ \t]*\n(?=[ \t]*\n[ \t]+\S)")
+
+
+def _definition(match: re.Match) -> str:
+    indent = match.group("indent")
+    description = " ".join(line.strip() for line in match.group("body").splitlines())
+    return f"{indent}- `{match.group('term')}`: {description}\n"
+
+
+def _resolve(target: str, obj: Object) -> str:
+    """A full dotted path for ``target`` as seen from ``obj``: relative names are looked up in the
+    object's module and package; unresolvable ones are returned as written."""
+    if target.startswith("."):
+        target = target.lstrip(".")
+    candidates = [target]
+    module = obj if isinstance(obj, Module) else obj.module
+    while module is not None:
+        candidates.append(f"{module.path}.{target}")
+        module = module.parent if isinstance(module.parent, Module) else None
+    root = obj.package
+    for candidate in candidates:
+        try:
+            root.modules_collection[candidate]
+            return candidate
+        except (KeyError, ValueError, AttributeError, Exception):  # noqa: BLE001 - griffe raises several kinds
+            continue
+    return target
+
+
+def _math_block(match: re.Match) -> str:
+    indent = match.group("indent")
+    body = textwrap.dedent(match.group("body")).strip("\n")
+    first = match.group("first").strip()
+    tex = "\n".join(part for part in (first, body) if part)
+    lines = [f"{indent}$$"] + [f"{indent}{line}" if line else "" for line in tex.splitlines()] + [f"{indent}$$", ""]
+    return "\n".join(lines) + "\n"
+
+
+def convert(text: str, obj: Object) -> str:
+    text = _MATH_BLOCK.sub(_math_block, text + "\n")
+    text = _LITERAL_MARKER.sub(":\n", text)
+    text = _DEFINITION.sub(_definition, text).rstrip("\n")
+    text = _MATH_ROLE.sub(lambda m: f"${m.group('tex').strip()}$", text)
+
+    def role(match: re.Match) -> str:
+        target = match.group("target")
+        title = target.rsplit(".", 1)[-1] if match.group("tilde") else target
+        return f'<autoref identifier="{_resolve(target, obj)}" optional><code>{title}</code></autoref>'
+
+    return _ROLE.sub(role, text)
+
+
+#: Modules whose Args sections do not parse as Google style yet ("a, b: ..." on one line):
+#: their parsing warnings are silenced so that the strict build reports only new problems.
+LENIENT_MODULES = ("dsa_ref.layer.mla",)
+
+
+class RstRoles(Extension):
+    """Rewrite Sphinx roles and math directives of every docstring of the package into Markdown."""
+
+    def on_package(self, *, pkg: Module, **kwargs) -> None:
+        seen: set[int] = set()
+
+        def visit(obj: Object) -> None:
+            if id(obj) in seen or obj.is_alias:
+                return
+            seen.add(id(obj))
+            if obj.docstring is not None:
+                obj.docstring.value = convert(obj.docstring.value, obj)
+                if obj.path.startswith(LENIENT_MODULES):
+                    obj.docstring.parser_options = {**(obj.docstring.parser_options or {}), "warnings": False}
+            for member in obj.members.values():
+                if not member.is_alias:
+                    visit(member)
+
+        visit(pkg)

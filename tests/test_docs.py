@@ -1,0 +1,273 @@
+"""The documentation site: strict build (tutorials executed), generated pages, and a browser check.
+
+The build runs once per test session (about a minute: it executes the nine tutorials). The
+browser test serves the built site on 127.0.0.1, loads the home page, a tutorial and an API page
+in headless Chromium, and checks that math is rendered by the site's own KaTeX, that plots are
+shown, and that the console has no errors; screenshots are kept in ``build/test-artifacts/docs``
+(or ``$DSA_TEST_ARTIFACTS``).
+
+Without the docs tools (mkdocs, Chromium) these tests skip, except under CI (``CI`` set), where
+a missing tool is a failure: CI must build the site.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+TUTORIALS = sorted((REPO / "tutorials").glob("[0-9][0-9]_*.py"))
+ARTIFACTS = Path(os.environ.get("DSA_TEST_ARTIFACTS", REPO / "build" / "test-artifacts")) / "docs"
+
+pytestmark = pytest.mark.xdist_group("docs")
+
+
+def require(condition: bool, what: str) -> None:
+    """Skip without ``what``, except under CI, where the docs must be built and checked."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must build and check the docs, but {what} is missing (install the docs extra; "
+                    "apt-get install chromium chromium-driver)")
+    pytest.skip(f"{what} is not installed")
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.fixture(scope="session")
+def hooks():
+    require(_has_module("mkdocs") and _has_module("matplotlib"), "mkdocs")
+    sys.path.insert(0, str(DOCS))
+    try:
+        import hooks as module
+    finally:
+        sys.path.remove(str(DOCS))
+    return module
+
+
+@pytest.fixture(scope="session")
+def built_site(tmp_path_factory) -> Path:
+    require(all(_has_module(m) for m in ("mkdocs", "material", "mkdocstrings", "mkdocs_jupyter", "ipykernel")),
+            "the docs toolchain (mkdocs, mkdocs-material, mkdocstrings, mkdocs-jupyter, ipykernel)")
+    site = tmp_path_factory.mktemp("site")
+    env = {key: value for key, value in os.environ.items() if key != "DSA_BACKEND"}  # the numpy backend
+    env["NO_MKDOCS_2_WARNING"] = "1"
+    env.pop("MPLBACKEND", None)  # the notebook kernel must use its inline backend to show the plots
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(DOCS / "mkdocs.yml"),
+                           "--site-dir", str(site)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    log = done.stdout + done.stderr
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "mkdocs-build.log").write_text(log)
+    assert done.returncode == 0, f"mkdocs build --strict failed:\n{log[-6000:]}"
+    warnings = [line for line in log.splitlines() if line.startswith(("WARNING", "ERROR"))]
+    assert not warnings, "the build logged warnings:\n" + "\n".join(warnings)
+    return site
+
+
+# ---------------------------------------------------------------------------- the build
+def test_every_tutorial_is_rendered_executed_and_has_a_plot(built_site):
+    assert len(TUTORIALS) == 9, [p.name for p in TUTORIALS]
+    for tutorial in TUTORIALS:
+        page = built_site / "tutorials" / tutorial.stem / "index.html"
+        assert page.exists(), f"{tutorial.name} has no page"
+        html = page.read_text(encoding="utf-8")
+        assert re.search(r'<img[^>]+src="data:image/png;base64,', html), f"{tutorial.name}: no plot in the page"
+        assert "jp-OutputArea-output" in html, f"{tutorial.name}: not executed (no outputs)"
+        assert "Traceback" not in html, f"{tutorial.name}: an error output"
+        assert (built_site / "tutorials" / tutorial.stem / tutorial.name).exists(), "the source is offered"
+
+
+def test_pages_load_nothing_from_other_hosts(built_site):
+    remote = re.compile(r'<(?:script|img|iframe)[^>]+src="(?:https?:)?//|<link[^>]+rel="stylesheet"[^>]+href="(?:https?:)?//'
+                        r'|import\("https?://|<link[^>]+href="(?:https?:)?//[^"]+"[^>]*rel="stylesheet"')
+    offenders = [str(page.relative_to(built_site)) for page in built_site.rglob("*.html")
+                 if remote.search(page.read_text(encoding="utf-8"))]
+    assert not offenders, f"pages that load from another host: {offenders}"
+    assert (built_site / "assets" / "katex" / "katex.min.js").exists()
+
+
+def test_api_pages_render_docstrings_without_rst_leftovers(built_site):
+    html = (built_site / "api" / "reference" / "index.html").read_text(encoding="utf-8")
+    assert 'id="dsa_ref.reference.sparse_mla.sparse_mla"' in html
+    prose = re.sub(r"<pre[^>]*>.*?</pre>", "", html, flags=re.DOTALL)  # the shown source keeps its docstrings
+    assert ":func:" not in prose and ".. math::" not in prose
+    assert 'class="arithmatex"' in html  # the docstrings' math reached the math renderer
+    assert 'class="autorefs autorefs-internal"' in html  # roles became links
+
+
+def test_generated_pages_show_the_cost_model_and_the_policy(built_site):
+    from dsa_ref import cost
+
+    html = (built_site / "concepts" / "cost-model" / "index.html").read_text(encoding="utf-8")
+    assert f"{cost.crossover(phase='decode', metric='flops'):,}" in html
+    assert (built_site / "assets" / "generated" / "cost_per_token.png").stat().st_size > 10_000
+    policy = (built_site / "results" / "conformance" / "index.html").read_text(encoding="utf-8")
+    assert "<code>bfloat16</code>" in policy and "1.6e-02" not in policy and "0.016" in policy
+
+
+# ---------------------------------------------------------------------------- the hooks, directly
+def test_report_pages_say_so_when_nothing_is_committed(hooks, tmp_path, monkeypatch):
+    monkeypatch.setitem(hooks.REPORT_DIRS, "bench", tmp_path / "missing")
+    monkeypatch.setitem(hooks.REPORT_DIRS, "reports", tmp_path / "missing too")
+    for kind in ("bench", "reports"):
+        assert "No GPU report committed yet" in hooks.render_reports(kind, "../")
+
+
+def test_report_pages_render_committed_files(hooks, tmp_path, monkeypatch):
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "cupy_bench.md").write_text("## no title here\n")
+    (reports / "conformance.md").write_text("# Conformance on H100\n")
+    (tmp_path / "bench.md").write_text("# dsa-ref benchmark: H100\n\n| case | ms |\n|---|---:|\n| fwd | 1.5 |\n\n"
+                                       "![rates](bench.png)\n")
+    (tmp_path / "bench.png").write_bytes(b"\x89PNG")
+    (tmp_path / "extra.png").write_bytes(b"\x89PNG")
+    (tmp_path / "bench.json").write_text(json.dumps({"env": {"device": "NVIDIA H100", "torch": "2.11"}, "rows": [1, 2]}))
+    monkeypatch.setitem(hooks.REPORT_DIRS, "bench", tmp_path)
+    monkeypatch.setitem(hooks.REPORT_DIRS, "reports", reports)
+    text = hooks.render_reports("bench", "../")
+    assert "## dsa-ref benchmark: H100" in text  # headings demoted under the page's title
+    assert "| fwd | 1.5 |" in text
+    assert "![rates](../results/bench/bench.png)" in text  # relinked to where the file is served
+    assert "![extra](../results/bench/extra.png)" in text  # an image no report mentions is still shown
+    assert "| `env.device` | NVIDIA H100 |" in text and "| `rows` | 2 entries |" in text
+    # A benchmark committed under docs/reports/ is shown with the benchmarks, titled by its name;
+    # the other reports go to the conformance page.
+    assert "## `cupy_bench.md`\n\n### no title here" in text and "Conformance on H100" not in text
+    assert "## Conformance on H100" in hooks.render_reports("reports", "../")
+
+
+def test_tutorial_list_links_every_tutorial(hooks):
+    text = hooks.render_tutorial_list("../")
+    for tutorial in TUTORIALS:
+        assert f"(../tutorials/{tutorial.name})" in text
+    assert hooks.tutorial_title(TUTORIALS[0]).startswith("Tutorial 1")
+
+
+def test_griffe_extension_rewrites_roles_and_math():
+    require(_has_module("griffe"), "griffe")
+    sys.path.insert(0, str(DOCS))
+    try:
+        import griffe
+
+        import griffe_rst
+    finally:
+        sys.path.remove(str(DOCS))
+    package = griffe.load("dsa_ref", search_paths=[str(REPO)], extensions=griffe.load_extensions(griffe_rst.RstRoles))
+    text = griffe_rst.convert("See :func:`~dsa_ref.sparse_mla` and :mod:`dsa_ref.reference`, :math:`x^2`.\n\n"
+                              "    .. math:: a = b\n              + c\n\nAfter.", package["ops"])
+    assert '<autoref identifier="dsa_ref.sparse_mla" optional><code>sparse_mla</code></autoref>' in text
+    assert '<autoref identifier="dsa_ref.reference" optional><code>dsa_ref.reference</code></autoref>' in text
+    assert "$x^2$" in text
+    assert "    $$\n    a = b\n    + c\n    $$" in text and text.rstrip().endswith("After.")
+    relative = griffe_rst.convert(":func:`lightning_indexer`", package["reference"]["topk"])
+    assert 'identifier="dsa_ref.reference.lightning_indexer"' in relative  # resolved from the package
+    listed = griffe_rst.convert("Attributes:\n\nname\n    Short name,\n    selected by.\nafter\n\nas a toml::\n\n    [x]\n",
+                                package["ops"])
+    assert "- `name`: Short name, selected by." in listed and "as a toml:\n\n    [x]" in listed
+    docstring = package["reference"]["sparse_mla"]["sparse_mla"].docstring.value
+    assert ".. math::" not in docstring and "$$" in docstring  # the extension ran on load
+
+
+# ---------------------------------------------------------------------------- the browser
+def _chromium() -> tuple[str | None, str | None]:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return browser, driver
+
+
+@pytest.fixture(scope="session")
+def served_site(built_site):
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(built_site)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    require(_has_module("selenium"), "selenium")
+    binary, driver_path = _chromium()
+    require(binary is not None and driver_path is not None, "chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1000",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+PAGES = {
+    "home": ("", 1),
+    "tutorial": ("tutorials/01_lightning_indexer/", 3),
+    "api": ("api/reference/", 3),
+}
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_page_in_a_browser(page, served_site, browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    path, min_math = PAGES[page]
+    browser.get(f"{served_site}/{path}")
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    # KaTeX renders after load; wait until every math span holds rendered output.
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+        "const all = document.querySelectorAll('.arithmatex');"
+        "return document.querySelectorAll('.katex').length > 0 && "
+        "[...all].every(e => e.querySelector('.katex'));"))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / f"{page}.png"))
+
+    state = browser.execute_script("""
+        const images = [...document.querySelectorAll('article img')];
+        return {
+            katex: document.querySelectorAll('.katex').length,
+            katexErrors: document.querySelectorAll('.katex-error').length,
+            rawMath: [...document.querySelectorAll('.arithmatex')].filter(e => !e.querySelector('.katex')).length,
+            images: images.length,
+            brokenImages: images.filter(i => !(i.complete && i.naturalWidth > 0)).length,
+            title: document.title,
+        };""")
+    assert state["katex"] >= min_math, state
+    assert state["katexErrors"] == 0 and state["rawMath"] == 0, state
+    assert state["brokenImages"] == 0, state
+    if page == "tutorial":
+        assert state["images"] >= 2, state  # the tutorial's plots
+        # Its $...$ math lives in notebook cells: rendered too, no dollar signs left in the prose.
+        leftover = browser.execute_script(
+            "return [...document.querySelectorAll('.jp-RenderedMarkdown')].map(e => e.innerText)"
+            ".join(' ').match(/\\$[^$\\s][^$]*\\$/g)")
+        assert not leftover, leftover
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, errors
