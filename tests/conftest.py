@@ -44,3 +44,22 @@ def _fresh_backend_choice(monkeypatch):
     registry._env_choice.clear()
     yield
     registry._env_choice.clear()
+
+
+@pytest.fixture
+def poisoned_torch_outputs(monkeypatch):
+    """Every tensor allocated with ``torch.empty`` starts as NaN (floats) or -12345 (integers), so an
+    output element a kernel forgets to write fails the comparison."""
+    import torch
+
+    original_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        tensor = original_empty(*args, **kwargs)
+        if tensor.dtype.is_floating_point:
+            tensor.fill_(float("nan"))
+        elif tensor.dtype in (torch.int32, torch.int64):
+            tensor.fill_(-12345)
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", empty)

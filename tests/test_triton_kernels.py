@@ -28,26 +28,10 @@ from dsa_ref_backends.torch_triton import dsa, indexer, sparse_mla, topk  # noqa
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
+pytestmark = pytest.mark.usefixtures("poisoned_torch_outputs")
 DEVICE = TritonBackend().device()
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float8_e4m3fn": torch.float8_e4m3fn}
-INT_SENTINEL = -12345
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every tensor the kernels' wrappers allocate starts as NaN (floats) or a sentinel (ints)."""
-    original_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        tensor = original_empty(*args, **kwargs)
-        if tensor.dtype.is_floating_point:
-            tensor.fill_(float("nan"))
-        elif tensor.dtype in (torch.int32, torch.int64):
-            tensor.fill_(INT_SENTINEL)
-        return tensor
-
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 def _randn(generator, shape, dtype, scale=1.0):
