@@ -23,14 +23,6 @@ class NumpyBackend(Backend):
     # The reference against itself differs only by the final rounding to float32.
     tolerances = {dtype: Tolerance(rtol=1e-6, atol=1e-6) for dtype in _ALL_FLOATS}
 
-    def not_supported_reasons(self, op, **inputs):
-        reasons = super().not_supported_reasons(op, **inputs)
-        if op == "sparse_mla" and inputs.get("kv") is not None:
-            kv = inputs["kv"]
-            if str(kv.dtype) == "uint8" and str(inputs["q"].dtype) == "float8_e4m3fn":
-                reasons.append("q.dtype=float8_e4m3fn (the FP8 cache is read with float queries)")
-        return reasons
-
     def lightning_indexer(self, q, weights, k, *, key_start, key_end, k_scale):
         return reference.lightning_indexer(q, weights, k, key_start=key_start, key_end=key_end, k_scale=k_scale)
 

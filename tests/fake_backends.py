@@ -5,25 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from dsa_ref import reference
-from dsa_ref.backend import Backend
+from dsa_ref_backends.numpy_reference import NumpyBackend
 
 
-class GoodBackend(Backend):
-    """Correct: delegates to the reference (loaded through module://)."""
+class GoodBackend(NumpyBackend):
+    """Correct: the reference under another name (loaded through module://)."""
 
     name = "good"
     description = "test backend"
-    supported_dtypes = {}
-
-    def lightning_indexer(self, q, weights, k, *, key_start, key_end, k_scale):
-        return reference.lightning_indexer(q, weights, k, key_start=key_start, key_end=key_end, k_scale=k_scale)
-
-    def topk_indices(self, scores, topk):
-        return reference.topk_indices(scores, topk)
-
-    def sparse_mla(self, q, kv, indices, *, sm_scale, d_v, topk_length, attn_sink):
-        return reference.sparse_mla(q, kv, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
-                                    attn_sink=attn_sink)
 
 
 class NoGpuBackend(GoodBackend):
