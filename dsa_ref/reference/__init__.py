@@ -3,6 +3,10 @@
 Each function computes one equation in float64 and returns float32 (indices int32). They take
 the same arguments as the public, dispatched functions in :mod:`dsa_ref` but do no argument
 checking: call those for validated input, or these directly to read or step through the math.
+
+They stay usable at realistic sizes: with s_q = s_kv = 4096 (causal), an indexer of 64 heads x 128,
+top-k 512, and sparse MLA over h = 16 heads of d_qk = 576 (bf16 inputs), the three took 5.3 s,
+0.7 s and 6.0 s on a 2-core CPU (2026-11-27), their chunked intermediates peaking under 0.8 GB.
 """
 
 from .formats import (
