@@ -17,7 +17,10 @@ import pytest
 
 H100_SHARED_MEMORY_PER_BLOCK = 232448  # 227 KiB, the opt-in maximum of sm_90
 INDEXER_CASES = [(dtype, heads) for dtype in ("float32", "bfloat16", "float8_e4m3fn") for heads in (1, 64)]
-SPARSE_MLA_CASES = [("float32", False), ("bfloat16", False), ("bfloat16", True), ("float32", True)]
+# (dtype, packed FP8 cache, heads, d_v, d_qk): the V3.2 shape, and the widest rest (d_qk - d_v = 256).
+SPARSE_MLA_CASES = [("float32", False, 128, 512, 576), ("bfloat16", False, 128, 512, 576),
+                    ("bfloat16", True, 128, 512, 576), ("float32", True, 128, 512, 576),
+                    ("float32", False, 128, 320, 576), ("float16", False, 128, 320, 576)]
 
 
 def _compile_all() -> dict[str, int]:
@@ -30,7 +33,7 @@ def _compile_all() -> dict[str, int]:
     from dsa_ref_backends.torch_triton import indexer, sparse_mla
     from dsa_ref_backends.torch_triton.precision import dot_precision
 
-    pointer = {"float32": "*fp32", "bfloat16": "*bf16", "float8_e4m3fn": "*fp8e4nv"}
+    pointer = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float8_e4m3fn": "*fp8e4nv"}
 
     def shared_memory(kernel, pointers, constants, num_warps, num_stages):
         signature = {name: "constexpr" if name in constants else pointers.get(name, "i32")
@@ -50,9 +53,9 @@ def _compile_all() -> dict[str, int]:
                         p_key_start="*i32", p_key_end="*i32", p_scores="*fp32")
         constants = dict(HAS_K_SCALE=True, FILL_MASKED=True, DOT_PRECISION=dot_precision(dtype), **config)
         used[f"indexer-{dtype_name}-{heads}"] = shared_memory(indexer._indexer_kernel, pointers, constants, warps, stages)
-    for dtype_name, kv_fp8 in SPARSE_MLA_CASES:
+    for dtype_name, kv_fp8, heads, d_v, d_qk in SPARSE_MLA_CASES:
         dtype = getattr(torch, dtype_name)
-        config = sparse_mla.sparse_mla_config(4096, 128, 2048, 512, 576, kv_fp8, dtype, torch.device("cpu"))
+        config = sparse_mla.sparse_mla_config(4096, heads, 2048, d_v, d_qk, kv_fp8, dtype, torch.device("cpu"))
         config.pop("num_splits")
         warps, stages = config.pop("num_warps"), config.pop("num_stages")
         pointers = dict(p_q=pointer[dtype_name], p_kv="*u8" if kv_fp8 else pointer[dtype_name], p_indices="*i32",
@@ -61,7 +64,7 @@ def _compile_all() -> dict[str, int]:
                          COMPUTE_DTYPE=sparse_mla._COMPUTE_DTYPES[dtype], DOT_PRECISION=dot_precision(dtype), **config)
         if kv_fp8:
             constants["D_V"], constants["D_R"] = 512, 64
-        used[f"sparse_mla-{dtype_name}-{kv_fp8}"] = shared_memory(sparse_mla._sparse_mla_kernel, pointers, constants,
+        used[f"sparse_mla-{dtype_name}-{kv_fp8}-{heads}-{d_v}-{d_qk}"] = shared_memory(sparse_mla._sparse_mla_kernel, pointers, constants,
                                                                   warps, stages)
     return used
 
@@ -77,7 +80,7 @@ def compiled() -> dict[str, int]:
 
 
 @pytest.mark.parametrize("case", [f"indexer-{d}-{h}" for d, h in INDEXER_CASES]
-                         + [f"sparse_mla-{d}-{f}" for d, f in SPARSE_MLA_CASES])
+                         + ["sparse_mla-{}-{}-{}-{}-{}".format(*case) for case in SPARSE_MLA_CASES])
 def test_kernel_fits_in_h100_shared_memory(compiled, case):
     assert compiled[case] <= H100_SHARED_MEMORY_PER_BLOCK, f"{case}: {compiled[case]} bytes of shared memory"
 
