@@ -78,11 +78,6 @@ def convert(text: str, obj: Object) -> str:
     return _ROLE.sub(role, text)
 
 
-#: Modules whose Args sections do not parse as Google style yet ("a, b: ..." on one line):
-#: their parsing warnings are silenced so that the strict build reports only new problems.
-LENIENT_MODULES = ("dsa_ref.layer.mla",)
-
-
 class RstRoles(Extension):
     """Rewrite Sphinx roles and math directives of every docstring of the package into Markdown."""
 
@@ -95,8 +90,6 @@ class RstRoles(Extension):
             seen.add(id(obj))
             if obj.docstring is not None:
                 obj.docstring.value = convert(obj.docstring.value, obj)
-                if obj.path.startswith(LENIENT_MODULES):
-                    obj.docstring.parser_options = {**(obj.docstring.parser_options or {}), "warnings": False}
             for member in obj.members.values():
                 if not member.is_alias:
                     visit(member)

@@ -26,8 +26,12 @@ def mla_queries(x, wq_a, q_norm_weight, wq_b, angles, config: DSAConfig):
     """The query path.
 
     Args:
-        x: ``[n, dim]`` hidden states; wq_a ``[q_lora_rank, dim]``; q_norm_weight ``[q_lora_rank]``;
-        wq_b ``[n_heads * (nope + rope), q_lora_rank]``; angles ``[n, rope / 2]``.
+        x: ``[n, dim]`` hidden states.
+        wq_a: ``[q_lora_rank, dim]``.
+        q_norm_weight: ``[q_lora_rank]``.
+        wq_b: ``[n_heads * (nope + rope), q_lora_rank]``.
+        angles: ``[n, rope / 2]`` RoPE angles of the tokens' positions.
+        config: the layer's shapes.
 
     Returns:
         ``(q_nope [n, h, nope], q_pe [n, h, rope], qr [n, q_lora_rank])``, float64; ``qr`` (c^Q) also
@@ -43,7 +47,11 @@ def mla_latent_kv(x, wkv_a, kv_norm_weight, angles, config: DSAConfig):
     """The KV path: what the latent cache stores for each token.
 
     Args:
-        x: ``[n, dim]``; wkv_a ``[kv_lora_rank + rope, dim]``; kv_norm_weight ``[kv_lora_rank]``.
+        x: ``[n, dim]`` hidden states.
+        wkv_a: ``[kv_lora_rank + rope, dim]``.
+        kv_norm_weight: ``[kv_lora_rank]``.
+        angles: ``[n, rope / 2]`` RoPE angles of the tokens' positions.
+        config: the layer's shapes.
 
     Returns:
         ``(latent [n, kv_lora_rank], k_pe [n, rope])``, float64.
@@ -85,8 +93,13 @@ def mha_probabilities(q_nope, q_pe, latent, k_pe, w_uk, visible, sm_scale: float
     """MHA-mode attention probabilities ``[n, h, s_kv]`` (float64): per-head keys expanded from the latent.
 
     Args:
-        q_nope ``[n, h, nope]``, q_pe ``[n, h, rope]``, latent ``[s_kv, c]``, k_pe ``[s_kv, rope]``,
-        w_uk ``[h, nope, c]``, visible bool ``[n, s_kv]`` (causal and/or selected keys).
+        q_nope: ``[n, h, nope]``.
+        q_pe: ``[n, h, rope]``, RoPE applied.
+        latent: ``[s_kv, c]`` the cached c^KV.
+        k_pe: ``[s_kv, rope]``, RoPE applied.
+        w_uk: ``[h, nope, c]``.
+        visible: bool ``[n, s_kv]`` (causal and/or selected keys).
+        sm_scale: softmax scale.
     """
     k_nope = np.einsum("hdc,sc->shd", w_uk, latent)  # [s_kv, h, nope]   W_UK c^KV per head
     logits = np.einsum("nhd,shd->nhs", q_nope, k_nope) + np.einsum("nhr,sr->nhs", q_pe, k_pe)  # [n, h, s_kv]
