@@ -390,6 +390,20 @@ def bench_dsa(b: Bench, backends) -> None:
         torch.cuda.empty_cache()
 
 
+def random_fp8_cache(torch, rows: int, device, chunk_rows: int = 1 << 20):
+    """A packed FP8 KV cache ``uint8 [rows, 656]`` of random e4m3 latents, scales 1.0 (so the
+    arithmetic is ordinary) and random bf16 RoPE dims. Filled ``chunk_rows`` at a time: at b 128 x
+    131072 tokens, one float32 temporary for the whole cache would need 32 GiB."""
+    cache = torch.empty((rows, 656), dtype=torch.uint8, device=device)
+    for begin in range(0, rows, chunk_rows):
+        part = cache[begin:begin + chunk_rows]
+        n = part.shape[0]
+        part[:, :512] = torch.randn(n, 512, device=device).to(torch.float8_e4m3fn).view(torch.uint8)
+        part[:, 512:528] = torch.ones(n, 4, device=device).view(torch.uint8)
+        part[:, 528:] = torch.randn(n, 64, device=device).to(torch.bfloat16).view(torch.uint8)
+    return cache
+
+
 def bench_decode(b: Bench, backends) -> None:
     torch = b.torch
     h, topk, block_size = 128, 2048, 64
@@ -400,11 +414,7 @@ def bench_decode(b: Bench, backends) -> None:
         case = f"FP8 decode b {batch} s_q {next_n} h {h} s_kv {s_kv}"
         _log(case)
         blocks_per_seq = s_kv // block_size
-        cache = torch.randint(0, 256, (batch * s_kv, 656), dtype=torch.uint8, device="cuda")
-        # sane scales (1.0) and finite bf16 RoPE values, so the arithmetic is ordinary
-        cache[:, 512:528] = torch.ones(batch * s_kv, 4, device="cuda").view(torch.uint8).view(-1, 16)
-        cache[:, 528:656] = torch.randn(batch * s_kv, 64, device="cuda").to(torch.bfloat16).view(torch.uint8)
-        cache[:, :512] = torch.randn(batch * s_kv, 512, device="cuda").to(torch.float8_e4m3fn).view(torch.uint8)
+        cache = random_fp8_cache(torch, batch * s_kv, "cuda")
         block_table = torch.randperm(batch * blocks_per_seq, device="cuda").view(batch, blocks_per_seq)
         q = torch.randn(batch * next_n, h, 576, device="cuda", dtype=torch.bfloat16)
         flop = 2 * batch * next_n * h * topk * (576 + 512)
