@@ -135,8 +135,8 @@ def cost_plot_png() -> bytes:
               ("prefill", "flops", 1e9, "GFLOP per token (prefill)"),
               ("decode", "bytes", 1e6, "MB read per token (decode)")]
     for axis, (phase, metric, unit, label) in zip(axes, panels):
-        dense = cost._metric(cost.dense_token_cost(t, phase=phase), metric, cost.H100) / unit
-        dsa = cost._metric(cost.dsa_token_cost(t, phase=phase), metric, cost.H100) / unit
+        dense = cost.metric_of(cost.dense_token_cost(t, phase=phase), metric, cost.H100) / unit
+        dsa = cost.metric_of(cost.dsa_token_cost(t, phase=phase), metric, cost.H100) / unit
         mode = "MQA" if phase == "decode" else "MHA"
         axis.plot(t / 1024, dense, label=f"dense MLA ({mode} mode)")
         axis.plot(t / 1024, dsa, label="DSA (indexer + sparse MLA, k = 2048)")

@@ -178,7 +178,8 @@ def roofline_seconds(cost: TokenCost, hardware: Hardware = H100) -> np.ndarray:
     return np.maximum(compute, cost.bytes / hardware.bytes_per_s)
 
 
-def _metric(cost: TokenCost, metric: str, hardware: Hardware) -> np.ndarray:
+def metric_of(cost: TokenCost, metric: str, hardware: Hardware = H100) -> np.ndarray:
+    """One of :data:`METRICS` of a token cost: its FLOPs, its bytes, or its roofline seconds."""
     if metric == "flops":
         return cost.flops
     if metric == "bytes":
@@ -207,8 +208,8 @@ def crossover(config: CostConfig = V32, phase: str = "decode", metric: str = "fl
     if metric == "bytes" and phase != "decode":
         raise ValueError("metric='bytes' is modelled for phase='decode' only (prefill is compute-bound)")
     t = np.arange(1, max_context + 1)
-    dense = _metric(dense_token_cost(t, config, phase), metric, hardware)  # [n]
-    dsa = _metric(dsa_token_cost(t, config, phase), metric, hardware)  # [n]
+    dense = metric_of(dense_token_cost(t, config, phase), metric, hardware)  # [n]
+    dsa = metric_of(dsa_token_cost(t, config, phase), metric, hardware)  # [n]
     not_cheaper = np.flatnonzero(dsa >= dense)  # positions where DSA does not pay
     if not_cheaper.size == 0:
         return 1

@@ -56,8 +56,8 @@ def test_crossover_matches_the_algebra_for_v32():
 def test_crossover_is_where_dsa_starts_and_keeps_paying(phase, metric):
     point = cost.crossover(phase=phase, metric=metric)
     t = np.arange(1, 200_000)
-    dense = cost._metric(cost.dense_token_cost(t, phase=phase), metric, cost.H100)
-    dsa = cost._metric(cost.dsa_token_cost(t, phase=phase), metric, cost.H100)
+    dense = cost.metric_of(cost.dense_token_cost(t, phase=phase), metric, cost.H100)
+    dsa = cost.metric_of(cost.dsa_token_cost(t, phase=phase), metric, cost.H100)
     assert dsa[point - 2] >= dense[point - 2]  # at t* - 1 DSA does not pay yet
     assert np.all(dsa[point - 1:] < dense[point - 1:])  # from t* on it always does
     assert point > 2048  # never below k: under k, DSA does all of dense's work plus the indexer's
