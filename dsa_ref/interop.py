@@ -19,6 +19,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from .reference.formats import KV_CACHE_FP8_BYTES
+
 ARRAY_KINDS = ("numpy", "torch", "cupy")
 
 #: NumPy dtypes of the names dsa-ref uses; ml_dtypes supplies the 16- and 8-bit floats.
@@ -65,7 +67,6 @@ def dtype_name(x: Any) -> str:
 #: CuPy has no bfloat16 or float8 dtype: dsa-ref carries them in cupy arrays as same-width
 #: integers (this is what :func:`convert` produces), and reads such arrays back that way.
 CUPY_CARRIERS = {"int16": "bfloat16", "uint8": "float8_e4m3fn"}
-KV_CACHE_ROW_BYTES = 656
 
 
 def logical_dtype_name(x: Any, *, packed_kv: bool = False) -> str:
@@ -73,7 +74,7 @@ def logical_dtype_name(x: Any, *, packed_kv: bool = False) -> str:
     array carries bfloat16 / float8_e4m3fn (:data:`CUPY_CARRIERS`). With ``packed_kv``, a
     ``uint8 [..., 656]`` array of any library is the packed FP8 KV cache and stays ``"uint8"``."""
     name = dtype_name(x)
-    if packed_kv and name == "uint8" and x.shape[-1:] == (KV_CACHE_ROW_BYTES,):
+    if packed_kv and name == "uint8" and x.shape[-1:] == (KV_CACHE_FP8_BYTES,):
         return name
     if array_kind(x) == "cupy" and name in CUPY_CARRIERS:
         return CUPY_CARRIERS[name]

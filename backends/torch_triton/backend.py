@@ -16,7 +16,6 @@ _MLA_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 #: Largest padded widths the sparse MLA kernel keeps on chip (V columns, and the rest of d_qk).
 MAX_D_V = 512
 MAX_D_REST = 256
-KV_CACHE_FP8_BYTES = 656
 
 
 def _next_power_of_2(n: int) -> int:

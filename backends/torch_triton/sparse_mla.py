@@ -32,13 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
+from dsa_ref.reference.formats import KV_LATENT_DIM, KV_ROPE_DIM, KV_SCALE_BLOCK
+
 from .precision import dot_precision
 
 LOG2E = 1.4426950408889634
-KV_FP8_LATENT = 512
-KV_FP8_ROPE = 64
-KV_FP8_BYTES = 656
-KV_FP8_SCALE_BLOCK = 128
 
 
 @triton.jit
@@ -237,10 +235,10 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
     if attn_sink is not None:
         attn_sink = attn_sink.to(torch.float32).contiguous()
     common = dict(HAS_TOPK_LENGTH=topk_length is not None, HAS_SINK=attn_sink is not None, KV_FP8=kv_fp8,
-                  SCALE_BLOCKS=KV_FP8_LATENT // KV_FP8_SCALE_BLOCK, COMPUTE_DTYPE=_COMPUTE_DTYPES[compute_dtype],
+                  SCALE_BLOCKS=KV_LATENT_DIM // KV_SCALE_BLOCK, COMPUTE_DTYPE=_COMPUTE_DTYPES[compute_dtype],
                   DOT_PRECISION=dot_precision(compute_dtype), **config)
     if kv_fp8:
-        common["D_V"], common["D_R"] = KV_FP8_LATENT, KV_FP8_ROPE
+        common["D_V"], common["D_R"] = KV_LATENT_DIM, KV_ROPE_DIM
     grid = (s_q, triton.cdiv(h, config["BLOCK_H"]), splits)
     scale_log2 = sm_scale * LOG2E
     dummy = lse
