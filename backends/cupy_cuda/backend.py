@@ -32,7 +32,6 @@ from dsa_ref.backend import OPS, Backend
 from . import kernels
 
 _FLOAT_INPUTS = frozenset({"float32", "bfloat16", "float16", "float8_e4m3fn"})
-_MAIN_INPUT = {"lightning_indexer": "q", "topk_indices": "scores", "sparse_mla": "q", "dsa_attention": "q"}
 
 
 def logical_dtype(x: Any, *, kv: bool = False) -> str:
@@ -69,15 +68,9 @@ class CupyBackend(Backend):
         return list(self._unavailable)
 
     def not_supported_reasons(self, op: str, **inputs: Any) -> list[str]:
-        reasons = self.unavailable_reasons()
+        reasons = super().not_supported_reasons(op, **inputs)  # availability, op, main input's dtype
         if op not in OPS:
-            return reasons + [f"op={op!r} (known ops: {', '.join(OPS)})"]
-        main = inputs.get(_MAIN_INPUT[op])
-        if main is not None and interop.is_array(main):
-            got = logical_dtype(main)
-            supported = self.supported_dtypes["sparse_mla" if op == "dsa_attention" else op]
-            if got not in supported:
-                reasons.append(f"{_MAIN_INPUT[op]}.dtype={got} (supported: {', '.join(sorted(supported))})")
+            return reasons
         for other in ("k", "kv", "q_index", "k_index", "weights"):
             x = inputs.get(other)
             if x is not None and interop.is_array(x):
