@@ -21,9 +21,9 @@ for backend in triton cupy; do
 done
 step "the DSA layer on the GPU backends"
 python3 -m pytest -q -p no:cacheprovider -rA tests/test_layer_backends.py >>"$LOG" 2>&1
-step "conformance, thorough profile, $EXAMPLES examples per op"
-DSA_CONFORMANCE_MAX_EXAMPLES=$EXAMPLES timeout 240 python3 -m pytest -q -p no:cacheprovider -n 8 -rA \
-  tests/test_conformance.py --dsa-backend triton,cupy --dsa-profile thorough >>"$LOG" 2>&1
+step "conformance, thorough profile, $EXAMPLES examples per op in 8 shards"
+DSA_CONFORMANCE_MAX_EXAMPLES=$EXAMPLES DSA_CONFORMANCE_SHARDS=8 timeout 420 python3 -m pytest -q -p no:cacheprovider \
+  -n 14 -rA tests/test_conformance.py --dsa-backend triton,cupy --dsa-profile thorough >>"$LOG" 2>&1
 echo "rc=$?" >>"$LOG"
 step "benchmark, both backends in one run"
 timeout 300 python3 -m dsa_ref bench --backend triton,cupy --out "$OUT/bench" 2>&1 | tail -n 60 >>"$LOG"

@@ -2,7 +2,9 @@
 
 Without a GPU the Triton backend runs on its CPU interpreter (see conftest.py). With one,
 ``pytest tests/test_conformance.py --dsa-profile thorough`` runs the thorough profile on it;
-``DSA_CONFORMANCE_MAX_EXAMPLES`` caps the examples per op (to fit a session's time).
+``DSA_CONFORMANCE_MAX_EXAMPLES`` caps the examples per op (to fit a session's time), and
+``DSA_CONFORMANCE_SHARDS=N`` splits each op's examples over N tests with different seeds, which
+``pytest -n`` runs in parallel (the Triton kernels' compile time dominates a thorough run).
 """
 
 from __future__ import annotations
@@ -14,13 +16,20 @@ import pytest
 from dsa_ref import get_backend
 from dsa_ref.backend import OPS
 from dsa_ref.testing import check_backend
+from dsa_ref.testing.strategies import get_profile
 
 
+SHARDS = int(os.environ.get("DSA_CONFORMANCE_SHARDS", "1"))
+
+
+@pytest.mark.parametrize("shard", range(SHARDS))
 @pytest.mark.parametrize("op", OPS)
-def test_backend_conforms(dsa_backend, op, dsa_profile):
+def test_backend_conforms(dsa_backend, op, shard, dsa_profile):
     backend = get_backend(dsa_backend)
     cap = os.environ.get("DSA_CONFORMANCE_MAX_EXAMPLES")
-    examples = int(cap) if cap else (None if dsa_profile == "thorough" else backend.ci_max_examples)
-    report = check_backend(backend, dsa_profile, ops_to_check=[op], max_examples=examples)
+    own_ci_cap = backend.ci_max_examples if dsa_profile == "ci" else None
+    examples = int(cap) if cap else (own_ci_cap or get_profile(dsa_profile).max_examples)
+    report = check_backend(backend, dsa_profile, ops_to_check=[op], max_examples=-(-examples // SHARDS),
+                           seed=shard if SHARDS > 1 else None)
     print(report)
     assert report.ok, str(report)

@@ -81,3 +81,25 @@ def test_the_kit_catches_broken_backends(broken, op, symptom):
     report = check_backend(f"module://fake_backends:{broken}", "ci", ops_to_check=[op], max_examples=60)
     assert not report.ok
     assert symptom in report.ops[0].failure, report.ops[0].failure
+
+
+def test_a_seed_fixes_the_examples_and_different_seeds_draw_different_ones():
+    from fake_backends import GoodBackend
+
+    class RecordsShapes(GoodBackend):
+        name = "records-shapes"
+
+        def __init__(self):
+            self.seen = []
+
+        def topk_indices(self, scores, topk):
+            self.seen.append((scores.shape, topk))
+            return super().topk_indices(scores, topk)
+
+    def drawn(seed):
+        backend = RecordsShapes()
+        assert check_backend(backend, "thorough", ops_to_check=["topk_indices"], max_examples=8, seed=seed).ok
+        return backend.seen
+
+    assert drawn(1) == drawn(1)
+    assert drawn(1) != drawn(2)

@@ -126,6 +126,22 @@ def test_op_matches_reference(index):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("capacity", [4096, 100, 0])
+def test_topk_candidate_copy_and_row_reread_agree_with_reference(capacity):
+    """Both refinement paths of the top-k kernel: candidates copied to shared memory, or (when the
+    threshold bin holds more than the capacity) the row read again, at the benchmark's row length."""
+    from dsa_ref.testing import check_problem, problems
+
+    backend = _backend()
+    backend.topk_candidate_capacity = capacity
+    rng = np.random.default_rng(capacity)
+    for problem in (problems.topk_problem(rng, s_q=64, s_kv=32768, topk=2048),
+                    problems.topk_problem(rng, s_q=16, s_kv=5000, topk=2048, plateau=True, nan_fraction=0.05),
+                    problems.topk_problem(rng, s_q=8, s_kv=65537, topk=2048, masked_fraction=0.3)):
+        check_problem(backend, _on_gpu(problem))
+
+
+@pytest.mark.gpu
 def test_runs_are_bitwise_repeatable():
     from dsa_ref import interop, ops
 

@@ -121,11 +121,13 @@ def _tied_scores(generator, s_q, s_kv):
     return scores
 
 
+# candidates=4: most threshold bins overflow the scratch row, so the kernel refines over the row.
+@pytest.mark.parametrize("candidates", [None, 4])
 @pytest.mark.parametrize("s_kv, k", [(300, 16), (70, 70), (40, 64), (5000, 37)])
-def test_topk_selects_reference_set(s_kv, k):
+def test_topk_selects_reference_set(s_kv, k, candidates):
     generator = torch.Generator().manual_seed(s_kv + k)
     scores = _tied_scores(generator, 8, s_kv).to(DEVICE)
-    indices = topk.topk_indices(scores, k)
+    indices = topk.topk_indices(scores, k, config=candidates and dict(CANDIDATES=candidates))
     assert indices.dtype == torch.int32
     check_topk(_np(indices), _np(scores), k)
     # Stronger than the spec asks: ties go to the lower index, so the set equals the reference's.
@@ -133,7 +135,8 @@ def test_topk_selects_reference_set(s_kv, k):
     assert [sorted(row) for row in _np(indices).tolist()] == [sorted(row) for row in expected.tolist()]
 
 
-def test_topk_reads_only_key_ranges():
+@pytest.mark.parametrize("candidates", [None, 4])
+def test_topk_reads_only_key_ranges(candidates):
     generator = torch.Generator().manual_seed(5)
     s_q, s_kv, k = 6, 200, 20
     scores = torch.randn(s_q, s_kv, generator=generator)
@@ -143,7 +146,8 @@ def test_topk_reads_only_key_ranges():
     for row in range(s_q):  # outside each range: values that must never be read
         poisoned[row, : key_start[row]] = float("inf")
         poisoned[row, key_end[row]:] = float("inf")
-    indices = topk.topk_indices(poisoned.to(DEVICE), k, key_start.to(DEVICE), key_end.to(DEVICE))
+    indices = topk.topk_indices(poisoned.to(DEVICE), k, key_start.to(DEVICE), key_end.to(DEVICE),
+                                config=candidates and dict(CANDIDATES=candidates))
     masked = scores.clone()
     for row in range(s_q):
         masked[row, : key_start[row]] = float("-inf")

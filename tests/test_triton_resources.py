@@ -1,4 +1,4 @@
-"""The Triton kernels, compiled for the H100 (sm_90) on this machine, fit its shared memory.
+"""The Triton kernels compile for the H100 (sm_90) on this machine and fit its shared memory.
 
 Triton compiles for a named GPU target without a GPU present, so a launch configuration that asks
 for more shared memory than Hopper has (which fails only at run time on the card) fails here.
@@ -21,6 +21,7 @@ INDEXER_CASES = [(dtype, heads) for dtype in ("float32", "bfloat16", "float8_e4m
 SPARSE_MLA_CASES = [("float32", False, 128, 512, 576), ("bfloat16", False, 128, 512, 576),
                     ("bfloat16", True, 128, 512, 576), ("float32", True, 128, 512, 576),
                     ("float32", False, 128, 320, 576), ("float16", False, 128, 320, 576)]
+TOPK_CASES = [False, True]  # key ranges or whole rows
 
 
 def _compile_all() -> dict[str, int]:
@@ -30,7 +31,7 @@ def _compile_all() -> dict[str, int]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from dsa_ref_backends.torch_triton import indexer, sparse_mla
+    from dsa_ref_backends.torch_triton import indexer, sparse_mla, topk
     from dsa_ref_backends.torch_triton.precision import dot_precision
 
     pointer = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float8_e4m3fn": "*fp8e4nv"}
@@ -66,6 +67,13 @@ def _compile_all() -> dict[str, int]:
             constants["D_V"], constants["D_R"] = 512, 64
         used[f"sparse_mla-{dtype_name}-{kv_fp8}-{heads}-{d_v}-{d_qk}"] = shared_memory(sparse_mla._sparse_mla_kernel, pointers, constants,
                                                                   warps, stages)
+    for has_ranges in TOPK_CASES:
+        config = topk.topk_config(65536)
+        warps, stages = config.pop("num_warps"), config.pop("num_stages")
+        pointers = dict(p_scores="*fp32", p_key_start="*i32", p_key_end="*i32", p_indices="*i32",
+                        p_cand_key="*i32", p_cand_index="*i32")
+        used[f"topk-{has_ranges}"] = shared_memory(topk._topk_kernel, pointers, dict(HAS_RANGES=has_ranges, **config),
+                                                   warps, stages)
     return used
 
 
@@ -80,7 +88,8 @@ def compiled() -> dict[str, int]:
 
 
 @pytest.mark.parametrize("case", [f"indexer-{d}-{h}" for d, h in INDEXER_CASES]
-                         + ["sparse_mla-{}-{}-{}-{}-{}".format(*case) for case in SPARSE_MLA_CASES])
+                         + ["sparse_mla-{}-{}-{}-{}-{}".format(*case) for case in SPARSE_MLA_CASES]
+                         + [f"topk-{has_ranges}" for has_ranges in TOPK_CASES])
 def test_kernel_fits_in_h100_shared_memory(compiled, case):
     assert compiled[case] <= H100_SHARED_MEMORY_PER_BLOCK, f"{case}: {compiled[case]} bytes of shared memory"
 

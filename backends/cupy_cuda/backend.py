@@ -31,6 +31,8 @@ from dsa_ref.backend import OPS, Backend
 
 from . import kernels
 
+#: Threads of a top-k block (topk::THREADS in csrc/topk.cu).
+TOPK_THREADS = 512
 _FLOAT_INPUTS = frozenset({"float32", "bfloat16", "float16", "float8_e4m3fn"})
 
 
@@ -57,6 +59,10 @@ class CupyBackend(Backend):
     #: Fill fresh outputs with NaN before the kernels run, so that an element a kernel forgets to
     #: write fails every comparison (tests set this, or the environment variable below).
     poison_outputs: bool = False
+
+    #: Keys of a row's threshold bin that top-k copies to shared memory (8 bytes each); a row whose
+    #: threshold bin holds more refines by reading the row again. Tests lower it to run that path.
+    topk_candidate_capacity: int = 4096
 
     def __init__(self) -> None:
         self._unavailable: list[str] | None = None
@@ -186,10 +192,11 @@ class CupyBackend(Backend):
         if s_kv == 0:
             indices.fill(-1)
             return indices
-        in_smem = s_kv * 4 <= _smem_optin() - 4096
-        smem = s_kv * 4 if in_smem else 0
-        function = kernels.kernel("topk.cu", f"topk_radix<{'true' if in_smem else 'false'}>", scores.device.id, smem)
-        function((s_q,), (1024,), (scores, indices, np.int32(s_kv), np.int32(topk)), shared_mem=smem)
+        capacity = int(self.topk_candidate_capacity)
+        smem = capacity * 8  # a key and an index per candidate
+        function = kernels.kernel("topk.cu", "topk_select", scores.device.id, smem)
+        function((s_q,), (TOPK_THREADS,), (scores, indices, np.int32(s_kv), np.int32(topk), np.int32(capacity)),
+                 shared_mem=smem)
         return indices
 
     # ------------------------------------------------------------------ sparse MLA

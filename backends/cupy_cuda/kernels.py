@@ -26,7 +26,7 @@ ELEM_BF16, ELEM_F16, ELEM_E4M3 = 0, 1, 2
 KERNELS: dict[str, tuple[str, ...]] = {
     "indexer.cu": tuple(f"indexer_mma<{elem}, {m_tiles}>" for elem in (ELEM_BF16, ELEM_F16, ELEM_E4M3)
                         for m_tiles in (1, 2, 3, 4)) + ("indexer_simt",),
-    "topk.cu": ("topk_radix<false>", "topk_radix<true>"),
+    "topk.cu": ("topk_select",),
     "sparse_mla.cu": ("sparse_mla_fwd_mma<false>", "sparse_mla_fwd_mma<true>", "sparse_mla_fwd_simt"),
 }
 

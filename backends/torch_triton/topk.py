@@ -1,15 +1,25 @@
-"""Top-k selection kernel: a radix select over order-preserving integer keys.
+"""Top-k selection kernel: a radix select over order-preserving integer keys, two reads of a row.
 
 Each program owns one row. Scores become unsigned 32-bit keys whose integer order is the float
 order (flip every bit of a negative float, set the sign bit of a positive one); ``-inf`` and NaN,
 which may never be selected, become key 0 and ``-0.0`` is folded into ``+0.0`` so that equal
-scores get equal keys. The ``topk``-th largest key is then found one 8-bit digit at a time,
-most significant first: a 256-bin histogram of the digit over the keys that match the digits
-found so far says which bin holds the ``topk``-th key (count from the top). Four passes pin
-down the threshold key ``T`` exactly; a final pass writes the index of every key above ``T`` and
-of the first ``topk - (number above T)`` keys equal to ``T`` (lower index first, the spec's tie
-rule), compacted with a prefix sum. A pass stops early once the chosen bin is taken whole.
-Slots beyond the number of selectable keys get ``-1``.
+scores get equal keys.
+
+1. Coarse pass (the one read from device memory): a 256-bin histogram of a coarse digit, the top
+   byte of the order key of the score rounded to float16 (sign, 5 exponent bits, 2 mantissa
+   bits). Rounding is monotone, so the digit is too, and its bins are narrow where scores live:
+   for 32768 normal scores and k 2048 the threshold bin holds about 900 keys (the top byte of the
+   float32 itself, sign and 7 exponent bits, would leave about 4500).
+2. Compaction (the second read, mostly from L2): keys in bins above the threshold bin are written
+   out, compacted with a prefix sum; the threshold bin's keys (the candidates) go, in index
+   order, to a scratch row of ``CANDIDATES`` slots.
+3. Refinement in registers: the candidates are loaded once and the classic radix select, 8 bits a
+   pass from the most significant, pins down the exact threshold key ``T``; a pass stops early
+   once the chosen bin is taken whole. Candidates above ``T`` are written, then the first
+   ``topk - (number above T)`` equal to it, lower index first (the spec's tie rule).
+
+A row whose threshold bin holds more than ``CANDIDATES`` keys refines over the row itself instead
+(the same passes, each a read of the row). Slots beyond the number of selectable keys get ``-1``.
 
 The result is the top-k *set*, not sorted by score (as TileLang's radix top-k and FlashMLA's
 consumers use it); the dsa-ref spec allows any order within a row.
@@ -25,6 +35,9 @@ import triton
 import triton.language as tl
 
 RADIX_BITS = 8
+BINS = 1 << RADIX_BITS
+#: Scratch slots per row for the threshold bin's keys (rows whose bin holds more re-read the row).
+CANDIDATES = 2048
 
 
 @triton.jit
@@ -39,78 +52,154 @@ def _order_preserving_key(b_scores):
 
 
 @triton.jit
+def _coarse_digit(b_scores):
+    """int32 in [0, 256): top byte of the order key of the score rounded to float16; monotone."""
+    b_scores = tl.where(b_scores == 0.0, 0.0, b_scores)
+    b_scores = tl.minimum(tl.maximum(b_scores, -65504.0), 65504.0)  # float16's finite range (monotone)
+    b_half = b_scores.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    b_key = tl.where((b_half >> 15) != 0, b_half ^ 0xFFFF, b_half | 0x8000)
+    return (b_key >> 8).to(tl.int32)
+
+
+@triton.jit
+def _choose_bin(b_hist, k_left, BINS: tl.constexpr):
+    """(bin, keys in higher bins, keys in the bin) of the k_left-th largest key of a histogram."""
+    o_bin = tl.arange(0, BINS)
+    total = tl.sum(b_hist, axis=0)
+    b_above = total - tl.cumsum(b_hist, axis=0)  # [BINS] keys in higher bins
+    m_bin = (b_above < k_left) & (b_above + b_hist >= k_left)
+    chosen = tl.max(tl.where(m_bin, o_bin, -1), axis=0)
+    above = tl.sum(tl.where(o_bin == chosen, b_above, 0), axis=0)
+    in_bin = tl.sum(tl.where(o_bin == chosen, b_hist, 0), axis=0)
+    return chosen, above, in_bin
+
+
+@triton.jit
 def _topk_kernel(
-    p_scores, p_key_start, p_key_end, p_indices,
+    p_scores, p_key_start, p_key_end, p_indices, p_cand_key, p_cand_index,
     s_kv, topk, stride_s_m, stride_i_m,
     HAS_RANGES: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, RADIX: tl.constexpr,
-    BINS: tl.constexpr,
+    BINS: tl.constexpr, CANDIDATES: tl.constexpr,
 ):
     row = tl.program_id(0)
     p_row = p_scores + row.to(tl.int64) * stride_s_m
+    p_out = p_indices + row.to(tl.int64) * stride_i_m
+    p_cand_key += row.to(tl.int64) * CANDIDATES
+    p_cand_index += row.to(tl.int64) * CANDIDATES
     if HAS_RANGES:
         begin = tl.load(p_key_start + row)
         end = tl.load(p_key_end + row)
     else:
         begin = 0
         end = s_kv
-    o_bin = tl.arange(0, BINS)
 
-    # Radix passes: prefix = the digits of T found so far, k_left = how many of the keys that
-    # match the prefix must still be taken, done = 1 once the remaining passes cannot change them.
-    prefix = tl.zeros((), tl.uint32)
-    k_left = topk + tl.zeros((), tl.int32)
-    n_selected = tl.zeros((), tl.int32)  # min(topk, number of selectable keys), from the first pass
-    done = tl.zeros((), tl.int32)
-    for digit_pass in tl.static_range(32 // RADIX):
-        shift = 32 - RADIX * (digit_pass + 1)  # bits below the digit of this pass
-        if done == 0:
-            b_hist = tl.zeros((BINS,), tl.int32)
-            for start in range(begin, end, BLOCK):
-                o_j = start + tl.arange(0, BLOCK)
-                b_key = _order_preserving_key(tl.load(p_row + o_j, mask=o_j < end, other=float("-inf")))
-                m_match = b_key != 0
-                if digit_pass > 0:
-                    m_match = m_match & ((b_key >> (shift + RADIX)) == prefix)
-                b_digit = ((b_key >> shift) & (BINS - 1)).to(tl.int32)
-                b_hist += tl.histogram(b_digit, BINS, mask=m_match)
-            total = tl.sum(b_hist, axis=0)
-            if digit_pass == 0:
-                n_selected = tl.minimum(total, topk)
-            if total <= k_left:
-                # Fewer selectable keys than topk (first pass only): take them all (prefix 0).
-                done = tl.full((), 1, tl.int32)
-                k_left = tl.zeros((), tl.int32)
-                prefix = prefix << RADIX
-            else:
-                b_above = total - tl.cumsum(b_hist, axis=0)  # [BINS] matching keys with a larger digit
-                m_bin = (b_above < k_left) & (b_above + b_hist >= k_left)
-                chosen = tl.max(tl.where(m_bin, o_bin, -1), axis=0)
-                above = tl.sum(tl.where(o_bin == chosen, b_above, 0), axis=0)
-                in_bin = tl.sum(tl.where(o_bin == chosen, b_hist, 0), axis=0)
-                k_left = k_left - above
-                prefix = (prefix << RADIX) | chosen.to(tl.uint32)
-                if in_bin == k_left:
-                    # The whole bin is taken: every key >= (prefix << shift) is selected.
-                    done = tl.full((), 1, tl.int32)
-                    k_left = tl.zeros((), tl.int32)
-        else:
-            prefix = prefix << RADIX
-    # Now prefix is a full 32-bit key T. k_left == 0: take every selectable key >= T.
-    # Otherwise: every key > T, and the first k_left keys equal to T in index order.
-    p_out = p_indices + row.to(tl.int64) * stride_i_m
-    written = tl.zeros((), tl.int32)
-    ties_seen = tl.zeros((), tl.int32)
+    # ---- 1. coarse histogram
+    b_hist = tl.zeros((BINS,), tl.int32)
     for start in range(begin, end, BLOCK):
         o_j = start + tl.arange(0, BLOCK)
-        b_key = _order_preserving_key(tl.load(p_row + o_j, mask=o_j < end, other=float("-inf")))
-        m_tie = (b_key == prefix) & (b_key != 0)
-        b_tie_rank = ties_seen + tl.cumsum(m_tie.to(tl.int32), axis=0) - 1
-        m_take = tl.where(k_left == 0, (b_key >= prefix) & (b_key != 0),
-                          (b_key > prefix) | (m_tie & (b_tie_rank < k_left)))
+        b_scores = tl.load(p_row + o_j, mask=o_j < end, other=float("-inf"))
+        b_hist += tl.histogram(_coarse_digit(b_scores), BINS, mask=_order_preserving_key(b_scores) != 0)
+    selectable = tl.sum(b_hist, axis=0)
+    if selectable <= topk:
+        coarse = tl.zeros((), tl.int32)  # every selectable key: take the whole of bins >= 0
+        above = tl.zeros((), tl.int32)
+        in_bin = selectable
+        k_left = selectable
+    else:
+        coarse, above, in_bin = _choose_bin(b_hist, topk, BINS)
+        k_left = topk - above  # keys still to take from the threshold bin
+    whole_bin = in_bin == k_left
+    copy = (in_bin <= CANDIDATES) & (in_bin > k_left)
+
+    # ---- 2. keys above the threshold bin out (the whole bin too if it is taken whole); the
+    # candidates to the scratch row when they fit
+    written = tl.zeros((), tl.int32)
+    copied = tl.zeros((), tl.int32)
+    for start in range(begin, end, BLOCK):
+        o_j = start + tl.arange(0, BLOCK)
+        b_scores = tl.load(p_row + o_j, mask=o_j < end, other=float("-inf"))
+        b_key = _order_preserving_key(b_scores)
+        b_digit = _coarse_digit(b_scores)
+        m_out = (b_key != 0) & ((b_digit > coarse) | (whole_bin & (b_digit == coarse)))
+        b_slot = written + tl.cumsum(m_out.to(tl.int32), axis=0) - 1
+        tl.store(p_out + b_slot, o_j, mask=m_out)
+        written += tl.sum(m_out.to(tl.int32), axis=0)
+        if copy:
+            m_cand = (b_key != 0) & (b_digit == coarse)
+            b_cand_slot = copied + tl.cumsum(m_cand.to(tl.int32), axis=0) - 1
+            tl.store(p_cand_key + b_cand_slot, b_key.to(tl.int32, bitcast=True), mask=m_cand)
+            tl.store(p_cand_index + b_cand_slot, o_j, mask=m_cand)
+            copied += tl.sum(m_cand.to(tl.int32), axis=0)
+
+    if copy:
+        # ---- 3. refine among the candidates, held in registers
+        o_c = tl.arange(0, CANDIDATES)
+        m_c = o_c < in_bin
+        b_ckey = tl.load(p_cand_key + o_c, mask=m_c, other=0).to(tl.uint32, bitcast=True)
+        prefix = tl.zeros((), tl.uint32)
+        done = tl.zeros((), tl.int32)
+        for digit_pass in tl.static_range(32 // RADIX):
+            shift = 32 - RADIX * (digit_pass + 1)
+            if done == 0:
+                m_match = m_c
+                if digit_pass > 0:
+                    m_match = m_match & ((b_ckey >> (shift + RADIX)) == prefix)
+                b_chist = tl.histogram(((b_ckey >> shift) & (BINS - 1)).to(tl.int32), BINS, mask=m_match)
+                chosen, c_above, c_in_bin = _choose_bin(b_chist, k_left, BINS)
+                k_left = k_left - c_above
+                prefix = (prefix << RADIX) | chosen.to(tl.uint32)
+                if c_in_bin == k_left:
+                    done = tl.full((), 1, tl.int32)
+                    k_left = tl.zeros((), tl.int32)  # every candidate >= prefix << shift
+            else:
+                prefix = prefix << RADIX
+        # ---- 4. candidates above T, then the first k_left equal to T (k_left == 0: all >= T)
+        m_tie = m_c & (b_ckey == prefix)
+        b_tie_rank = tl.cumsum(m_tie.to(tl.int32), axis=0) - 1
+        m_take = tl.where(k_left == 0, m_c & (b_ckey >= prefix), m_c & ((b_ckey > prefix) | (m_tie & (b_tie_rank < k_left))))
         b_slot = written + tl.cumsum(m_take.to(tl.int32), axis=0) - 1
-        tl.store(p_out + b_slot, o_j, mask=m_take)
-        written += tl.sum(m_take.to(tl.int32), axis=0)
-        ties_seen += tl.sum(m_tie.to(tl.int32), axis=0)
+        b_index = tl.load(p_cand_index + o_c, mask=m_take, other=0)
+        tl.store(p_out + b_slot, b_index, mask=m_take)
+    elif in_bin > k_left:
+        # ---- 3'. the threshold bin does not fit the scratch row: refine over the row itself
+        prefix = tl.zeros((), tl.uint32)
+        done = tl.zeros((), tl.int32)
+        for digit_pass in tl.static_range(32 // RADIX):
+            shift = 32 - RADIX * (digit_pass + 1)
+            if done == 0:
+                b_rhist = tl.zeros((BINS,), tl.int32)
+                for start in range(begin, end, BLOCK):
+                    o_j = start + tl.arange(0, BLOCK)
+                    b_scores = tl.load(p_row + o_j, mask=o_j < end, other=float("-inf"))
+                    b_key = _order_preserving_key(b_scores)
+                    m_match = (b_key != 0) & (_coarse_digit(b_scores) == coarse)
+                    if digit_pass > 0:
+                        m_match = m_match & ((b_key >> (shift + RADIX)) == prefix)
+                    b_rhist += tl.histogram(((b_key >> shift) & (BINS - 1)).to(tl.int32), BINS, mask=m_match)
+                chosen, r_above, r_in_bin = _choose_bin(b_rhist, k_left, BINS)
+                k_left = k_left - r_above
+                prefix = (prefix << RADIX) | chosen.to(tl.uint32)
+                if r_in_bin == k_left:
+                    done = tl.full((), 1, tl.int32)
+                    k_left = tl.zeros((), tl.int32)
+            else:
+                prefix = prefix << RADIX
+        # ---- 4'. as 4, over the row
+        ties_seen = tl.zeros((), tl.int32)
+        for start in range(begin, end, BLOCK):
+            o_j = start + tl.arange(0, BLOCK)
+            b_scores = tl.load(p_row + o_j, mask=o_j < end, other=float("-inf"))
+            b_key = _order_preserving_key(b_scores)
+            m_cand = (b_key != 0) & (_coarse_digit(b_scores) == coarse)
+            m_tie = m_cand & (b_key == prefix)
+            b_tie_rank = ties_seen + tl.cumsum(m_tie.to(tl.int32), axis=0) - 1
+            m_take = tl.where(k_left == 0, m_cand & (b_key >= prefix),
+                              m_cand & ((b_key > prefix) | (m_tie & (b_tie_rank < k_left))))
+            b_slot = written + tl.cumsum(m_take.to(tl.int32), axis=0) - 1
+            tl.store(p_out + b_slot, o_j, mask=m_take)
+            written += tl.sum(m_take.to(tl.int32), axis=0)
+            ties_seen += tl.sum(m_tie.to(tl.int32), axis=0)
+    n_selected = tl.minimum(selectable, topk)
     for start in range(n_selected, topk, BLOCK_K):
         o_slot = start + tl.arange(0, BLOCK_K)
         tl.store(p_out + o_slot, tl.full((BLOCK_K,), -1, tl.int32), mask=o_slot < topk)
@@ -118,7 +207,7 @@ def _topk_kernel(
 
 def topk_config(row_length: int) -> dict:
     block = max(16, min(4096, triton.next_power_of_2(max(row_length, 1))))
-    return dict(BLOCK=block, BLOCK_K=256, RADIX=RADIX_BITS, BINS=1 << RADIX_BITS,
+    return dict(BLOCK=block, BLOCK_K=256, RADIX=RADIX_BITS, BINS=BINS, CANDIDATES=CANDIDATES,
                 num_warps=8 if block >= 2048 else 4, num_stages=2)
 
 
@@ -129,7 +218,7 @@ def topk_indices(scores, topk: int, key_start=None, key_end=None, *, out=None, c
         scores: float32 ``[rows, s_kv]`` (any row stride; unit column stride).
         key_start, key_end: optional int32 ``[rows]``: read only ``[key_start, key_end)`` of a row.
         out: optional int32 ``[rows, topk]`` view to write into.
-        config: overrides of :func:`topk_config` (for tuning).
+        config: overrides of :func:`topk_config` (for tuning; ``CANDIDATES`` sets the scratch row).
     """
     rows, s_kv = scores.shape
     if scores.dtype != torch.float32:
@@ -142,8 +231,11 @@ def topk_indices(scores, topk: int, key_start=None, key_end=None, *, out=None, c
         return out
     has_ranges = key_start is not None
     config = {**topk_config(s_kv), **(config or {})}
+    candidates = config["CANDIDATES"]
+    cand_key = torch.empty((rows, candidates), dtype=torch.int32, device=scores.device)  # uint32 keys
+    cand_index = torch.empty((rows, candidates), dtype=torch.int32, device=scores.device)
     _topk_kernel[(rows,)](
-        scores, key_start if has_ranges else scores, key_end if has_ranges else scores, out,
+        scores, key_start if has_ranges else scores, key_end if has_ranges else scores, out, cand_key, cand_index,
         s_kv, topk, scores.stride(0), out.stride(0),
         HAS_RANGES=has_ranges, **config,
     )

@@ -1,33 +1,40 @@
-// Top-k selection by radix select (paper eq. 2's Top-k), one block per query row.
+// Top-k selection (paper eq. 2's Top-k): one block per query row, two reads of the row.
 //
-// Floats are mapped to unsigned integers whose order is the float order (flip all bits of
-// negatives, set the sign bit of positives), so "the k largest scores" becomes "the k largest
-// keys" and can be found one byte at a time from the most significant end: a 256-bin histogram
-// of the top byte says which byte value the k-th largest key has; the next pass histograms only
-// the keys that share that byte, and so on. After at most 4 passes the exact k-th key (the
-// threshold) is known, together with how many keys equal to it must still be taken. An early
-// exit happens as soon as a whole bin is needed.
+// Scores become unsigned 32-bit keys whose integer order is the float order (flip all bits of a
+// negative float, set the sign bit of a positive one); -inf and NaN, which may never be selected,
+// become key 0, and -0.0 is folded into +0.0 so that the two zeros tie, as they compare equal.
 //
-// Unselectable scores (-inf, NaN) map to key 0, which every histogram skips. -0.0 is mapped
-// like +0.0 so that the two zeros tie, as they compare equal. Ties at the threshold go to the
-// lowest key indices (the spec's rule), and the output is written in ascending key index order:
-// the compaction is a block-wide prefix sum, never an atomic counter, so repeated runs give
+// 1. Coarse pass (the one read from device memory). A 256-bin histogram of a coarse digit: the
+//    top byte of the order key of the score *rounded to half precision* (sign, 5 exponent bits,
+//    2 mantissa bits). Rounding is monotone, so the digit is too, and its bins are narrow where
+//    scores live: for 32768 normal scores and k 2048 the bin that holds the k-th largest holds
+//    about 900 keys, where the top byte of the float itself (sign and 7 exponent bits) would
+//    hold about 4500. Every warp counts into its own histogram (no atomics across warps).
+// 2. Compaction (the second read, mostly from L2: the block read the row a moment before).
+//    Keys in a bin above the threshold bin are selected outright and written in index order;
+//    the keys of the threshold bin (the candidates) are copied, in index order, to shared memory.
+// 3. Refinement on the candidates alone: the classic radix select, 8 bits a pass from the most
+//    significant, on the exact 32-bit keys, stops as soon as a bin is taken whole. It ends with a
+//    prefix P: candidates above it are selected, and the first `ties` candidates equal to it.
+// 4. The selected candidates are written after the keys of step 2, lower index first among the
+//    ties (the spec's rule). If the threshold bin holds more candidates than shared memory does,
+//    steps 3-4 read the row again instead of the copy (slower, same answer).
+//
+// Positions come from prefix sums, never from atomic counters, so repeated runs give
 // bitwise-identical output. Rows with at most k selectable keys return all of them, then -1.
-//
-// With IN_SMEM the row's keys are computed once into shared memory (up to 48K keys), and the
-// later passes never touch device memory again; otherwise every pass re-reads the row, which
-// mostly hits L2.
 #include "common.cuh"
 
 using namespace dsa;
 
 namespace topk {
-constexpr int THREADS = 1024;
+constexpr int THREADS = 512;
 constexpr int WARPS = THREADS / 32;
 constexpr int BINS = 256;
-constexpr int PER_THREAD = 4;                   // consecutive keys per thread in the later passes
-constexpr int TILE = THREADS * PER_THREAD;      // keys per block step
-constexpr int LOADS_IN_FLIGHT = 8;              // float4 loads each thread issues before using any
+constexpr int LOADS = 4;                       // 16-byte loads a lane issues before using any
+constexpr int SEGMENT = 32 * 4 * LOADS;        // consecutive keys a warp owns in one block step
+constexpr int CHUNK = WARPS * SEGMENT;         // keys per block step
+constexpr u32 FULL = 0xffffffffu;
+constexpr u32 NO_BIN = 0xffffffffu;
 
 __device__ __forceinline__ u32 order_key(float score) {
     u32 bits = __float_as_uint(score);
@@ -36,204 +43,298 @@ __device__ __forceinline__ u32 order_key(float score) {
     return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-// Histogram update aggregated per warp: lanes with the same bin elect one lane that adds the
-// count of its peers, so a plateau of equal scores (ReLU-sum scores have many exact zeros)
-// costs one shared atomic per warp, not 32 serialized ones. Every lane of the warp must call.
-__device__ __forceinline__ void histogram_add(u32* histogram, u32 bin, bool active) {
-    const u32 tag = active ? bin : 0xffffffffu;
-    const u32 peers = __match_any_sync(0xffffffffu, tag);
+// The coarse digit of a (non-zero) key: top byte of the half-precision order key of its score.
+__device__ __forceinline__ u32 coarse_digit(u32 key) {
+    const float score = __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+    unsigned short half_bits;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(half_bits) : "f"(score));
+    const u32 h = half_bits;
+    return ((h & 0x8000u) ? (~h & 0xffffu) : (h | 0x8000u)) >> 8;
+}
+
+// Add one key per lane to a warp's histogram. A warp whose keys all fall in one bin (a plateau of
+// equal scores, common after ReLU) adds 32 once instead of 32 conflicting atomics; a warp of
+// unselectable keys (a causal mask) adds nothing. Every lane of the warp must call.
+__device__ __forceinline__ void count_coarse(u32* warp_histogram, u32 key) {
+    const u32 bin = key ? coarse_digit(key) : NO_BIN;
+    const u32 first = __shfl_sync(FULL, bin, 0);
+    if (__all_sync(FULL, bin == first)) {
+        if ((threadIdx.x & 31) == 0 && first != NO_BIN) atomicAdd(&warp_histogram[first], 32u);
+    } else if (bin != NO_BIN) {
+        atomicAdd(&warp_histogram[bin], 1u);
+    }
+}
+
+// Where the `needed`-th largest key falls in a 256-bin histogram (counted from the top bin).
+struct Choice {
+    u32 total;   // keys counted
+    u32 bin;     // the bin holding the needed-th largest (unset when total < needed)
+    u32 above;   // keys in higher bins
+    u32 in_bin;  // keys in that bin
+};
+
+// Warp 0 only, all lanes: lane l owns bins 255 - 8 l down to 248 - 8 l.
+__device__ __forceinline__ void choose_bin(const u32* histogram, u32 needed, Choice* choice) {
     const int lane = threadIdx.x & 31;
-    if (active && (__ffs(peers) - 1) == lane) atomicAdd(&histogram[bin], (u32)__popc(peers));
+    u32 counts[8], lane_total = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) { counts[i] = histogram[255 - 8 * lane - i]; lane_total += counts[i]; }
+    u32 inclusive = lane_total;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const u32 other = __shfl_up_sync(FULL, inclusive, offset);
+        if (lane >= offset) inclusive += other;
+    }
+    const u32 exclusive = inclusive - lane_total;
+    if (lane == 31) choice->total = inclusive;
+    if (exclusive < needed && needed <= inclusive) {
+        u32 above = exclusive;
+        bool found = false;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            if (!found && above + counts[i] >= needed) {
+                found = true;
+                choice->bin = 255 - 8 * lane - i;
+                choice->in_bin = counts[i];
+                choice->above = above;
+            } else if (!found) {
+                above += counts[i];
+            }
+        }
+    }
+}
+
+// The row, read with 16-byte loads when it is 16-byte aligned and a multiple of 4 keys long.
+struct RowKeys {
+    const float* row;
+    int length;
+    bool vectorized;
+    __device__ __forceinline__ void load4(int j, u32 (&keys)[4]) const {
+        if (vectorized && j < length) {
+            const float4 four = __ldg(reinterpret_cast<const float4*>(row + j));
+            keys[0] = order_key(four.x); keys[1] = order_key(four.y);
+            keys[2] = order_key(four.z); keys[3] = order_key(four.w);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) keys[e] = j + e < length ? order_key(row[j + e]) : 0u;
+        }
+    }
+    __device__ __forceinline__ int index(int j) const { return j; }
+};
+
+// The candidates copied to shared memory: keys and their row indices, in index order.
+struct CandidateKeys {
+    const u32* keys;
+    const int* indices;
+    int length;
+    __device__ __forceinline__ void load4(int j, u32 (&four)[4]) const {
+        if (j + 3 < length) {
+            const uint4 loaded = *reinterpret_cast<const uint4*>(keys + j);
+            four[0] = loaded.x; four[1] = loaded.y; four[2] = loaded.z; four[3] = loaded.w;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) four[e] = j + e < length ? keys[j + e] : 0u;
+        }
+    }
+    __device__ __forceinline__ int index(int j) const { return indices[j]; }
+};
+
+// One pass over a sequence of keys that sorts each into class A, class B or neither
+// (classify(key) returns bit 0 for A, bit 1 for B) and hands every A and every B key to
+// emit(index, key, is_b, rank), rank = how many keys of its class come before it in sequence order.
+// Warp w owns keys [step + w SEGMENT, + SEGMENT) of each block step; lane l holds keys
+// u 128 + 4 l .. + 3 of its warp's segment, so that ranks come from shuffles inside the warp and one
+// read of the warps' totals. The totals are double-buffered: one barrier per block step.
+template <class Sequence, class Classify, class Emit>
+__device__ __forceinline__ void ordered_pass(const Sequence& sequence, Classify classify, Emit emit,
+                                             u32 (*warp_totals)[WARPS]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    u32 base_a = 0, base_b = 0;
+    int parity = 0;
+    for (int step = 0; step < sequence.length; step += CHUNK, parity ^= 1) {
+        const int segment = step + warp * SEGMENT;
+        u32 keys[LOADS][4];
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u) sequence.load4(segment + 128 * u + 4 * lane, keys[u]);
+        // Per load u: this lane's A and B bits, and the packed (A | B << 16) count of the lanes
+        // before it plus the warp's earlier loads.
+        u32 a_bits[LOADS], b_bits[LOADS], before[LOADS], warp_sum = 0;
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u) {
+            a_bits[u] = 0; b_bits[u] = 0;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const u32 cls = keys[u][e] ? classify(keys[u][e]) : 0u;
+                a_bits[u] |= (cls & 1u) << e;
+                b_bits[u] |= ((cls >> 1) & 1u) << e;
+            }
+            const u32 mine = (u32)__popc(a_bits[u]) | ((u32)__popc(b_bits[u]) << 16);
+            u32 inclusive = mine;
+#pragma unroll
+            for (int offset = 1; offset < 32; offset <<= 1) {
+                const u32 other = __shfl_up_sync(FULL, inclusive, offset);
+                if (lane >= offset) inclusive += other;
+            }
+            before[u] = warp_sum + inclusive - mine;
+            warp_sum += __shfl_sync(FULL, inclusive, 31);
+        }
+        if (lane == 0) warp_totals[parity][warp] = warp_sum;
+        __syncthreads();
+        u32 earlier_warps = 0, step_total = 0;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const u32 total = warp_totals[parity][w];
+            earlier_warps += w < warp ? total : 0u;
+            step_total += total;
+        }
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u) {
+            u32 rank_a = base_a + (earlier_warps & 0xffffu) + (before[u] & 0xffffu);
+            u32 rank_b = base_b + (earlier_warps >> 16) + (before[u] >> 16);
+            const int j = segment + 128 * u + 4 * lane;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                if (a_bits[u] & (1u << e)) emit(sequence.index(j + e), keys[u][e], false, rank_a++);
+                if (b_bits[u] & (1u << e)) emit(sequence.index(j + e), keys[u][e], true, rank_b++);
+            }
+        }
+        base_a += step_total & 0xffffu;
+        base_b += step_total >> 16;
+    }
+}
+
+// Radix select over the candidates (keys whose coarse digit is `coarse`, or all when coarse is
+// NO_BIN), 8 bits a pass: returns how many of the top `prefix_bits` bits are fixed in *prefix,
+// and in *ties how many keys equal to the prefix are taken (the first ones in index order).
+template <class Read>
+__device__ __forceinline__ int refine(int count, Read read, u32 coarse, u32 needed, u32* histogram,
+                                      Choice* choice, u32* prefix, u32* ties) {
+    u32 found = 0, left = needed;
+    int bits = 0;
+    for (int pass = 0; pass < 4; ++pass) {
+        const int shift = 24 - 8 * pass;
+        for (int b = threadIdx.x; b < BINS; b += THREADS) histogram[b] = 0;
+        __syncthreads();
+        for (int j = threadIdx.x; j < count; j += THREADS) {
+            const u32 key = read(j);
+            const bool match = key != 0u && (coarse == NO_BIN || coarse_digit(key) == coarse) &&
+                               (bits == 0 || (key >> (32 - bits)) == found);
+            if (match) atomicAdd(&histogram[(key >> shift) & 0xffu], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) choose_bin(histogram, left, choice);
+        __syncthreads();
+        found = (found << 8) | choice->bin;
+        bits += 8;
+        left -= choice->above;
+        if (choice->in_bin == left) break;  // the bin is taken whole: no lower bit matters
+        // (choice is next written two barriers later, after every thread has read it)
+    }
+    *prefix = found;
+    *ties = left;
+    return bits;
 }
 }  // namespace topk
 
-template <bool IN_SMEM>
-__global__ void __launch_bounds__(topk::THREADS, 1)
-topk_radix(const float* __restrict__ scores,  // [s_q, s_kv]
-           int* __restrict__ indices,         // [s_q, topk]
-           int s_kv, int topk) {
+extern "C" __global__ void __launch_bounds__(topk::THREADS, 2)
+topk_select(const float* __restrict__ scores,  // [s_q, s_kv]
+            int* __restrict__ indices,         // [s_q, topk]
+            int s_kv, int topk, int candidate_capacity) {
     using namespace topk;
-    extern __shared__ u32 row_keys[];          // [s_kv] when IN_SMEM
-    __shared__ u32 histogram[BINS];
-    __shared__ u32 warp_totals[WARPS];          // per warp: above count | equal count << 16
-    __shared__ u32 selectable_count;
-    __shared__ u32 prefix_shared, needed_shared, done_shared;
-    __shared__ u32 gt_base, eq_base;
+    __shared__ u32 histograms[WARPS][BINS];    // the coarse pass: one per warp
+    __shared__ u32 warp_totals[2][WARPS];
+    __shared__ Choice choice;
+    extern __shared__ u32 candidate_keys[];     // [candidate_capacity], then the indices
+    int* candidate_indices = reinterpret_cast<int*>(candidate_keys + candidate_capacity);
 
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const u64 row = blockIdx.x;
-    const float* row_scores = scores + row * s_kv;
-    int* row_out = indices + row * topk;
+    const int tid = threadIdx.x, warp = tid >> 5;
+    const u64 row_number = blockIdx.x;
+    const float* row_scores = scores + row_number * s_kv;
+    int* row_out = indices + row_number * topk;
+    const RowKeys row{row_scores, s_kv, (s_kv & 3) == 0 && (reinterpret_cast<u64>(row_scores) & 15) == 0};
 
-    for (int b = tid; b < BINS; b += THREADS) histogram[b] = 0;
-    if (tid == 0) { selectable_count = 0; gt_base = 0; eq_base = 0; }
+    // ---- 1. coarse histogram (the read from device memory)
+    for (int i = tid; i < WARPS * BINS; i += THREADS) (&histograms[0][0])[i] = 0;
     __syncthreads();
+    for (int step = 0; step < s_kv; step += CHUNK) {
+        const int segment = step + warp * SEGMENT;
+        u32 keys[LOADS][4];
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u) row.load4(segment + 128 * u + 4 * (tid & 31), keys[u]);
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) count_coarse(histograms[warp], keys[u][e]);
+    }
+    __syncthreads();
+    for (int b = tid; b < BINS; b += THREADS) {
+        u32 sum = 0;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sum += histograms[w][b];
+        histograms[0][b] = sum;  // only this thread touches column b
+    }
+    __syncthreads();
+    if (tid < 32) choose_bin(histograms[0], (u32)topk, &choice);
+    __syncthreads();
+    const Choice coarse = choice;
+    __syncthreads();  // choice is rewritten by the refinement
 
-    // ---- pass over device memory: keys (kept in shared memory), selectable count, top-byte histogram.
-    // Each thread issues LOADS_IN_FLIGHT independent 16-byte loads before touching any of them, so
-    // that enough bytes are in flight to approach the memory bandwidth with one block per SM.
-    u32 my_selectable = 0;
-    if ((s_kv & 3) == 0) {  // rows are 16-byte aligned: float4 loads
-        for (int base = 0; base < s_kv; base += 4 * THREADS * LOADS_IN_FLIGHT) {
-            float4 loaded[LOADS_IN_FLIGHT];
-#pragma unroll
-            for (int u = 0; u < LOADS_IN_FLIGHT; ++u) {
-                const int j = base + 4 * (tid + u * THREADS);
-                loaded[u] = j < s_kv ? *reinterpret_cast<const float4*>(row_scores + j) : make_float4(0.f, 0.f, 0.f, 0.f);
-            }
-#pragma unroll
-            for (int u = 0; u < LOADS_IN_FLIGHT; ++u) {
-                const int j = base + 4 * (tid + u * THREADS);
-                const float values[4] = {loaded[u].x, loaded[u].y, loaded[u].z, loaded[u].w};
-                u32 keys[4];
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    keys[e] = j < s_kv ? order_key(values[e]) : 0u;
-                    my_selectable += keys[e] != 0u;
-                    histogram_add(histogram, keys[e] >> 24, keys[e] != 0u);
-                }
-                if (IN_SMEM && j < s_kv) *reinterpret_cast<uint4*>(row_keys + j) = make_uint4(keys[0], keys[1], keys[2], keys[3]);
-            }
-        }
+    auto write_out = [&](int index, u32, bool, u32 rank) { row_out[rank] = index; };
+    u32 taken;
+    if (coarse.total <= (u32)topk) {
+        // ---- every selectable key is taken
+        ordered_pass(row, [](u32) { return 1u; }, write_out, warp_totals);
+        taken = coarse.total;
+    } else if (coarse.in_bin == (u32)topk - coarse.above) {
+        // ---- the threshold bin is taken whole
+        const u32 bin = coarse.bin;
+        ordered_pass(row, [bin](u32 key) { return coarse_digit(key) >= bin ? 1u : 0u; }, write_out, warp_totals);
+        taken = (u32)topk;
     } else {
-        for (int base = 0; base < s_kv; base += THREADS) {
-            const int j = base + tid;
-            const u32 key = j < s_kv ? order_key(row_scores[j]) : 0u;
-            if (IN_SMEM && j < s_kv) row_keys[j] = key;
-            my_selectable += key != 0u;
-            histogram_add(histogram, key >> 24, key != 0u);
-        }
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) my_selectable += __shfl_xor_sync(0xffffffffu, my_selectable, offset);
-    if (lane == 0) atomicAdd(&selectable_count, my_selectable);
-    __syncthreads();
-    const u32 n_selectable = selectable_count;
-    const bool take_all = n_selectable <= (u32)topk;
-
-    // Keys j .. j + 3 of the row (0 past its end): one 16-byte shared load when possible.
-    auto load_four = [&](int j, u32 (&keys)[4]) {
-        if (IN_SMEM && (s_kv & 3) == 0 && j < s_kv) {
-            const uint4 four = *reinterpret_cast<const uint4*>(row_keys + j);
-            keys[0] = four.x; keys[1] = four.y; keys[2] = four.z; keys[3] = four.w;
+        // ---- 2. keys above the threshold bin out, the threshold bin's keys to the candidates
+        const u32 bin = coarse.bin, above = coarse.above, needed = (u32)topk - coarse.above;
+        const bool copied = coarse.in_bin <= (u32)candidate_capacity;
+        ordered_pass(
+            row,
+            [bin, copied](u32 key) {
+                const u32 digit = coarse_digit(key);
+                return (digit > bin ? 1u : 0u) | (copied && digit == bin ? 2u : 0u);
+            },
+            [&](int index, u32 key, bool is_candidate, u32 rank) {
+                if (!is_candidate) row_out[rank] = index;
+                else { candidate_keys[rank] = key; candidate_indices[rank] = index; }
+            },
+            warp_totals);
+        __syncthreads();
+        // ---- 3. refine the threshold among the candidates
+        u32 prefix, ties;
+        int bits;
+        if (copied) {
+            bits = refine((int)coarse.in_bin, [&](int j) { return candidate_keys[j]; }, NO_BIN, needed,
+                          histograms[0], &choice, &prefix, &ties);
         } else {
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-                keys[e] = j + e < s_kv ? (IN_SMEM ? row_keys[j + e] : order_key(row_scores[j + e])) : 0u;
+            bits = refine(s_kv, [&](int j) { return order_key(row_scores[j]); }, bin, needed,
+                          histograms[0], &choice, &prefix, &ties);
         }
-    };
-
-    // ---- radix passes: narrow the threshold to a prefix of `prefix_bits` bits.
-    u32 prefix = 0, needed = (u32)topk;
-    int prefix_bits = 0;
-    if (!take_all) {
-        for (int pass = 0; pass < 4; ++pass) {
-            const int shift = 24 - 8 * pass;
-            if (pass > 0) {
-                for (int base = 0; base < s_kv; base += TILE) {
-                    u32 keys[4];
-                    load_four(base + PER_THREAD * tid, keys);
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const bool match = keys[e] != 0u && (keys[e] >> (shift + 8)) == prefix;
-                        // Later passes see few matching keys: skip the warp-wide match when none does.
-                        if (__any_sync(0xffffffffu, match)) histogram_add(histogram, (keys[e] >> shift) & 0xffu, match);
-                    }
-                }
-                __syncthreads();
-            }
-            if (warp == 0) {
-                // Lane l owns bins 255 - 8 l down to 248 - 8 l; counts accumulate from the top.
-                u32 counts[8], lane_total = 0;
-#pragma unroll
-                for (int i = 0; i < 8; ++i) { counts[i] = histogram[255 - 8 * lane - i]; lane_total += counts[i]; }
-                u32 inclusive = lane_total;
-#pragma unroll
-                for (int offset = 1; offset < 32; offset <<= 1) {
-                    const u32 other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-                    if (lane >= offset) inclusive += other;
-                }
-                const u32 exclusive = inclusive - lane_total;
-                if (exclusive < needed && needed <= inclusive) {
-                    u32 above = exclusive, bin = 0, bin_count = 0;
-                    bool found = false;
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        if (!found && above + counts[i] >= needed) { found = true; bin = 255 - 8 * lane - i; bin_count = counts[i]; }
-                        else if (!found) above += counts[i];
-                    }
-                    prefix_shared = (prefix << 8) | bin;
-                    needed_shared = needed - above;
-                    done_shared = bin_count == needed - above;
-                }
-            }
-            __syncthreads();
-            prefix = prefix_shared;
-            needed = needed_shared;
-            prefix_bits = 8 * (pass + 1);
-            const bool done = done_shared != 0u;
-            for (int b = tid; b < BINS; b += THREADS) histogram[b] = 0;
-            __syncthreads();
-            if (done) break;
+        // ---- 4. the candidates above the prefix, then the first `ties` equal to it
+        const int shift = 32 - bits;
+        const u32 greater = needed - ties;
+        auto classify = [prefix, shift](u32 key) {
+            const u32 top = key >> shift;
+            return (top > prefix ? 1u : 0u) | (top == prefix ? 2u : 0u);
+        };
+        auto write_selected = [&](int index, u32, bool is_tie, u32 rank) {
+            if (!is_tie) row_out[above + rank] = index;
+            else if (rank < ties) row_out[above + greater + rank] = index;
+        };
+        if (copied) {
+            ordered_pass(CandidateKeys{candidate_keys, candidate_indices, (int)coarse.in_bin}, classify,
+                         write_selected, warp_totals);
+        } else {
+            ordered_pass(row, [classify, bin](u32 key) { return coarse_digit(key) == bin ? classify(key) : 0u; },
+                         write_selected, warp_totals);
         }
+        taken = (u32)topk;
     }
-
-    // ---- compaction in index order. Keys above the threshold prefix go to slots [0, n_above);
-    // keys equal to it fill the `needed` slots after them, lowest index first. Thread t owns keys
-    // base + 4 t .. + 3, so a prefix sum over threads (both counts packed in one word: at most
-    // 4096 each per step) gives every key its slot.
-    const int shift = 32 - prefix_bits;  // 32 only in take_all mode, where it is unused
-    const u32 n_above = take_all ? n_selectable : (u32)topk - needed;
-    for (int base = 0; base < s_kv; base += TILE) {
-        const int j = base + PER_THREAD * tid;
-        u32 keys[4];
-        load_four(j, keys);
-        u32 above_mask = 0, equal_mask = 0;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            if (keys[e] == 0u) continue;
-            if (take_all) {
-                above_mask |= 1u << e;
-            } else {
-                const u32 top = keys[e] >> shift;
-                above_mask |= (top > prefix ? 1u : 0u) << e;
-                equal_mask |= (top == prefix ? 1u : 0u) << e;
-            }
-        }
-        const u32 mine = (u32)__popc(above_mask) | ((u32)__popc(equal_mask) << 16);
-        u32 inclusive = mine;
-#pragma unroll
-        for (int offset = 1; offset < 32; offset <<= 1) {
-            const u32 other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-            if (lane >= offset) inclusive += other;
-        }
-        if (lane == 31) warp_totals[warp] = inclusive;
-        __syncthreads();
-        if (warp == 0) {  // exclusive prefix over the warps' totals
-            const u32 total = warp_totals[lane];
-            u32 warp_inclusive = total;
-#pragma unroll
-            for (int offset = 1; offset < 32; offset <<= 1) {
-                const u32 other = __shfl_up_sync(0xffffffffu, warp_inclusive, offset);
-                if (lane >= offset) warp_inclusive += other;
-            }
-            __syncwarp();
-            warp_totals[lane] = warp_inclusive - total;
-        }
-        __syncthreads();
-        const u32 before = warp_totals[warp] + inclusive - mine;
-        u32 above_slot = gt_base + (before & 0xffffu);
-        u32 equal_rank = eq_base + (before >> 16);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            if (above_mask & (1u << e)) row_out[above_slot++] = j + e;
-            if (equal_mask & (1u << e)) {
-                if (equal_rank < needed) row_out[n_above + equal_rank] = j + e;
-                ++equal_rank;
-            }
-        }
-        __syncthreads();  // every thread has read warp_totals and the bases
-        if (tid == THREADS - 1) { gt_base = above_slot; eq_base = equal_rank; }  // the last thread ends the step
-    }
-    for (int slot = (int)n_above + (take_all ? 0 : (int)needed) + tid; slot < topk; slot += THREADS) row_out[slot] = -1;
+    for (int slot = (int)taken + tid; slot < topk; slot += THREADS) row_out[slot] = -1;
 }
