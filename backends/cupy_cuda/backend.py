@@ -60,9 +60,10 @@ class CupyBackend(Backend):
     #: write fails every comparison (tests set this, or the environment variable below).
     poison_outputs: bool = False
 
-    #: Keys of a row's threshold bin that top-k copies to shared memory (8 bytes each); a row whose
-    #: threshold bin holds more refines by reading the row again. Tests lower it to run that path.
-    topk_candidate_capacity: int = 4096
+    #: Candidate keys top-k keeps in shared memory (8 bytes each, with the index): about 1.5 k are
+    #: taken from one read of a row; rows the sample misjudges take slower paths (see topk.cu).
+    #: Tests lower it to run those paths.
+    topk_candidate_capacity: int = 8192
 
     def __init__(self) -> None:
         self._unavailable: list[str] | None = None

@@ -1,24 +1,24 @@
-// Top-k selection (paper eq. 2's Top-k): one block per query row, two reads of the row.
+// Top-k selection (paper eq. 2's Top-k): one block per query row, one read of the row.
 //
 // Scores become unsigned 32-bit keys whose integer order is the float order (flip all bits of a
 // negative float, set the sign bit of a positive one); -inf and NaN, which may never be selected,
 // become key 0, and -0.0 is folded into +0.0 so that the two zeros tie, as they compare equal.
+// A coarse digit of a key is the top byte of the order key of its score *rounded to half
+// precision* (sign, 5 exponent bits, 2 mantissa bits): rounding is monotone, so the digit is too,
+// and its 256 bins are narrow where scores live.
 //
-// 1. Coarse pass (the one read from device memory). A 256-bin histogram of a coarse digit: the
-//    top byte of the order key of the score *rounded to half precision* (sign, 5 exponent bits,
-//    2 mantissa bits). Rounding is monotone, so the digit is too, and its bins are narrow where
-//    scores live: for 32768 normal scores and k 2048 the bin that holds the k-th largest holds
-//    about 900 keys, where the top byte of the float itself (sign and 7 exponent bits) would
-//    hold about 4500. Every warp counts into its own histogram (no atomics across warps).
-// 2. Compaction (the second read, mostly from L2: the block read the row a moment before).
-//    Keys in a bin above the threshold bin are selected outright and written in index order;
-//    the keys of the threshold bin (the candidates) are copied, in index order, to shared memory.
-// 3. Refinement on the candidates alone: the classic radix select, 8 bits a pass from the most
-//    significant, on the exact 32-bit keys, stops as soon as a bin is taken whole. It ends with a
-//    prefix P: candidates above it are selected, and the first `ties` candidates equal to it.
-// 4. The selected candidates are written after the keys of step 2, lower index first among the
-//    ties (the spec's rule). If the threshold bin holds more candidates than shared memory does,
-//    steps 3-4 read the row again instead of the copy (slower, same answer).
+// 0. A cut from a sample (1024 keys in 32 runs spread over the row): the coarse bin above which
+//    the row should hold about 1.5 k keys.
+// 1. The one read of the row: every key in the cut's bin or above (the candidates) is copied to
+//    shared memory with its index, in index order, and the selectable keys are counted.
+// 2. If the candidates number more than k and fit, a radix select among them alone: 8 bits a pass
+//    from the most significant, on the exact 32-bit keys, stopping as soon as a bin is taken
+//    whole. It ends with a prefix P: candidates above it are selected, and the first `ties`
+//    candidates equal to it (lower index first among ties: the spec's rule).
+// 3. Those candidates are written out.
+// When the sample misjudges the row (fewer than k keys above the cut, or more than fit), the
+// block falls back to a coarse histogram of the whole row, writes the keys above the threshold bin
+// and refines that bin's keys the same way (in shared memory, or over the row if they do not fit).
 //
 // Positions come from prefix sums, never from atomic counters, so repeated runs give
 // bitwise-identical output. Rows with at most k selectable keys return all of them, then -1.
@@ -35,6 +35,7 @@ constexpr int SEGMENT = 32 * 4 * LOADS;        // consecutive keys a warp owns i
 constexpr int CHUNK = WARPS * SEGMENT;         // keys per block step
 constexpr u32 FULL = 0xffffffffu;
 constexpr u32 NO_BIN = 0xffffffffu;
+constexpr int SAMPLE_RUNS = 32;                // runs of 32 consecutive keys in the sample
 
 __device__ __forceinline__ u32 order_key(float score) {
     u32 bits = __float_as_uint(score);
@@ -141,13 +142,14 @@ struct CandidateKeys {
 
 // One pass over a sequence of keys that sorts each into class A, class B or neither
 // (classify(key) returns bit 0 for A, bit 1 for B) and hands every A and every B key to
-// emit(index, key, is_b, rank), rank = how many keys of its class come before it in sequence order.
+// emit(index, key, is_b, rank), rank = how many keys of its class come before it in sequence order;
+// returns the two class totals.
 // Warp w owns keys [step + w SEGMENT, + SEGMENT) of each block step; lane l holds keys
 // u 128 + 4 l .. + 3 of its warp's segment, so that ranks come from shuffles inside the warp and one
 // read of the warps' totals. The totals are double-buffered: one barrier per block step.
 template <class Sequence, class Classify, class Emit>
-__device__ __forceinline__ void ordered_pass(const Sequence& sequence, Classify classify, Emit emit,
-                                             u32 (*warp_totals)[WARPS]) {
+__device__ __forceinline__ uint2 ordered_pass(const Sequence& sequence, Classify classify, Emit emit,
+                                              u32 (*warp_totals)[WARPS]) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     u32 base_a = 0, base_b = 0;
     int parity = 0;
@@ -201,6 +203,7 @@ __device__ __forceinline__ void ordered_pass(const Sequence& sequence, Classify 
         base_a += step_total & 0xffffu;
         base_b += step_total >> 16;
     }
+    return make_uint2(base_a, base_b);  // how many keys of class A and of class B
 }
 
 // Radix select over the candidates (keys whose coarse digit is `coarse`, or all when coarse is
@@ -234,29 +237,17 @@ __device__ __forceinline__ int refine(int count, Read read, u32 coarse, u32 need
     *ties = left;
     return bits;
 }
-}  // namespace topk
-
-extern "C" __global__ void __launch_bounds__(topk::THREADS, 2)
-topk_select(const float* __restrict__ scores,  // [s_q, s_kv]
-            int* __restrict__ indices,         // [s_q, topk]
-            int s_kv, int topk, int candidate_capacity) {
-    using namespace topk;
-    __shared__ u32 histograms[WARPS][BINS];    // the coarse pass: one per warp
-    __shared__ u32 warp_totals[2][WARPS];
-    __shared__ Choice choice;
-    extern __shared__ u32 candidate_keys[];     // [candidate_capacity], then the indices
-    int* candidate_indices = reinterpret_cast<int*>(candidate_keys + candidate_capacity);
-
+// The selection when the sample's cut fails: a coarse histogram of the whole row (a second read),
+// keys above the threshold bin out, the threshold bin's keys to the candidates (a third read),
+// refined there (or, if they do not fit, over the row). Returns how many slots it filled.
+__device__ __forceinline__ u32 select_by_coarse_histogram(const RowKeys& row, int* __restrict__ row_out, int topk,
+                                                      int candidate_capacity, u32 (*histograms)[BINS],
+                                                      u32 (*warp_totals)[WARPS], Choice* choice,
+                                                      u32* candidate_keys, int* candidate_indices) {
     const int tid = threadIdx.x, warp = tid >> 5;
-    const u64 row_number = blockIdx.x;
-    const float* row_scores = scores + row_number * s_kv;
-    int* row_out = indices + row_number * topk;
-    const RowKeys row{row_scores, s_kv, (s_kv & 3) == 0 && (reinterpret_cast<u64>(row_scores) & 15) == 0};
-
-    // ---- 1. coarse histogram (the read from device memory)
     for (int i = tid; i < WARPS * BINS; i += THREADS) (&histograms[0][0])[i] = 0;
     __syncthreads();
-    for (int step = 0; step < s_kv; step += CHUNK) {
+    for (int step = 0; step < row.length; step += CHUNK) {
         const int segment = step + warp * SEGMENT;
         u32 keys[LOADS][4];
 #pragma unroll
@@ -274,67 +265,139 @@ topk_select(const float* __restrict__ scores,  // [s_q, s_kv]
         histograms[0][b] = sum;  // only this thread touches column b
     }
     __syncthreads();
-    if (tid < 32) choose_bin(histograms[0], (u32)topk, &choice);
+    if (tid < 32) choose_bin(histograms[0], (u32)topk, choice);
     __syncthreads();
-    const Choice coarse = choice;
+    const Choice coarse = *choice;
     __syncthreads();  // choice is rewritten by the refinement
 
     auto write_out = [&](int index, u32, bool, u32 rank) { row_out[rank] = index; };
-    u32 taken;
     if (coarse.total <= (u32)topk) {
-        // ---- every selectable key is taken
         ordered_pass(row, [](u32) { return 1u; }, write_out, warp_totals);
-        taken = coarse.total;
-    } else if (coarse.in_bin == (u32)topk - coarse.above) {
-        // ---- the threshold bin is taken whole
-        const u32 bin = coarse.bin;
+        return coarse.total;
+    }
+    const u32 bin = coarse.bin, above = coarse.above, needed = (u32)topk - coarse.above;
+    if (coarse.in_bin == needed) {  // the threshold bin is taken whole
         ordered_pass(row, [bin](u32 key) { return coarse_digit(key) >= bin ? 1u : 0u; }, write_out, warp_totals);
-        taken = (u32)topk;
+        return (u32)topk;
+    }
+    const bool copied = coarse.in_bin <= (u32)candidate_capacity;
+    ordered_pass(
+        row,
+        [bin, copied](u32 key) {
+            const u32 digit = coarse_digit(key);
+            return (digit > bin ? 1u : 0u) | (copied && digit == bin ? 2u : 0u);
+        },
+        [&](int index, u32 key, bool is_candidate, u32 rank) {
+            if (!is_candidate) row_out[rank] = index;
+            else { candidate_keys[rank] = key; candidate_indices[rank] = index; }
+        },
+        warp_totals);
+    __syncthreads();
+    u32 prefix, ties;
+    int bits;
+    if (copied) {
+        bits = refine((int)coarse.in_bin, [&](int j) { return candidate_keys[j]; }, NO_BIN, needed,
+                      histograms[0], choice, &prefix, &ties);
     } else {
-        // ---- 2. keys above the threshold bin out, the threshold bin's keys to the candidates
-        const u32 bin = coarse.bin, above = coarse.above, needed = (u32)topk - coarse.above;
-        const bool copied = coarse.in_bin <= (u32)candidate_capacity;
+        bits = refine(row.length, [&](int j) { return order_key(row.row[j]); }, bin, needed,
+                      histograms[0], choice, &prefix, &ties);
+    }
+    const int shift = 32 - bits;
+    const u32 greater = needed - ties;
+    auto classify = [prefix, shift](u32 key) {
+        const u32 top = key >> shift;
+        return (top > prefix ? 1u : 0u) | (top == prefix ? 2u : 0u);
+    };
+    auto write_selected = [&](int index, u32, bool is_tie, u32 rank) {
+        if (!is_tie) row_out[above + rank] = index;
+        else if (rank < ties) row_out[above + greater + rank] = index;
+    };
+    if (copied) {
+        ordered_pass(CandidateKeys{candidate_keys, candidate_indices, (int)coarse.in_bin}, classify,
+                     write_selected, warp_totals);
+    } else {
+        ordered_pass(row, [classify, bin](u32 key) { return coarse_digit(key) == bin ? classify(key) : 0u; },
+                     write_selected, warp_totals);
+    }
+    return (u32)topk;
+}
+}  // namespace topk
+
+extern "C" __global__ void __launch_bounds__(topk::THREADS, 2)
+topk_select(const float* __restrict__ scores,  // [s_q, s_kv]
+            int* __restrict__ indices,         // [s_q, topk]
+            int s_kv, int topk, int candidate_capacity) {
+    using namespace topk;
+    __shared__ u32 histograms[WARPS][BINS];    // one per warp in the coarse pass; [0] elsewhere
+    __shared__ u32 warp_totals[2][WARPS];
+    __shared__ Choice choice;
+    extern __shared__ u32 candidate_keys[];     // [candidate_capacity], then the indices
+    int* candidate_indices = reinterpret_cast<int*>(candidate_keys + candidate_capacity);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const u64 row_number = blockIdx.x;
+    const float* row_scores = scores + row_number * s_kv;
+    int* row_out = indices + row_number * topk;
+    const RowKeys row{row_scores, s_kv, (s_kv & 3) == 0 && (reinterpret_cast<u64>(row_scores) & 15) == 0};
+
+    // ---- 0. a cut from a sample: SAMPLE_RUNS runs of 32 consecutive keys spread over the row
+    // (the whole row when it is that short). The cut is the coarse bin that holds the sample's
+    // m-th largest key, m = 1.5 x the sample's expected share of the top k, plus a margin: the row
+    // then has about 1.5 k keys at or above it, comfortably more than k and fewer than the capacity.
+    for (int b = tid; b < BINS; b += THREADS) histograms[0][b] = 0;
+    __syncthreads();
+    const int sample = s_kv < SAMPLE_RUNS * 32 ? s_kv : SAMPLE_RUNS * 32;
+    for (int run = warp; run < SAMPLE_RUNS; run += WARPS) {
+        const int start = s_kv <= SAMPLE_RUNS * 32 ? 32 * run : (int)((i64)run * (s_kv - 32) / (SAMPLE_RUNS - 1));
+        const int j = start + lane;
+        count_coarse(histograms[0], j < s_kv ? order_key(row_scores[j]) : 0u);
+    }
+    __syncthreads();
+    const u32 cut_rank = (u32)((3 * (i64)topk * sample) / (2 * (i64)s_kv)) + 32;
+    if (tid < 32) choose_bin(histograms[0], cut_rank, &choice);
+    __syncthreads();
+    const u32 cut = choice.total >= cut_rank ? choice.bin : 0u;  // 0: every selectable key
+
+    // ---- 1. the one read of the row: keys in the cut's bin or above go to the candidates, in index order
+    const uint2 counts = ordered_pass(
+        row, [cut](u32 key) { return coarse_digit(key) >= cut ? 1u : 2u; },
+        [&](int index, u32 key, bool below, u32 rank) {
+            if (!below && rank < (u32)candidate_capacity) { candidate_keys[rank] = key; candidate_indices[rank] = index; }
+        },
+        warp_totals);
+    __syncthreads();
+    const u32 n_cut = counts.x, n_selectable = counts.x + counts.y;
+    const CandidateKeys candidates{candidate_keys, candidate_indices, (int)n_cut};
+    auto write_out = [&](int index, u32, bool, u32 rank) { row_out[rank] = index; };
+    u32 taken;
+    if (n_selectable <= (u32)topk && n_cut == n_selectable && n_cut <= (u32)candidate_capacity) {
+        // ---- every selectable key is taken, and all are candidates
+        ordered_pass(candidates, [](u32) { return 1u; }, write_out, warp_totals);
+        taken = n_selectable;
+    } else if (n_cut >= (u32)topk && n_cut <= (u32)candidate_capacity) {
+        // ---- 2. radix select among the candidates
+        u32 prefix, ties;
+        const int bits = refine((int)n_cut, [&](int j) { return candidate_keys[j]; }, NO_BIN, (u32)topk,
+                                histograms[0], &choice, &prefix, &ties);
+        // ---- 3. the candidates above the prefix, then the first `ties` equal to it
+        const int shift = 32 - bits;
+        const u32 greater = (u32)topk - ties;
         ordered_pass(
-            row,
-            [bin, copied](u32 key) {
-                const u32 digit = coarse_digit(key);
-                return (digit > bin ? 1u : 0u) | (copied && digit == bin ? 2u : 0u);
+            candidates,
+            [prefix, shift](u32 key) {
+                const u32 top = key >> shift;
+                return (top > prefix ? 1u : 0u) | (top == prefix ? 2u : 0u);
             },
-            [&](int index, u32 key, bool is_candidate, u32 rank) {
-                if (!is_candidate) row_out[rank] = index;
-                else { candidate_keys[rank] = key; candidate_indices[rank] = index; }
+            [&](int index, u32, bool is_tie, u32 rank) {
+                if (!is_tie) row_out[rank] = index;
+                else if (rank < ties) row_out[greater + rank] = index;
             },
             warp_totals);
-        __syncthreads();
-        // ---- 3. refine the threshold among the candidates
-        u32 prefix, ties;
-        int bits;
-        if (copied) {
-            bits = refine((int)coarse.in_bin, [&](int j) { return candidate_keys[j]; }, NO_BIN, needed,
-                          histograms[0], &choice, &prefix, &ties);
-        } else {
-            bits = refine(s_kv, [&](int j) { return order_key(row_scores[j]); }, bin, needed,
-                          histograms[0], &choice, &prefix, &ties);
-        }
-        // ---- 4. the candidates above the prefix, then the first `ties` equal to it
-        const int shift = 32 - bits;
-        const u32 greater = needed - ties;
-        auto classify = [prefix, shift](u32 key) {
-            const u32 top = key >> shift;
-            return (top > prefix ? 1u : 0u) | (top == prefix ? 2u : 0u);
-        };
-        auto write_selected = [&](int index, u32, bool is_tie, u32 rank) {
-            if (!is_tie) row_out[above + rank] = index;
-            else if (rank < ties) row_out[above + greater + rank] = index;
-        };
-        if (copied) {
-            ordered_pass(CandidateKeys{candidate_keys, candidate_indices, (int)coarse.in_bin}, classify,
-                         write_selected, warp_totals);
-        } else {
-            ordered_pass(row, [classify, bin](u32 key) { return coarse_digit(key) == bin ? classify(key) : 0u; },
-                         write_selected, warp_totals);
-        }
         taken = (u32)topk;
+    } else {
+        // ---- the sample misjudged the row (or it has at most k selectable keys, not all copied)
+        taken = select_by_coarse_histogram(row, row_out, topk, candidate_capacity, histograms, warp_totals,
+                                           &choice, candidate_keys, candidate_indices);
     }
     for (int slot = (int)taken + tid; slot < topk; slot += THREADS) row_out[slot] = -1;
 }
