@@ -165,3 +165,21 @@ def test_conformance_ci_profile(monkeypatch):
     monkeypatch.setattr(Problem, "native_inputs", lambda self, backend: original(self, _TorchCuda()))
     report = check_backend(_backend(), "ci")
     assert report.ok, str(report)
+
+
+def test_dynamic_shared_memory_limit_only_grows(monkeypatch):
+    """The limit belongs to the compiled function that all launches share: a launch asking for less
+    must not lower it below what another launch of the same kernel needs."""
+    from dsa_ref_backends.cupy_cuda import kernels
+
+    class CompiledFunction:
+        max_dynamic_shared_size_bytes = 0
+
+    compiled = CompiledFunction()
+    monkeypatch.setattr(kernels, "_function", lambda source, name, device_id: compiled)
+    kernels.kernel("topk.cu", "topk_select", 0, 65536)
+    assert compiled.max_dynamic_shared_size_bytes == 65536
+    kernels.kernel("topk.cu", "topk_select", 0, 12000)
+    assert compiled.max_dynamic_shared_size_bytes == 65536
+    with pytest.raises(KeyError, match="not listed"):
+        kernels.kernel("topk.cu", "topk_radix", 0)

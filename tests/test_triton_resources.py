@@ -70,7 +70,6 @@ def _compile_all() -> dict[str, int]:
     for has_ranges in TOPK_CASES:
         config = topk.topk_config(65536)
         warps, stages = config.pop("num_warps"), config.pop("num_stages")
-        config.pop("PROGRAMS_PER_SM")  # a launch parameter, not the kernel's
         pointers = dict(p_scores="*fp32", p_key_start="*i32", p_key_end="*i32", p_indices="*i32",
                         p_cand_key="*i32", p_cand_index="*i32")
         used[f"topk-{has_ranges}"] = shared_memory(topk._topk_kernel, pointers, dict(HAS_RANGES=has_ranges, **config),

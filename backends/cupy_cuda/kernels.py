@@ -86,16 +86,21 @@ def module(source: str, device_id: int):
         )
 
 
-@functools.lru_cache(maxsize=None)
 def kernel(source: str, name: str, device_id: int, dynamic_smem: int = 0):
-    """A launchable kernel allowed ``dynamic_smem`` bytes of dynamic shared memory.
+    """A launchable kernel allowed at least ``dynamic_smem`` bytes of dynamic shared memory.
 
-    The limit is raised whenever dynamic memory is asked for: without it, static plus dynamic
-    shared memory may not pass 48 KB, and the launch fails.
+    Without a raised limit, static plus dynamic shared memory may not pass 48 KB and the launch
+    fails. The limit belongs to the compiled function, which every caller shares, so it only ever
+    grows: a launch that asks for less must not shrink it under another's feet.
     """
     if name not in KERNELS[source]:
         raise KeyError(f"{name!r} is not listed in KERNELS[{source!r}]; add it so CI compiles it")
-    function = module(source, device_id).get_function(name)
-    if dynamic_smem > 0:
+    function = _function(source, name, device_id)
+    if dynamic_smem > function.max_dynamic_shared_size_bytes:
         function.max_dynamic_shared_size_bytes = dynamic_smem
     return function
+
+
+@functools.lru_cache(maxsize=None)
+def _function(source: str, name: str, device_id: int):
+    return module(source, device_id).get_function(name)

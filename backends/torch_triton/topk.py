@@ -36,12 +36,8 @@ import triton.language as tl
 
 RADIX_BITS = 8
 BINS = 1 << RADIX_BITS
-#: Scratch slots of a program for the candidates (rows whose candidates do not fit take the fallback).
-CANDIDATES = 8192
-#: The sample that sets the cut: this many runs of 32 consecutive scores, spread over the row.
-SAMPLE_RUNS = 32
-#: Programs per SM: each loops over rows (so that the scratch rows stay few).
-PROGRAMS_PER_SM = 8
+#: Scratch slots per row for the threshold bin's keys (rows whose bin holds more re-read the row).
+CANDIDATES = 2048
 
 
 @triton.jit
@@ -79,11 +75,25 @@ def _choose_bin(b_hist, k_left, BINS: tl.constexpr):
 
 
 @triton.jit
-def _select_by_coarse_histogram(p_row, p_out, p_cand_key, p_cand_index, begin, end, topk,
-                                BLOCK: tl.constexpr, RADIX: tl.constexpr, BINS: tl.constexpr,
-                                CANDIDATES: tl.constexpr):
-    """The fallback when the sampled cut fails: two more reads of the row (see the module docstring)."""
-    # ---- coarse histogram of the whole row
+def _topk_kernel(
+    p_scores, p_key_start, p_key_end, p_indices, p_cand_key, p_cand_index,
+    s_kv, topk, stride_s_m, stride_i_m,
+    HAS_RANGES: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, RADIX: tl.constexpr,
+    BINS: tl.constexpr, CANDIDATES: tl.constexpr,
+):
+    row = tl.program_id(0)
+    p_row = p_scores + row.to(tl.int64) * stride_s_m
+    p_out = p_indices + row.to(tl.int64) * stride_i_m
+    p_cand_key += row.to(tl.int64) * CANDIDATES
+    p_cand_index += row.to(tl.int64) * CANDIDATES
+    if HAS_RANGES:
+        begin = tl.load(p_key_start + row)
+        end = tl.load(p_key_end + row)
+    else:
+        begin = 0
+        end = s_kv
+
+    # ---- 1. coarse histogram
     b_hist = tl.zeros((BINS,), tl.int32)
     for start in range(begin, end, BLOCK):
         o_j = start + tl.arange(0, BLOCK)
@@ -92,6 +102,7 @@ def _select_by_coarse_histogram(p_row, p_out, p_cand_key, p_cand_index, begin, e
     selectable = tl.sum(b_hist, axis=0)
     if selectable <= topk:
         coarse = tl.zeros((), tl.int32)  # every selectable key: take the whole of bins >= 0
+        above = tl.zeros((), tl.int32)
         in_bin = selectable
         k_left = selectable
     else:
@@ -100,8 +111,8 @@ def _select_by_coarse_histogram(p_row, p_out, p_cand_key, p_cand_index, begin, e
     whole_bin = in_bin == k_left
     copy = (in_bin <= CANDIDATES) & (in_bin > k_left)
 
-    # ---- keys above the threshold bin out (the whole bin too if it is taken whole); the
-    # threshold bin's keys to the scratch row when they fit
+    # ---- 2. keys above the threshold bin out (the whole bin too if it is taken whole); the
+    # candidates to the scratch row when they fit
     written = tl.zeros((), tl.int32)
     copied = tl.zeros((), tl.int32)
     for start in range(begin, end, BLOCK):
@@ -122,14 +133,36 @@ def _select_by_coarse_histogram(p_row, p_out, p_cand_key, p_cand_index, begin, e
     tl.debug_barrier()  # the scratch row, written above, is read below by other threads
 
     if copy:
-        # ---- refine among the threshold bin's keys, held in registers
+        # ---- 3. refine among the candidates, held in registers
         o_c = tl.arange(0, CANDIDATES)
         m_c = o_c < in_bin
         b_ckey = tl.load(p_cand_key + o_c, mask=m_c, other=0).to(tl.uint32, bitcast=True)
-        threshold, k_left = _kth_largest(b_ckey, m_c, k_left)
-        _write_selected(p_out + written, b_ckey, m_c, threshold, k_left, p_cand_index + o_c)
+        prefix = tl.zeros((), tl.uint32)
+        done = tl.zeros((), tl.int32)
+        for digit_pass in tl.static_range(32 // RADIX):
+            shift = 32 - RADIX * (digit_pass + 1)
+            if done == 0:
+                m_match = m_c
+                if digit_pass > 0:
+                    m_match = m_match & ((b_ckey >> (shift + RADIX)) == prefix)
+                b_chist = tl.histogram(((b_ckey >> shift) & (BINS - 1)).to(tl.int32), BINS, mask=m_match)
+                chosen, c_above, c_in_bin = _choose_bin(b_chist, k_left, BINS)
+                k_left = k_left - c_above
+                prefix = (prefix << RADIX) | chosen.to(tl.uint32)
+                if c_in_bin == k_left:
+                    done = tl.full((), 1, tl.int32)
+                    k_left = tl.zeros((), tl.int32)  # every candidate >= prefix << shift
+            else:
+                prefix = prefix << RADIX
+        # ---- 4. candidates above T, then the first k_left equal to T (k_left == 0: all >= T)
+        m_tie = m_c & (b_ckey == prefix)
+        b_tie_rank = tl.cumsum(m_tie.to(tl.int32), axis=0) - 1
+        m_take = tl.where(k_left == 0, m_c & (b_ckey >= prefix), m_c & ((b_ckey > prefix) | (m_tie & (b_tie_rank < k_left))))
+        b_slot = written + tl.cumsum(m_take.to(tl.int32), axis=0) - 1
+        b_index = tl.load(p_cand_index + o_c, mask=m_take, other=0)
+        tl.store(p_out + b_slot, b_index, mask=m_take)
     elif in_bin > k_left:
-        # ---- the threshold bin does not fit the scratch row: radix passes over the row itself
+        # ---- 3'. the threshold bin does not fit the scratch row: refine over the row itself
         prefix = tl.zeros((), tl.uint32)
         done = tl.zeros((), tl.int32)
         for digit_pass in tl.static_range(32 // RADIX):
@@ -152,7 +185,7 @@ def _select_by_coarse_histogram(p_row, p_out, p_cand_key, p_cand_index, begin, e
                     k_left = tl.zeros((), tl.int32)
             else:
                 prefix = prefix << RADIX
-        # ---- the bin's keys above T, then the first k_left equal to T (k_left == 0: all >= T)
+        # ---- 4'. as 4, over the row
         ties_seen = tl.zeros((), tl.int32)
         for start in range(begin, end, BLOCK):
             o_j = start + tl.arange(0, BLOCK)
@@ -167,118 +200,18 @@ def _select_by_coarse_histogram(p_row, p_out, p_cand_key, p_cand_index, begin, e
             tl.store(p_out + b_slot, o_j, mask=m_take)
             written += tl.sum(m_take.to(tl.int32), axis=0)
             ties_seen += tl.sum(m_tie.to(tl.int32), axis=0)
-
-
-@triton.jit
-def _kth_largest(b_key, m_valid, k):
-    """(T, ties): the k-th largest of the valid keys (k <= their number), by bisection on the key,
-    and how many keys equal to T the top k hold."""
-    b_key64 = b_key.to(tl.int64)
-    low = tl.zeros((), tl.int64)  # invariant: at least k valid keys >= low
-    high = tl.full((), 0xFFFFFFFF, tl.int64)
-    for _ in range(32):
-        middle = (low + high + 1) // 2
-        enough = tl.sum((m_valid & (b_key64 >= middle)).to(tl.int32), axis=0) >= k
-        low = tl.where(enough, middle, low)
-        high = tl.where(enough, high, middle - 1)
-    greater = tl.sum((m_valid & (b_key64 > low)).to(tl.int32), axis=0)
-    return low.to(tl.uint32), k - greater
-
-
-@triton.jit
-def _write_selected(p_out, b_key, m_valid, threshold, ties, p_index):
-    """Write (compacted) the indices of the valid keys above threshold and the first `ties` equal to it."""
-    m_tie = m_valid & (b_key == threshold)
-    b_tie_rank = tl.cumsum(m_tie.to(tl.int32), axis=0) - 1
-    m_take = (m_valid & (b_key > threshold)) | (m_tie & (b_tie_rank < ties))
-    b_slot = tl.cumsum(m_take.to(tl.int32), axis=0) - 1
-    tl.store(p_out + b_slot, tl.load(p_index, mask=m_take, other=0), mask=m_take)
-
-
-@triton.jit
-def _topk_row(p_row, p_out, p_cand_key, p_cand_index, begin, end, topk,
-              BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, RADIX: tl.constexpr, BINS: tl.constexpr,
-              CANDIDATES: tl.constexpr, SAMPLE_RUNS: tl.constexpr):
-    length = end - begin + tl.zeros((), tl.int32)  # a tensor even when both bounds are plain ints
-    # ---- 0. a cut from a sample: SAMPLE_RUNS runs of 32 consecutive keys spread over the row
-    # (the whole row when it is that short). The cut is the coarse bin that holds the sample's
-    # m-th largest key, m = 1.5 x the sample's expected share of the top k, plus a margin.
-    o_s = tl.arange(0, SAMPLE_RUNS * 32)
-    o_spread = (o_s // 32).to(tl.int64) * tl.maximum(length - 32, 0) // (SAMPLE_RUNS - 1) + o_s % 32
-    o_sample = tl.where(length <= SAMPLE_RUNS * 32, o_s.to(tl.int64), o_spread)
-    b_sample = tl.load(p_row + begin + o_sample, mask=o_sample < length, other=float("-inf"))
-    b_sample_hist = tl.histogram(_coarse_digit(b_sample), BINS, mask=_order_preserving_key(b_sample) != 0)
-    sampled = tl.minimum(length, SAMPLE_RUNS * 32).to(tl.int64)
-    cut_rank = ((3 * topk * sampled) // (2 * tl.maximum(length, 1)) + 32).to(tl.int32)
-    cut = tl.zeros((), tl.int32)  # 0: every selectable key
-    if tl.sum(b_sample_hist, axis=0) >= cut_rank:
-        cut, _, _ = _choose_bin(b_sample_hist, cut_rank, BINS)
-
-    # ---- 1. the one read of the row: keys in the cut's bin or above to the scratch row, in index order
-    n_cut = tl.zeros((), tl.int32)
-    selectable = tl.zeros((), tl.int32)
-    for start in range(begin, end, BLOCK):
-        o_j = start + tl.arange(0, BLOCK)
-        b_scores = tl.load(p_row + o_j, mask=o_j < end, other=float("-inf"))
-        b_key = _order_preserving_key(b_scores)
-        m_cand = (b_key != 0) & (_coarse_digit(b_scores) >= cut)
-        b_slot = n_cut + tl.cumsum(m_cand.to(tl.int32), axis=0) - 1
-        m_store = m_cand & (b_slot < CANDIDATES)
-        tl.store(p_cand_key + b_slot, b_key.to(tl.int32, bitcast=True), mask=m_store)
-        tl.store(p_cand_index + b_slot, o_j, mask=m_store)
-        n_cut += tl.sum(m_cand.to(tl.int32), axis=0)
-        selectable += tl.sum((b_key != 0).to(tl.int32), axis=0)
-    tl.debug_barrier()  # the scratch row, written above, is read below by other threads
-
-    o_c = tl.arange(0, CANDIDATES)
-    m_c = o_c < n_cut
-    if (selectable <= topk) & (n_cut == selectable) & (n_cut <= CANDIDATES):
-        # ---- every selectable key is taken, and all are in the scratch row
-        tl.store(p_out + o_c, tl.load(p_cand_index + o_c, mask=m_c, other=0), mask=m_c)
-    elif (n_cut >= topk) & (n_cut <= CANDIDATES):
-        # ---- 2. the k-th largest candidate T; 3. the candidates above T, then ties, lower index first
-        b_ckey = tl.load(p_cand_key + o_c, mask=m_c, other=0).to(tl.uint32, bitcast=True)
-        threshold, ties = _kth_largest(b_ckey, m_c, topk)
-        _write_selected(p_out, b_ckey, m_c, threshold, ties, p_cand_index + o_c)
-    else:
-        # ---- the sample misjudged the row (or it has at most k selectable keys, not all copied)
-        _select_by_coarse_histogram(p_row, p_out, p_cand_key, p_cand_index, begin, end, topk,
-                                    BLOCK, RADIX, BINS, CANDIDATES)
-    for start in range(tl.minimum(selectable, topk), topk, BLOCK_K):
+    n_selected = tl.minimum(selectable, topk)
+    for start in range(n_selected, topk, BLOCK_K):
         o_slot = start + tl.arange(0, BLOCK_K)
         tl.store(p_out + o_slot, tl.full((BLOCK_K,), -1, tl.int32), mask=o_slot < topk)
-    tl.debug_barrier()  # the next row of this program reuses the scratch row
-
-
-@triton.jit
-def _topk_kernel(
-    p_scores, p_key_start, p_key_end, p_indices, p_cand_key, p_cand_index,
-    rows, s_kv, topk, stride_s_m, stride_i_m,
-    HAS_RANGES: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, RADIX: tl.constexpr,
-    BINS: tl.constexpr, CANDIDATES: tl.constexpr, SAMPLE_RUNS: tl.constexpr,
-):
-    # Persistent: program p takes rows p, p + programs, ...; its scratch row is its own.
-    program = tl.program_id(0)
-    p_cand_key += program.to(tl.int64) * CANDIDATES
-    p_cand_index += program.to(tl.int64) * CANDIDATES
-    for row in range(program, rows, tl.num_programs(0)):
-        if HAS_RANGES:
-            begin = tl.load(p_key_start + row)
-            end = tl.load(p_key_end + row)
-        else:
-            begin = 0
-            end = s_kv
-        row64 = row + tl.zeros((), tl.int64)  # 64-bit offsets (a plain int under the interpreter)
-        _topk_row(p_scores + row64 * stride_s_m, p_indices + row64 * stride_i_m,
-                  p_cand_key, p_cand_index, begin, end, topk,
-                  BLOCK, BLOCK_K, RADIX, BINS, CANDIDATES, SAMPLE_RUNS)
 
 
 def topk_config(row_length: int) -> dict:
-    block = max(16, min(2048, triton.next_power_of_2(max(row_length, 1))))
+    # 1024-key blocks at 4 warps: the fastest of the sweep in docs/reports/topk_gpu_2026-11-28.md
+    # (4096 rows x 32768, k 2048, H100: 1.65 ms, against 2.2 ms at 4096-key blocks and 8 warps).
+    block = max(16, min(1024, triton.next_power_of_2(max(row_length, 1))))
     return dict(BLOCK=block, BLOCK_K=256, RADIX=RADIX_BITS, BINS=BINS, CANDIDATES=CANDIDATES,
-                SAMPLE_RUNS=SAMPLE_RUNS, PROGRAMS_PER_SM=PROGRAMS_PER_SM, num_warps=8 if block >= 2048 else 4,
-                num_stages=2)
+                num_warps=4, num_stages=2)
 
 
 def topk_indices(scores, topk: int, key_start=None, key_end=None, *, out=None, config: dict | None = None):
@@ -301,15 +234,12 @@ def topk_indices(scores, topk: int, key_start=None, key_end=None, *, out=None, c
         return out
     has_ranges = key_start is not None
     config = {**topk_config(s_kv), **(config or {})}
-    per_sm = config.pop("PROGRAMS_PER_SM")
-    sms = torch.cuda.get_device_properties(scores.device).multi_processor_count if scores.is_cuda else 1
-    programs = min(rows, per_sm * sms)
     candidates = config["CANDIDATES"]
-    cand_key = torch.empty((programs, candidates), dtype=torch.int32, device=scores.device)  # uint32 keys
-    cand_index = torch.empty((programs, candidates), dtype=torch.int32, device=scores.device)
-    _topk_kernel[(programs,)](
+    cand_key = torch.empty((rows, candidates), dtype=torch.int32, device=scores.device)  # uint32 keys
+    cand_index = torch.empty((rows, candidates), dtype=torch.int32, device=scores.device)
+    _topk_kernel[(rows,)](
         scores, key_start if has_ranges else scores, key_end if has_ranges else scores, out, cand_key, cand_index,
-        rows, s_kv, topk, scores.stride(0), out.stride(0),
+        s_kv, topk, scores.stride(0), out.stride(0),
         HAS_RANGES=has_ranges, **config,
     )
     return out
