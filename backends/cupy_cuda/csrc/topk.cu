@@ -218,18 +218,11 @@ __device__ __forceinline__ int refine(int count, Read read, u32 coarse, u32 need
         const int shift = 24 - 8 * pass;
         for (int b = threadIdx.x; b < BINS; b += THREADS) histogram[b] = 0;
         __syncthreads();
-        for (int base = 0; base < count; base += THREADS) {  // warp-uniform trip count
-            const int j = base + (int)threadIdx.x;
-            const u32 key = j < count ? read(j) : 0u;
+        for (int j = threadIdx.x; j < count; j += THREADS) {
+            const u32 key = read(j);
             const bool match = key != 0u && (coarse == NO_BIN || coarse_digit(key) == coarse) &&
                                (bits == 0 || (key >> (32 - bits)) == found);
-            // The candidates share their leading bits (the first pass sees a handful of bins), so
-            // lanes with the same bin elect one that adds their count: one atomic per bin and warp.
-            if (__any_sync(FULL, match)) {
-                const u32 bin = (key >> shift) & 0xffu;
-                const u32 peers = __match_any_sync(FULL, match ? bin : NO_BIN);
-                if (match && __ffs(peers) - 1 == (int)(threadIdx.x & 31)) atomicAdd(&histogram[bin], (u32)__popc(peers));
-            }
+            if (match) atomicAdd(&histogram[(key >> shift) & 0xffu], 1u);
         }
         __syncthreads();
         if (threadIdx.x < 32) choose_bin(histogram, left, choice);
