@@ -102,7 +102,6 @@ def _topk_kernel(
     selectable = tl.sum(b_hist, axis=0)
     if selectable <= topk:
         coarse = tl.zeros((), tl.int32)  # every selectable key: take the whole of bins >= 0
-        above = tl.zeros((), tl.int32)
         in_bin = selectable
         k_left = selectable
     else:
@@ -222,6 +221,8 @@ def topk_indices(scores, topk: int, key_start=None, key_end=None, *, out=None, c
         key_start, key_end: optional int32 ``[rows]``: read only ``[key_start, key_end)`` of a row.
         out: optional int32 ``[rows, topk]`` view to write into.
         config: overrides of :func:`topk_config` (for tuning; ``CANDIDATES`` sets the scratch row).
+
+    The kernel takes ``CANDIDATES`` int32 key/index pairs of scratch per row (16 KB by default).
     """
     rows, s_kv = scores.shape
     if scores.dtype != torch.float32:

@@ -331,7 +331,7 @@ topk_select(const float* __restrict__ scores,  // [s_q, s_kv]
     __shared__ u32 histograms[WARPS][BINS];    // one per warp in the coarse pass; [0] elsewhere
     __shared__ u32 warp_totals[2][WARPS];
     __shared__ Choice choice;
-    extern __shared__ u32 candidate_keys[];     // [candidate_capacity], then the indices
+    extern __shared__ __align__(16) u32 candidate_keys[];  // [candidate_capacity], then the indices
     int* candidate_indices = reinterpret_cast<int*>(candidate_keys + candidate_capacity);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
