@@ -121,8 +121,8 @@ def _tied_scores(generator, s_q, s_kv):
     return scores
 
 
-# Scratch rows of 64 and 4 candidates: the sampled cut's candidates overflow, so the kernel takes
-# its coarse-histogram fallback, with the threshold bin in scratch (64) or refined over the row (4).
+# Scratch rows of 64 and 4 slots: the threshold bin fits only in some rows (64) or almost none (4);
+# the others refine over the row itself, so both refinement paths run.
 @pytest.mark.parametrize("candidates", [None, 64, 4])
 @pytest.mark.parametrize("s_kv, k", [(300, 16), (70, 70), (40, 64), (5000, 37)])
 def test_topk_selects_reference_set(s_kv, k, candidates):
