@@ -9,6 +9,7 @@ Without a GPU the Triton backend runs on its CPU interpreter (see conftest.py). 
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -20,6 +21,8 @@ from dsa_ref.testing.strategies import get_profile
 
 
 SHARDS = int(os.environ.get("DSA_CONFORMANCE_SHARDS", "1"))
+if SHARDS < 1:
+    raise ValueError(f"DSA_CONFORMANCE_SHARDS must be a positive number of shards, got {SHARDS}")
 
 
 @pytest.mark.parametrize("shard", range(SHARDS))
@@ -29,7 +32,7 @@ def test_backend_conforms(dsa_backend, op, shard, dsa_profile):
     cap = os.environ.get("DSA_CONFORMANCE_MAX_EXAMPLES")
     own_ci_cap = backend.ci_max_examples if dsa_profile == "ci" else None
     examples = int(cap) if cap else (own_ci_cap or get_profile(dsa_profile).max_examples)
-    report = check_backend(backend, dsa_profile, ops_to_check=[op], max_examples=-(-examples // SHARDS),
+    report = check_backend(backend, dsa_profile, ops_to_check=[op], max_examples=math.ceil(examples / SHARDS),
                            seed=shard if SHARDS > 1 else None)
     print(report)
     assert report.ok, str(report)
