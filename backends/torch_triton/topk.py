@@ -75,6 +75,21 @@ def _choose_bin(b_hist, k_left, BINS: tl.constexpr):
 
 
 @triton.jit
+def _narrow_prefix(b_hist, k_left, prefix, BINS: tl.constexpr, RADIX: tl.constexpr):
+    """One radix pass's decision from the histogram of its digit: append the digit of the
+    k_left-th largest matching key to the prefix. Returns (prefix, k_left, done); once that digit's
+    bin is taken whole, done is 1 and k_left 0: every key >= the prefix is selected."""
+    chosen, above, in_bin = _choose_bin(b_hist, k_left, BINS)
+    k_left = k_left - above
+    prefix = (prefix << RADIX) | chosen.to(tl.uint32)
+    done = tl.zeros((), tl.int32)
+    if in_bin == k_left:
+        done = tl.full((), 1, tl.int32)
+        k_left = tl.zeros((), tl.int32)
+    return prefix, k_left, done
+
+
+@triton.jit
 def _topk_kernel(
     p_scores, p_key_start, p_key_end, p_indices, p_cand_key, p_cand_index,
     s_kv, topk, stride_s_m, stride_i_m,
@@ -145,12 +160,7 @@ def _topk_kernel(
                 if digit_pass > 0:
                     m_match = m_match & ((b_ckey >> (shift + RADIX)) == prefix)
                 b_chist = tl.histogram(((b_ckey >> shift) & (BINS - 1)).to(tl.int32), BINS, mask=m_match)
-                chosen, c_above, c_in_bin = _choose_bin(b_chist, k_left, BINS)
-                k_left = k_left - c_above
-                prefix = (prefix << RADIX) | chosen.to(tl.uint32)
-                if c_in_bin == k_left:
-                    done = tl.full((), 1, tl.int32)
-                    k_left = tl.zeros((), tl.int32)  # every candidate >= prefix << shift
+                prefix, k_left, done = _narrow_prefix(b_chist, k_left, prefix, BINS, RADIX)
             else:
                 prefix = prefix << RADIX
         # ---- 4. candidates above T, then the first k_left equal to T (k_left == 0: all >= T)
@@ -176,12 +186,7 @@ def _topk_kernel(
                     if digit_pass > 0:
                         m_match = m_match & ((b_key >> (shift + RADIX)) == prefix)
                     b_rhist += tl.histogram(((b_key >> shift) & (BINS - 1)).to(tl.int32), BINS, mask=m_match)
-                chosen, r_above, r_in_bin = _choose_bin(b_rhist, k_left, BINS)
-                k_left = k_left - r_above
-                prefix = (prefix << RADIX) | chosen.to(tl.uint32)
-                if r_in_bin == k_left:
-                    done = tl.full((), 1, tl.int32)
-                    k_left = tl.zeros((), tl.int32)
+                prefix, k_left, done = _narrow_prefix(b_rhist, k_left, prefix, BINS, RADIX)
             else:
                 prefix = prefix << RADIX
         # ---- 4'. as 4, over the row
