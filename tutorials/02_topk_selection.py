@@ -25,7 +25,11 @@
 # makes common (exact zeros, [tutorial 1](01_lightning_indexer.py)).
 
 # %%
-import matplotlib.pyplot as plt
+try:
+    import matplotlib.pyplot as plt
+except ModuleNotFoundError:
+    raise SystemExit("Tutorial 2 plots with matplotlib, which is not installed: pip install 'dsa-ref[plot]'") from None
+
 import numpy as np
 
 import dsa_ref

@@ -31,7 +31,11 @@
 # $$
 
 # %%
-import matplotlib.pyplot as plt
+try:
+    import matplotlib.pyplot as plt
+except ModuleNotFoundError:
+    raise SystemExit("Tutorial 3 plots with matplotlib, which is not installed: pip install 'dsa-ref[plot]'") from None
+
 import numpy as np
 
 import dsa_ref

@@ -30,7 +30,11 @@
 # run it through `dsa_ref.sparse_mla`.
 
 # %%
-import matplotlib.pyplot as plt
+try:
+    import matplotlib.pyplot as plt
+except ModuleNotFoundError:
+    raise SystemExit("Tutorial 4 plots with matplotlib, which is not installed: pip install 'dsa-ref[plot]'") from None
+
 import numpy as np
 
 import dsa_ref

@@ -31,7 +31,11 @@
 # the scale *up* to a power of two: $x/\sigma$ still fits, and dequantization is an exact shift.
 
 # %%
-import matplotlib.pyplot as plt
+try:
+    import matplotlib.pyplot as plt
+except ModuleNotFoundError:
+    raise SystemExit("Tutorial 5 plots with matplotlib, which is not installed: pip install 'dsa-ref[plot]'") from None
+
 import ml_dtypes
 import numpy as np
 

@@ -29,7 +29,11 @@
 # `dsa_ref.layer.training`, and watch an indexer learn.
 
 # %%
-import matplotlib.pyplot as plt
+try:
+    import matplotlib.pyplot as plt
+except ModuleNotFoundError:
+    raise SystemExit("Tutorial 7 plots with matplotlib, which is not installed: pip install 'dsa-ref[plot]'") from None
+
 import numpy as np
 
 from dsa_ref.layer import DSAConfig, DSALayer

@@ -26,13 +26,22 @@
 import inspect
 import os
 
-import torch
+try:
+    import matplotlib.pyplot as plt
+    import torch
+except ModuleNotFoundError as missing:
+    raise SystemExit(f"Tutorial 8 needs torch, triton and matplotlib, and {missing.name} is not installed: "
+                     "pip install 'dsa-ref[triton,plot]'") from None
 
 if not torch.cuda.is_available():
     # Before triton is imported: Triton decides when a kernel is defined whether to interpret it.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import matplotlib.pyplot as plt
+try:
+    import triton  # noqa: F401  (imported by the backend below; checked here to say what to install)
+except ModuleNotFoundError:
+    raise SystemExit("Tutorial 8 needs torch, triton and matplotlib, and triton is not installed: "
+                     "pip install 'dsa-ref[triton,plot]'") from None
 import numpy as np
 
 import dsa_ref

@@ -20,7 +20,11 @@
 # `dsa_ref.cost`, and finds where the two lines cross: the shape of the paper's Figure 3.
 
 # %%
-import matplotlib.pyplot as plt
+try:
+    import matplotlib.pyplot as plt
+except ModuleNotFoundError:
+    raise SystemExit("Tutorial 9 plots with matplotlib, which is not installed: pip install 'dsa-ref[plot]'") from None
+
 import numpy as np
 
 from dsa_ref import cost
