@@ -124,6 +124,35 @@ def test_generated_pages_show_the_cost_model_and_the_policy(built_site):
     assert "<code>bfloat16</code>" in policy and "1.6e-02" not in policy and "0.016" in policy
 
 
+# ---------------------------------------------------------------------------- the README
+def _python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", markdown, flags=re.MULTILINE | re.DOTALL)
+
+
+def test_readme_python_blocks_run_as_written(tmp_path):
+    pytest.importorskip("safetensors", reason="the README writes a checkpoint: pip install 'dsa-ref[layer]'")
+    blocks = _python_blocks((REPO / "README.md").read_text(encoding="utf-8"))
+    assert len(blocks) >= 2, "the README shows the ops and the layer"
+    program = "\n".join(blocks)  # one session, as a reader pastes them one after the other
+    for call in re.findall(r"dsa_attention\((?:[^()]|\([^()]*\))*\)", program):
+        assert "key_start=" in call and "key_end=" in call, f"a non-causal dsa_attention in the README: {call}"
+    for name in ("DSALayer", "load_layer", "causal_key_ranges"):
+        assert name in program, f"the README's code does not show {name}"
+    env = {key: value for key, value in os.environ.items() if key != "DSA_BACKEND"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"the README's code fails:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+
+
+def test_readme_says_how_to_install_each_extra_and_where_search_works():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    for command in ("pip install 'dsa-ref[triton]'", "pip install 'dsa-ref[cupy]'", "'dsa-ref[cupy12]'"):
+        assert command in text, command
+    assert "dsa-ref check" in text and "out of the box" in text
+    assert "file://" in text and "make docs-serve" in text  # the search box needs a served site
+
+
 # ---------------------------------------------------------------------------- the hooks, directly
 def test_report_pages_say_so_when_nothing_is_committed(hooks, tmp_path, monkeypatch):
     monkeypatch.setitem(hooks.REPORT_DIRS, "bench", tmp_path / "missing")
