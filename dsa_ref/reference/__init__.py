@@ -1,6 +1,7 @@
 """The NumPy reference of DeepSeek Sparse Attention: the spec every backend is checked against.
 
-Each function computes one equation in float64 and returns float32 (indices int32). They take
+Each function computes one equation in float64 and returns float32 (indices int32); each
+backward sits beside its forward (``sparse_mla_backward``, ``indexer_loss_backward``). They take
 the same arguments as the public, dispatched functions in :mod:`dsa_ref` but do no argument
 checking: call those for validated input, or these directly to read or step through the math.
 
@@ -20,22 +21,27 @@ from .formats import (
     unpack_kv_cache_fp8,
 )
 from .indexer import lightning_indexer
+from .indexer_loss import indexer_loss, indexer_loss_backward
 from .ranges import causal_key_ranges, slot_indices, varlen_key_ranges
-from .sparse_mla import sparse_mla, valid_slots
+from .sparse_mla import attention_target, sparse_mla, sparse_mla_backward, valid_slots
 from .topk import topk_indices
 
 __all__ = [
     "FP8_E4M3",
     "FP8_E4M3_MAX",
     "KV_CACHE_FP8_BYTES",
+    "attention_target",
     "causal_key_ranges",
     "dequantize_fp8",
     "fp8_block_scales",
+    "indexer_loss",
+    "indexer_loss_backward",
     "lightning_indexer",
     "pack_kv_cache_fp8",
     "quantize_fp8",
     "slot_indices",
     "sparse_mla",
+    "sparse_mla_backward",
     "topk_indices",
     "unpack_kv_cache_fp8",
     "valid_slots",

@@ -51,7 +51,8 @@ def sparse_mla(q, kv, indices, *, sm_scale=None, d_v: int = 512, topk_length=Non
 
     Returns:
         ``(out, lse)``: float32 ``[s_q, h, d_v]`` and float32 ``[s_q, h]``, lse in natural log.
-        A row with no valid slot gets ``out = 0`` and ``lse = -inf``: the log of an empty sum,
+        A row with no valid slot (``topk = 0`` included: every row is empty) gets ``out = 0``
+        and ``lse = -inf``: the log of an empty sum,
         which keeps ``exp(lse)`` equal to the softmax denominator and merges correctly with other
         partial results. FlashMLA reports ``+inf`` there instead (so that ``exp(-lse)`` stays
         finite in its combine kernel); compare against it with that in mind.
@@ -83,7 +84,7 @@ def sparse_mla(q, kv, indices, *, sm_scale=None, d_v: int = 512, topk_length=Non
         selected = np.take(kv_and_zero_row, rows_to_read[rows], axis=0)  # [c, topk, d_qk]
         logits = sm_scale * np.matmul(q[rows], selected.transpose(0, 2, 1))  # [c, h, topk]
         logits = np.where(chunk_valid[:, None, :], logits, -np.inf)  # [c, h, topk]
-        row_max = logits.max(axis=-1, keepdims=True)  # [c, h, 1]
+        row_max = logits.max(axis=-1, keepdims=True, initial=-np.inf)  # [c, h, 1]   -inf when topk = 0
         row_max = np.where(np.isneginf(row_max), 0.0, row_max)  # [c, h, 1]   empty rows stay finite
         probs = np.exp(logits - row_max)  # [c, h, topk]   unnormalized, 0 at invalid slots
         denom = probs.sum(axis=-1)  # [c, h]
@@ -97,3 +98,136 @@ def sparse_mla(q, kv, indices, *, sm_scale=None, d_v: int = 512, topk_length=Non
         with np.errstate(over="ignore"):
             out *= (1.0 / (1.0 + np.exp(sink - lse)))[..., None]  # [s_q, h, d_v]
     return out.astype(np.float32), lse.astype(np.float32)
+
+
+def _sink_factor(attn_sink, lse: np.ndarray) -> np.ndarray:
+    """``f = 1 / (1 + exp(attn_sink - lse))`` per (query, head): the share of the probability mass the
+    sink leaves to the tokens; 1 without a sink, 0 for an empty row (lse = -inf)."""
+    if attn_sink is None:
+        return np.where(np.isneginf(lse), 0.0, 1.0)  # [s_q, h]
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(as_float64(attn_sink)[None, :] - lse))  # [s_q, h]
+
+
+def sparse_mla_backward(q, kv, indices, out, lse, d_out, *, sm_scale=None, d_v: int = 512, topk_length=None,
+                        attn_sink=None, d_lse=None):
+    r"""Gradients of :func:`sparse_mla` with respect to ``q``, ``kv`` (and ``attn_sink``).
+
+    The backward of eq. (2), written as FlashAttention's: the probabilities are recomputed from the
+    forward's ``lse``, and ``D = Σ_d dout · out`` replaces the sum over slots. With
+    :math:`P_t = e^{\ell_t - \mathrm{lse}}` over the valid slots, :math:`K_t = kv_{\mathrm{idx}_t}`,
+    :math:`V_t = K_{t,:d_v}` and the sink's share :math:`f = 1/(1 + e^{\mathrm{sink} - \mathrm{lse}})`
+    (``out = f · Σ_t P_t V_t``; f = 1 without a sink):
+
+    .. math::
+
+        d\ell_t = P_t \big( f\,(dout \cdot V_t - D) + d\mathrm{lse} \big), \qquad
+        dq = \mathrm{sm\_scale} \sum_t d\ell_t\, K_t, \qquad
+        dkv_{\mathrm{idx}_t} \mathrel{+}= \mathrm{sm\_scale}\; d\ell_t\, q
+            + [\,:d_v\,]\; f\,P_t\, dout, \qquad
+        d\mathrm{sink} = -\sum_i D_i\,(1 - f_i)
+
+    summed over heads (all heads share one latent row per token). ``dkv`` of a row accumulates every
+    slot that read it: several queries, or one query twice (a duplicate index is two softmax slots
+    in the forward, so two contributions here). Invalid slots (index ``< 0`` or ``>= s_kv``, or past
+    ``topk_length``) contribute nothing and are never read; a row of ``kv`` that no valid slot reads
+    gets exactly 0, and a query with no valid slot gets ``dq = 0``.
+
+    Args:
+        q, kv, indices, sm_scale, d_v, topk_length, attn_sink: as for :func:`sparse_mla` (``kv`` in a
+            float dtype: the packed FP8 cache is an inference format and has no gradient).
+        out, lse: the forward's results (``out`` with the sink applied, natural-log ``lse``).
+        d_out: ``[s_q, h, d_v]`` gradient of the loss with respect to ``out``.
+        d_lse: ``[s_q, h]`` optional gradient with respect to ``lse``.
+
+    Returns:
+        ``(dq, dkv)``: float32 ``[s_q, h, d_qk]`` and float32 ``[s_kv, d_qk]``; with ``attn_sink``
+        also ``d_attn_sink``, float32 ``[h]``.
+
+    Computed in float64, in chunks of queries so that the ``[chunk, h, topk]`` intermediates stay
+    under :data:`~dsa_ref.reference._common.CHUNK_BYTES`.
+    """
+    q = as_float64(q)  # [s_q, h, d_qk]
+    kv = as_float64(kv)  # [s_kv, d_qk]
+    indices = np.asarray(indices)  # [s_q, topk]
+    out, lse, d_out = as_float64(out), as_float64(lse), as_float64(d_out)  # [s_q, h, d_v], [s_q, h], [s_q, h, d_v]
+    s_q, h, d_qk = q.shape
+    s_kv, topk = kv.shape[0], indices.shape[1]
+    if sm_scale is None:
+        sm_scale = d_qk**-0.5
+    d_lse = np.zeros((s_q, h)) if d_lse is None else as_float64(d_lse)  # [s_q, h]
+
+    valid = valid_slots(indices, s_kv, topk_length)  # [s_q, topk]
+    kv_and_zero_row = np.concatenate([kv, np.zeros((1, d_qk))])  # [s_kv + 1, d_qk]   invalid slots read zeros
+    rows_to_read = np.where(valid, indices, s_kv)  # [s_q, topk]
+    share = _sink_factor(attn_sink, lse)  # [s_q, h]   f
+    delta = np.einsum("ihd,ihd->ih", d_out, out)  # [s_q, h]   D = Σ_d dout · out
+    dq = np.zeros((s_q, h, d_qk))  # [s_q, h, d_qk]
+    dkv = np.zeros((s_kv + 1, d_qk))  # [s_kv + 1, d_qk]   the last row collects the invalid slots' zeros
+
+    for rows in query_chunks(s_q, bytes_per_query=8 * topk * (d_qk + 4 * h)):
+        chunk_valid = valid[rows][:, None, :]  # [c, 1, topk]
+        selected = np.take(kv_and_zero_row, rows_to_read[rows], axis=0)  # [c, topk, d_qk]
+        logits = sm_scale * np.matmul(q[rows], selected.transpose(0, 2, 1))  # [c, h, topk]
+        with np.errstate(over="ignore", invalid="ignore"):
+            probs = np.where(chunk_valid, np.exp(logits - lse[rows][..., None]), 0.0)  # [c, h, topk]   P_t
+        d_probs = np.matmul(d_out[rows], selected[:, :, :d_v].transpose(0, 2, 1))  # [c, h, topk]   dout · V_t
+        d_logits = probs * (share[rows][..., None] * (d_probs - delta[rows][..., None])
+                            + d_lse[rows][..., None])  # [c, h, topk]   dℓ_t
+        dq[rows] = sm_scale * np.matmul(d_logits, selected)  # [c, h, d_qk]
+        d_selected = sm_scale * np.matmul(d_logits.transpose(0, 2, 1), q[rows])  # [c, topk, d_qk]   as keys
+        d_selected[:, :, :d_v] += np.matmul((share[rows][..., None] * probs).transpose(0, 2, 1),
+                                            d_out[rows])  # [c, topk, d_v]   as values: f P_t dout
+        np.add.at(dkv, rows_to_read[rows].reshape(-1), d_selected.reshape(-1, d_qk))  # duplicates accumulate
+
+    dkv = dkv[:s_kv]  # [s_kv, d_qk]   drop the invalid slots' row
+    if attn_sink is None:
+        return dq.astype(np.float32), dkv.astype(np.float32)
+    d_sink = -np.sum(np.where(np.isneginf(lse), 0.0, delta * (1.0 - share)), axis=0)  # [h]
+    return dq.astype(np.float32), dkv.astype(np.float32), d_sink.astype(np.float32)
+
+
+def attention_target(q, kv, indices, lse, *, sm_scale=None, topk_length=None) -> np.ndarray:
+    r"""The indexer's training target over the selected slots (DeepSeek-V3.2-Exp, eqs. 3-4):
+    the main attention's probabilities summed over heads and L1-normalized per query.
+
+    .. math:: p_{i,t} = \frac{\sum_h P_{i,h,t}}{\sum_{t'} \sum_h P_{i,h,t'}}, \qquad
+              P_{i,h,t} = e^{\,\mathrm{sm\_scale}\; q_{i,h} \cdot kv_{\mathrm{idx}_{i,t}} - \mathrm{lse}_{i,h}}
+
+    The probabilities are recomputed from the forward's ``lse`` (no ``[s_q, h, topk]`` tensor is kept
+    between the two), without the attention sink: the sink takes mass from every token alike, and the
+    normalization removes it. A duplicate index is two slots, each with its own probability.
+
+    Args:
+        q, kv, indices, sm_scale, topk_length: as for :func:`sparse_mla` (``kv`` may be the packed
+            FP8 cache: the target needs no gradient).
+        lse: ``[s_q, h]`` the forward's natural-log lse.
+
+    Returns:
+        float32 ``[s_q, topk]``: each row sums to 1 over its valid slots, 0 at invalid slots; a row
+        with no valid slot is all 0.
+    """
+    kv = np.asarray(kv)
+    if kv.dtype == np.uint8 and kv.shape[-1] == KV_CACHE_FP8_BYTES:
+        kv = unpack_kv_cache_fp8(kv)  # [s_kv, 576]
+    q, kv, lse = as_float64(q), as_float64(kv), as_float64(lse)  # [s_q, h, d_qk], [s_kv, d_qk], [s_q, h]
+    indices = np.asarray(indices)  # [s_q, topk]
+    s_q, h, d_qk = q.shape
+    s_kv, topk = kv.shape[0], indices.shape[1]
+    if sm_scale is None:
+        sm_scale = d_qk**-0.5
+    valid = valid_slots(indices, s_kv, topk_length)  # [s_q, topk]
+    kv_and_zero_row = np.concatenate([kv, np.zeros((1, d_qk))])  # [s_kv + 1, d_qk]
+    rows_to_read = np.where(valid, indices, s_kv)  # [s_q, topk]
+    head_sum = np.zeros((s_q, topk))  # [s_q, topk]
+    for rows in query_chunks(s_q, bytes_per_query=8 * topk * (d_qk + 2 * h)):
+        selected = np.take(kv_and_zero_row, rows_to_read[rows], axis=0)  # [c, topk, d_qk]
+        logits = sm_scale * np.matmul(q[rows], selected.transpose(0, 2, 1))  # [c, h, topk]
+        with np.errstate(over="ignore", invalid="ignore"):
+            probs = np.where(valid[rows][:, None, :], np.exp(logits - lse[rows][..., None]), 0.0)  # [c, h, topk]
+        head_sum[rows] = probs.sum(axis=1)  # [c, topk]   Σ_h P
+    total = head_sum.sum(axis=1, keepdims=True)  # [s_q, 1]
+    with np.errstate(invalid="ignore"):
+        target = np.where(total > 0, head_sum / np.where(total > 0, total, 1.0), 0.0)  # [s_q, topk]
+    target = np.where(np.isnan(total), np.nan, target)  # NaN in an input is reported, not hidden
+    return target.astype(np.float32)
