@@ -13,20 +13,24 @@ ifeq ($(HAS_GPU),)
 export TRITON_INTERPRET ?= 1
 endif
 PYTEST_ARGS ?=
+# backends/ is installed as dsa_ref_backends, so setuptools makes the editable install through an
+# import hook and says so in a notice ("Editable installation ... folders with the same name");
+# it is information, not a problem, and the only thing an install would otherwise print.
+EDITABLE := PYTHONWARNINGS="ignore:Editable installation:UserWarning"
 
 .PHONY: demo test test-fast docs docs-serve clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip "setuptools>=64" wheel
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
 
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -q --no-build-isolation -e .
+	$(EDITABLE) $(PIP) install -q --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PIP) install -q "$(TORCH_PIN)" "$(TRITON_PIN)"
-	$(PIP) install -q --no-build-isolation -e ".[test,plot,layer,docs]" pytest-xdist
+	$(EDITABLE) $(PIP) install -q --no-build-isolation -e ".[test,plot,layer,docs]" pytest-xdist
 	touch $@
 
 demo: $(VENV)/.installed

@@ -253,7 +253,9 @@ def _probe_device() -> list[str]:
     try:
         import cupy
     except Exception as error:  # ImportError, or a broken CUDA install
-        return [f"cupy is not importable ({type(error).__name__}: {error}); install dsa-ref[cupy13]"]
+        # The extras named here are pyproject.toml's; tests/test_packaging.py keeps the two in step.
+        return [f"cupy is not importable ({type(error).__name__}: {error}); "
+                "pip install 'dsa-ref[cupy]' (CUDA 13; 'dsa-ref[cupy12]' for CUDA 12)"]
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as error:
