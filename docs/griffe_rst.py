@@ -8,7 +8,12 @@ verbatim. Before mkdocstrings renders them, this extension rewrites, in every do
   where they do not, so a reference can never break the strict build); ``~`` keeps the last name;
 * ``:math:`...``` into inline math, and ``.. math::`` blocks into display math;
 * definition lists (a bare name, then its indented description) into bullet lists;
-* a paragraph ending in ``::`` before an indented literal block: the ``::`` becomes ``:``.
+* a paragraph ending in ``::`` before an indented literal block: the ``::`` becomes ``:``;
+* in ``Args:`` sections, an entry naming several parameters (``key_start, key_end: ...``) into
+  one entry per parameter, so each is matched to its signature (the Google parser would take
+  ``"key_start, key_end"`` for one unknown name, shown without its default, as *required*);
+* the leading shape and dtype of an entry (``q: ``[s_q, h, d]`` float ...``) into the entry's
+  type, for a parameter without an annotation, so the parameter tables have a type column.
 """
 
 from __future__ import annotations
@@ -64,9 +69,78 @@ def _math_block(match: re.Match) -> str:
     return "\n".join(lines) + "\n"
 
 
+_ARGS_HEADER = re.compile(r"^(?P<indent>[ \t]*)(?:Args|Arguments|Parameters|Keyword Args|Keyword Arguments"
+                          r"|Other Parameters):[ \t]*$")
+_ARG_ENTRY = re.compile(r"^(?P<indent>[ \t]+)(?P<names>[\w*][^:()]*?)(?P<type>[ \t]*\([^)]*\))?:(?:[ \t]+(?P<text>.*))?$")
+_ONE_NAME = re.compile(r"^(?P<name>\*{0,2}\w+)(?:[ \t]+``(?P<shape>\[[^`]*\])``)?$")
+_DTYPE = r"(?:u?int(?:8|16|32|64)?|float(?:8_e4m3fn|16|32|64)?|bfloat16|bool)(?:/(?:\d+|\w+))*(?![\w/])"
+_TYPE_WORD = rf"(?:``\[[^`]*\]``|{_DTYPE})"
+_LEADING_TYPE = re.compile(rf"^(?P<type>{_TYPE_WORD}(?:(?:,[ \t]*|[ \t]+or[ \t]+|[ \t]+){_TYPE_WORD})*)(?P<rest>.*)$")
+
+
+def _annotated(obj: Object, name: str) -> bool:
+    try:
+        parameter = obj.parameters[name.lstrip("*")]
+    except (AttributeError, KeyError, TypeError):
+        return False
+    return parameter.annotation is not None
+
+
+def _split_entry(match: re.Match, continuation: list[str], obj: Object) -> list[str] | None:
+    """One ``Args:`` entry as one entry per named parameter, with a type taken from the text."""
+    pieces = [_ONE_NAME.match(piece.strip()) for piece in match.group("names").split(",")]
+    if not all(pieces):
+        return None
+    indent, text, typed = match.group("indent"), match.group("text") or "", match.group("type")
+    lines = []
+    for piece in pieces:
+        name, own_shape = piece.group("name"), piece.group("shape")
+        kind, description = typed, text
+        if kind is None and not _annotated(obj, name):
+            leading = _LEADING_TYPE.match(text) if own_shape is None else None
+            if own_shape is not None:
+                kind = f" ({own_shape})"
+            elif leading:
+                kind = f" ({leading.group('type').replace('``', '')})"
+                description = leading.group("rest").lstrip(" ,;:")
+                description = "" if description in (".", "") else description
+        lines.append(f"{indent}{name}{kind or ''}:{' ' + description if description else ''}")
+        lines.extend(continuation)
+    return lines
+
+
+def _parameter_entries(text: str, obj: Object) -> str:
+    lines, out, i = text.split("\n"), [], 0
+    while i < len(lines):
+        header = _ARGS_HEADER.match(lines[i])
+        out.append(lines[i])
+        i += 1
+        if not header:
+            continue
+        section_indent = len(header.group("indent").expandtabs())
+        while i < len(lines):
+            line = lines[i]
+            if line.strip() and len(line) - len(line.lstrip()) <= section_indent:
+                break  # the section ended
+            entry = _ARG_ENTRY.match(line)
+            if not entry:
+                out.append(line)
+                i += 1
+                continue
+            depth = len(entry.group("indent").expandtabs())
+            j = i + 1
+            while j < len(lines) and lines[j].strip() and len(lines[j]) - len(lines[j].lstrip()) > depth:
+                j += 1
+            split = _split_entry(entry, lines[i + 1:j], obj)
+            out.extend(lines[i:j] if split is None else split)
+            i = j
+    return "\n".join(out)
+
+
 def convert(text: str, obj: Object) -> str:
     text = _MATH_BLOCK.sub(_math_block, text + "\n")
     text = _LITERAL_MARKER.sub(":\n", text)
+    text = _parameter_entries(text, obj)
     text = _DEFINITION.sub(_definition, text).rstrip("\n")
     text = _MATH_ROLE.sub(lambda m: f"${m.group('tex').strip()}$", text)
 

@@ -246,6 +246,59 @@ def render_reports(kind: str, up: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _context_label(case: str) -> str:
+    """``"DSA prefill S=T=8192 h 128"`` -> ``"8K tokens (S=T=8192 h 128)"``; other names as they are."""
+    match = re.search(r"S=T=(\d+)", case)
+    if not match:
+        return f"`{case}`"
+    tokens = int(match.group(1))
+    short = f"{tokens // 1024}K" if tokens % 1024 == 0 else f"{tokens:,}"
+    return f"{short} tokens (`{case}`)"
+
+
+def render_bench_summary(path: Path | None = None) -> str:
+    """Where the committed benchmark ran, and, in words, where DSA is slower or faster than dense
+    attention: computed from ``bench.json`` (its ``dsa`` rows, each case's ``baseline`` row
+    against the fastest DSA implementation, naive ones aside), so it follows the data."""
+    path = REPORT_DIRS["bench"] / "bench.json" if path is None else path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    env = data.get("environment", {})
+    versions = ", ".join(f"{name} {env[key]}" for name, key in (("driver", "driver"), ("CUDA", "cuda"),
+                                                                 ("torch", "torch"), ("triton", "triton"))
+                         if env.get(key))
+    lines = [f"Measured on **{env.get('device', 'an unrecorded device')}**, {env.get('date', 'date not recorded')}"
+             + (f" ({versions})." if versions else ".")]
+    cases: dict[str, list[dict]] = {}
+    for row in data.get("rows", []):
+        if row.get("group") == "dsa" and isinstance(row.get("ms"), (int, float)):
+            cases.setdefault(row["case"], []).append(row)
+    verdicts = []
+    for case, rows in cases.items():
+        dense = [row for row in rows if row.get("baseline")]
+        sparse = [row for row in rows if not row.get("baseline") and not row["impl"].startswith("naive")]
+        if not dense or not sparse:
+            continue
+        dense, best = min(dense, key=lambda row: row["ms"]), min(sparse, key=lambda row: row["ms"])
+        slower = best["ms"] > dense["ms"]
+        ratio = best["ms"] / dense["ms"] if slower else dense["ms"] / best["ms"]
+        verdicts.append((slower, f"at {_context_label(case)} DSA is **{'slower' if slower else 'faster'}** than dense "
+                                 f"attention: its fastest implementation, {best['impl']}, takes {best['ms']:.3g} ms "
+                                 f"against {dense['ms']:.3g} ms for {dense['impl']} "
+                                 f"({ratio:.2f}x {'the time' if slower else 'faster'})"))
+    if verdicts:
+        slower_at = [text for slower, text in verdicts if slower]
+        lines += ["", "Whole DSA prefill against dense attention on this GPU:", ""]
+        lines += [f"* {text[0].upper()}{text[1:]}." for _, text in verdicts]
+        lines += ["", "DSA is slower than dense attention at every measured length." if len(slower_at) == len(verdicts)
+                  else "DSA is faster than dense attention at every measured length." if not slower_at
+                  else "Below the crossover, the indexer and the top-k cost more than the dense attention they save; "
+                       "see the [cost model](../concepts/cost-model.md) for where it lies in FLOPs and bytes."]
+    return "\n".join(lines) + "\n"
+
+
 def render_cost_table() -> str:
     from dsa_ref import cost
 
@@ -302,6 +355,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
             if arg not in REPORT_DIRS:
                 raise PluginError(f"{page.file.src_uri}: unknown report folder {arg!r}")
             return render_reports(arg, up)
+        if what == "bench-summary":
+            return render_bench_summary()
         if what == "cost-table":
             return render_cost_table()
         if what == "tolerance-table":

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import functools
 import http.server
+import inspect
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -114,6 +116,42 @@ def test_api_pages_render_docstrings_without_rst_leftovers(built_site):
     assert 'class="autorefs autorefs-internal"' in html  # roles became links
 
 
+def _parameter_rows(html: str) -> list[dict[str, str]]:
+    """The rows of every parameter table of an API page: name, type, description, default (as text)."""
+    rows = []
+    for table in re.findall(r'<span class="doc-section-title">Parameters:</span>.*?</table>', html, flags=re.DOTALL):
+        for row in re.findall(r'<tr class="doc-section-item">(.*?)</tr>', table, flags=re.DOTALL):
+            cells = [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", cell)).strip()
+                     for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.DOTALL)]
+            if len(cells) == 4:
+                rows.append(dict(zip(("name", "type", "description", "default"), cells)))
+    return rows
+
+
+def test_api_parameter_tables_show_defaults_and_types(built_site):
+    import html as html_module
+
+    pages = {page.parent.name: html_module.unescape(page.read_text(encoding="utf-8"))
+             for page in (built_site / "api").glob("*/index.html")}
+    rows = {name: _parameter_rows(text) for name, text in pages.items()}
+    ops = rows["dsa_ref"]
+    assert ops, "no parameter table on the dsa_ref page"
+    grouped = [row["name"] for page in rows.values() for row in page if "," in row["name"] or " " in row["name"]]
+    assert not grouped, f"entries naming several parameters (the parser takes them for one unknown name): {grouped}"
+    for name in ("sm_scale", "key_start", "key_end", "k_scale", "d_v"):
+        found = [row for row in ops if row["name"] == name]
+        assert found, f"{name} is not in the parameter tables of the dsa_ref page"
+        for row in found:
+            assert row["default"] != "required" and row["default"], f"{name} has a default but shows {row}"
+    assert [row["default"] for row in ops if row["name"] == "d_v"] == ["512", "512"]
+    assert all(row["default"] == "required" for row in ops if row["name"] in ("q", "kv", "topk"))
+    typed = [row for page in rows.values() for row in page if row["type"]]
+    total = sum(len(page) for page in rows.values())
+    assert len(typed) >= 0.6 * total, f"only {len(typed)} of {total} parameters show a type"
+    indexer_q = next(row for row in ops if row["name"] == "q")
+    assert "[s_q, h_i, d_i]" in indexer_q["type"] and "float8_e4m3fn" in indexer_q["type"], indexer_q
+
+
 def test_generated_pages_show_the_cost_model_and_the_policy(built_site):
     from dsa_ref import cost
 
@@ -185,6 +223,42 @@ def test_report_pages_render_committed_files(hooks, tmp_path, monkeypatch):
     assert "## Conformance on H100" in hooks.render_reports("reports", "../")
 
 
+def _bench_json(path: Path, dense_ms: dict[int, float], dsa_ms: dict[int, float]) -> Path:
+    rows = []
+    for tokens in dense_ms:
+        case = f"DSA prefill S=T={tokens} h 128"
+        rows += [{"group": "dsa", "case": case, "impl": "dense SDPA", "ms": dense_ms[tokens], "baseline": True},
+                 {"group": "dsa", "case": case, "impl": "triton", "ms": dsa_ms[tokens]},
+                 {"group": "dsa", "case": case, "impl": "cupy", "ms": dsa_ms[tokens] * 2},
+                 {"group": "dsa", "case": case, "impl": "naive PyTorch DSA", "ms": dense_ms[tokens] / 100}]
+    rows.append({"group": "topk", "case": "top-k", "impl": "triton", "ms": 0.1})
+    path.write_text(json.dumps({"environment": {"device": "NVIDIA Test GPU", "date": "2031-02-03T04:05:06+00:00",
+                                                "cuda": "13.1"}, "rows": rows}))
+    return path
+
+
+def test_bench_summary_says_where_dsa_is_slower_than_dense(hooks, tmp_path):
+    text = hooks.render_bench_summary(_bench_json(tmp_path / "bench.json", {8192: 5.0, 65536: 300.0},
+                                                  {8192: 20.0, 65536: 250.0}))
+    assert "Measured on **NVIDIA Test GPU**, 2031-02-03T04:05:06+00:00 (CUDA 13.1)." in text
+    lines = [line for line in text.splitlines() if line.startswith("* ")]
+    assert len(lines) == 2, text
+    assert lines[0].startswith("* At 8K tokens") and "**slower**" in lines[0] and "4.00x the time" in lines[0]
+    assert "20 ms against 5 ms" in lines[0]  # the fastest DSA, not the naive one nor the slower backend
+    assert lines[1].startswith("* At 64K tokens") and "**faster**" in lines[1] and "1.20x faster" in lines[1]
+
+    everywhere_faster = hooks.render_bench_summary(_bench_json(tmp_path / "fast.json", {8192: 30.0}, {8192: 10.0}))
+    assert "**faster**" in everywhere_faster and "**slower**" not in everywhere_faster
+    assert "faster than dense attention at every measured length" in everywhere_faster
+    assert hooks.render_bench_summary(tmp_path / "missing.json") == ""
+
+
+def test_bench_summary_follows_the_committed_json(hooks):
+    data = json.loads((hooks.REPORT_DIRS["bench"] / "bench.json").read_text())
+    text = hooks.render_bench_summary()
+    assert f"**{data['environment']['device']}**" in text and data["environment"]["date"] in text
+
+
 def test_tutorial_list_links_every_tutorial(hooks):
     text = hooks.render_tutorial_list("../")
     for tutorial in TUTORIALS:
@@ -215,6 +289,18 @@ def test_griffe_extension_rewrites_roles_and_math():
     assert "- `name`: Short name, selected by." in listed and "as a toml:\n\n    [x]" in listed
     docstring = package["reference"]["sparse_mla"]["sparse_mla"].docstring.value
     assert ".. math::" not in docstring and "$$" in docstring  # the extension ran on load
+
+    def f(a, b, c: int = 1, d=None):
+        """Doc."""
+
+    function = griffe.visit("m", filepath=Path("m.py"), code=textwrap.dedent(inspect.getsource(f)))["f"]
+    entries = griffe_rst.convert("Args:\n    a, b: ``[n, d]`` float rows,\n        continued.\n"
+                                 "    c: int32 ``[n]``: counts.\n    d: default ``None``.\n\nAfter.", function)
+    assert ("    a ([n, d] float): rows,\n        continued.\n    b ([n, d] float): rows,\n        continued.\n"
+            "    c: int32 ``[n]``: counts.\n    d: default ``None``.") in entries  # c is annotated: no second type
+    parsed = griffe.Docstring(entries, parent=function).parse("google")
+    parameters = next(section for section in parsed if section.kind.value == "parameters").value
+    assert [(p.name, p.default) for p in parameters] == [("a", None), ("b", None), ("c", "1"), ("d", "None")]
 
 
 # ---------------------------------------------------------------------------- the browser
