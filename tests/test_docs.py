@@ -259,6 +259,19 @@ def test_bench_summary_follows_the_committed_json(hooks):
     assert f"**{data['environment']['device']}**" in text and data["environment"]["date"] in text
 
 
+def test_the_layer_docs_name_the_version_of_the_official_code_they_follow():
+    from dsa_ref.layer import indexer
+
+    concept = (DOCS / "pages" / "concepts" / "indexer.md").read_text(encoding="utf-8")
+    for text in (concept, indexer.__doc__):
+        assert "2025-11-17" in text and "non-interleaved" in text and "DeepseekV32Attention" in text, text[:400]
+
+
+def test_home_page_says_where_search_works():
+    home = (DOCS / "pages" / "index.md").read_text(encoding="utf-8")
+    assert "file://" in home and "make docs-serve" in home
+
+
 def test_tutorial_list_links_every_tutorial(hooks):
     text = hooks.render_tutorial_list("../")
     for tutorial in TUTORIALS:
@@ -336,7 +349,7 @@ def browser(tmp_path_factory):
     options.binary_location = binary
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,1000",
+                 "--disable-dev-shm-usage", f"--window-size={WINDOW_WIDTH},1000",
                  f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -350,7 +363,11 @@ PAGES = {
     "home": ("", 1),
     "tutorial": ("tutorials/01_lightning_indexer/", 3),
     "api": ("api/reference/", 3),
+    "benchmarks": ("results/benchmarks/", 1),
+    "cost-model": ("concepts/cost-model/", 1),
 }
+#: What the pages are checked at: a laptop-class window, where the content column used to be too narrow.
+WINDOW_WIDTH = 1400
 
 
 @pytest.mark.parametrize("page", list(PAGES))
@@ -388,5 +405,52 @@ def test_page_in_a_browser(page, served_site, browser):
             "return [...document.querySelectorAll('.jp-RenderedMarkdown')].map(e => e.innerText)"
             ".join(' ').match(/\\$[^$\\s][^$]*\\$/g)")
         assert not leftover, leftover
+    layout = browser.execute_script("""
+        const scrolls = e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowX);
+        const cut = e => e.scrollWidth > e.clientWidth + 1 && !scrolls(e);
+        const column = document.querySelector('.md-content__inner');
+        return {
+            window: window.innerWidth,
+            column: column.clientWidth,
+            cutCode: [...document.querySelectorAll('article pre > code')].filter(cut).length,
+            cutTables: [...document.querySelectorAll('article table')].filter(table => {
+                const wrap = table.closest('.md-typeset__scrollwrap') || table.parentElement;
+                return table.scrollWidth > wrap.clientWidth + 1 && !scrolls(wrap) && !scrolls(table);
+            }).length,
+            pageScrollsSideways: document.documentElement.scrollWidth > window.innerWidth + 1,
+            shrunkImages: [...document.querySelectorAll('article img')].filter(i => i.naturalWidth > 0).map(i => ({
+                src: i.src.slice(0, 60), rendered: i.getBoundingClientRect().width, natural: i.naturalWidth,
+                room: i.parentElement.clientWidth,
+            })).filter(i => i.rendered + 1 < Math.min(i.natural, i.room)),
+        };""")
+    assert layout["window"] >= WINDOW_WIDTH - 20, layout
+    # Material stops its grid at 1220 px, which left about 730 px of content between the sidebars.
+    assert layout["column"] >= 850, layout
+    assert layout["cutCode"] == 0 and layout["cutTables"] == 0 and not layout["pageScrollsSideways"], layout
+    assert not layout["shrunkImages"], layout
+    if page in ("benchmarks", "cost-model"):
+        _check_a_shrunk_plot_opens_at_full_size(browser, page)
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def _check_a_shrunk_plot_opens_at_full_size(browser, page: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    images = [image for image in browser.find_elements(By.CSS_SELECTOR, "article img")
+              if browser.execute_script("return arguments[0].naturalWidth > arguments[0].clientWidth + 1", image)]
+    assert images, f"{page}: no plot wider than the column (the plots are larger than any column)"
+    image = images[0]
+    assert "dsa-zoomable" in image.get_attribute("class"), f"{page}: a shrunk plot is not marked zoomable"
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", image)
+    image.click()
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".dsa-zoom-overlay img"))
+    opened = browser.execute_script("""
+        const shown = document.querySelector('.dsa-zoom-overlay img');
+        return {rendered: shown.getBoundingClientRect().width, natural: shown.naturalWidth};""")
+    assert abs(opened["rendered"] - opened["natural"]) <= 1, opened
+    browser.save_screenshot(str(ARTIFACTS / f"{page}-plot-full-size.png"))
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    WebDriverWait(browser, 10).until(lambda d: not d.find_elements(By.CSS_SELECTOR, ".dsa-zoom-overlay"))

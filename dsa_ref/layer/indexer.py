@@ -1,7 +1,11 @@
 """The lightning indexer's projections: where q_I, k_I and the head weights w come from.
 
 The scores themselves (paper eq. 1) are the core op :func:`dsa_ref.lightning_indexer`; this file
-computes its inputs exactly as the official DeepSeek-V3.2 inference code does:
+computes its inputs as the official DeepSeek-V3.2-Exp inference code does since its 2025-11-17
+fix, which made the indexer's RoPE non-interleaved (the first release rotated interleaved pairs;
+vLLM PR 28968 and SGLang PR 13495 carry the same fix). Checked against it to 1.3e-6, and against
+transformers 5.24's ``DeepseekV32Attention`` to 4e-7 (ties at the top-k boundary aside; that
+indexer has no Hadamard rotation and no fp8):
 
 1. ``q_I = wq_b_I(c^Q)`` per head and ``k_I = LayerNorm(wk_I(h))``, one key per token;
 2. RoPE on the **first** ``qk_rope_head_dim`` dims, half-split (non-interleaved) pairs;
