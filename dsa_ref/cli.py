@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import platform
 import shutil
 import sys
@@ -35,12 +36,38 @@ def _devices() -> list[str]:
     return lines
 
 
+#: Exit status of ``info`` when the active backend cannot run here (its name is valid).
+INFO_ACTIVE_UNAVAILABLE = 1
+#: Exit status of ``info`` when the active backend's name is not a valid backend.
+INFO_ACTIVE_INVALID = 2
+
+
+def _active_backend_problem(name: str) -> tuple[int, str | None]:
+    """(exit status, why) for the active backend ``name``; ``(0, None)`` when it can run here."""
+    try:
+        registry.get_backend(name)
+    except registry.BackendUnavailableError as exc:
+        return INFO_ACTIVE_UNAVAILABLE, str(exc).removeprefix(f"backend {name!r} cannot run here: ")
+    except (ValueError, TypeError) as exc:
+        if name.startswith(registry.MODULE_PREFIX) or name in registry.backend_names():
+            return INFO_ACTIVE_INVALID, str(exc)
+        return INFO_ACTIVE_INVALID, (f"{name!r} is not a valid backend name; valid names: "
+                                     f"{', '.join(registry.backend_names())} "
+                                     f"(or {registry.MODULE_PREFIX}package.module:Class)")
+    return 0, None
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import ml_dtypes
 
     print(f"dsa-ref {__version__} on Python {platform.python_version()}, numpy {np.__version__}, "
           f"ml_dtypes {ml_dtypes.__version__}")
-    print(f"active backend: {registry.active_backend_name()} (DSA_BACKEND / use_backend / backend=)")
+    name = registry.active_backend_name()
+    chosen_by = (f"set by {registry.ENV_VAR}" if os.environ.get(registry.ENV_VAR) == name
+                 else f"the default; set {registry.ENV_VAR} to change it")
+    status, problem = _active_backend_problem(name)
+    verdict = {0: "", INFO_ACTIVE_UNAVAILABLE: " CANNOT RUN HERE", INFO_ACTIVE_INVALID: " is INVALID"}[status]
+    print(f"active backend: {name} ({chosen_by}){verdict}" + (f": {problem}" if problem else ""))
     print("backends:")
     for info in registry.list_backends():
         state = "available" if info.available else "unavailable"
@@ -51,7 +78,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("devices:")
     for line in _devices():
         print(f"  {line}")
-    return 0
+    if problem is not None:
+        # Also on stderr: `dsa-ref info | grep ...` and scripts should still see why it failed.
+        print(f"dsa-ref info: active backend {name!r}{verdict.lower()}: {problem}", file=sys.stderr)
+    return status
 
 
 # ---------------------------------------------------------------------------- check
@@ -91,7 +121,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dsa-ref {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    info = commands.add_parser("info", help="version, backends (with why any cannot run), devices")
+    info = commands.add_parser(
+        "info", help="version, backends (with why any cannot run), devices",
+        description="Version, backends (with why any cannot run) and devices. Exit status: 0 when the "
+                    f"active backend can run, {INFO_ACTIVE_UNAVAILABLE} when it cannot run here, "
+                    f"{INFO_ACTIVE_INVALID} when its name ({registry.ENV_VAR}) is not a valid backend.")
     info.set_defaults(func=cmd_info)
 
     from .demo import add_arguments as demo_arguments, run as demo_run
@@ -120,12 +154,30 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: 128 + SIGPIPE: what a shell reports for a tool that the signal ended, the usual fate of a writer
+#: whose reader closed the pipe.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except (registry.BackendUnavailableError, ValueError, TypeError) as exc:
-        print(f"dsa-ref {args.command}: {exc}", file=sys.stderr)
-        return 2
+        try:
+            command = next((arg for arg in argv if not arg.startswith("-")), None)
+            args = build_parser(command).parse_args(argv)
+            try:
+                return int(args.func(args) or 0)
+            except (registry.BackendUnavailableError, ValueError, TypeError) as exc:
+                print(f"dsa-ref {args.command}: {exc}", file=sys.stderr)
+                return 2
+        finally:
+            # Output that fits the buffer meets a closed pipe only here, or at exit, where the
+            # error could no longer be handled.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`dsa-ref demo | head -1`): stop quietly, with the status of a
+        # process ended by SIGPIPE, like other Unix tools. Python would flush stdout again at exit
+        # and fail again, so stdout is pointed at devnull first (as the signal module's docs advise).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

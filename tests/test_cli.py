@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 from dsa_ref.cli import main
 
@@ -16,6 +19,49 @@ def test_info_lists_every_backend_with_reasons(capsys):
     for name in ("triton", "cupy"):
         assert re.search(rf"{name}\s+(un)?available", out)
     assert "devices:" in out
+
+
+def _active_backend_line(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("active backend:"))
+
+
+def test_info_of_a_chosen_backend_that_can_run_says_where_the_choice_came_from(monkeypatch, capsys):
+    monkeypatch.setenv("DSA_BACKEND", "numpy")
+    assert main(["info"]) == 0
+    captured = capsys.readouterr()
+    assert _active_backend_line(captured.out) == "active backend: numpy (set by DSA_BACKEND)"
+    assert captured.err == ""
+
+
+def test_info_of_an_invalid_backend_name_says_so_with_the_valid_names_and_exits_2(monkeypatch, capsys):
+    monkeypatch.setenv("DSA_BACKEND", "nonsense")
+    assert main(["info"]) == 2
+    captured = capsys.readouterr()
+    line = _active_backend_line(captured.out)
+    assert line.startswith("active backend: nonsense (set by DSA_BACKEND) is INVALID: ")
+    assert "valid names: cupy, numpy, triton" in line
+    assert re.search(r"numpy\s+available", captured.out)  # the rest of the report still comes
+    assert "'nonsense' is not a valid backend name" in captured.err
+
+
+def test_info_of_a_backend_that_cannot_run_here_gives_its_reasons_and_exits_1(monkeypatch, capsys):
+    from dsa_ref import registry
+
+    cupy_backend = registry._load("cupy")
+    monkeypatch.setattr(cupy_backend, "unavailable_reasons", lambda: ["no CUDA device"])
+    monkeypatch.setenv("DSA_BACKEND", "cupy")
+    assert main(["info"]) == 1
+    captured = capsys.readouterr()
+    assert _active_backend_line(captured.out) == "active backend: cupy (set by DSA_BACKEND) CANNOT RUN HERE: no CUDA device"
+    assert re.search(r"cupy\s+unavailable", captured.out)
+    assert "active backend 'cupy' cannot run here: no CUDA device" in captured.err
+
+
+def test_info_help_documents_the_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 when it cannot run here" in out and "2 when its name (DSA_BACKEND) is not a valid backend" in out
 
 
 def test_demo_narrates_a_dsa_step_and_the_sparse_output_matches_dense(capsys):
@@ -44,3 +90,17 @@ def test_check_of_an_unknown_backend_fails_with_the_reason(capsys):
 def test_python_dash_m_and_demo_errors():
     result = subprocess.run([sys.executable, "-m", "dsa_ref", "demo", "--tokens", "1"], capture_output=True, text=True)
     assert result.returncode == 2 and "--tokens must be >= 2" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["demo", "--tokens", "32", "--heads", "2", "--topk", "8"], ["info"]])
+def test_a_reader_that_closed_the_pipe_ends_the_command_quietly(command):
+    # `dsa-ref demo | head -1`, made deterministic: the reader is gone before the first write.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "dsa_ref", *command], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == 141  # 128 + SIGPIPE, as for any tool the signal ends
