@@ -28,7 +28,39 @@ from dsa_ref_backends.torch_triton import dsa, indexer, sparse_mla, topk  # noqa
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-pytestmark = pytest.mark.usefixtures("poisoned_torch_outputs")
+
+@pytest.fixture
+def boolean_masks_only(monkeypatch):
+    """Under the interpreter, a load or store with a mask that is not boolean fails the test.
+
+    Triton >= 3.9's interpreter refuses such a mask (``ValueError: mask has unsupported dtype``);
+    earlier ones take any integer as one, so without this check a kernel that builds one passes
+    on those and fails on the newer. (The interpreter makes one when a comparison of scalars is
+    combined with a block: the broadcast scalar is stored as the compared operands' type.)
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+
+    def boolean_mask_required(original, mask_position):
+        def call(self, *args):
+            mask = args[mask_position]
+            assert mask.data.dtype == np.bool_, (
+                f"{original.__name__}: mask stored as {mask.data.dtype} (a Triton >= 3.9 interpreter refuses it): "
+                "build the mask from comparisons of blocks, not from a scalar predicate broadcast to one")
+            return original(self, *args)
+        return call
+
+    # Positional: (ptrs, mask, other, ...) and (ptrs, value, mask, ...) on every Triton from 3.6 to 3.9.
+    monkeypatch.setattr(builder, "create_masked_load", boolean_mask_required(builder.create_masked_load, 1))
+    monkeypatch.setattr(builder, "create_masked_store", boolean_mask_required(builder.create_masked_store, 2))
+    yield
+
+
+pytestmark = pytest.mark.usefixtures("poisoned_torch_outputs", "boolean_masks_only")
 DEVICE = TritonBackend().device()
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float8_e4m3fn": torch.float8_e4m3fn}

@@ -122,7 +122,11 @@ def _topk_kernel(
     else:
         coarse, above, in_bin = _choose_bin(b_hist, topk, BINS)
         k_left = topk - above  # keys still to take from the threshold bin
-    whole_bin = in_bin == k_left
+    # Pass 2 writes out every key whose digit is >= lowest_out: the bins above the threshold bin,
+    # and the threshold bin too when it is taken whole. One integer compare per key, so the mask
+    # needs no scalar predicate broadcast against the block (Triton's interpreter materializes such
+    # a broadcast as int32, which Triton >= 3.9 refuses as a load/store mask).
+    lowest_out = tl.where(in_bin == k_left, coarse, coarse + 1)
     copy = (in_bin <= CANDIDATES) & (in_bin > k_left)
 
     # ---- 2. keys above the threshold bin out (the whole bin too if it is taken whole); the
@@ -134,7 +138,7 @@ def _topk_kernel(
         b_scores = tl.load(p_row + o_j, mask=o_j < end, other=float("-inf"))
         b_key = _order_preserving_key(b_scores)
         b_digit = _coarse_digit(b_scores)
-        m_out = (b_key != 0) & ((b_digit > coarse) | (whole_bin & (b_digit == coarse)))
+        m_out = (b_key != 0) & (b_digit >= lowest_out)
         b_slot = written + tl.cumsum(m_out.to(tl.int32), axis=0) - 1
         tl.store(p_out + b_slot, o_j, mask=m_out)
         written += tl.sum(m_out.to(tl.int32), axis=0)
