@@ -10,6 +10,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import numpy as np
+
 from . import interop
 
 FLOATS = ("float64", "float32", "float16", "bfloat16")
@@ -45,12 +47,37 @@ def axis(name: str, x: Any, index: int, expected: int, layout: str, because: str
                          f"{expected} ({because}), got shape {tuple(x.shape)}")
 
 
-def positive_int(name: str, value: Any) -> int:
+def int_at_least(name: str, value: Any, low: int) -> int:
+    """``value`` is an int (a Python or NumPy integer, not a bool) ``>= low``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
     return int(value)
+
+
+def positive_int(name: str, value: Any) -> int:
+    return int_at_least(name, value, 1)
+
+
+def host_array(name: str, x: Any, layout: str) -> np.ndarray:
+    """``x`` as a NumPy array: arrays of any library (copied off a GPU), or a list / tuple.
+
+    For the reference's helpers, whose results are NumPy arrays; anything else (a string, a
+    scalar, ``None``) is a ``TypeError`` that quotes ``layout``.
+    """
+    if interop.is_array(x):
+        return interop.to_numpy(x)
+    if isinstance(x, (list, tuple)):
+        return np.asarray(x)
+    raise TypeError(f"{name} must be an array or a list of shape {layout}, got {type(x).__name__}")
+
+
+def integer_array(name: str, x: np.ndarray, layout: str) -> None:
+    """A NumPy array of integers (of any width; not bool, not float: a float would be truncated)."""
+    if not np.issubdtype(x.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers (an int array or a list of ints) of shape {layout}, "
+                        f"got dtype {x.dtype}")
 
 
 def finite_float(name: str, value: Any) -> float:

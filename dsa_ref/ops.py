@@ -18,13 +18,41 @@ from .reference.formats import KV_CACHE_FP8_BYTES, KV_LATENT_DIM, KV_ROPE_DIM
 from .registry import UnsupportedInputError, get_backend
 
 
-def _run(op: str, backend: str | Backend | None, like: Any, inputs: dict[str, Any]):
-    """Ask the backend whether it takes ``inputs``, convert them, run ``op``, convert results back."""
+#: Ops whose results carry no gradient by nature (integer indices, as ``torch.topk``'s), so a
+#: differentiable input loses nothing there.
+_OPS_WITHOUT_GRADIENTS = ("topk_indices",)
+
+
+def _refuse_untracked_gradients(op: str, inputs: dict[str, Any]) -> None:
+    """A torch input that requires grad would get a result with no ``grad_fn``, silently: refuse it."""
+    if op in _OPS_WITHOUT_GRADIENTS:
+        return
+    for name, value in inputs.items():
+        # array_kind first: no torch import unless a torch tensor was passed.
+        if interop.array_kind(value) == "torch" and value.requires_grad:
+            import torch
+
+            if torch.is_grad_enabled():
+                raise TypeError(
+                    f"dsa_ref.{op} does not record gradients, but {name} requires grad (and grad mode is on): "
+                    f"use the differentiable ops in dsa_ref.torch (e.g. dsa_ref.torch.sparse_mla), "
+                    f"or pass {name}.detach() (or call under torch.no_grad()) if no gradient is needed")
+
+
+def _supporting_backend(op: str, backend: str | Backend | None, inputs: dict[str, Any]) -> Backend:
+    """Refuse untracked gradients, pick the backend and make sure it takes ``inputs``."""
+    _refuse_untracked_gradients(op, inputs)
     chosen = get_backend(backend)
     reasons = chosen.not_supported_reasons(op, **inputs)
     if reasons:
         raise UnsupportedInputError(f"backend {chosen.name!r} does not support these {op} inputs: "
                                     + "; ".join(reasons))
+    return chosen
+
+
+def _run(op: str, backend: str | Backend | None, like: Any, inputs: dict[str, Any]):
+    """Ask the backend whether it takes ``inputs``, convert them, run ``op``, convert results back."""
+    chosen = _supporting_backend(op, backend, inputs)
     native = {key: chosen.to_native(value) if interop.is_array(value) else value
               for key, value in inputs.items()}
     result = getattr(chosen, op)(**native)
@@ -59,20 +87,30 @@ def _check_indexer_inputs(q, weights, k, key_start, key_end, k_scale):
 def lightning_indexer(q, weights, k, *, key_start=None, key_end=None, k_scale=None, backend=None):
     r"""Lightning-indexer scores (paper eq. 1), dispatched to a backend.
 
+    **Not causal by default**: without ``key_start`` / ``key_end`` every query scores every key,
+    future ones included. For a causal model pass the ranges of
+    :func:`~dsa_ref.causal_key_ranges` (one sequence) or :func:`~dsa_ref.varlen_key_ranges`
+    (a packed batch).
+
     ``scores[i, j] = k_scale[j] · Σ_h weights[i, h] · ReLU(q[i, h] · k[j])`` for
-    ``key_start[i] <= j < key_end[i]``, else ``-inf``.
+    ``key_start[i] <= j < key_end[i]``, else ``-inf``. ``s_q = 0`` or ``s_kv = 0`` give an
+    empty ``[s_q, s_kv]`` result.
 
     Args:
         q: ``[s_q, h_i, d_i]``, float64/32/16, bfloat16 or float8_e4m3fn.
         weights: ``[s_q, h_i]`` float.
         k: ``[s_kv, d_i]`` float or float8_e4m3fn.
         key_start, key_end: int32/int64 ``[s_q]`` with ``0 <= key_start <= key_end <= s_kv``
-            (DeepGEMM's ``ks``/``ke``); default: every key.
+            (DeepGEMM's ``ks``/``ke``); default: every key (non-causal).
         k_scale: ``[s_kv]`` per-key scale of fp8 keys, optional.
         backend: backend name or object; default the active one.
 
     Returns:
         float32 ``[s_q, s_kv]``. See :func:`dsa_ref.reference.lightning_indexer`.
+
+    Raises:
+        TypeError: a torch input requires grad while grad mode is on: this op records no
+            gradients (use :mod:`dsa_ref.torch`, or ``.detach()``).
     """
     key_start, key_end = _check_indexer_inputs(q, weights, k, key_start, key_end, k_scale)
     return _run("lightning_indexer", backend, q, dict(q=q, weights=weights, k=k, key_start=key_start,
@@ -83,7 +121,8 @@ def topk_indices(scores, topk: int, *, backend=None):
     """The ``topk`` best keys of each row of ``scores``, dispatched to a backend.
 
     Args:
-        scores: float ``[s_q, s_kv]``; ``-inf`` and NaN are never selected.
+        scores: float ``[s_q, s_kv]``; ``-inf`` and NaN are never selected. It may require grad:
+            integer indices carry no gradient (as ``torch.topk``'s indices).
         topk: slots per row, ``>= 1`` (may exceed ``s_kv``: the rest is ``-1``).
 
     Returns:
@@ -132,6 +171,9 @@ def sparse_mla(q, kv, indices, *, sm_scale=None, d_v: int = 512, topk_length=Non
         kv: ``[s_kv, d_qk]`` latent rows (one shared head), or the packed FP8 cache uint8
             ``[s_kv, 656]`` (then ``d_qk`` must be 576).
         indices: int32/int64 ``[s_q, topk]``; values ``< 0`` or ``>= s_kv`` are ignored, never read.
+            ``topk = 0`` is allowed and means no slot (FlashMLA's ``topk_length = 0``): every row
+            gets the empty-row result below, without launching the backend (its dtype refusals
+            still apply).
         sm_scale: default ``d_qk ** -0.5``.
         d_v: V width, ``1 <= d_v <= d_qk`` (default 512).
         topk_length: int ``[s_q]`` in ``[0, topk]``: only the first ``topk_length[i]`` slots count.
@@ -141,28 +183,55 @@ def sparse_mla(q, kv, indices, *, sm_scale=None, d_v: int = 512, topk_length=Non
     Returns:
         ``(out, lse)``: float32 ``[s_q, h, d_v]``, float32 ``[s_q, h]`` (natural log; ``-inf`` and
         ``out = 0`` for a row with no valid slot). See :func:`dsa_ref.reference.sparse_mla`.
+
+    Raises:
+        TypeError: a torch input requires grad while grad mode is on: this op records no
+            gradients (use :mod:`dsa_ref.torch`, e.g. ``dsa_ref.torch.sparse_mla``, or ``.detach()``).
     """
     sm_scale, d_v = _check_sparse_mla_inputs(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
-    return _run("sparse_mla", backend, q, dict(q=q, kv=kv, indices=indices, sm_scale=sm_scale, d_v=d_v,
-                                                topk_length=topk_length, attn_sink=attn_sink))
+    inputs = dict(q=q, kv=kv, indices=indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
+                  attn_sink=attn_sink)
+    if indices.shape[1] == 0:
+        # Nothing to attend to, and kernels cannot launch with an empty slot axis.
+        _supporting_backend("sparse_mla", backend, inputs)
+        return _no_slot_attention(q.shape[0], q.shape[1], d_v, like=q)
+    return _run("sparse_mla", backend, q, inputs)
+
+
+def _no_slot_attention(s_q: int, h: int, d_v: int, like: Any):
+    """``(out = 0, lse = -inf)``, the result of rows without a valid slot (an attention sink keeps out = 0)."""
+    out = np.zeros((s_q, h, d_v), np.float32)  # [s_q, h, d_v]
+    lse = np.full((s_q, h), -np.inf, np.float32)  # [s_q, h]
+    return interop.from_numpy_like(out, like), interop.from_numpy_like(lse, like)
 
 
 def dsa_attention(q, kv, q_index, weights, k_index, *, topk: int, key_start=None, key_end=None,
                   k_scale=None, sm_scale=None, d_v: int = 512, backend=None):
     """One DSA attention step: lightning indexer, then top-k, then sparse MLA.
 
+    **Not causal by default**: without ``key_start`` / ``key_end`` every query may select any
+    key, future ones included. For a causal model pass the ranges of
+    :func:`~dsa_ref.causal_key_ranges` (one sequence) or :func:`~dsa_ref.varlen_key_ranges`
+    (a packed batch).
+
     Args:
         q, kv: the main attention's queries ``[s_q, h, d_qk]`` and latent rows ``[s_kv, d_qk]``
             (or the packed FP8 cache).
         q_index, weights, k_index: the indexer's queries ``[s_q, h_i, d_i]``, head weights
             ``[s_q, h_i]`` and keys ``[s_kv, d_i]``.
-        topk: keys each query keeps.
-        key_start, key_end, k_scale: as in :func:`lightning_indexer`.
+        topk: keys each query keeps, ``>= 1``.
+        key_start, key_end: int ``[s_q]``, the keys each query may select; default: every key
+            (non-causal), as in :func:`lightning_indexer`.
+        k_scale: as in :func:`lightning_indexer`.
         sm_scale, d_v: as in :func:`sparse_mla`.
         backend: backend name or object; a backend may run a fused path.
 
     Returns:
         ``(out, lse, indices)`` as from :func:`sparse_mla` and :func:`topk_indices`.
+
+    Raises:
+        TypeError: a torch input requires grad while grad mode is on: this op records no
+            gradients (use :mod:`dsa_ref.torch`, or ``.detach()``).
     """
     key_start, key_end = _check_indexer_inputs(q_index, weights, k_index, key_start, key_end, k_scale)
     topk = _checks.positive_int("topk", topk)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import dsa_ref
+from dsa_ref_backends.numpy_reference import NumpyBackend
 
 rng = np.random.default_rng(0)
 Q = rng.standard_normal((4, 2, 8)).astype(np.float32)  # indexer q [s_q, h_i, d_i]
@@ -101,7 +102,7 @@ def test_nan_inputs_propagate_rather_than_raise():
 
 
 def test_unsupported_inputs_name_the_backend_and_the_reason():
-    class Fussy(dsa_ref.Backend):
+    class Fussy(NumpyBackend):
         name = "fussy"
         supported_dtypes = {"topk_indices": frozenset({"float16"})}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -64,8 +65,21 @@ class DSAConfig:
                      "v_head_dim", "index_n_heads", "index_head_dim", "index_topk", "max_seq_len",
                      "max_batch_size", "original_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"DSAConfig.{name} must be a positive int, got {type(value).__name__} {value!r}")
+            if value < 1:
                 raise ValueError(f"DSAConfig.{name} must be a positive int, got {value!r}")
+        for name in ("rope_theta", "rope_factor", "beta_fast", "beta_slow", "mscale"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"DSAConfig.{name} must be a real number, got {type(value).__name__} {value!r}")
+            # mscale may be 0 (no YaRN temperature); the others divide or take logs.
+            if not math.isfinite(value) or value < 0 or (value == 0 and name != "mscale"):
+                raise ValueError(f"DSAConfig.{name} must be finite and {'>= 0' if name == 'mscale' else '> 0'}, "
+                                 f"got {value!r}")
+        if not isinstance(self.indexer_fp8, bool):
+            raise TypeError(f"DSAConfig.indexer_fp8 must be a bool, got {type(self.indexer_fp8).__name__} "
+                            f"{self.indexer_fp8!r}")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"DSAConfig.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
         d_i = self.index_head_dim

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dsa_ref import reference
+from dsa_ref import _checks, interop, reference
 
 from .cache import DSACache
 from .config import DSAConfig
@@ -70,7 +70,7 @@ def init_parameters(config: DSAConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Deterministic random parameters, float64: linear weights ~ N(0, 1/in_features); norm
     weights 1 + N(0, 0.1²) and the LayerNorm bias N(0, 0.1²), so that a norm parameter that is
     ignored changes the output."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_checks.int_at_least("seed", seed, 0))
     params = {}
     for name, shape in parameter_shapes(config).items():
         if name.endswith(".bias"):
@@ -137,6 +137,7 @@ class DSALayer:
             raise TypeError(f"config must be a DSAConfig, got {type(self.config).__name__}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        seed = _checks.int_at_least("seed", seed, 0)
         self.mode = mode
         self.backend = backend
         self.weights = init_parameters(self.config, seed) if weights is None else _checked_weights(weights, self.config)
@@ -194,15 +195,20 @@ class DSALayer:
         mode = self.mode if mode is None else mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        x = np.asarray(x)
+        x = interop.to_numpy(x) if interop.is_array(x) else np.asarray(x)
         if x.ndim != 3 or x.shape[-1] != c.dim:
             raise ValueError(f"x must have shape [batch, seq, dim={c.dim}], got {x.shape}")
+        if x.dtype.kind not in "fiu" and x.dtype.name not in ("bfloat16", "float8_e4m3fn"):
+            raise TypeError(f"x.dtype must be a real float (or int) type, got {x.dtype}")
         x = x.astype(np.float64)
         batch, seq = x.shape[:2]
         if batch > c.max_batch_size:
             raise ValueError(f"x has batch {batch} > max_batch_size={c.max_batch_size}")
         starts, lengths = self._positions(start_pos, lengths, batch, seq)
         ends = starts + lengths  # [b]
+        if not lengths.any():  # no token to attend (batch 0, seq 0, or all padding): nothing changes
+            self.last_topk = None
+            return np.zeros((batch, seq, c.dim), np.float64)
 
         token_valid = np.arange(seq)[None, :] < lengths[:, None]  # [b, s]
         sequence_of, step = np.nonzero(token_valid)  # [n] each, packed sequence by sequence
@@ -218,8 +224,6 @@ class DSALayer:
 
         out = np.zeros((batch, seq, c.dim), np.float64)  # [b, s, dim]
         self.last_topk = None
-        if len(positions) == 0:
-            return out
         w_uk, w_uv = split_wkv_b(self.weights["wkv_b.weight"], c)  # [h, nope, c], [h, v, c]
         if mode == "dense":
             context = self._packed_kv(ends)  # [total_k, c + rope]

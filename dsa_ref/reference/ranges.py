@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _checks
+
+#: Packed positions are returned as int32, the index type of the kernels.
+INT32_MAX = 2**31 - 1
+
 
 def causal_key_ranges(s_q: int, s_kv: int) -> tuple[np.ndarray, np.ndarray]:
     """Causal ranges for one sequence whose ``s_q`` queries are its last ``s_q`` positions.
@@ -18,9 +23,17 @@ def causal_key_ranges(s_q: int, s_kv: int) -> tuple[np.ndarray, np.ndarray]:
     chunked prefill or a multi-token decode step (MTP), where several new queries share a step and
     each must still see only itself and the past.
 
+    Args:
+        s_q: queries, an int ``>= 0``.
+        s_kv: keys, an int ``>= s_q``.
+
     Returns:
         ``(key_start, key_end)``, int32 ``[s_q]`` each.
     """
+    s_q = _checks.int_at_least("s_q", s_q, 0)
+    s_kv = _checks.int_at_least("s_kv", s_kv, 0)
+    if s_kv > INT32_MAX:
+        raise ValueError(f"s_kv must be <= {INT32_MAX} (key positions are int32), got {s_kv}")
     if s_q > s_kv:
         raise ValueError(f"s_q must be <= s_kv for causal ranges (queries are the last s_q keys), got s_q={s_q}, s_kv={s_kv}")
     key_end = np.arange(s_kv - s_q + 1, s_kv + 1, dtype=np.int32)  # [s_q]
@@ -35,12 +48,20 @@ def varlen_key_ranges(cu_seqlens_q, cu_seqlens_k, causal: bool = True) -> tuple[
     positions, so with ``causal`` query ``j`` of the sequence (0-based) sees the sequence's first
     ``len_k - len_q + j + 1`` keys; without it, all of the sequence's keys.
 
+    Args:
+        cu_seqlens_q, cu_seqlens_k: integer arrays (of any library) or lists of ints, ``[b + 1]``
+            each (so ``b = 0`` is ``[0]``): non-decreasing offsets, starting anywhere ``>= 0``.
+        causal: see above.
+
     Returns:
         ``(key_start, key_end)``, int32 ``[total_q]``, in packed-key coordinates, ready for
         :func:`lightning_indexer`; top-k indices are then packed-key indices for :func:`sparse_mla`.
     """
-    cu_q = np.asarray(cu_seqlens_q, np.int64)  # [b + 1]
-    cu_k = np.asarray(cu_seqlens_k, np.int64)  # [b + 1]
+    cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q)  # [b + 1]
+    cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k)  # [b + 1]
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length b + 1 (one offset per "
+                         f"sequence boundary), got {cu_q.shape[0]} and {cu_k.shape[0]}")
     len_q, len_k = np.diff(cu_q), np.diff(cu_k)  # [b], [b]
     if causal and np.any(len_q > len_k):
         bad = int(np.argmax(len_q > len_k))
@@ -55,6 +76,27 @@ def varlen_key_ranges(cu_seqlens_q, cu_seqlens_k, causal: bool = True) -> tuple[
     else:
         key_end = cu_k[sequence + 1]  # [total_q]
     return key_start.astype(np.int32), key_end.astype(np.int32)
+
+
+def _cu_seqlens(name: str, cu_seqlens) -> np.ndarray:
+    """Checked offsets, int64 ``[b + 1]``."""
+    offsets = _checks.host_array(name, cu_seqlens, "[b + 1]")
+    if offsets.ndim != 1 or offsets.shape[0] < 1:
+        raise ValueError(f"{name} must have shape [b + 1] (one axis, at least one offset), "
+                         f"got shape {offsets.shape}")
+    _checks.integer_array(name, offsets, "[b + 1]")
+    offsets = offsets.astype(np.int64)
+    if offsets[0] < 0:
+        raise ValueError(f"{name} must start at an offset >= 0, got {name}[0]={int(offsets[0])}")
+    steps = np.diff(offsets)  # [b]
+    if np.any(steps < 0):
+        bad = int(np.argmax(steps < 0))
+        raise ValueError(f"{name} must be non-decreasing (sequence lengths >= 0), got "
+                         f"{name}[{bad}]={int(offsets[bad])} > {name}[{bad + 1}]={int(offsets[bad + 1])}")
+    if offsets[-1] > INT32_MAX:
+        raise ValueError(f"{name} must end at an offset <= {INT32_MAX} (packed positions are int32), "
+                         f"got {int(offsets[-1])}")
+    return offsets
 
 
 def slot_indices(token_indices, block_table, block_size: int) -> np.ndarray:
@@ -75,15 +117,16 @@ def slot_indices(token_indices, block_table, block_size: int) -> np.ndarray:
     Returns:
         int32, the shape of ``token_indices``; invalid entries stay ``-1``.
     """
-    tokens = np.asarray(token_indices)  # [b, ..., topk]
-    table = np.asarray(block_table)  # [b, max_blocks]
-    if not np.issubdtype(tokens.dtype, np.integer) or tokens.ndim < 2:
-        raise TypeError(f"token_indices must be an integer array [b, ..., topk], got {tokens.dtype} {tokens.shape}")
-    if not np.issubdtype(table.dtype, np.integer) or table.ndim != 2 or table.shape[0] != tokens.shape[0]:
-        raise ValueError(f"block_table must be an integer array [b={tokens.shape[0]}, max_blocks], "
-                         f"got {table.dtype} {table.shape}")
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    tokens = _checks.host_array("token_indices", token_indices, "[b, ..., topk]")  # [b, ..., topk]
+    if tokens.ndim < 2:
+        raise ValueError(f"token_indices must have shape [b, ..., topk] (at least 2 axes), got shape {tokens.shape}")
+    _checks.integer_array("token_indices", tokens, "[b, ..., topk]")
+    table = _checks.host_array("block_table", block_table, "[b, max_blocks]")  # [b, max_blocks]
+    if table.ndim != 2 or table.shape[0] != tokens.shape[0]:
+        raise ValueError(f"block_table must have shape [b, max_blocks] with b={tokens.shape[0]} "
+                         f"(token_indices' b), got shape {table.shape}")
+    _checks.integer_array("block_table", table, "[b, max_blocks]")
+    block_size = _checks.positive_int("block_size", block_size)
     tokens, table = tokens.astype(np.int64), table.astype(np.int64)
     batch = tokens.shape[0]
     flat = tokens.reshape(batch, -1)  # [b, n]
