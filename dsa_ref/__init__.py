@@ -8,12 +8,27 @@ The three ops of DSA, each defined by a readable float64 NumPy function in
 * :func:`sparse_mla` — eq. (2): MLA attention (MQA mode) over only those tokens;
 * :func:`dsa_attention` — the three in a row.
 
+and the ops that train it: :func:`sparse_mla_backward`, :func:`attention_target` (the indexer's
+target, eqs. 3-4), :func:`indexer_loss` and :func:`indexer_loss_backward`; :mod:`dsa_ref.torch`
+wraps them all as differentiable torch ops. :func:`use_deterministic` makes the backward ops
+bitwise repeatable.
+
 Choose a backend with ``backend=`` on a call, ``with use_backend(name):`` or ``DSA_BACKEND``.
 Importing this package imports neither torch nor cupy.
 """
 
 from .backend import OPS, Backend, Tolerance
-from .ops import dsa_attention, lightning_indexer, sparse_mla, topk_indices
+from .modes import deterministic_enabled, use_deterministic
+from .ops import (
+    attention_target,
+    dsa_attention,
+    indexer_loss,
+    indexer_loss_backward,
+    lightning_indexer,
+    sparse_mla,
+    sparse_mla_backward,
+    topk_indices,
+)
 from .reference.formats import (
     FP8_E4M3_MAX,
     KV_CACHE_FP8_BYTES,
@@ -58,20 +73,26 @@ __all__ = [
     "Tolerance",
     "UnsupportedInputError",
     "active_backend_name",
+    "attention_target",
     "available_backends",
     "causal_key_ranges",
     "dequantize_fp8",
+    "deterministic_enabled",
     "dsa_attention",
     "get_backend",
+    "indexer_loss",
+    "indexer_loss_backward",
     "lightning_indexer",
     "list_backends",
     "pack_kv_cache_fp8",
     "quantize_fp8",
     "slot_indices",
     "sparse_mla",
+    "sparse_mla_backward",
     "topk_indices",
     "unpack_kv_cache_fp8",
     "use_backend",
+    "use_deterministic",
     "varlen_key_ranges",
     *_LAYER_EXPORTS,
 ]

@@ -28,9 +28,13 @@ from typing import Any, ClassVar, Mapping
 
 from . import interop
 
-#: The ops every backend implements; ``dsa_attention`` is composed from them unless a
+#: The forward ops every backend implements; ``dsa_attention`` is composed from them unless a
 #: backend overrides it with a fused path.
-OPS = ("lightning_indexer", "topk_indices", "sparse_mla", "dsa_attention")
+FORWARD_OPS = ("lightning_indexer", "topk_indices", "sparse_mla", "dsa_attention")
+#: The ops that train DSA: sparse MLA's backward, the indexer's target and loss, and its backward.
+#: A backend that does not implement one refuses it (:meth:`Backend.not_supported_reasons`).
+TRAINING_OPS = ("sparse_mla_backward", "attention_target", "indexer_loss", "indexer_loss_backward")
+OPS = FORWARD_OPS + TRAINING_OPS
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ class Backend:
         reasons = list(self.unavailable_reasons())
         if op not in OPS:
             return reasons + [f"op={op!r} (known ops: {', '.join(OPS)})"]
+        if getattr(type(self), op) is getattr(Backend, op) and op != "dsa_attention":
+            return reasons + [f"op={op} is not implemented by this backend"]
         main = _MAIN_INPUT[op]
         supported = self.supported_dtypes.get(op if op != "dsa_attention" else "sparse_mla")
         if supported is not None and main in inputs and inputs[main] is not None:
@@ -134,6 +140,28 @@ class Backend:
         """``(out float32 [s_q, h, d_v], lse float32 [s_q, h])``; see :func:`dsa_ref.sparse_mla`."""
         raise NotImplementedError
 
+    def sparse_mla_backward(self, q, kv, indices, out, lse, d_out, *, sm_scale: float, d_v: int, topk_length,
+                            attn_sink, d_lse, deterministic: bool):
+        """``(dq float32 [s_q, h, d_qk], dkv float32 [s_kv, d_qk])``, plus ``d_attn_sink float32 [h]``
+        when ``attn_sink`` is given; see :func:`dsa_ref.sparse_mla_backward`. ``kv`` is never the
+        packed FP8 cache; ``d_lse`` is None or ``[s_q, h]``. With ``deterministic``, two runs on the
+        same inputs must give bitwise-equal results."""
+        raise NotImplementedError
+
+    def attention_target(self, q, kv, indices, lse, *, sm_scale: float, topk_length):
+        """float32 ``[s_q, topk]``; see :func:`dsa_ref.attention_target`."""
+        raise NotImplementedError
+
+    def indexer_loss(self, q_index, weights, k_index, target, *, indices, key_start, key_end, k_scale):
+        """float32 ``[s_q]``; see :func:`dsa_ref.indexer_loss`. Either ``indices`` (sparse stage) is an
+        array and the key ranges are None, or ``indices`` is None and the key ranges are arrays."""
+        raise NotImplementedError
+
+    def indexer_loss_backward(self, q_index, weights, k_index, target, d_loss, *, indices, key_start, key_end,
+                              k_scale, deterministic: bool):
+        """``(dq_index, dweights, dk_index)`` float32; see :func:`dsa_ref.indexer_loss_backward`."""
+        raise NotImplementedError
+
     def dsa_attention(self, q, kv, q_index, weights, k_index, *, topk: int, key_start, key_end,
                       k_scale, sm_scale: float, d_v: int):
         """Indexer, then top-k, then sparse MLA. Override for a fused path."""
@@ -154,4 +182,8 @@ _MAIN_INPUT = {
     "topk_indices": "scores",
     "sparse_mla": "q",
     "dsa_attention": "q",
+    "sparse_mla_backward": "q",
+    "attention_target": "q",
+    "indexer_loss": "q_index",
+    "indexer_loss_backward": "q_index",
 }

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, interop
+from . import _checks, interop, modes
 from .backend import Backend
 from .reference.formats import KV_CACHE_FP8_BYTES, KV_LATENT_DIM, KV_ROPE_DIM
 from .registry import UnsupportedInputError, get_backend
@@ -245,3 +245,141 @@ def dsa_attention(q, kv, q_index, weights, k_index, *, topk: int, key_start=None
                                                    k_index=k_index, topk=topk, key_start=key_start,
                                                    key_end=key_end, k_scale=k_scale, sm_scale=sm_scale,
                                                    d_v=d_v))
+
+
+# ---------------------------------------------------------------------------- training ops
+def _check_float_like(name: str, x, like_shape: tuple[int, ...], layout: str) -> None:
+    """``x`` is a float array of exactly ``like_shape`` (``layout`` names its axes in the message)."""
+    _checks.array(name, x, layout, _checks.FLOATS)
+    if tuple(x.shape) != tuple(like_shape):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(like_shape)}, got shape {tuple(x.shape)}")
+
+
+def _refuse_packed_kv(op: str, kv) -> None:
+    if interop.is_array(kv) and interop.dtype_name(kv) == "uint8":
+        raise TypeError(f"{op}: kv is the packed FP8 cache (uint8 [s_kv, {KV_CACHE_FP8_BYTES}]), an inference "
+                        f"format with no gradient; pass the latent rows in a float dtype [s_kv, d_qk]")
+
+
+def sparse_mla_backward(q, kv, indices, out, lse, d_out, *, sm_scale=None, d_v: int = 512, topk_length=None,
+                        attn_sink=None, d_lse=None, backend=None):
+    r"""Gradients of :func:`sparse_mla` with respect to ``q`` and ``kv`` (and ``attn_sink``), dispatched
+    to a backend.
+
+    Args:
+        q, kv, indices, sm_scale, d_v, topk_length, attn_sink: as given to :func:`sparse_mla` (``kv``
+            in a float dtype: the packed FP8 cache has no gradient and is refused).
+        out, lse: :func:`sparse_mla`'s results for these inputs (float ``[s_q, h, d_v]``, ``[s_q, h]``).
+        d_out: float ``[s_q, h, d_v]``, the gradient of the loss with respect to ``out``.
+        d_lse: float ``[s_q, h]``, optional: the gradient with respect to ``lse``.
+        backend: backend name or object; default the active one.
+
+    Returns:
+        ``(dq, dkv)``: float32 ``[s_q, h, d_qk]`` and ``[s_kv, d_qk]``; with ``attn_sink`` also
+        ``d_attn_sink``, float32 ``[h]``. A row of ``kv`` read by several slots accumulates every
+        contribution; invalid slots contribute nothing; a query with no valid slot gets ``dq = 0``.
+        Under :func:`dsa_ref.use_deterministic` two runs are bitwise equal. See
+        :func:`dsa_ref.reference.sparse_mla_backward`.
+    """
+    _refuse_packed_kv("sparse_mla_backward", kv)
+    sm_scale, d_v = _check_sparse_mla_inputs(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
+    s_q, h, _ = q.shape
+    _check_float_like("out", out, (s_q, h, d_v), "[s_q, h, d_v]")
+    _check_float_like("lse", lse, (s_q, h), "[s_q, h]")
+    _check_float_like("d_out", d_out, (s_q, h, d_v), "[s_q, h, d_v]")
+    if d_lse is not None:
+        _check_float_like("d_lse", d_lse, (s_q, h), "[s_q, h]")
+    return _run("sparse_mla_backward", backend, q,
+                dict(q=q, kv=kv, indices=indices, out=out, lse=lse, d_out=d_out, sm_scale=sm_scale, d_v=d_v,
+                     topk_length=topk_length, attn_sink=attn_sink, d_lse=d_lse,
+                     deterministic=modes.deterministic_enabled()))
+
+
+def attention_target(q, kv, indices, lse, *, sm_scale=None, topk_length=None, backend=None):
+    r"""The indexer's training target (paper eqs. 3-4): the main attention over the selected slots,
+    summed over heads and L1-normalized per query, dispatched to a backend.
+
+    Args:
+        q, kv, indices, sm_scale, topk_length: as given to :func:`sparse_mla` (``kv`` may be the
+            packed FP8 cache).
+        lse: float ``[s_q, h]``, :func:`sparse_mla`'s lse for these inputs.
+        backend: backend name or object; default the active one.
+
+    Returns:
+        float32 ``[s_q, topk]``: rows sum to 1 over their valid slots; 0 at invalid slots; an all-zero
+        row where no slot is valid. See :func:`dsa_ref.reference.attention_target`.
+    """
+    _check_sparse_mla_inputs(q, kv, indices, sm_scale, 1, topk_length, None)
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else _checks.finite_float("sm_scale", sm_scale)
+    _check_float_like("lse", lse, tuple(q.shape[:2]), "[s_q, h]")
+    return _run("attention_target", backend, q, dict(q=q, kv=kv, indices=indices, lse=lse, sm_scale=sm_scale,
+                                                      topk_length=topk_length))
+
+
+def _check_indexer_loss_inputs(q_index, weights, k_index, target, indices, key_start, key_end, k_scale):
+    """Validated inputs of the indexer loss: either the sparse stage (``indices``) or the dense one."""
+    if indices is not None:
+        if key_start is not None or key_end is not None:
+            raise ValueError("key_start/key_end set the dense stage's softmax; with indices (the sparse stage) "
+                             "the softmax runs over the selected slots: pass indices or key ranges, not both")
+        _check_indexer_inputs(q_index, weights, k_index, None, None, k_scale)
+        _checks.array("indices", indices, "[s_q, topk]", _checks.INDEX_INTS)
+        _checks.axis("indices", indices, 0, q_index.shape[0], "[s_q, topk]", "q_index's s_q")
+        _check_float_like("target", target, tuple(indices.shape), "[s_q, topk] (one entry per selected slot)")
+        return None, None
+    key_start, key_end = _check_indexer_inputs(q_index, weights, k_index, key_start, key_end, k_scale)
+    _check_float_like("target", target, (q_index.shape[0], k_index.shape[0]), "[s_q, s_kv]")
+    return key_start, key_end
+
+
+def indexer_loss(q_index, weights, k_index, target, *, indices=None, key_start=None, key_end=None, k_scale=None,
+                 backend=None):
+    r"""Per-query ``KL(target ‖ softmax(I))`` of the index scores I (paper eq. 3, or eq. 4 with ``indices``),
+    dispatched to a backend.
+
+    Args:
+        q_index, weights, k_index, k_scale: as for :func:`lightning_indexer`.
+        target: non-negative float: ``[s_q, topk]`` with ``indices`` (e.g. :func:`attention_target`),
+            else ``[s_q, s_kv]``. It is restricted to the entries the softmax runs over and L1-normalized.
+        indices: int ``[s_q, topk]``, optional: the sparse stage. The softmax runs over each query's
+            valid selected slots (``0 <= index < s_kv``).
+        key_start, key_end: the dense stage's key ranges (default: every key, non-causal; use
+            :func:`causal_key_ranges`). Not allowed together with ``indices``.
+        backend: backend name or object; default the active one.
+
+    Returns:
+        float32 ``[s_q]``; 0 for a query whose target has no mass on its entries.
+        See :func:`dsa_ref.reference.indexer_loss`.
+    """
+    key_start, key_end = _check_indexer_loss_inputs(q_index, weights, k_index, target, indices, key_start, key_end,
+                                                    k_scale)
+    return _run("indexer_loss", backend, q_index,
+                dict(q_index=q_index, weights=weights, k_index=k_index, target=target, indices=indices,
+                     key_start=key_start, key_end=key_end, k_scale=k_scale))
+
+
+def indexer_loss_backward(q_index, weights, k_index, target, d_loss, *, indices=None, key_start=None, key_end=None,
+                          k_scale=None, backend=None):
+    r"""Gradients of :func:`indexer_loss` with respect to ``q_index``, ``weights`` and ``k_index``
+    (the target is a constant), dispatched to a backend.
+
+    Args:
+        as :func:`indexer_loss` (float inputs: fp8 ones have no gradient), plus ``d_loss``: float ``[s_q]``,
+        the gradient of the total loss with respect to each query's loss.
+
+    Returns:
+        ``(dq_index [s_q, h_i, d_i], dweights [s_q, h_i], dk_index [s_kv, d_i])``, float32. Under
+        :func:`dsa_ref.use_deterministic` two runs are bitwise equal. See
+        :func:`dsa_ref.reference.indexer_loss_backward`.
+    """
+    for name, x in (("q_index", q_index), ("k_index", k_index)):
+        if interop.is_array(x) and interop.dtype_name(x) == "float8_e4m3fn":
+            raise TypeError(f"indexer_loss_backward: {name} is float8_e4m3fn, a quantized inference format with "
+                            f"no gradient; train the indexer on float inputs")
+    key_start, key_end = _check_indexer_loss_inputs(q_index, weights, k_index, target, indices, key_start, key_end,
+                                                    k_scale)
+    _check_float_like("d_loss", d_loss, (q_index.shape[0],), "[s_q]")
+    return _run("indexer_loss_backward", backend, q_index,
+                dict(q_index=q_index, weights=weights, k_index=k_index, target=target, d_loss=d_loss,
+                     indices=indices, key_start=key_start, key_end=key_end, k_scale=k_scale,
+                     deterministic=modes.deterministic_enabled()))

@@ -74,13 +74,13 @@ def test_sparse_mla_backward_equals_autograd(with_sink, with_length):
                                           topk_length=topk_length, attn_sink=sink, d_lse=d_lse)
     assert len(grads) == (3 if with_sink else 2)
     dq, dkv = grads[:2]
-    assert dq.dtype == np.float32 and dq.shape == q.shape and dkv.shape == kv.shape
-    np.testing.assert_allclose(dq, tq.grad.numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(dkv, tkv.grad.numpy(), rtol=1e-4, atol=1e-5)
+    assert dq.dtype == np.float64 and dq.shape == q.shape and dkv.shape == kv.shape  # float64 in, float64 out
+    np.testing.assert_allclose(dq, tq.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dkv, tkv.grad.numpy(), rtol=1e-10, atol=1e-12)
     assert np.all(dkv[4] == 0.0), "a row read by no valid slot gets exactly 0"
     assert np.all(dq[0] == 0.0), "a query with no valid slot gets dq = 0"
     if with_sink:
-        np.testing.assert_allclose(grads[2], tsink.grad.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(grads[2], tsink.grad.numpy(), rtol=1e-10, atol=1e-12)
 
 
 def test_sparse_mla_backward_counts_a_duplicate_twice():
@@ -114,7 +114,7 @@ def test_attention_target_is_the_head_summed_normalized_attention():
         probs = torch.softmax(logits.masked_fill(~valid[:, None, :], float("-inf")), dim=-1).nan_to_num(0.0)
         summed = probs.sum(dim=1)
         expected = summed / summed.sum(dim=1, keepdim=True).clamp_min(1e-300)
-    assert target.dtype == np.float32 and target.shape == (s_q, topk)
+    assert target.dtype == np.float64 and target.shape == (s_q, topk)
     np.testing.assert_allclose(target, expected.numpy(), rtol=1e-5, atol=1e-7)
     assert np.all(target[0] == 0) and np.all(target[2] == 0)  # empty rows
     np.testing.assert_allclose(target[3:].sum(axis=1), 1.0, rtol=1e-6)
@@ -160,12 +160,12 @@ def test_indexer_loss_and_backward_equal_autograd(sparse):
     (loss * torch.tensor(d_loss)).sum().backward()
 
     ref_loss = reference.indexer_loss(q, w, k, target, k_scale=k_scale, **kwargs)
-    assert ref_loss.dtype == np.float32 and ref_loss.shape == (s_q,)
+    assert ref_loss.dtype == np.float64 and ref_loss.shape == (s_q,)
     np.testing.assert_allclose(ref_loss, loss.detach().numpy(), rtol=1e-5, atol=1e-6)
     dq, dw, dk = reference.indexer_loss_backward(q, w, k, target, d_loss, k_scale=k_scale, **kwargs)
-    np.testing.assert_allclose(dq, tq.grad.numpy(), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(dw, tw.grad.numpy(), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(dk, tk.grad.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(dq, tq.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dw, tw.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dk, tk.grad.numpy(), rtol=1e-10, atol=1e-12)
     assert np.all(dk[7] == 0.0), "a key nobody scored gets exactly 0"
 
 
@@ -179,3 +179,16 @@ def test_indexer_loss_is_zero_when_the_indexer_matches_the_target():
     loss = reference.indexer_loss(q, w, k, target, indices=indices)
     np.testing.assert_allclose(loss, 0.0, atol=1e-6)
     assert reference.indexer_loss(q, w, k, np.roll(target, 1, axis=1), indices=indices).max() > 1e-3
+
+
+def test_results_are_float32_for_narrower_inputs_and_float64_for_float64():
+    rng = np.random.default_rng(2)
+    q, kv = rng.standard_normal((2, 2, 8)), rng.standard_normal((4, 8))
+    indices = np.array([[0, 1], [2, 3]])
+    for dtype, expected in ((np.float32, np.float32), (np.float64, np.float64)):
+        out, lse = reference.sparse_mla(q.astype(dtype), kv.astype(dtype), indices, d_v=8)
+        grads = reference.sparse_mla_backward(q.astype(dtype), kv.astype(dtype), indices, out, lse, out, d_v=8)
+        target = reference.attention_target(q.astype(dtype), kv.astype(dtype), indices, lse)
+        loss = reference.indexer_loss(q.astype(dtype), rng.standard_normal((2, 2)), kv.astype(dtype), target,
+                                      indices=indices)
+        assert {x.dtype for x in (out, lse, *grads, target, loss)} == {np.dtype(expected)}

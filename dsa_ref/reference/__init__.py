@@ -1,7 +1,8 @@
 """The NumPy reference of DeepSeek Sparse Attention: the spec every backend is checked against.
 
-Each function computes one equation in float64 and returns float32 (indices int32); each
-backward sits beside its forward (``sparse_mla_backward``, ``indexer_loss_backward``). They take
+Each function computes one equation in float64 and returns float32 (float64 for float64 inputs;
+indices int32); each backward sits beside its forward (``sparse_mla_backward``,
+``indexer_loss_backward``). They take
 the same arguments as the public, dispatched functions in :mod:`dsa_ref` but do no argument
 checking: call those for validated input, or these directly to read or step through the math.
 

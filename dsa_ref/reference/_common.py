@@ -16,6 +16,13 @@ def as_float64(x) -> np.ndarray:
     return np.asarray(x).astype(np.float64, copy=False)
 
 
+def result_dtype(x) -> np.dtype:
+    """The dtype of a reference op's float results: float32, or float64 when the op's main input is
+    float64 (so that float64 callers, finite differences and ``torch.autograd.gradcheck`` see the
+    reference's full precision)."""
+    return np.dtype(np.float64 if np.asarray(x).dtype == np.float64 else np.float32)
+
+
 def query_chunks(s_q: int, bytes_per_query: int):
     """Slices over the query axis, each creating at most ~CHUNK_BYTES of intermediates."""
     step = max(1, CHUNK_BYTES // max(1, bytes_per_query))

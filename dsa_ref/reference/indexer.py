@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import as_float64, full_key_ranges, query_chunks, visible_keys
+from ._common import as_float64, full_key_ranges, query_chunks, result_dtype, visible_keys
 
 
 def lightning_indexer(q, weights, k, *, key_start=None, key_end=None, k_scale=None) -> np.ndarray:
@@ -28,12 +28,13 @@ def lightning_indexer(q, weights, k, *, key_start=None, key_end=None, k_scale=No
             Because ReLU is positively homogeneous, the scale can be applied after the ReLU.
 
     Returns:
-        float32 ``[s_q, s_kv]`` scores, ``-inf`` outside each query's range. NaN in an input
+        float32 ``[s_q, s_kv]`` scores (float64 for float64 ``q``), ``-inf`` outside each query's range. NaN in an input
         propagates to the scores it touches.
 
     Computed in float64, in chunks of queries so that the ``[chunk, h_i, s_kv]`` logits stay
     under :data:`~dsa_ref.reference._common.CHUNK_BYTES`.
     """
+    dtype = result_dtype(q)
     q = as_float64(q)  # [s_q, h_i, d_i]
     weights = as_float64(weights)  # [s_q, h_i]
     k = as_float64(k)  # [s_kv, d_i]
@@ -57,4 +58,4 @@ def lightning_indexer(q, weights, k, *, key_start=None, key_end=None, k_scale=No
     if k_scale is not None:
         scores *= as_float64(k_scale)[None, :]  # [s_q, s_kv]
     visible = visible_keys(key_start, key_end, s_kv)  # [s_q, s_kv]
-    return np.where(visible, scores, -np.inf).astype(np.float32)  # [s_q, s_kv]
+    return np.where(visible, scores, -np.inf).astype(dtype)  # [s_q, s_kv]

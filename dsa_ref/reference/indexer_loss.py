@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import as_float64, full_key_ranges, query_chunks, visible_keys
+from ._common import as_float64, full_key_ranges, query_chunks, result_dtype, visible_keys
 
 
 def _allowed_and_keys(q, k, indices, key_start, key_end):
@@ -93,14 +93,15 @@ def indexer_loss(q_index, weights, k_index, target, *, indices=None, key_start=N
             default: every key.
 
     Returns:
-        float32 ``[s_q]``, the loss of each query (sum or average them as the training loop wants).
+        float32 ``[s_q]`` (float64 for float64 ``q_index``), the loss of each query (sum or average them as the training loop wants).
     """
+    dtype = result_dtype(q_index)
     allowed, keys = _allowed_and_keys(q_index, k_index, indices, key_start, key_end)
     *_, target, log_softmax, active = _scores_and_distributions(q_index, weights, k_index, target, allowed,
                                                                 keys, k_scale)
     log_target = np.log(target, where=target > 0, out=np.zeros_like(target))  # [s_q, n]   0 log 0 = 0
     loss = np.sum(np.where(target > 0, target * (log_target - log_softmax), 0.0), axis=1)  # [s_q]
-    return np.where(active, loss, 0.0).astype(np.float32)
+    return np.where(active, loss, 0.0).astype(dtype)
 
 
 def indexer_loss_backward(q_index, weights, k_index, target, d_loss, *, indices=None, key_start=None,
@@ -127,8 +128,10 @@ def indexer_loss_backward(q_index, weights, k_index, target, d_loss, *, indices=
         each query's loss (ones for a plain sum).
 
     Returns:
-        ``(dq_index [s_q, h_i, d_i], dweights [s_q, h_i], dk_index [s_kv, d_i])``, float32.
+        ``(dq_index [s_q, h_i, d_i], dweights [s_q, h_i], dk_index [s_kv, d_i])``, float32 (float64 for
+        float64 ``q_index``).
     """
+    dtype = result_dtype(q_index)
     allowed, keys = _allowed_and_keys(q_index, k_index, indices, key_start, key_end)
     q, weights, k, gate, key_scale, target, log_softmax, active = _scores_and_distributions(
         q_index, weights, k_index, target, allowed, keys, k_scale)
@@ -143,4 +146,4 @@ def indexer_loss_backward(q_index, weights, k_index, target, d_loss, *, indices=
         dq[rows] = np.matmul(d_gate[rows], k[keys[rows]])  # [c, h_i, d_i]
         d_selected = np.matmul(d_gate[rows].transpose(0, 2, 1), q[rows])  # [c, n, d_i]
         np.add.at(dk, keys[rows].reshape(-1), d_selected.reshape(-1, k.shape[1]))  # duplicates accumulate
-    return dq.astype(np.float32), d_weights.astype(np.float32), dk[:-1].astype(np.float32)
+    return dq.astype(dtype), d_weights.astype(dtype), dk[:-1].astype(dtype)

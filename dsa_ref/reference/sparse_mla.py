@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import as_float64, query_chunks
+from ._common import as_float64, query_chunks, result_dtype
 from .formats import KV_CACHE_FP8_BYTES, unpack_kv_cache_fp8
 
 
@@ -50,7 +50,8 @@ def sparse_mla(q, kv, indices, *, sm_scale=None, d_v: int = 512, topk_length=Non
             probability mass: ``out *= 1 / (1 + exp(attn_sink - lse))``; lse is unchanged.
 
     Returns:
-        ``(out, lse)``: float32 ``[s_q, h, d_v]`` and float32 ``[s_q, h]``, lse in natural log.
+        ``(out, lse)``: float32 ``[s_q, h, d_v]`` and float32 ``[s_q, h]`` (float64 for float64 ``q``),
+        lse in natural log.
         A row with no valid slot (``topk = 0`` included: every row is empty) gets ``out = 0``
         and ``lse = -inf``: the log of an empty sum,
         which keeps ``exp(lse)`` equal to the softmax denominator and merges correctly with other
@@ -63,6 +64,7 @@ def sparse_mla(q, kv, indices, *, sm_scale=None, d_v: int = 512, topk_length=Non
     kv = np.asarray(kv)
     if kv.dtype == np.uint8 and kv.shape[-1] == KV_CACHE_FP8_BYTES:
         kv = unpack_kv_cache_fp8(kv)  # [s_kv, 576]
+    dtype = result_dtype(q)
     q = as_float64(q)  # [s_q, h, d_qk]
     kv = as_float64(kv)  # [s_kv, d_qk]
     indices = np.asarray(indices)  # [s_q, topk]
@@ -97,7 +99,7 @@ def sparse_mla(q, kv, indices, *, sm_scale=None, d_v: int = 512, topk_length=Non
         sink = as_float64(attn_sink)[None, :]  # [1, h]
         with np.errstate(over="ignore"):
             out *= (1.0 / (1.0 + np.exp(sink - lse)))[..., None]  # [s_q, h, d_v]
-    return out.astype(np.float32), lse.astype(np.float32)
+    return out.astype(dtype), lse.astype(dtype)
 
 
 def _sink_factor(attn_sink, lse: np.ndarray) -> np.ndarray:
@@ -142,11 +144,12 @@ def sparse_mla_backward(q, kv, indices, out, lse, d_out, *, sm_scale=None, d_v: 
 
     Returns:
         ``(dq, dkv)``: float32 ``[s_q, h, d_qk]`` and float32 ``[s_kv, d_qk]``; with ``attn_sink``
-        also ``d_attn_sink``, float32 ``[h]``.
+        also ``d_attn_sink``, float32 ``[h]`` (all float64 for float64 ``q``).
 
     Computed in float64, in chunks of queries so that the ``[chunk, h, topk]`` intermediates stay
     under :data:`~dsa_ref.reference._common.CHUNK_BYTES`.
     """
+    dtype = result_dtype(q)
     q = as_float64(q)  # [s_q, h, d_qk]
     kv = as_float64(kv)  # [s_kv, d_qk]
     indices = np.asarray(indices)  # [s_q, topk]
@@ -182,9 +185,9 @@ def sparse_mla_backward(q, kv, indices, out, lse, d_out, *, sm_scale=None, d_v: 
 
     dkv = dkv[:s_kv]  # [s_kv, d_qk]   drop the invalid slots' row
     if attn_sink is None:
-        return dq.astype(np.float32), dkv.astype(np.float32)
+        return dq.astype(dtype), dkv.astype(dtype)
     d_sink = -np.sum(np.where(np.isneginf(lse), 0.0, delta * (1.0 - share)), axis=0)  # [h]
-    return dq.astype(np.float32), dkv.astype(np.float32), d_sink.astype(np.float32)
+    return dq.astype(dtype), dkv.astype(dtype), d_sink.astype(dtype)
 
 
 def attention_target(q, kv, indices, lse, *, sm_scale=None, topk_length=None) -> np.ndarray:
@@ -204,12 +207,13 @@ def attention_target(q, kv, indices, lse, *, sm_scale=None, topk_length=None) ->
         lse: ``[s_q, h]`` the forward's natural-log lse.
 
     Returns:
-        float32 ``[s_q, topk]``: each row sums to 1 over its valid slots, 0 at invalid slots; a row
+        float32 ``[s_q, topk]`` (float64 for float64 ``q``): each row sums to 1 over its valid slots, 0 at invalid slots; a row
         with no valid slot is all 0.
     """
     kv = np.asarray(kv)
     if kv.dtype == np.uint8 and kv.shape[-1] == KV_CACHE_FP8_BYTES:
         kv = unpack_kv_cache_fp8(kv)  # [s_kv, 576]
+    dtype = result_dtype(q)
     q, kv, lse = as_float64(q), as_float64(kv), as_float64(lse)  # [s_q, h, d_qk], [s_kv, d_qk], [s_q, h]
     indices = np.asarray(indices)  # [s_q, topk]
     s_q, h, d_qk = q.shape
@@ -230,4 +234,4 @@ def attention_target(q, kv, indices, lse, *, sm_scale=None, topk_length=None) ->
     with np.errstate(invalid="ignore"):
         target = np.where(total > 0, head_sum / np.where(total > 0, total, 1.0), 0.0)  # [s_q, topk]
     target = np.where(np.isnan(total), np.nan, target)  # NaN in an input is reported, not hidden
-    return target.astype(np.float32)
+    return target.astype(dtype)
