@@ -18,7 +18,7 @@ Importing this package imports neither torch nor cupy.
 """
 
 from .backend import OPS, Backend, Tolerance
-from .modes import deterministic_enabled, use_deterministic
+from .modes import data_checks_enabled, deterministic_enabled, use_data_checks, use_deterministic
 from .ops import (
     attention_target,
     dsa_attention,
@@ -76,6 +76,7 @@ __all__ = [
     "attention_target",
     "available_backends",
     "causal_key_ranges",
+    "data_checks_enabled",
     "dequantize_fp8",
     "deterministic_enabled",
     "dsa_attention",
@@ -92,6 +93,7 @@ __all__ = [
     "topk_indices",
     "unpack_kv_cache_fp8",
     "use_backend",
+    "use_data_checks",
     "use_deterministic",
     "varlen_key_ranges",
     *_LAYER_EXPORTS,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import interop
+from . import interop, modes
 
 FLOATS = ("float64", "float32", "float16", "bfloat16")
 FLOATS_AND_FP8 = FLOATS + ("float8_e4m3fn",)
@@ -94,13 +94,20 @@ def _min_max(x: Any) -> tuple[int, int]:
     return int(x.min()), int(x.max())
 
 
-def key_ranges(key_start: Any, key_end: Any, s_q: int, s_kv: int) -> None:
-    """``0 <= key_start[i] <= key_end[i] <= s_kv`` for every query ``i``."""
+def key_ranges(key_start: Any, key_end: Any, s_q: int, s_kv: int) -> tuple[Any, Any]:
+    """``0 <= key_start[i] <= key_end[i] <= s_kv`` for every query ``i``; returns the ranges.
+
+    With data checks off (:func:`dsa_ref.use_data_checks`), the values are not read: they are
+    clamped into that form instead, on the arrays' own device, with no synchronization.
+    """
     for name, ranges in (("key_start", key_start), ("key_end", key_end)):
         array(name, ranges, "[s_q]", INDEX_INTS)
         axis(name, ranges, 0, s_q, "[s_q]", "the queries' s_q")
     if s_q == 0:
-        return
+        return key_start, key_end
+    if not modes.data_checks_enabled():
+        start = key_start.clip(0, s_kv)
+        return start, start + (key_end.clip(0, s_kv) - start).clip(0, s_kv)
     low, _ = _min_max(key_start)
     _, high = _min_max(key_end)
     if low < 0:
@@ -111,10 +118,16 @@ def key_ranges(key_start: Any, key_end: Any, s_q: int, s_kv: int) -> None:
     if shortest < 0:
         raise ValueError(f"key_start must be <= key_end for every query (an empty range is key_start == key_end), "
                          f"got a query with key_end - key_start = {shortest}")
+    return key_start, key_end
 
 
-def int_range(name: str, x: Any, low: int, high: int) -> None:
+def int_range(name: str, x: Any, low: int, high: int) -> Any:
+    """Every value of ``x`` (None passes) lies in ``[low, high]``; returns ``x`` (clamped there, without
+    reading it, when data checks are off)."""
     if x is not None and x.shape[0] > 0:
+        if not modes.data_checks_enabled():
+            return x.clip(low, high)
         lo, hi = _min_max(x)
         if lo < low or hi > high:
             raise ValueError(f"{name} values must lie in [{low}, {high}], got min={lo}, max={hi}")
+    return x

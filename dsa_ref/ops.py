@@ -66,8 +66,7 @@ def _default_key_ranges(key_start, key_end, s_q: int, s_kv: int):
         key_start = np.zeros(s_q, np.int32)
     if key_end is None:
         key_end = np.full(s_q, s_kv, np.int32)
-    _checks.key_ranges(key_start, key_end, s_q, s_kv)
-    return key_start, key_end
+    return _checks.key_ranges(key_start, key_end, s_q, s_kv)
 
 
 def _check_indexer_inputs(q, weights, k, key_start, key_end, k_scale):
@@ -156,10 +155,10 @@ def _check_sparse_mla_inputs(q, kv, indices, sm_scale, d_v, topk_length, attn_si
     sm_scale = d_qk**-0.5 if sm_scale is None else _checks.finite_float("sm_scale", sm_scale)
     _checks.optional_array("topk_length", topk_length, "[s_q]", _checks.INDEX_INTS)
     _checks.axis("topk_length", topk_length, 0, s_q, "[s_q]", "q's s_q")
-    _checks.int_range("topk_length", topk_length, 0, indices.shape[1])
+    topk_length = _checks.int_range("topk_length", topk_length, 0, indices.shape[1])
     _checks.optional_array("attn_sink", attn_sink, "[h]", _checks.FLOATS)
     _checks.axis("attn_sink", attn_sink, 0, h, "[h]", "q's h")
-    return sm_scale, d_v
+    return sm_scale, d_v, topk_length
 
 
 def sparse_mla(q, kv, indices, *, sm_scale=None, d_v: int = 512, topk_length=None, attn_sink=None,
@@ -188,7 +187,7 @@ def sparse_mla(q, kv, indices, *, sm_scale=None, d_v: int = 512, topk_length=Non
         TypeError: a torch input requires grad while grad mode is on: this op records no
             gradients (use :mod:`dsa_ref.torch`, e.g. ``dsa_ref.torch.sparse_mla``, or ``.detach()``).
     """
-    sm_scale, d_v = _check_sparse_mla_inputs(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
+    sm_scale, d_v, topk_length = _check_sparse_mla_inputs(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
     inputs = dict(q=q, kv=kv, indices=indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
                   attn_sink=attn_sink)
     if indices.shape[1] == 0:
@@ -239,7 +238,7 @@ def dsa_attention(q, kv, q_index, weights, k_index, *, topk: int, key_start=None
     _checks.array("q", q, "[s_q, h, d_qk]", _checks.FLOATS)
     _checks.axis("q", q, 0, s_q, "[s_q, h, d_qk]", "q_index's s_q")
     placeholder = np.zeros((s_q, topk), np.int32)  # checks the main-attention inputs with the real shapes
-    sm_scale, d_v = _check_sparse_mla_inputs(q, kv, placeholder, sm_scale, d_v, None, None)
+    sm_scale, d_v, _ = _check_sparse_mla_inputs(q, kv, placeholder, sm_scale, d_v, None, None)
     _checks.axis("kv", kv, 0, s_kv, "[s_kv, d_qk]", "k_index's s_kv")
     return _run("dsa_attention", backend, q, dict(q=q, kv=kv, q_index=q_index, weights=weights,
                                                    k_index=k_index, topk=topk, key_start=key_start,
@@ -282,7 +281,7 @@ def sparse_mla_backward(q, kv, indices, out, lse, d_out, *, sm_scale=None, d_v: 
         :func:`dsa_ref.reference.sparse_mla_backward`.
     """
     _refuse_packed_kv("sparse_mla_backward", kv)
-    sm_scale, d_v = _check_sparse_mla_inputs(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
+    sm_scale, d_v, topk_length = _check_sparse_mla_inputs(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
     s_q, h, _ = q.shape
     _check_float_like("out", out, (s_q, h, d_v), "[s_q, h, d_v]")
     _check_float_like("lse", lse, (s_q, h), "[s_q, h]")
@@ -309,7 +308,7 @@ def attention_target(q, kv, indices, lse, *, sm_scale=None, topk_length=None, ba
         float32 ``[s_q, topk]``: rows sum to 1 over their valid slots; 0 at invalid slots; an all-zero
         row where no slot is valid. See :func:`dsa_ref.reference.attention_target`.
     """
-    _check_sparse_mla_inputs(q, kv, indices, sm_scale, 1, topk_length, None)
+    *_, topk_length = _check_sparse_mla_inputs(q, kv, indices, sm_scale, 1, topk_length, None)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else _checks.finite_float("sm_scale", sm_scale)
     _check_float_like("lse", lse, tuple(q.shape[:2]), "[s_q, h]")
     return _run("attention_target", backend, q, dict(q=q, kv=kv, indices=indices, lse=lse, sm_scale=sm_scale,
