@@ -72,10 +72,19 @@ def _math_block(match: re.Match) -> str:
 _ARGS_HEADER = re.compile(r"^(?P<indent>[ \t]*)(?:Args|Arguments|Parameters|Keyword Args|Keyword Arguments"
                           r"|Other Parameters):[ \t]*$")
 _ARG_ENTRY = re.compile(r"^(?P<indent>[ \t]+)(?P<names>[\w*][^:()]*?)(?P<type>[ \t]*\([^)]*\))?:(?:[ \t]+(?P<text>.*))?$")
-_ONE_NAME = re.compile(r"^(?P<name>\*{0,2}\w+)(?:[ \t]+``(?P<shape>\[[^`]*\])``)?$")
+_ONE_NAME = r"(?P<name>\*{0,2}\w+)(?:[ \t]+``(?P<shape>\[[^`]*\])``)?"
+_NAMES = re.compile(rf"^[ \t]*{_ONE_NAME}(?:[ \t]*,[ \t]*{_ONE_NAME.replace('?P<name>', '').replace('?P<shape>', '')})*[ \t]*$")
 _DTYPE = r"(?:u?int(?:8|16|32|64)?|float(?:8_e4m3fn|16|32|64)?|bfloat16|bool)(?:/(?:\d+|\w+))*(?![\w/])"
 _TYPE_WORD = rf"(?:``\[[^`]*\]``|{_DTYPE})"
 _LEADING_TYPE = re.compile(rf"^(?P<type>{_TYPE_WORD}(?:(?:,[ \t]*|[ \t]+or[ \t]+|[ \t]+){_TYPE_WORD})*)(?P<rest>.*)$")
+
+
+def _type_text(phrase: str) -> str:
+    """``"int32/int64 ``[s_q]``"`` -> ``"[s_q] int32/int64"``: the shape first, so that griffe keeps
+    the type as written instead of reading it as a Python expression (``int32 / int64[s_q]``)."""
+    shapes = re.findall(r"``(\[[^`]*\])``", phrase)
+    dtypes = re.sub(r"``\[[^`]*\]``", " ", phrase).strip(" ,")
+    return " ".join(shapes + ([re.sub(r"\s*,\s*(?=\S)", ", ", re.sub(r"\s+", " ", dtypes))] if dtypes else []))
 
 
 def _annotated(obj: Object, name: str) -> bool:
@@ -88,9 +97,9 @@ def _annotated(obj: Object, name: str) -> bool:
 
 def _split_entry(match: re.Match, continuation: list[str], obj: Object) -> list[str] | None:
     """One ``Args:`` entry as one entry per named parameter, with a type taken from the text."""
-    pieces = [_ONE_NAME.match(piece.strip()) for piece in match.group("names").split(",")]
-    if not all(pieces):
+    if not _NAMES.match(match.group("names")):
         return None
+    pieces = list(re.finditer(_ONE_NAME, match.group("names")))
     indent, text, typed = match.group("indent"), match.group("text") or "", match.group("type")
     lines = []
     for piece in pieces:
@@ -101,7 +110,7 @@ def _split_entry(match: re.Match, continuation: list[str], obj: Object) -> list[
             if own_shape is not None:
                 kind = f" ({own_shape})"
             elif leading:
-                kind = f" ({leading.group('type').replace('``', '')})"
+                kind = f" ({_type_text(leading.group('type'))})"
                 description = leading.group("rest").lstrip(" ,;:")
                 description = "" if description in (".", "") else description
         lines.append(f"{indent}{name}{kind or ''}:{' ' + description if description else ''}")
