@@ -46,9 +46,10 @@ def array_kind(x: Any) -> str | None:
     """``"numpy"``, ``"torch"`` or ``"cupy"`` for an array of that library, else ``None``."""
     if isinstance(x, np.ndarray):
         return "numpy"
-    root = type(x).__module__.split(".", 1)[0]
-    if root == "torch" and type(x).__name__ in ("Tensor", "Parameter"):
+    torch = sys.modules.get("torch")  # a torch tensor exists only once torch is imported
+    if torch is not None and isinstance(x, torch.Tensor):  # subclasses too: Parameter, FakeTensor under compile
         return "torch"
+    root = type(x).__module__.split(".", 1)[0]
     if root == "cupy" and type(x).__name__ == "ndarray":
         return "cupy"
     return None

@@ -1,0 +1,374 @@
+"""The custom ops behind :mod:`dsa_ref.torch`, each with its fake function and its backward.
+
+Every op follows one pattern (PyTorch's custom-op tutorial): ``torch.library.custom_op`` runs the
+active backend's kernel; ``register_fake`` gives the output shapes to ``torch.compile`` and to
+meta tensors; ``register_autograd`` saves what the backward needs (the forward's ``out`` and
+``lse``, as FlashAttention does) and calls the backward op, itself a custom op. The math lives in
+the reference and the kernels; this file only moves tensors.
+
+Arguments are checked inside the ops, by the same functions as the public NumPy-facing API, with
+data checks off: shapes and dtypes are checked (also while tracing, on fake tensors), and key
+ranges and ``topk_length`` are clamped on the device instead of being read.
+"""
+
+# No ``from __future__ import annotations``: custom_op reads the type hints to build the schemas.
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import interop, modes, registry
+from .. import ops as checked
+
+_NAMESPACE = "dsa_ref"
+
+
+# ---------------------------------------------------------------------------- plumbing
+def _result_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of float results: float32, or float64 for float64 inputs (which only the NumPy
+    reference takes, and keeps in float64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch._dynamo.assume_constant_result
+def _active_backend() -> str:
+    # Resolved when a call is traced, like any other Python constant of the step.
+    return registry.active_backend_name()
+
+
+def _backend_name(backend) -> str:
+    if backend is None:
+        return _active_backend()
+    if isinstance(backend, str):
+        return backend
+    raise TypeError(f"backend must be a backend name (str) or None in dsa_ref.torch, got {type(backend).__name__}")
+
+
+def _run(backend_name: str, op: str, like: Tensor, **inputs):
+    """Run ``op`` on the backend with ``inputs`` (torch tensors), results as torch tensors beside ``like``."""
+    backend = registry.get_backend(backend_name)
+    reasons = backend.not_supported_reasons(op, **inputs)
+    if reasons:
+        raise registry.UnsupportedInputError(f"backend {backend.name!r} does not support these {op} inputs: "
+                                             + "; ".join(reasons))
+    native = {key: backend.to_native(value) if isinstance(value, Tensor) else value for key, value in inputs.items()}
+    result = getattr(backend, op)(**native)
+    if isinstance(result, tuple):
+        return tuple(interop.convert_like(part, like) for part in result)
+    return interop.convert_like(result, like)
+
+
+def _fresh(t: Tensor, *inputs: Optional[Tensor]) -> Tensor:
+    """A custom op's output may not alias an input (a backend could hand one back): copy if it does."""
+    for x in inputs:
+        if x is not None and t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and t.numel():
+            return t.clone()
+    return t
+
+
+def _sparse_mla_checks(q, kv, indices, topk_length, attn_sink, sm_scale, d_v):
+    with modes.use_data_checks(False):
+        return checked._check_sparse_mla_inputs(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
+
+
+def _key_ranges(key_start: Optional[Tensor], key_end: Optional[Tensor], s_q: int, s_kv: int, like: Tensor):
+    if key_start is None:
+        key_start = torch.zeros(s_q, dtype=torch.int32, device=like.device)
+    if key_end is None:
+        key_end = torch.full((s_q,), s_kv, dtype=torch.int32, device=like.device)
+    return key_start, key_end
+
+
+# ---------------------------------------------------------------------------- sparse MLA
+@torch.library.custom_op(f"{_NAMESPACE}::sparse_mla", mutates_args=())
+def _sparse_mla(q: Tensor, kv: Tensor, indices: Tensor, topk_length: Optional[Tensor], attn_sink: Optional[Tensor],
+                sm_scale: float, d_v: int, backend: str) -> tuple[Tensor, Tensor]:
+    sm_scale, d_v, topk_length = _sparse_mla_checks(q, kv, indices, topk_length, attn_sink, sm_scale, d_v)
+    out, lse = _run(backend, "sparse_mla", q, q=q, kv=kv, indices=indices, sm_scale=sm_scale, d_v=d_v,
+                    topk_length=topk_length, attn_sink=attn_sink)
+    return _fresh(out, q, kv), _fresh(lse, q, kv)
+
+
+@_sparse_mla.register_fake
+def _(q, kv, indices, topk_length, attn_sink, sm_scale, d_v, backend):
+    _sparse_mla_checks(q, kv, indices, topk_length, attn_sink, sm_scale, d_v)
+    s_q, h, _ = q.shape
+    return q.new_empty((s_q, h, d_v), dtype=_result_dtype(q)), q.new_empty((s_q, h), dtype=_result_dtype(q))
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::sparse_mla_backward", mutates_args=())
+def _sparse_mla_backward(q: Tensor, kv: Tensor, indices: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
+                         d_lse: Optional[Tensor], topk_length: Optional[Tensor], attn_sink: Optional[Tensor],
+                         sm_scale: float, d_v: int, deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    sm_scale, d_v, topk_length = _sparse_mla_checks(q, kv, indices, topk_length, attn_sink, sm_scale, d_v)
+    grads = _run(backend, "sparse_mla_backward", q, q=q, kv=kv, indices=indices, out=out, lse=lse, d_out=d_out,
+                 sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink, d_lse=d_lse,
+                 deterministic=deterministic)
+    d_sink = grads[2] if attn_sink is not None else q.new_zeros((0,), dtype=_result_dtype(q))
+    return grads[0], grads[1], d_sink
+
+
+@_sparse_mla_backward.register_fake
+def _(q, kv, indices, out, lse, d_out, d_lse, topk_length, attn_sink, sm_scale, d_v, deterministic, backend):
+    dtype = _result_dtype(q)
+    sinks = q.shape[1] if attn_sink is not None else 0
+    return q.new_empty(q.shape, dtype=dtype), q.new_empty(kv.shape, dtype=dtype), q.new_empty((sinks,), dtype=dtype)
+
+
+def _save_sparse_mla(ctx, q, kv, indices, topk_length, attn_sink, out, lse, sm_scale, d_v, backend):
+    ctx.save_for_backward(q, kv, indices, topk_length, attn_sink, out, lse)
+    ctx.sm_scale, ctx.d_v, ctx.backend = sm_scale, d_v, backend
+
+
+def _sparse_mla_grads(ctx, d_out, d_lse):
+    """dq, dkv, d_sink (None where the input needs none), cast to the inputs' dtypes."""
+    q, kv, indices, topk_length, attn_sink, out, lse = ctx.saved_tensors
+    dq, dkv, d_sink = _sparse_mla_backward(q, kv, indices, out, lse, d_out.contiguous(), d_lse, topk_length,
+                                           attn_sink, ctx.sm_scale, ctx.d_v, modes.deterministic_enabled(),
+                                           ctx.backend)
+    return (dq.to(q.dtype) if ctx.needs_input_grad[0] else None,
+            dkv.to(kv.dtype) if ctx.needs_input_grad[1] else None,
+            d_sink.to(attn_sink.dtype) if attn_sink is not None and ctx.needs_input_grad[4] else None)
+
+
+def _sparse_mla_setup(ctx, inputs, output):
+    q, kv, indices, topk_length, attn_sink, sm_scale, d_v, backend = inputs
+    _save_sparse_mla(ctx, q, kv, indices, topk_length, attn_sink, *output, sm_scale, d_v, backend)
+
+
+def _sparse_mla_autograd(ctx, d_out, d_lse):
+    dq, dkv, d_sink = _sparse_mla_grads(ctx, d_out, d_lse)
+    return dq, dkv, None, None, d_sink, None, None, None
+
+
+_sparse_mla.register_autograd(_sparse_mla_autograd, setup_context=_sparse_mla_setup)
+
+
+def sparse_mla(q: Tensor, kv: Tensor, indices: Tensor, *, sm_scale: Optional[float] = None, d_v: int = 512,
+               topk_length: Optional[Tensor] = None, attn_sink: Optional[Tensor] = None, backend=None):
+    r"""Differentiable sparse MLA (paper eq. 2, MQA mode): :func:`dsa_ref.sparse_mla` for torch tensors.
+
+    Args:
+        q: ``[s_q, h, d_qk]``; kv: ``[s_kv, d_qk]`` (or the packed FP8 cache, uint8 ``[s_kv, 656]``,
+            which has no gradient); indices: int ``[s_q, topk]`` (no gradient).
+        sm_scale, d_v, topk_length, attn_sink: as for :func:`dsa_ref.sparse_mla`; ``topk_length`` is
+            clamped into ``[0, topk]`` on the device.
+        backend: a backend name; default the active one.
+
+    Returns:
+        ``(out, lse)``, float32 (float64 for float64 inputs), both differentiable: gradients reach ``q``,
+        ``kv`` and ``attn_sink`` through the backend's :func:`dsa_ref.sparse_mla_backward`
+        (bitwise repeatable under :func:`dsa_ref.use_deterministic` or
+        ``torch.use_deterministic_algorithms(True)``).
+    """
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    return _sparse_mla(q, kv, indices, topk_length, attn_sink, float(sm_scale), int(d_v), _backend_name(backend))
+
+
+# ---------------------------------------------------------------------------- the selection
+def _indexer_checks(q, weights, k, key_start, key_end, k_scale):
+    with modes.use_data_checks(False):
+        return checked._check_indexer_inputs(q, weights, k, key_start, key_end, k_scale)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::lightning_indexer", mutates_args=())
+def _lightning_indexer(q: Tensor, weights: Tensor, k: Tensor, key_start: Tensor, key_end: Tensor,
+                       k_scale: Optional[Tensor], backend: str) -> Tensor:
+    key_start, key_end = _indexer_checks(q, weights, k, key_start, key_end, k_scale)
+    return _fresh(_run(backend, "lightning_indexer", q, q=q, weights=weights, k=k, key_start=key_start,
+                       key_end=key_end, k_scale=k_scale), q, k)
+
+
+@_lightning_indexer.register_fake
+def _(q, weights, k, key_start, key_end, k_scale, backend):
+    _indexer_checks(q, weights, k, key_start, key_end, k_scale)
+    return q.new_empty((q.shape[0], k.shape[0]), dtype=_result_dtype(q))
+
+
+def lightning_indexer(q: Tensor, weights: Tensor, k: Tensor, *, key_start: Optional[Tensor] = None,
+                      key_end: Optional[Tensor] = None, k_scale: Optional[Tensor] = None, backend=None) -> Tensor:
+    """Index scores (eq. 1), :func:`dsa_ref.lightning_indexer` as a torch op. No gradient: the scores
+    only choose the keys; the indexer learns from :func:`indexer_loss`. Default key ranges: every
+    key (non-causal)."""
+    key_start, key_end = _key_ranges(key_start, key_end, q.shape[0], k.shape[0], q)
+    return _lightning_indexer(q.detach(), weights.detach(), k.detach(), key_start, key_end,
+                              None if k_scale is None else k_scale.detach(), _backend_name(backend))
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::topk_indices", mutates_args=())
+def _topk_indices(scores: Tensor, topk: int, backend: str) -> Tensor:
+    checked._checks.array("scores", scores, "[s_q, s_kv]", checked._checks.FLOATS)
+    return _run(backend, "topk_indices", scores, scores=scores, topk=checked._checks.positive_int("topk", topk))
+
+
+@_topk_indices.register_fake
+def _(scores, topk, backend):
+    return scores.new_empty((scores.shape[0], topk), dtype=torch.int32)
+
+
+def topk_indices(scores: Tensor, topk: int, *, backend=None) -> Tensor:
+    """The ``topk`` best keys of each row, int32 ``[s_q, topk]`` (``-1`` padding); see :func:`dsa_ref.topk_indices`."""
+    return _topk_indices(scores.detach(), int(topk), _backend_name(backend))
+
+
+# ---------------------------------------------------------------------------- DSA attention
+@torch.library.custom_op(f"{_NAMESPACE}::dsa_attention", mutates_args=())
+def _dsa_attention(q: Tensor, kv: Tensor, q_index: Tensor, weights: Tensor, k_index: Tensor, key_start: Tensor,
+                   key_end: Tensor, k_scale: Optional[Tensor], topk: int, sm_scale: float, d_v: int,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    key_start, key_end = _indexer_checks(q_index, weights, k_index, key_start, key_end, k_scale)
+    out, lse, indices = _run(backend, "dsa_attention", q, q=q, kv=kv, q_index=q_index, weights=weights,
+                             k_index=k_index, topk=topk, key_start=key_start, key_end=key_end, k_scale=k_scale,
+                             sm_scale=sm_scale, d_v=d_v)
+    return _fresh(out, q, kv), _fresh(lse, q, kv), indices.to(torch.int32)
+
+
+@_dsa_attention.register_fake
+def _(q, kv, q_index, weights, k_index, key_start, key_end, k_scale, topk, sm_scale, d_v, backend):
+    _indexer_checks(q_index, weights, k_index, key_start, key_end, k_scale)
+    s_q, h, _ = q.shape
+    dtype = _result_dtype(q)
+    return (q.new_empty((s_q, h, d_v), dtype=dtype), q.new_empty((s_q, h), dtype=dtype),
+            q.new_empty((s_q, topk), dtype=torch.int32))
+
+
+def _dsa_attention_setup(ctx, inputs, output):
+    q, kv, *_, topk, sm_scale, d_v, backend = inputs
+    out, lse, indices = output
+    _save_sparse_mla(ctx, q, kv, indices, None, None, out, lse, sm_scale, d_v, backend)
+    ctx.mark_non_differentiable(indices)
+
+
+def _dsa_attention_autograd(ctx, d_out, d_lse, d_indices):
+    dq, dkv, _ = _sparse_mla_grads(ctx, d_out, d_lse)
+    return (dq, dkv) + (None,) * 10
+
+
+_dsa_attention.register_autograd(_dsa_attention_autograd, setup_context=_dsa_attention_setup)
+
+
+def dsa_attention(q: Tensor, kv: Tensor, q_index: Tensor, weights: Tensor, k_index: Tensor, *, topk: int,
+                  key_start: Optional[Tensor] = None, key_end: Optional[Tensor] = None,
+                  k_scale: Optional[Tensor] = None, sm_scale: Optional[float] = None, d_v: int = 512, backend=None):
+    r"""One differentiable DSA step: indexer, top-k, sparse MLA (:func:`dsa_ref.dsa_attention` for torch).
+
+    Gradients reach ``q`` and ``kv`` only: the selected ``indices`` are integers, and the indexer's
+    inputs are detached from the main attention, as in the paper (the indexer learns from
+    :func:`indexer_loss` with :func:`attention_target`). Default key ranges: every key (non-causal);
+    pass :func:`dsa_ref.causal_key_ranges` for a causal model (clamped on the device).
+
+    Returns:
+        ``(out, lse, indices)``: differentiable float32 ``[s_q, h, d_v]`` and ``[s_q, h]``, and int32
+        ``[s_q, topk]``.
+    """
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    key_start, key_end = _key_ranges(key_start, key_end, q_index.shape[0], k_index.shape[0], q_index)
+    return _dsa_attention(q, kv, q_index.detach(), weights.detach(), k_index.detach(), key_start, key_end,
+                          None if k_scale is None else k_scale.detach(), int(topk), float(sm_scale), int(d_v),
+                          _backend_name(backend))
+
+
+# ---------------------------------------------------------------------------- the indexer's training
+@torch.library.custom_op(f"{_NAMESPACE}::attention_target", mutates_args=())
+def _attention_target(q: Tensor, kv: Tensor, indices: Tensor, lse: Tensor, topk_length: Optional[Tensor],
+                      sm_scale: float, backend: str) -> Tensor:
+    *_, topk_length = _sparse_mla_checks(q, kv, indices, topk_length, None, sm_scale, 1)
+    return _run(backend, "attention_target", q, q=q, kv=kv, indices=indices, lse=lse, sm_scale=sm_scale,
+                topk_length=topk_length)
+
+
+@_attention_target.register_fake
+def _(q, kv, indices, lse, topk_length, sm_scale, backend):
+    _sparse_mla_checks(q, kv, indices, topk_length, None, sm_scale, 1)
+    return q.new_empty(tuple(indices.shape), dtype=_result_dtype(q))
+
+
+def attention_target(q: Tensor, kv: Tensor, indices: Tensor, lse: Tensor, *, sm_scale: Optional[float] = None,
+                     topk_length: Optional[Tensor] = None, backend=None) -> Tensor:
+    """The indexer's target ``p`` over the selected slots (eqs. 3-4); see :func:`dsa_ref.attention_target`.
+
+    The result never requires grad: in the paper the target is a constant of the indexer's loss,
+    and the main model learns from the language-modelling loss alone.
+    """
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    return _attention_target(q.detach(), kv.detach(), indices, lse.detach(), topk_length, float(sm_scale),
+                             _backend_name(backend))
+
+
+def _indexer_loss_checks(q_index, weights, k_index, target, indices, key_start, key_end, k_scale):
+    with modes.use_data_checks(False):
+        return checked._check_indexer_loss_inputs(q_index, weights, k_index, target, indices, key_start, key_end,
+                                                  k_scale)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::indexer_loss", mutates_args=())
+def _indexer_loss(q_index: Tensor, weights: Tensor, k_index: Tensor, target: Tensor, indices: Optional[Tensor],
+                  key_start: Optional[Tensor], key_end: Optional[Tensor], k_scale: Optional[Tensor],
+                  backend: str) -> Tensor:
+    key_start, key_end = _indexer_loss_checks(q_index, weights, k_index, target, indices, key_start, key_end,
+                                              k_scale)
+    return _run(backend, "indexer_loss", q_index, q_index=q_index, weights=weights, k_index=k_index, target=target,
+                indices=indices, key_start=key_start, key_end=key_end, k_scale=k_scale)
+
+
+@_indexer_loss.register_fake
+def _(q_index, weights, k_index, target, indices, key_start, key_end, k_scale, backend):
+    _indexer_loss_checks(q_index, weights, k_index, target, indices, key_start, key_end, k_scale)
+    return q_index.new_empty((q_index.shape[0],), dtype=_result_dtype(q_index))
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::indexer_loss_backward", mutates_args=())
+def _indexer_loss_backward(q_index: Tensor, weights: Tensor, k_index: Tensor, target: Tensor, d_loss: Tensor,
+                           indices: Optional[Tensor], key_start: Optional[Tensor], key_end: Optional[Tensor],
+                           k_scale: Optional[Tensor], deterministic: bool,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    key_start, key_end = _indexer_loss_checks(q_index, weights, k_index, target, indices, key_start, key_end,
+                                              k_scale)
+    return _run(backend, "indexer_loss_backward", q_index, q_index=q_index, weights=weights, k_index=k_index,
+                target=target, d_loss=d_loss, indices=indices, key_start=key_start, key_end=key_end,
+                k_scale=k_scale, deterministic=deterministic)
+
+
+@_indexer_loss_backward.register_fake
+def _(q_index, weights, k_index, target, d_loss, indices, key_start, key_end, k_scale, deterministic, backend):
+    dtype = _result_dtype(q_index)
+    return (q_index.new_empty(q_index.shape, dtype=dtype), q_index.new_empty(weights.shape, dtype=dtype),
+            q_index.new_empty(k_index.shape, dtype=dtype))
+
+
+def _indexer_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.backend = inputs[8]
+
+
+def _indexer_loss_autograd(ctx, d_loss):
+    q_index, weights, k_index, target, indices, key_start, key_end, k_scale = ctx.saved_tensors
+    dq, dw, dk = _indexer_loss_backward(q_index, weights, k_index, target, d_loss.contiguous(), indices, key_start,
+                                        key_end, k_scale, modes.deterministic_enabled(), ctx.backend)
+    return dq.to(q_index.dtype), dw.to(weights.dtype), dk.to(k_index.dtype), None, None, None, None, None, None
+
+
+_indexer_loss.register_autograd(_indexer_loss_autograd, setup_context=_indexer_loss_setup)
+
+
+def indexer_loss(q_index: Tensor, weights: Tensor, k_index: Tensor, target: Tensor, *,
+                 indices: Optional[Tensor] = None, key_start: Optional[Tensor] = None,
+                 key_end: Optional[Tensor] = None, k_scale: Optional[Tensor] = None, backend=None) -> Tensor:
+    r"""Differentiable per-query ``KL(target ‖ softmax(I))`` (eq. 3, or eq. 4 with ``indices``); see
+    :func:`dsa_ref.indexer_loss`.
+
+    Gradients reach ``q_index``, ``weights`` and ``k_index`` (through the backend's
+    :func:`dsa_ref.indexer_loss_backward`); ``target`` is detached, as the paper's target is a constant.
+    Without ``indices`` the default key ranges are every key (non-causal).
+
+    Returns:
+        float32 ``[s_q]`` (float64 for float64 inputs): sum or average it into the training loss.
+    """
+    if indices is None:
+        key_start, key_end = _key_ranges(key_start, key_end, q_index.shape[0], k_index.shape[0], q_index)
+    return _indexer_loss(q_index, weights, k_index, target.detach(), indices, key_start, key_end,
+                         None if k_scale is None else k_scale.detach(), _backend_name(backend))

@@ -1,0 +1,188 @@
+"""dsa_ref.torch: differentiable custom ops. gradcheck in float64 on the NumPy reference, opcheck of
+every op's schema and fake function, torch.compile without graph breaks, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import dsa_ref  # noqa: E402
+import dsa_ref.torch as dt  # noqa: E402
+from dsa_ref import reference  # noqa: E402
+
+
+def _sparse_inputs(dtype=torch.float64, s_q=5, s_kv=7, h=2, d_qk=8):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(s_q, h, d_qk, dtype=dtype, generator=gen)
+    kv = torch.randn(s_kv, d_qk, dtype=dtype, generator=gen)
+    indices = torch.tensor([[0, 1, 2], [3, 3, -1], [6, 0, 1], [-1, -1, -1], [2, 4, 2**31 - 1]], dtype=torch.int32)
+    return q, kv, indices
+
+
+def _finite(lse):
+    return torch.where(torch.isinf(lse), 0.0, lse)
+
+
+@pytest.mark.parametrize("with_sink,with_length", [(False, False), (True, True)])
+def test_sparse_mla_gradcheck_on_the_reference(with_sink, with_length):
+    q, kv, indices = _sparse_inputs()
+    q.requires_grad_(True)
+    kv.requires_grad_(True)
+    sink = torch.randn(2, dtype=torch.float64, requires_grad=True) if with_sink else None
+    length = torch.tensor([3, 1, 2, 0, 3], dtype=torch.int32) if with_length else None
+
+    def f(q, kv, *sink_arg):
+        out, lse = dt.sparse_mla(q, kv, indices, sm_scale=0.4, d_v=6, topk_length=length,
+                                 attn_sink=sink_arg[0] if sink_arg else None, backend="numpy")
+        return out, _finite(lse)
+
+    assert torch.autograd.gradcheck(f, (q, kv) + ((sink,) if with_sink else ()))
+
+
+def test_sparse_mla_equals_the_public_op_and_its_backward():
+    q, kv, indices = _sparse_inputs(torch.float32)
+    q.requires_grad_(True)
+    kv.requires_grad_(True)
+    out, lse = dt.sparse_mla(q, kv, indices, d_v=6, backend="numpy")
+    d_out = torch.randn_like(out)
+    out.backward(d_out)
+    with torch.no_grad():
+        ref_out, ref_lse = dsa_ref.sparse_mla(q, kv, indices, d_v=6)
+        dq, dkv = dsa_ref.sparse_mla_backward(q, kv, indices, ref_out, ref_lse, d_out, d_v=6)
+    torch.testing.assert_close(out.detach(), ref_out)
+    torch.testing.assert_close(q.grad, dq)
+    torch.testing.assert_close(kv.grad, dkv)
+    assert q.grad.dtype == q.dtype and torch.all(kv.grad[5] == 0)  # row 5 is read by nobody
+
+
+def test_dsa_attention_gradients_reach_q_and_kv_not_the_indexer():
+    gen = torch.Generator().manual_seed(1)
+    s, h, d, h_i, d_i = 6, 2, 8, 3, 4
+    q = torch.randn(s, h, d, dtype=torch.float64, generator=gen, requires_grad=True)
+    kv = torch.randn(s, d, dtype=torch.float64, generator=gen, requires_grad=True)
+    q_index = torch.randn(s, h_i, d_i, dtype=torch.float64, generator=gen, requires_grad=True)
+    weights = torch.randn(s, h_i, dtype=torch.float64, generator=gen)
+    k_index = torch.randn(s, d_i, dtype=torch.float64, generator=gen)
+    start, end = (torch.from_numpy(x) for x in dsa_ref.causal_key_ranges(s, s))
+
+    def f(q, kv):
+        out, lse, _ = dt.dsa_attention(q, kv, q_index, weights, k_index, topk=3, key_start=start, key_end=end,
+                                       d_v=8, backend="numpy")
+        return out, lse
+
+    assert torch.autograd.gradcheck(f, (q, kv))
+    out, lse, indices = dt.dsa_attention(q, kv, q_index, weights, k_index, topk=3, key_start=start, key_end=end,
+                                         d_v=8, backend="numpy")
+    assert indices.dtype == torch.int32 and not indices.requires_grad
+    assert bool((indices <= torch.arange(s)[:, None]).all()), "causal ranges respected"
+    out.sum().backward()
+    assert q_index.grad is None
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_indexer_loss_gradcheck_and_detached_target(sparse):
+    gen = torch.Generator().manual_seed(2)
+    s_q, s_kv, h_i, d_i = 4, 6, 3, 5
+    q = torch.randn(s_q, h_i, d_i, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(s_q, h_i, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(s_kv, d_i, dtype=torch.float64, generator=gen, requires_grad=True)
+    k_scale = torch.rand(s_kv, dtype=torch.float64, generator=gen) + 0.5
+    if sparse:
+        indices = torch.tensor([[0, 1, 2], [3, 3, -1], [5, 0, 1], [-1, -1, -1]], dtype=torch.int32)
+        target = torch.rand(s_q, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+        kwargs = dict(indices=indices)
+    else:
+        start, end = (torch.from_numpy(x) for x in dsa_ref.causal_key_ranges(s_q, s_kv))
+        target = torch.rand(s_q, s_kv, dtype=torch.float64, generator=gen, requires_grad=True)
+        kwargs = dict(key_start=start, key_end=end)
+
+    def f(q, w, k):
+        return dt.indexer_loss(q, w, k, target, k_scale=k_scale, backend="numpy", **kwargs)
+
+    assert torch.autograd.gradcheck(f, (q, w, k))
+    f(q, w, k).sum().backward()
+    assert target.grad is None, "the target is a constant of the loss"
+    expected = reference.indexer_loss(q.detach().numpy(), w.detach().numpy(), k.detach().numpy(),
+                                      target.detach().numpy(), k_scale=k_scale.numpy(),
+                                      **{key: v.numpy() for key, v in kwargs.items()})
+    np.testing.assert_allclose(f(q, w, k).detach().numpy(), expected)
+
+
+def test_attention_target_is_the_reference_and_carries_no_gradient():
+    q, kv, indices = _sparse_inputs(torch.float32)
+    q.requires_grad_(True)
+    out, lse = dt.sparse_mla(q, kv, indices, d_v=8, backend="numpy")
+    target = dt.attention_target(q, kv, indices, lse, backend="numpy")
+    assert not target.requires_grad
+    expected = reference.attention_target(q.detach().numpy(), kv.numpy(), indices.numpy(), lse.detach().numpy())
+    np.testing.assert_allclose(target.numpy(), expected)
+
+
+def test_opcheck_every_op():
+    q, kv, indices = _sparse_inputs(torch.float32)
+    out, lse = dt.sparse_mla(q, kv, indices, d_v=8, backend="numpy")
+    q_index, weights, k_index = torch.randn(5, 2, 4), torch.randn(5, 2), torch.randn(7, 4)
+    start, end = torch.zeros(5, dtype=torch.int32), torch.full((5,), 7, dtype=torch.int32)
+    scores = dt.lightning_indexer(q_index, weights, k_index, backend="numpy")
+    target = dt.attention_target(q, kv, indices, lse, backend="numpy")
+    ops = torch.ops.dsa_ref
+    cases = [
+        (ops.sparse_mla, (q.requires_grad_(True), kv.requires_grad_(True), indices, None, None, 0.3, 8, "numpy")),
+        (ops.sparse_mla_backward, (q.detach(), kv.detach(), indices, out, lse, torch.randn_like(out), None, None,
+                                   None, 0.3, 8, False, "numpy")),
+        (ops.lightning_indexer, (q_index, weights, k_index, start, end, None, "numpy")),
+        (ops.topk_indices, (scores, 3, "numpy")),
+        (ops.attention_target, (q.detach(), kv, indices, lse, None, 0.3, "numpy")),
+        (ops.indexer_loss, (q_index.requires_grad_(True), weights, k_index, target, indices, None, None, None,
+                            "numpy")),
+        (ops.dsa_attention, (q, kv, q_index.detach(), weights, k_index, start, end, None, 3, 0.3, 8, "numpy")),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_a_training_step_compiles_with_no_graph_break():
+    q, kv, indices = _sparse_inputs(torch.float32)
+    q.requires_grad_(True)
+    kv.requires_grad_(True)
+    q_index = torch.randn(5, 2, 4, requires_grad=True)
+    weights, k_index = torch.randn(5, 2), torch.randn(7, 4)
+
+    def step(q, kv, q_index):
+        out, lse = dt.sparse_mla(q, kv, indices, d_v=8)
+        target = dt.attention_target(q, kv, indices, lse)
+        return out.square().mean() + dt.indexer_loss(q_index, weights, k_index, target, indices=indices).mean()
+
+    with dsa_ref.use_backend("numpy"):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        loss = compiled(q, kv, q_index)
+        loss.backward()
+        grads = [x.grad.clone() for x in (q, kv, q_index)]
+        for x in (q, kv, q_index):
+            x.grad = None
+        step(q, kv, q_index).backward()
+    for got, x in zip(grads, (q, kv, q_index)):
+        torch.testing.assert_close(got, x.grad)
+
+
+def test_bad_inputs_get_the_public_ops_errors():
+    q, kv, indices = _sparse_inputs(torch.float32)
+    with pytest.raises(ValueError, match="kv must have shape"):
+        dt.sparse_mla(q, kv[:, :4], indices, d_v=4, backend="numpy")
+    with pytest.raises(ValueError, match="d_v must be <= d_qk"):
+        dt.sparse_mla(q, kv, indices, d_v=9, backend="numpy")
+    with pytest.raises(TypeError, match="backend must be a backend name"):
+        dt.sparse_mla(q, kv, indices, d_v=8, backend=3)
+    with pytest.raises(ValueError, match="not a valid dsa_ref backend"):
+        dt.sparse_mla(q, kv, indices, d_v=8, backend="nope")
+
+
+def test_key_ranges_are_clamped_not_read():
+    q_index, weights, k_index = torch.randn(3, 2, 4), torch.randn(3, 2), torch.randn(5, 4)
+    scores = dt.lightning_indexer(q_index, weights, k_index, key_start=torch.tensor([-2, 1, 4]),
+                                  key_end=torch.tensor([2, 9, 3]), backend="numpy")
+    expected = dt.lightning_indexer(q_index, weights, k_index, key_start=torch.tensor([0, 1, 4]),
+                                    key_end=torch.tensor([2, 5, 4]), backend="numpy")
+    torch.testing.assert_close(scores, expected)
