@@ -86,12 +86,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- check
 def cmd_check(args: argparse.Namespace) -> int:
-    from .testing import check_backend
+    try:
+        import hypothesis  # noqa: F401 - the conformance kit draws its examples with it
+    except ImportError:
+        print("dsa-ref check: the conformance kit needs hypothesis: pip install hypothesis "
+              "(or pip install 'dsa-ref[test]')", file=sys.stderr)
+        return 2
+    from .testing import ProgressPrinter, check_backend
 
     name = args.backend or registry.active_backend_name()
-    ops = args.ops.split(",") if args.ops else None
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()] if args.ops else None
     print(f"checking backend {name!r} against the reference, profile {args.profile} ...", flush=True)
-    report = check_backend(name, profile=args.profile, ops_to_check=ops, max_examples=args.max_examples)
+    report = check_backend(name, profile=args.profile, ops_to_check=ops, max_examples=args.max_examples,
+                           progress=ProgressPrinter())
     print(report)
     return 0 if report.ok else 1
 
@@ -134,11 +141,28 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     demo_arguments(demo)
     demo.set_defaults(func=demo_run)
 
-    check = commands.add_parser("check", help="property-test a backend against the reference")
+    from .testing.conformance import CHECKED_OPS
+    from .testing.profiles import PROFILES
+
+    def examples_per_op(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"--max-examples must be an integer >= 1, got {text!r}")
+        return value
+
+    profiles = "\n".join(f"  {name}: {profile.describe()}" for name, profile in PROFILES.items())
+    check = commands.add_parser(
+        "check", help="property-test a backend against the reference",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Property-test a backend's ops against the float64 reference on hypothesis-drawn problems,\n"
+                    f"awkward cases included.\n\nprofiles:\n{profiles}\n\nops: {', '.join(CHECKED_OPS)}")
     check.add_argument("--backend", help="backend name (default: the active one)")
-    check.add_argument("--profile", default="ci", choices=("ci", "thorough"))
-    check.add_argument("--ops", help="comma-separated subset of ops")
-    check.add_argument("--max-examples", type=int, help="examples per op (default: the profile's)")
+    check.add_argument("--profile", default="ci", choices=tuple(PROFILES), help="default: ci")
+    check.add_argument("--ops", help=f"comma-separated subset of {', '.join(CHECKED_OPS)} (default: all)")
+    check.add_argument("--max-examples", type=examples_per_op, help="examples per op, >= 1 (default: the profile's)")
     check.set_defaults(func=cmd_check)
 
     optional = {

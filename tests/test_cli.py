@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -104,3 +105,62 @@ def test_a_reader_that_closed_the_pipe_ends_the_command_quietly(command):
         os.close(write_end)
     assert result.stderr == ""
     assert result.returncode == 141  # 128 + SIGPIPE, as for any tool the signal ends
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_check_shows_one_updating_progress_line_on_a_terminal(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert main(["check", "--backend", "numpy", "--max-examples", "3", "--ops", "topk_indices,sparse_mla"]) == 0
+    out = terminal.getvalue()
+    progress = out[out.index("\r"):out.index("conformance of backend")]
+    assert progress.count("\n") == 2  # one finished line per op
+    for done in (1, 2, 3):
+        assert f"\r  topk_indices" in progress and f"{done}/3 examples" in progress
+    assert re.search(r"\r  sparse_mla\s+3/3 examples, [0-9.]+s ok\s*\n", progress)
+
+
+def test_check_prints_a_line_per_op_when_not_on_a_terminal(capsys):
+    assert main(["check", "--backend", "numpy", "--max-examples", "3", "--ops", "topk_indices,sparse_mla"]) == 0
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    assert re.search(r"^  topk_indices\s+3/3 examples, [0-9.]+s ok$", out, re.M)
+    assert re.search(r"^  sparse_mla\s+3/3 examples, [0-9.]+s ok$", out, re.M)
+
+
+def test_check_without_hypothesis_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "hypothesis", None)
+    assert main(["check", "--backend", "numpy"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install hypothesis" in err and "pip install 'dsa-ref[test]'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_check_of_an_unknown_op_lists_the_valid_ones(capsys):
+    assert main(["check", "--backend", "numpy", "--ops", "foo"]) == 2
+    err = capsys.readouterr().err
+    assert "'foo'" in err
+    for op in ("lightning_indexer", "topk_indices", "sparse_mla", "dsa_attention"):
+        assert op in err
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "many"])
+def test_check_refuses_a_max_examples_below_one(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", "--backend", "numpy", "--max-examples", value])
+    assert exit_info.value.code == 2
+    assert f"--max-examples must be an integer >= 1, got {value!r}" in capsys.readouterr().err
+
+
+def test_check_help_describes_the_profiles_and_lists_the_ops(capsys):
+    with pytest.raises(SystemExit):
+        main(["check", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ci: 30 examples per op" in out and "thorough: 1000 examples per op" in out
+    assert "up to 40 tokens" in out and "up to 160 tokens" in out
+    for op in ("lightning_indexer", "topk_indices", "sparse_mla", "dsa_attention"):
+        assert op in out

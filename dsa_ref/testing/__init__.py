@@ -5,24 +5,37 @@
 * :func:`check_topk` — tie-aware comparison of top-k sets;
 * :mod:`~dsa_ref.testing.problems` and :mod:`~dsa_ref.testing.strategies` — valid problems,
   awkward cases included, as builders and as hypothesis strategies (profiles ``ci``, ``thorough``);
-* :func:`check_problem`, :func:`check_backend` — run a backend against the reference;
+* :func:`check_problem`, :func:`check_backend` — run a backend against the reference (a failing
+  op reports each distinct failure with its input; ``progress=`` follows a long run);
   ``dsa-ref check --backend NAME`` does the same from the shell;
 * a pytest plugin (auto-loaded) whose ``dsa_backend`` fixture runs a test once per available backend.
 
-Importing this module needs hypothesis only for :func:`check_backend` and the strategies.
+Importing this module does not need hypothesis; :func:`check_backend` and the strategies do.
 """
 
-from .assertions import Comparison, assert_close, check_topk
-from .conformance import ConformanceReport, OpReport, check_backend, check_problem
+from .assertions import Comparison, ComparisonError, assert_close, check_topk
+from .conformance import (
+    ConformanceReport,
+    ExampleFailure,
+    OpReport,
+    ProgressPrinter,
+    ProgressUpdate,
+    check_backend,
+    check_problem,
+)
 from .problems import Problem, dsa_problem, indexer_problem, selected_indices, sparse_mla_problem, topk_problem
 from .tolerances import DEFAULT_TOLERANCES, tolerance_for
 
 __all__ = [
     "Comparison",
+    "ComparisonError",
     "ConformanceReport",
     "DEFAULT_TOLERANCES",
+    "ExampleFailure",
     "OpReport",
     "Problem",
+    "ProgressPrinter",
+    "ProgressUpdate",
     "assert_close",
     "check_backend",
     "check_problem",

@@ -29,6 +29,15 @@ class Comparison:
                 f"error ratio={self.error_ratio:.3g} (<= 1 passes)")
 
 
+class ComparisonError(AssertionError):
+    """An ``AssertionError`` from :func:`assert_close` that carries the failing comparison's error
+    ratio (``inf`` when shapes or special values differ: no ratio can say how far off it is)."""
+
+    def __init__(self, message: str, error_ratio: float = float("inf")):
+        super().__init__(message)
+        self.error_ratio = error_ratio
+
+
 def _special_value_mismatch(actual: np.ndarray, expected: np.ndarray, name: str) -> str | None:
     for label, where in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
         differ = where(actual) != where(expected)
@@ -49,15 +58,16 @@ def assert_close(actual, expected, tolerance: Tolerance, *, name: str = "output"
     3. every finite element must satisfy ``|a - e| <= atol * scale + rtol * |e|`` with
        ``scale`` the largest finite ``|e|`` (``scale_by_max``) or 1.
 
-    Returns the :class:`Comparison` (worst element and error ratio) when it passes.
+    Returns the :class:`Comparison` (worst element and error ratio) when it passes; raises
+    :class:`ComparisonError` (an ``AssertionError`` with the ``error_ratio``) when it does not.
     """
     actual = np.asarray(interop.to_numpy(actual), dtype=np.float64)
     expected = np.asarray(interop.to_numpy(expected), dtype=np.float64)
     if actual.shape != expected.shape:
-        raise AssertionError(f"{name}: shape {actual.shape} != expected {expected.shape}")
+        raise ComparisonError(f"{name}: shape {actual.shape} != expected {expected.shape}")
     mismatch = _special_value_mismatch(actual, expected, name)
     if mismatch:
-        raise AssertionError(mismatch)
+        raise ComparisonError(mismatch)
     finite = np.isfinite(expected)
     if not finite.any():
         return Comparison(name, 0.0, None, float("nan"), float("nan"), 0.0)
@@ -71,7 +81,8 @@ def assert_close(actual, expected, tolerance: Tolerance, *, name: str = "output"
     result = Comparison(name, float(ratio[worst]), tuple(int(i) for i in worst), float(actual[worst]),
                         float(expected[worst]), float(error.max()))
     if result.error_ratio > 1.0:
-        raise AssertionError(f"{result} with rtol={tolerance.rtol}, atol={tolerance.atol} x scale {scale:.3g}")
+        raise ComparisonError(f"{result} with rtol={tolerance.rtol}, atol={tolerance.atol} x scale {scale:.3g}",
+                              result.error_ratio)
     return result
 
 

@@ -3,13 +3,16 @@
 :func:`check_problem` runs one op on one problem through the public dispatch (so argument
 checks, array conversion and the backend's own refusals are exercised too) and compares the
 result with the float64 reference on the same inputs. :func:`check_backend` drives it with the
-hypothesis strategies of a profile and returns a :class:`ConformanceReport`.
+hypothesis strategies of a profile and returns a :class:`ConformanceReport`; ``progress=``
+follows a long run (:class:`ProgressPrinter` prints it).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, TextIO
 
 import numpy as np
 
@@ -19,8 +22,19 @@ from dsa_ref.registry import UnsupportedInputError, get_backend
 
 from .assertions import Comparison, assert_close, check_topk
 from .problems import Problem
-from .strategies import STRATEGIES, get_profile
+from .profiles import get_profile
 from .tolerances import tolerance_for
+
+#: The ops :func:`check_problem` knows how to check (each has a strategy of the same name).
+CHECKED_OPS = ("lightning_indexer", "topk_indices", "sparse_mla", "dsa_attention")
+
+#: How the inputs of a ``dsa_attention`` problem reach the reference: the indexer's under their
+#: names in :func:`~dsa_ref.reference.lightning_indexer`, the attention's to
+#: :func:`~dsa_ref.reference.sparse_mla`. An input in neither would reach the backend only.
+_DSA_INDEXER_ARGUMENTS = {"q_index": "q", "weights": "weights", "k_index": "k", "key_start": "key_start",
+                          "key_end": "key_end", "k_scale": "k_scale"}
+_DSA_ATTENTION_ARGUMENTS = ("q", "kv", "sm_scale", "d_v")
+_DSA_TOPK_ARGUMENT = "topk"
 
 
 def _scores_tolerance(scores: np.ndarray, dtype: str, backend: Backend) -> float:
@@ -52,23 +66,50 @@ def check_problem(backend: str | Backend, problem: Problem) -> list[Comparison]:
         return [assert_close(out, expected_out, tolerance, name="out"),
                 assert_close(lse, expected_lse, tolerance, name="lse", scale_by_max=False)]
     if problem.op == "dsa_attention":
+        unchecked = set(inputs) - set(_DSA_INDEXER_ARGUMENTS) - set(_DSA_ATTENTION_ARGUMENTS) - {_DSA_TOPK_ARGUMENT}
+        if unchecked:
+            raise ValueError(f"dsa_attention problem has inputs {sorted(unchecked)} that the check would not "
+                             f"give the reference")
         out, lse, indices = ops.dsa_attention(**native, backend=backend)
-        indexer_inputs = dict(q=inputs["q_index"], weights=inputs["weights"], k=inputs["k_index"],
-                              key_start=inputs["key_start"], key_end=inputs["key_end"], k_scale=inputs["k_scale"])
+        indexer_inputs = {name: inputs[given] for given, name in _DSA_INDEXER_ARGUMENTS.items() if given in inputs}
         index_dtype = interop.dtype_name(inputs["q_index"])
         scores = reference.lightning_indexer(**indexer_inputs)
-        check_topk(indices, scores, inputs["topk"],
+        check_topk(indices, scores, inputs[_DSA_TOPK_ARGUMENT],
                    score_tolerance=_scores_tolerance(scores, index_dtype, backend))
         # Near-ties may be broken differently: judge the attention on the backend's own selection.
-        expected_out, expected_lse = reference.sparse_mla(inputs["q"], inputs["kv"], interop.to_numpy(indices),
-                                                          d_v=inputs["d_v"])
+        attention_inputs = {name: inputs[name] for name in _DSA_ATTENTION_ARGUMENTS if name in inputs}
+        expected_out, expected_lse = reference.sparse_mla(indices=interop.to_numpy(indices), **attention_inputs)
         return [assert_close(out, expected_out, tolerance, name="out"),
                 assert_close(lse, expected_lse, tolerance, name="lse", scale_by_max=False)]
-    raise ValueError(f"problem.op must be one of {sorted(STRATEGIES)}, got {problem.op!r}")
+    raise ValueError(f"problem.op must be one of {', '.join(CHECKED_OPS)}, got {problem.op!r}")
+
+
+@dataclass
+class ExampleFailure:
+    """One distinct way an op failed: the error, the (shrunk) input that raised it, and its error
+    ratio where the failure was a comparison of values (``inf`` when special values or shapes
+    differ, None for top-k sets and errors raised by the backend)."""
+
+    message: str
+    problem: str | None = None
+    error_ratio: float | None = None
+
+    def __str__(self) -> str:
+        lines = self.message.splitlines() or [""]
+        if self.error_ratio is not None and "error ratio" not in lines[0]:
+            lines[0] += f" (error ratio {self.error_ratio:.3g})"
+        if self.problem:
+            lines.append(f"input: {self.problem}")
+        return "\n".join(lines)
 
 
 @dataclass
 class OpReport:
+    """One op's outcome. ``ran`` counts the examples that passed, ``examples`` every one tried
+    (refused and failing ones, and those hypothesis ran to shrink a failure, included).
+    ``worst_error_ratio`` covers every example compared, failing ones included; ``failures``
+    holds each distinct failure, ``failure`` all of them as text (None when the op passed)."""
+
     op: str
     ran: int = 0
     refused: int = 0
@@ -76,6 +117,51 @@ class OpReport:
     worst_error_ratio: float = 0.0
     failure: str | None = None
     seconds: float = 0.0
+    failures: list[ExampleFailure] = field(default_factory=list)
+    examples: int = 0
+
+    def _fail(self, failures: list[ExampleFailure]) -> None:
+        self.failures = failures
+        self.failure = "\n".join(str(failure) for failure in failures)
+
+
+class ProgressUpdate(NamedTuple):
+    """What ``check_backend(progress=...)`` receives after each example of an op, and once more
+    with ``finished`` when the op is done. ``done`` counts the examples tried, the ones hypothesis
+    runs to shrink a failure included (so it may pass ``total``); ``failing`` is set once one failed."""
+
+    op: str
+    done: int
+    total: int
+    elapsed: float
+    finished: bool = False
+    failing: bool = False
+
+
+class ProgressPrinter:
+    """A ``progress`` callback for :func:`check_backend` that prints to ``stream`` (default:
+    ``sys.stdout`` at the time of each call): on a terminal one line, rewritten in place, per op;
+    elsewhere (logs, CI) one line per op when it is done."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self._stream = stream
+        self._width = 0
+
+    def __call__(self, update: ProgressUpdate) -> None:
+        stream = self._stream or sys.stdout
+        line = f"  {update.op:18s} {update.done}/{update.total} examples, {update.elapsed:.1f}s"
+        if update.finished:
+            line += " FAIL" if update.failing else " ok"
+        elif update.failing:
+            line += ", shrinking a failure"
+        if stream.isatty():
+            stream.write("\r" + line.ljust(self._width))
+            self._width = 0 if update.finished else max(self._width, len(line))
+            if update.finished:
+                stream.write("\n")
+        elif update.finished:
+            stream.write(line + "\n")
+        stream.flush()
 
 
 @dataclass
@@ -97,13 +183,36 @@ class ConformanceReport:
                          f"worst error ratio={op.worst_error_ratio:.3g} ({op.seconds:.1f}s)")
             for reason, count in sorted(op.refusal_reasons.items(), key=lambda item: -item[1])[:3]:
                 lines.append(f"      refused x{count}: {reason}")
-            if op.failure:
-                lines.extend("      " + line for line in op.failure.splitlines())
+            for number, failure in enumerate(op.failures, 1):
+                label = "failure" if len(op.failures) == 1 else f"failure {number} of {len(op.failures)}"
+                first, *rest = str(failure).splitlines()
+                lines.append(f"      {label}: {first}")
+                lines.extend("        " + line for line in rest)
         return "\n".join(lines)
 
 
+def _distinct_failures(error: BaseException, context: str = "") -> list[ExampleFailure]:
+    """Each failure inside ``error``: hypothesis raises an exception group when it finds several
+    distinct ones (its own subclasses, such as a flaky failure, keep their message as context)."""
+    if isinstance(error, BaseExceptionGroup):
+        if type(error) not in (ExceptionGroup, BaseExceptionGroup):
+            context = f"{context}{type(error).__name__}: {error.message}\n"
+        return [failure for inner in error.exceptions for failure in _distinct_failures(inner, context)]
+    message = f"{context}{type(error).__name__}: {error}"
+    return [ExampleFailure(message, getattr(error, "dsa_problem", None), getattr(error, "error_ratio", None))]
+
+
+def _examples_per_op(max_examples, default: int) -> int:
+    if max_examples is None:
+        return default
+    if isinstance(max_examples, bool) or not isinstance(max_examples, (int, np.integer)) or max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1, got {max_examples!r}")
+    return int(max_examples)
+
+
 def check_backend(name: str | Backend, profile: str = "ci", ops_to_check=None,
-                  max_examples: int | None = None, seed: int | None = None) -> ConformanceReport:
+                  max_examples: int | None = None, seed: int | None = None,
+                  progress: Callable[[ProgressUpdate], None] | None = None) -> ConformanceReport:
     """Property-test every op of a backend against the reference with a profile's strategies.
 
     Inputs the backend refuses (``not_supported_reasons``) are counted, not failed, but an op for
@@ -112,43 +221,77 @@ def check_backend(name: str | Backend, profile: str = "ci", ops_to_check=None,
     ``seed`` fixes hypothesis's random source: runs with different seeds draw different examples,
     so a long run can be split into shards that run in parallel (the profile's own choice,
     derandomized or not, applies when it is None).
+
+    ``progress``, if given, is called with a :class:`ProgressUpdate` after every example and when
+    each op is done (:class:`ProgressPrinter` prints them).
+
+    Raises ``ValueError`` for an unknown op or ``max_examples < 1``, before anything runs.
     """
+    from .strategies import STRATEGIES  # needs hypothesis
+
+    chosen = get_profile(profile)
+    examples = _examples_per_op(max_examples, chosen.max_examples)
+    if isinstance(ops_to_check, str):
+        ops_to_check = [ops_to_check]
+    ops_to_check = list(ops_to_check) if ops_to_check else list(STRATEGIES)
+    unknown = [op for op in ops_to_check if op not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"ops_to_check: {', '.join(map(repr, unknown))} is not an op the conformance kit "
+                         f"checks (valid: {', '.join(STRATEGIES)})")
+    backend = get_backend(name)
+    reports = [_check_op(backend, op, STRATEGIES[op](chosen), chosen.derandomize, examples, seed, progress)
+               for op in ops_to_check]
+    return ConformanceReport(backend.name, chosen.name, reports)
+
+
+def _check_op(backend: Backend, op: str, problems, derandomize: bool, examples: int, seed: int | None,
+              progress: Callable[[ProgressUpdate], None] | None) -> OpReport:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import seed as fix_seed
 
-    backend = get_backend(name)
-    chosen = get_profile(profile)
-    reports = []
-    for op in ops_to_check or list(STRATEGIES):
-        report = OpReport(op)
-        started = time.perf_counter()
+    report = OpReport(op)
+    started = time.perf_counter()
+    failing = False
 
-        @settings(max_examples=max_examples or chosen.max_examples, deadline=None, database=None,
-                  derandomize=chosen.derandomize, print_blob=True,
-                  suppress_health_check=list(HealthCheck))
-        @given(STRATEGIES[op](chosen))
-        def run_one(problem: Problem) -> None:
-            try:
-                comparisons = check_problem(backend, problem)
-            except UnsupportedInputError as refusal:
-                report.refused += 1
-                reason = str(refusal).split(": ", 1)[-1]
-                report.refusal_reasons[reason] = report.refusal_reasons.get(reason, 0) + 1
-                return
-            except AssertionError as failure:
-                raise AssertionError(f"{failure}\n  problem: {problem.describe()}") from None
-            report.ran += 1
-            for comparison in comparisons:
-                report.worst_error_ratio = max(report.worst_error_ratio, comparison.error_ratio)
+    def notify(finished: bool = False) -> None:
+        if progress is not None:
+            progress(ProgressUpdate(op, report.examples, examples, time.perf_counter() - started, finished,
+                                    failing or report.failure is not None))
 
-        if seed is not None:
-            run_one = fix_seed(seed)(run_one)
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=derandomize, print_blob=True,
+              suppress_health_check=list(HealthCheck))
+    @given(problems)
+    def run_one(problem: Problem) -> None:
+        nonlocal failing
+        report.examples += 1
         try:
-            run_one()
-            if report.ran == 0:
-                report.failure = "every example was refused by the backend"
-        except Exception as failure:  # noqa: BLE001 - the report carries any failure, typed or not
-            report.failure = f"{type(failure).__name__}: {failure}"
-        report.seconds = time.perf_counter() - started
-        reports.append(report)
-    return ConformanceReport(backend.name, chosen.name, reports)
+            comparisons = check_problem(backend, problem)
+        except UnsupportedInputError as refusal:
+            report.refused += 1
+            reason = str(refusal).split(": ", 1)[-1]
+            report.refusal_reasons[reason] = report.refusal_reasons.get(reason, 0) + 1
+            return
+        except Exception as failure:  # noqa: BLE001 - any error fails the example; keep its input
+            failure.dsa_problem = problem.describe()
+            ratio = getattr(failure, "error_ratio", None)
+            if ratio is not None:
+                report.worst_error_ratio = max(report.worst_error_ratio, ratio)
+            failing = True
+            raise
+        finally:
+            notify()
+        report.ran += 1
+        for comparison in comparisons:
+            report.worst_error_ratio = max(report.worst_error_ratio, comparison.error_ratio)
+
+    if seed is not None:
+        run_one = fix_seed(seed)(run_one)
+    try:
+        run_one()
+        if report.ran == 0:
+            report._fail([ExampleFailure("every example was refused by the backend")])
+    except Exception as failure:  # noqa: BLE001 - the report carries any failure, typed or not
+        report._fail(_distinct_failures(failure))
+    report.seconds = time.perf_counter() - started
+    notify(finished=True)
+    return report

@@ -10,6 +10,7 @@ duplicates, non-contiguous inputs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,9 @@ from dsa_ref.reference import causal_key_ranges, pack_kv_cache_fp8, quantize_fp8
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 RANGE_KINDS = ("full", "causal", "ragged")
 INDEX_DISTRIBUTIONS = ("uniform", "recent")
+#: DeepSeek-V3.2's softmax scale: the MHA width (128 + 64) ** -0.5 times YaRN's mscale ** 2, with
+#: mscale = 0.1 * 1.0 * ln(40) + 1 for its rope factor 40 (not the MQA width's 576 ** -0.5).
+V32_SM_SCALE = 192**-0.5 * (0.1 * 1.0 * math.log(40) + 1) ** 2
 
 
 @dataclass
@@ -44,9 +48,25 @@ class Problem:
                 for name, value in self.inputs.items()}
 
     def describe(self) -> str:
-        shapes = ", ".join(f"{k}={tuple(v.shape)}:{v.dtype}" for k, v in self.inputs.items()
-                           if isinstance(v, np.ndarray))
-        return f"{self.op}({shapes}; {self.params}; strided={self.strided})"
+        """The op with every argument: arrays as shape:dtype, other values as they are."""
+        arguments = []
+        for name, value in self.inputs.items():
+            if isinstance(value, np.ndarray):
+                arguments.append(f"{name}={tuple(value.shape)}:{value.dtype}")
+            else:
+                arguments.append(f"{name}={value!r}")
+        arguments += [f"{name}=None" for name in _DEFAULTED_ARGUMENTS.get(self.op, ()) if name not in self.inputs]
+        features = "".join(f", {name}={value!r}" for name, value in self.params.items())
+        return f"{self.op}({', '.join(arguments)}; dtype={self.dtype}{features}, strided={self.strided})"
+
+
+#: Keyword arguments a builder leaves out of ``inputs`` when they take the op's default.
+_DEFAULTED_ARGUMENTS = {"sparse_mla": ("sm_scale",), "dsa_attention": ("sm_scale",)}
+
+
+def _sm_scale_argument(sm_scale: float | None) -> dict[str, float]:
+    # Left out when None, so that callers may add their own sm_scale to ``**problem.inputs``.
+    return {} if sm_scale is None else {"sm_scale": float(sm_scale)}
 
 
 def _native(backend, x: np.ndarray, strided: bool):
@@ -91,7 +111,8 @@ def indexer_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h_i: int, 
     ``plateau``: keys non-negative and a third of the queries non-positive, so those rows score
     exactly 0 everywhere visible (ReLU plateaus: ties)."""
     q = rng.standard_normal((s_q, h_i, d_i))  # [s_q, h_i, d_i]
-    k = rng.standard_normal((s_kv, d_i))  # [s_kv, d_i]
+    # Keys of different norms, as real ones have: fp8 keys then get per-key scales far apart.
+    k = rng.standard_normal((s_kv, d_i)) * rng.lognormal(0.0, 1.0, size=(s_kv, 1))  # [s_kv, d_i]
     weights = rng.standard_normal((s_q, h_i)) * (h_i * d_i) ** -0.5  # [s_q, h_i]
     if plateau:
         k = np.abs(k)
@@ -112,15 +133,22 @@ def indexer_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h_i: int, 
 
 
 def topk_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, topk: int, masked_fraction: float = 0.2,
-                 plateau: bool = False, nan_fraction: float = 0.0, strided: bool = False) -> Problem:
+                 plateau: bool = False, near_ties: bool = False, nan_fraction: float = 0.0,
+                 strided: bool = False) -> Problem:
     """Scores for top-k: ``masked_fraction`` of them ``-inf``; with ``plateau`` they take only a few
-    distinct values (heavy ties, many exact zeros); ``nan_fraction`` of them NaN (never selected)."""
+    distinct values (heavy ties, many exact zeros); with ``near_ties`` they cluster around a few
+    values, apart by less than bfloat16 (or float16) resolves, so a select that compares rounded
+    scores picks a worse key; ``nan_fraction`` of them NaN (never selected)."""
     scores = rng.standard_normal((s_q, s_kv)).astype(np.float32)  # [s_q, s_kv]
     if plateau:
         scores = np.maximum(np.round(scores * 2) / 2, 0).astype(np.float32)  # few values, many exact 0
+    if near_ties:
+        offsets = rng.uniform(-1e-3, 1e-3, size=(s_q, s_kv))  # [s_q, s_kv]   below bf16's 2^-8 relative step
+        scores = ((np.round(scores * 2) / 2 + 1.0) * (1 + offsets)).astype(np.float32)
     scores[rng.random((s_q, s_kv)) < masked_fraction] = -np.inf
     scores[rng.random((s_q, s_kv)) < nan_fraction] = np.nan
-    return Problem("topk_indices", dict(scores=scores, topk=topk), dict(plateau=plateau), "float32", strided)
+    return Problem("topk_indices", dict(scores=scores, topk=topk), dict(plateau=plateau, near_ties=near_ties),
+                   "float32", strided)
 
 
 def selected_indices(rng: np.random.Generator, *, s_q: int, s_kv: int, topk: int, distribution: str = "uniform",
@@ -153,10 +181,11 @@ def sparse_mla_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h: int,
                        dtype: str = "bfloat16", distribution: str = "uniform", causal: bool = True,
                        invalid_fraction: float = 0.0, duplicate_fraction: float = 0.0,
                        topk_length: bool = False, attn_sink: bool = False, packed_fp8: bool = False,
-                       logit_scale: float = 1.0, strided: bool = False) -> Problem:
+                       logit_scale: float = 1.0, sm_scale: float | None = None, strided: bool = False) -> Problem:
     """Sparse-MLA inputs. ``invalid_fraction`` of the slots get adversarial invalid indices from
     {INT32_MIN, -1, s_kv, INT32_MAX}; ``duplicate_fraction`` repeat another slot's valid index;
-    ``packed_fp8`` hands kv over as the 656-byte FP8 cache (forces d_qk = 576)."""
+    ``packed_fp8`` hands kv over as the 656-byte FP8 cache (forces d_qk = 576); ``sm_scale`` is
+    passed on as given (None: the op's default, d_qk ** -0.5)."""
     if packed_fp8:
         d_qk = 576
     q = rng.standard_normal((s_q, h, d_qk)) * logit_scale  # [s_q, h, d_qk]
@@ -170,23 +199,25 @@ def sparse_mla_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h: int,
         invalid = rng.random((s_q, topk)) < invalid_fraction  # [s_q, topk]
         adversarial = rng.choice(np.array([INT32_MIN, -1, s_kv, INT32_MAX], np.int64), size=(s_q, topk))
         indices = np.where(invalid, adversarial, indices).astype(np.int32)
-    inputs: dict[str, Any] = dict(q=_cast(q, dtype), indices=indices, d_v=d_v)
+    inputs: dict[str, Any] = dict(q=_cast(q, dtype), indices=indices, d_v=d_v, **_sm_scale_argument(sm_scale))
     inputs["kv"] = pack_kv_cache_fp8(kv) if packed_fp8 else _cast(kv, dtype)
     inputs["topk_length"] = rng.integers(0, topk + 1, size=s_q).astype(np.int32) if topk_length else None
     inputs["attn_sink"] = rng.standard_normal(h).astype(np.float32) if attn_sink else None
     params = dict(distribution=distribution, invalid_fraction=invalid_fraction, packed_fp8=packed_fp8,
-                  duplicate_fraction=duplicate_fraction)
+                  duplicate_fraction=duplicate_fraction, logit_scale=logit_scale)
     return Problem("sparse_mla", inputs, params, dtype, strided)
 
 
 def dsa_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h: int, d_qk: int, d_v: int, h_i: int, d_i: int,
                 topk: int, dtype: str = "bfloat16", index_dtype: str | None = None, ranges: str = "causal",
-                strided: bool = False) -> Problem:
-    """Inputs of a whole DSA step: indexer inputs plus main-attention q and kv."""
+                sm_scale: float | None = None, strided: bool = False) -> Problem:
+    """Inputs of a whole DSA step: indexer inputs (in ``index_dtype``, default ``dtype``; fp8 ones
+    carry ``k_scale``) plus main-attention q and kv; ``sm_scale`` as in :func:`sparse_mla_problem`."""
     indexer = indexer_problem(rng, s_q=s_q, s_kv=s_kv, h_i=h_i, d_i=d_i, dtype=index_dtype or dtype, ranges=ranges)
     q = _cast(rng.standard_normal((s_q, h, d_qk)), dtype)  # [s_q, h, d_qk]
     kv = _cast(rng.standard_normal((s_kv, d_qk)), dtype)  # [s_kv, d_qk]
     ix = indexer.inputs
     inputs = dict(q=q, kv=kv, q_index=ix["q"], weights=ix["weights"], k_index=ix["k"], topk=topk,
-                  key_start=ix["key_start"], key_end=ix["key_end"], k_scale=ix["k_scale"], d_v=d_v)
-    return Problem("dsa_attention", inputs, dict(ranges=ranges), dtype, strided)
+                  key_start=ix["key_start"], key_end=ix["key_end"], k_scale=ix["k_scale"], d_v=d_v,
+                  **_sm_scale_argument(sm_scale))
+    return Problem("dsa_attention", inputs, dict(ranges=ranges, index_dtype=index_dtype or dtype), dtype, strided)

@@ -2,53 +2,37 @@
 
 Each strategy draws the *shape* of a problem and its awkward features (odd sizes, s_q != s_kv,
 ragged and empty key ranges, rows with fewer valid keys than topk, topk >= s_kv, exact-zero
-plateaus, adversarial invalid indices, duplicates, non-contiguous inputs), then a seed from
+plateaus and near-ties, adversarial invalid indices, duplicates, non-default softmax scales,
+fp8 indexer inputs, non-contiguous inputs), then a seed from
 which :mod:`dsa_ref.testing.problems` builds the arrays with NumPy: hypothesis shrinks the
 shape and features, and arrays stay cheap to make.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from hypothesis import strategies as st
 
 from . import problems
+from .profiles import PROFILES, Profile, get_profile
 
+__all__ = ["PROFILES", "Profile", "STRATEGIES", "dsa_problems", "get_profile", "indexer_problems",
+           "sparse_mla_problems", "topk_problems"]
 
-@dataclass(frozen=True)
-class Profile:
-    """How many examples per op and how large they get."""
-
-    name: str
-    max_examples: int
-    max_tokens: int
-    max_heads: int
-    dims: tuple[int, ...]
-    derandomize: bool
-
-
-PROFILES = {
-    # Fast enough for every push, on 2 CPU cores, interpreters included; fixed seed: CI is repeatable.
-    "ci": Profile("ci", max_examples=30, max_tokens=40, max_heads=4, dims=(1, 3, 8, 16, 19, 32, 40),
-                  derandomize=True),
-    # Before a release or after touching a kernel: >= 1000 examples per op, up to real head widths.
-    "thorough": Profile("thorough", max_examples=1000, max_tokens=160, max_heads=16,
-                        dims=(1, 3, 8, 16, 19, 32, 40, 64, 128, 576), derandomize=False),
-}
-
-
-def get_profile(profile: str | Profile) -> Profile:
-    if isinstance(profile, Profile):
-        return profile
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
-    return PROFILES[profile]
+#: Softmax scales drawn for the attention ops: the default (None: d_qk ** -0.5), DeepSeek-V3.2's
+#: own (a backend that hard-codes d_qk ** -0.5 is wrong there), and other non-default values.
+SM_SCALES = (None, problems.V32_SM_SCALE, 0.3, 1.0, 0.05)
 
 
 def _rng(draw) -> np.random.Generator:
     return np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+
+def _topk(draw, s_kv: int, extra: int) -> int:
+    # topk >= s_kv too, but mostly below it: only there does the choice of keys matter.
+    if draw(st.sampled_from([False, False, False, True])):
+        return draw(st.integers(s_kv, s_kv + extra))
+    return draw(st.integers(1, s_kv))
 
 
 @st.composite
@@ -73,13 +57,16 @@ def indexer_problems(draw, profile: str | Profile = "ci",
 def topk_problems(draw, profile: str | Profile = "ci") -> problems.Problem:
     p = get_profile(profile)
     s_kv = draw(st.integers(1, 4 * p.max_tokens))
+    topk = _topk(draw, s_kv, extra=8)
+    ties = draw(st.sampled_from(["distinct", "plateau", "near"]))
     return problems.topk_problem(
         _rng(draw),
         s_q=draw(st.integers(1, p.max_tokens)),
         s_kv=s_kv,
-        topk=draw(st.one_of(st.integers(1, s_kv), st.integers(s_kv, s_kv + 8))),  # topk >= s_kv too
+        topk=topk,
         masked_fraction=draw(st.sampled_from([0.0, 0.2, 0.9, 1.0])),
-        plateau=draw(st.booleans()),
+        plateau=ties == "plateau",
+        near_ties=ties == "near",
         nan_fraction=draw(st.sampled_from([0.0, 0.0, 0.05])),
         strided=draw(st.booleans()),
     )
@@ -109,6 +96,7 @@ def sparse_mla_problems(draw, profile: str | Profile = "ci",
         attn_sink=draw(st.booleans()),
         packed_fp8=packed_fp8,
         logit_scale=draw(st.sampled_from([0.5, 1.0, 4.0])),
+        sm_scale=draw(st.sampled_from(SM_SCALES)),
         strided=draw(st.booleans()),
     )
 
@@ -127,9 +115,11 @@ def dsa_problems(draw, profile: str | Profile = "ci", dtypes=("bfloat16", "float
         d_v=draw(st.integers(1, d_qk)),
         h_i=draw(st.integers(1, p.max_heads)),
         d_i=draw(st.sampled_from([d for d in p.dims if d <= 128])),
-        topk=draw(st.integers(1, s_kv + 4)),
+        topk=_topk(draw, s_kv, extra=4),
         dtype=draw(st.sampled_from(dtypes)),
+        index_dtype=draw(st.sampled_from([None, "float8_e4m3fn"])),  # None: the attention's dtype
         ranges=draw(st.sampled_from(problems.RANGE_KINDS)),
+        sm_scale=draw(st.sampled_from(SM_SCALES)),
         strided=draw(st.booleans()),
     )
 

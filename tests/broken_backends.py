@@ -1,0 +1,352 @@
+"""Backends with one realistic bug each, and the ops whose conformance check must reject them.
+
+Each class is the reference (through :class:`fake_backends.GoodBackend`) except for one mistake
+a real kernel has made or could make: an argument ignored, a convention mixed up, an edge case
+mishandled. ``BROKEN_BACKENDS`` lists every one with the ops to check it on; the kit's test
+requires ``check_backend(..., profile="ci")`` to fail each of them. A new op's broken backends
+are one decorated class each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import fake_backends
+from dsa_ref import reference
+from dsa_ref.reference import unpack_kv_cache_fp8
+from dsa_ref.reference.formats import FP8_E4M3, KV_CACHE_FP8_BYTES, KV_LATENT_DIM
+from fake_backends import GoodBackend
+
+#: (backend class, ops whose check must reject it)
+BROKEN_BACKENDS: list[tuple[type, tuple[str, ...]]] = []
+
+
+def breaks(*ops: str):
+    def register(cls):
+        BROKEN_BACKENDS.append((cls, ops))
+        return cls
+    return register
+
+
+for existing, op in [(fake_backends.IgnoresKeyRanges, "lightning_indexer"),
+                     (fake_backends.AssumesContiguous, "lightning_indexer"),
+                     (fake_backends.SelectsMaskedKeys, "topk_indices"),
+                     (fake_backends.BreaksTiesWrongly, "topk_indices"),
+                     (fake_backends.ClampsInvalidIndices, "sparse_mla"),
+                     (fake_backends.Base2Lse, "sparse_mla"),
+                     (fake_backends.RefusesEverything, "sparse_mla")]:
+    breaks(op)(existing)
+
+
+def _s_kv(kv) -> int:
+    return kv.shape[0]
+
+
+class _SparseMlaBug(GoodBackend):
+    """Base of the sparse-MLA bugs: the reference with every argument passed through ``_call``."""
+
+    def sparse_mla(self, q, kv, indices, *, sm_scale, d_v, topk_length, attn_sink):
+        return self._call(q, kv, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink)
+
+    def _call(self, q, kv, indices, **arguments):
+        return reference.sparse_mla(q, kv, indices, **arguments)
+
+
+# ---------------------------------------------------------------------------- sparse_mla
+@breaks("sparse_mla")
+class IgnoresSmScale(_SparseMlaBug):
+    """Always d_qk ** -0.5: wrong for V3.2, whose scale is 192 ** -0.5 * mscale ** 2."""
+
+    name = "ignores-sm-scale"
+
+    def _call(self, q, kv, indices, *, sm_scale, **arguments):
+        return reference.sparse_mla(q, kv, indices, sm_scale=q.shape[-1] ** -0.5, **arguments)
+
+
+@breaks("sparse_mla")
+class ValuesFromTheLastColumns(_SparseMlaBug):
+    """V taken as the last d_v columns of kv instead of the first."""
+
+    name = "values-from-the-last-columns"
+
+    def _call(self, q, kv, indices, *, d_v, **arguments):
+        if kv.dtype == np.uint8:
+            kv = unpack_kv_cache_fp8(kv)
+        reversed_kv = np.ascontiguousarray(kv[:, ::-1])
+        out, _ = reference.sparse_mla(q[..., ::-1], reversed_kv, indices, d_v=d_v, **arguments)
+        _, lse = reference.sparse_mla(q, kv, indices, d_v=d_v, **arguments)
+        return out[..., ::-1].copy(), lse
+
+
+@breaks("sparse_mla")
+class IgnoresTopkLength(_SparseMlaBug):
+    name = "ignores-topk-length"
+
+    def _call(self, q, kv, indices, *, topk_length, **arguments):
+        return reference.sparse_mla(q, kv, indices, topk_length=None, **arguments)
+
+
+@breaks("sparse_mla")
+class IgnoresAttnSink(_SparseMlaBug):
+    name = "ignores-attn-sink"
+
+    def _call(self, q, kv, indices, *, attn_sink, **arguments):
+        return reference.sparse_mla(q, kv, indices, attn_sink=None, **arguments)
+
+
+@breaks("sparse_mla")
+class AttnSinkWithTheWrongSign(_SparseMlaBug):
+    """out *= 1 / (1 + exp(lse - sink)) instead of exp(sink - lse)."""
+
+    name = "attn-sink-wrong-sign"
+
+    def _call(self, q, kv, indices, *, attn_sink, **arguments):
+        out, lse = reference.sparse_mla(q, kv, indices, attn_sink=None, **arguments)
+        if attn_sink is not None:
+            with np.errstate(over="ignore"):
+                out = out * (1 / (1 + np.exp(lse.astype(np.float64) - attn_sink[None, :])))[..., None]
+        return out.astype(np.float32), lse
+
+
+@breaks("sparse_mla")
+class PlusInfLseForEmptyRows(_SparseMlaBug):
+    """FlashMLA's +inf for a query with no valid index, where the spec says -inf."""
+
+    name = "plus-inf-lse"
+
+    def _call(self, q, kv, indices, **arguments):
+        out, lse = reference.sparse_mla(q, kv, indices, **arguments)
+        return out, np.where(np.isneginf(lse), np.inf, lse).astype(np.float32)
+
+
+@breaks("sparse_mla")
+class NanOutForEmptyRows(_SparseMlaBug):
+    """0 / 0 left in the output of a query with no valid index."""
+
+    name = "nan-out-for-empty-rows"
+
+    def _call(self, q, kv, indices, **arguments):
+        out, lse = reference.sparse_mla(q, kv, indices, **arguments)
+        return np.where(np.isneginf(lse)[..., None], np.nan, out).astype(np.float32), lse
+
+
+@breaks("sparse_mla")
+class ClampsIndicesToTheLastRow(_SparseMlaBug):
+    """An index >= s_kv read as row s_kv - 1 (a clamped load), a negative one as row 0."""
+
+    name = "clamps-to-the-last-row"
+
+    def _call(self, q, kv, indices, **arguments):
+        return reference.sparse_mla(q, kv, np.clip(indices, 0, _s_kv(kv) - 1).astype(np.int32), **arguments)
+
+
+@breaks("sparse_mla")
+class WrapsNegativeIndices(_SparseMlaBug):
+    """Python-style indexing: -1 reads the last row."""
+
+    name = "wraps-negative-indices"
+
+    def _call(self, q, kv, indices, **arguments):
+        s_kv = _s_kv(kv)
+        wrapped = np.where((indices < 0) & (indices >= -s_kv), indices.astype(np.int64) + s_kv, indices)
+        return reference.sparse_mla(q, kv, wrapped.astype(np.int32), **arguments)
+
+
+@breaks("sparse_mla")
+class CountsDuplicatesOnce(_SparseMlaBug):
+    """A key selected twice in a row counted as one slot of the softmax."""
+
+    name = "counts-duplicates-once"
+
+    def _call(self, q, kv, indices, **arguments):
+        deduplicated = indices.astype(np.int32).copy()
+        ordered = np.argsort(indices, axis=1, kind="stable")
+        sorted_indices = np.take_along_axis(indices, ordered, axis=1)
+        repeated = np.zeros_like(sorted_indices, bool)
+        repeated[:, 1:] = sorted_indices[:, 1:] == sorted_indices[:, :-1]
+        np.put_along_axis(deduplicated, ordered, np.where(repeated, -1, sorted_indices), axis=1)
+        return reference.sparse_mla(q, kv, deduplicated, **arguments)
+
+
+@breaks("sparse_mla")
+class IgnoresFp8CacheScales(_SparseMlaBug):
+    """Reads the packed cache's e4m3 latent values without their per-tile scales."""
+
+    name = "ignores-fp8-cache-scales"
+
+    def _call(self, q, kv, indices, **arguments):
+        if kv.dtype == np.uint8 and kv.shape[1] == KV_CACHE_FP8_BYTES:
+            unscaled = unpack_kv_cache_fp8(kv)
+            unscaled[:, :KV_LATENT_DIM] = np.ascontiguousarray(kv[:, :KV_LATENT_DIM]).view(FP8_E4M3).astype(np.float32)
+            kv = unscaled
+        return reference.sparse_mla(q, kv, indices, **arguments)
+
+
+@breaks("sparse_mla")
+class SparseMlaAssumesContiguous(_SparseMlaBug):
+    """Reads q and kv as if contiguous: a strided view shows its poisoned gaps."""
+
+    name = "sparse-mla-assumes-contiguous"
+
+    def _call(self, q, kv, indices, **arguments):
+        return reference.sparse_mla(_raw(q), _raw(kv), indices, **arguments)
+
+
+def _raw(x):
+    """The first elements of x's buffer read with contiguous strides (strides ignored)."""
+    return np.lib.stride_tricks.as_strided(x, x.shape, np.empty(x.shape, x.dtype).strides)
+
+
+# ---------------------------------------------------------------------------- lightning_indexer
+class _IndexerBug(GoodBackend):
+    def lightning_indexer(self, q, weights, k, *, key_start, key_end, k_scale):
+        return self._scores(q.astype(np.float64), weights.astype(np.float64), k.astype(np.float64),
+                            key_start, key_end, k_scale)
+
+    @staticmethod
+    def _mask(scores, key_start, key_end, inclusive=False):
+        key = np.arange(scores.shape[1])[None, :]
+        end = key_end[:, None] + (1 if inclusive else 0)
+        return np.where((key_start[:, None] <= key) & (key < end), scores, -np.inf).astype(np.float32)
+
+    @staticmethod
+    def _scale(scores, k_scale):
+        return scores if k_scale is None else scores * k_scale.astype(np.float64)[None, :]
+
+
+@breaks("lightning_indexer")
+class IgnoresKScale(_IndexerBug):
+    name = "ignores-k-scale"
+
+    def _scores(self, q, weights, k, key_start, key_end, k_scale):
+        return reference.lightning_indexer(q, weights, k, key_start=key_start, key_end=key_end, k_scale=None)
+
+
+@breaks("lightning_indexer")
+class KeyEndInclusive(_IndexerBug):
+    """key_end read as the last visible key instead of one past it."""
+
+    name = "key-end-inclusive"
+
+    def _scores(self, q, weights, k, key_start, key_end, k_scale):
+        logits = np.einsum("qhd,kd->qhk", q, k)
+        scores = self._scale(np.einsum("qh,qhk->qk", weights, np.maximum(logits, 0)), k_scale)
+        return self._mask(scores, key_start, key_end, inclusive=True)
+
+
+@breaks("lightning_indexer")
+class MissesTheRelu(_IndexerBug):
+    name = "misses-the-relu"
+
+    def _scores(self, q, weights, k, key_start, key_end, k_scale):
+        scores = self._scale(np.einsum("qh,qhk->qk", weights, np.einsum("qhd,kd->qhk", q, k)), k_scale)
+        return self._mask(scores, key_start, key_end)
+
+
+@breaks("lightning_indexer")
+class ReluAfterTheWeights(_IndexerBug):
+    """ReLU(w · q·k) instead of w · ReLU(q·k): negative weights then contribute nothing."""
+
+    name = "relu-after-the-weights"
+
+    def _scores(self, q, weights, k, key_start, key_end, k_scale):
+        weighted = weights[:, :, None] * np.einsum("qhd,kd->qhk", q, k)
+        scores = self._scale(np.maximum(weighted, 0).sum(axis=1), k_scale)
+        return self._mask(scores, key_start, key_end)
+
+
+# ---------------------------------------------------------------------------- topk_indices
+@breaks("topk_indices")
+class SelectsNan(GoodBackend):
+    """Ranks NaN above every number (a sort on the raw bits of the float)."""
+
+    name = "selects-nan"
+
+    def topk_indices(self, scores, topk):
+        return reference.topk_indices(np.where(np.isnan(scores), np.inf, scores), topk)
+
+
+@breaks("topk_indices")
+class LosesTiesAtTheThreshold(GoodBackend):
+    """A radix select that keeps the keys above the k-th score and then only one key equal to
+    it, however many slots are left: a row with a tie at the threshold comes back short."""
+
+    name = "loses-ties-at-the-threshold"
+
+    def topk_indices(self, scores, topk):
+        indices = reference.topk_indices(scores, topk)
+        rows = np.arange(scores.shape[0])[:, None]
+        chosen = indices >= 0
+        chosen_scores = np.where(chosen, scores[rows, np.maximum(indices, 0)], np.inf)
+        kth = chosen_scores.min(axis=1, keepdims=True)
+        at_threshold = chosen & (chosen_scores == kth)
+        first_at_threshold = np.cumsum(at_threshold, axis=1) == 1
+        return np.where(at_threshold & ~first_at_threshold, -1, indices).astype(np.int32)
+
+
+@breaks("topk_indices")
+class RanksInBfloat16(GoodBackend):
+    """Compares scores rounded to bfloat16: a key that loses by less than bf16's resolution may
+    push out a better one."""
+
+    name = "ranks-in-bfloat16"
+
+    def topk_indices(self, scores, topk):
+        import ml_dtypes
+
+        rounded = scores.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+        # Among equal rounded values prefer the higher key: the opposite of the reference's
+        # tie rule, so that the rounding decides whenever it merges two scores.
+        flipped = rounded[:, ::-1]
+        return np.where(reference.topk_indices(flipped, topk) >= 0,
+                        scores.shape[1] - 1 - reference.topk_indices(flipped, topk), -1).astype(np.int32)
+
+
+@breaks("topk_indices")
+class TopkAssumesContiguous(GoodBackend):
+    name = "topk-assumes-contiguous"
+
+    def topk_indices(self, scores, topk):
+        return reference.topk_indices(_raw(scores), topk)
+
+
+# ---------------------------------------------------------------------------- dsa_attention
+@breaks("dsa_attention")
+class DsaIgnoresSmScale(GoodBackend):
+    """A fused DSA path that forgets to forward sm_scale to its attention."""
+
+    name = "dsa-ignores-sm-scale"
+
+    def dsa_attention(self, q, kv, q_index, weights, k_index, *, sm_scale, **arguments):
+        return super().dsa_attention(q, kv, q_index, weights, k_index, sm_scale=q.shape[-1] ** -0.5, **arguments)
+
+
+@breaks("dsa_attention")
+class DsaWithoutKeyRanges(GoodBackend):
+    """A fused DSA path that lets every query see every key (non-causal)."""
+
+    name = "dsa-without-key-ranges"
+
+    def dsa_attention(self, q, kv, q_index, weights, k_index, *, key_start, key_end, **arguments):
+        s_q, s_kv = q_index.shape[0], k_index.shape[0]
+        return super().dsa_attention(q, kv, q_index, weights, k_index, key_start=np.zeros(s_q, np.int32),
+                                     key_end=np.full(s_q, s_kv, np.int32), **arguments)
+
+
+@breaks("dsa_attention")
+class DsaIgnoresKScale(GoodBackend):
+    """A fused DSA path whose indexer drops the fp8 keys' scales."""
+
+    name = "dsa-ignores-k-scale"
+
+    def dsa_attention(self, q, kv, q_index, weights, k_index, *, k_scale, **arguments):
+        return super().dsa_attention(q, kv, q_index, weights, k_index, k_scale=None, **arguments)
+
+
+@breaks("dsa_attention")
+class DsaValuesFromTheLastColumns(GoodBackend):
+    name = "dsa-values-from-the-last-columns"
+
+    def sparse_mla(self, q, kv, indices, *, sm_scale, d_v, topk_length, attn_sink):
+        return ValuesFromTheLastColumns._call(self, q, kv, indices, sm_scale=sm_scale, d_v=d_v,
+                                              topk_length=topk_length, attn_sink=attn_sink)
