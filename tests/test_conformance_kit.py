@@ -180,3 +180,21 @@ def test_check_backend_reports_progress_per_example():
 def test_check_backend_refuses_bad_arguments_before_running(arguments, message):
     with pytest.raises(ValueError, match=message):
         check_backend("numpy", "ci", **arguments)
+
+
+@pytest.mark.parametrize("op", ["sparse_mla", "dsa_attention"])
+def test_a_non_default_sm_scale_reaches_the_backend_and_the_reference(op):
+    from broken_backends import DsaIgnoresSmScale, IgnoresSmScale
+    from dsa_ref.testing import check_problem, dsa_problem, sparse_mla_problem
+    from dsa_ref.testing.problems import V32_SM_SCALE
+
+    rng = np.random.default_rng(3)
+    shape = dict(s_q=6, s_kv=20, h=2, d_qk=16, d_v=8, topk=5, dtype="float32")
+    if op == "sparse_mla":
+        problem, ignores_it = sparse_mla_problem(rng, **shape, sm_scale=V32_SM_SCALE), IgnoresSmScale()
+    else:
+        problem, ignores_it = dsa_problem(rng, **shape, h_i=2, d_i=8, sm_scale=V32_SM_SCALE), DsaIgnoresSmScale()
+    assert problem.inputs["sm_scale"] == pytest.approx(192**-0.5 * (0.1 * np.log(40) + 1) ** 2)
+    check_problem("numpy", problem)  # the reference gets the same scale as the backend
+    with pytest.raises(AssertionError, match="worst element"):
+        check_problem(ignores_it, problem)
