@@ -54,6 +54,10 @@ class CupyBackend(Backend):
         "lightning_indexer": frozenset({"float32", "bfloat16", "float16", "float8_e4m3fn"}),
         "topk_indices": frozenset({"float32", "bfloat16", "float16"}),
         "sparse_mla": frozenset({"float32", "bfloat16", "float16"}),
+        "sparse_mla_backward": frozenset({"float32", "bfloat16", "float16"}),
+        "attention_target": frozenset({"float32", "bfloat16", "float16"}),
+        "indexer_loss": frozenset({"float32", "bfloat16", "float16", "float8_e4m3fn"}),
+        "indexer_loss_backward": frozenset({"float32", "bfloat16", "float16"}),
     }
 
     #: Fill fresh outputs with NaN before the kernels run, so that an element a kernel forgets to
@@ -112,6 +116,18 @@ class CupyBackend(Backend):
                 d_qk = int(q.shape[2])
                 if (d_qk + d_v) * 4 > limit:
                     reasons.append(f"d_qk + d_v = {d_qk + d_v} (at most {limit // 4} in the float32 kernel)")
+        if op in ("sparse_mla_backward", "attention_target"):
+            reasons += _training_attention_reasons(op, inputs, limit)
+        if op in ("indexer_loss", "indexer_loss_backward"):
+            q_index = inputs.get("q_index")
+            if q_index is not None and getattr(q_index, "ndim", 0) == 3:
+                h_i, d_i = int(q_index.shape[1]), int(q_index.shape[2])
+                if h_i > INDEXER_LOSS_MAX_HEADS:
+                    reasons.append(f"h_i = {h_i} (the indexer-loss kernels keep at most "
+                                   f"{INDEXER_LOSS_MAX_HEADS} heads of a query in registers)")
+                if d_i > INDEXER_LOSS_MAX_DIMS:
+                    reasons.append(f"d_i = {d_i} (the indexer-loss kernels hold at most {INDEXER_LOSS_MAX_DIMS} "
+                                   f"dims of a key, 4 per lane of a warp)")
         return reasons
 
     # ------------------------------------------------------------------ arrays
@@ -243,6 +259,193 @@ class CupyBackend(Backend):
                  shared_mem=smem)
         return out, lse
 
+    # ------------------------------------------------------------------ training: sparse MLA backward
+    def _float32(self, x):
+        """A C-contiguous float32 CuPy copy/view of any float input (None stays None)."""
+        if x is None:
+            return None
+        x = self._native(x)
+        return _to_float32(x, logical_dtype(x))
+
+    def sparse_mla_backward(self, q, kv, indices, out, lse, d_out, *, sm_scale: float, d_v: int, topk_length,
+                            attn_sink, d_lse, deterministic: bool):
+        import cupy
+
+        q32, kv32 = self._float32(q), self._float32(kv)
+        s_q, h, d_qk = (int(n) for n in q32.shape)
+        s_kv, d_v = int(kv32.shape[0]), int(d_v)
+        indices = _valid_int32_indices(self._native(indices), s_kv)
+        topk = int(indices.shape[1])
+        if topk_length is not None:
+            topk_length = cupy.clip(self._native(topk_length), 0, topk).astype(cupy.int32)
+        sink = self._float32(attn_sink)
+        out32, lse32, d_out32, d_lse32 = (self._float32(x) for x in (out, lse, d_out, d_lse))
+        delta = cupy.sum(d_out32 * out32, axis=-1)  # [s_q, h]   D
+        if sink is None:
+            share = cupy.where(cupy.isneginf(lse32), 0.0, 1.0).astype(cupy.float32)  # [s_q, h]   f
+        else:
+            share = (1.0 / (1.0 + cupy.exp(sink[None, :] - lse32))).astype(cupy.float32)  # exp overflow: f = 0
+        dq = self._empty((s_q, h, d_qk), cupy.float32)
+        dkv = cupy.zeros((s_kv, d_qk), cupy.float32)  # an accumulator: rows no slot reads stay exactly 0
+        if s_q > 0 and h > 0:
+            device_id = q32.device.id
+            query_smem = (2 * d_qk + d_v) * 4
+            query_kernel = kernels.kernel("sparse_mla_backward.cu", "sparse_mla_bwd_query_simt", device_id, query_smem)
+            dkv_kernel = kernels.kernel("sparse_mla_backward.cu", "sparse_mla_bwd_dkv_simt", device_id, d_qk * 4)
+            dims = (np.int32(h), np.int32(s_kv), np.int32(topk), np.int32(d_qk), np.int32(d_v), np.float32(sm_scale))
+            # dl_t and f P_t of a chunk ([c, h, topk] each) plus the sort keys of deterministic mode.
+            for rows in _query_chunks(s_q, bytes_per_query=8 * h * topk + 32 * topk):
+                c = rows.stop - rows.start
+                chunk_length = None if topk_length is None else topk_length[rows]
+                d_logits = cupy.empty((c, h, topk), cupy.float32)
+                value_weights = cupy.empty((c, h, topk), cupy.float32)
+                query_kernel((c * h,), (128,),
+                             (q32[rows], kv32, indices[rows], _nullable(chunk_length), lse32[rows], d_out32[rows],
+                              delta[rows], share[rows], _nullable(None if d_lse32 is None else d_lse32[rows]),
+                              dq[rows], d_logits, value_weights) + dims,
+                             shared_mem=query_smem)
+                work = _scatter_work(_read_rows(indices[rows], chunk_length, s_kv), s_kv, deterministic)
+                if work is not None:
+                    blocks, pair_order, segment_start = work
+                    dkv_kernel((blocks,), (128,),
+                               (q32[rows], d_out32[rows], d_logits, value_weights, indices[rows],
+                                _nullable(chunk_length), _nullable(pair_order), _nullable(segment_start), dkv) + dims,
+                               shared_mem=d_qk * 4)
+        if sink is None:
+            return dq, dkv
+        d_sink = -cupy.sum(cupy.where(cupy.isneginf(lse32), 0.0, delta * (1.0 - share)), axis=0)  # [h]
+        return dq, dkv, d_sink.astype(cupy.float32)
+
+    def attention_target(self, q, kv, indices, lse, *, sm_scale: float, topk_length):
+        import cupy
+
+        kv_dtype = logical_dtype(kv, kv=True)
+        q32 = self._float32(q)
+        kv32 = _unpack_fp8_cache(self._native(kv)) if kv_dtype == "uint8" else self._float32(kv)
+        lse32 = self._float32(lse)
+        s_q, h, d_qk = (int(n) for n in q32.shape)
+        s_kv = int(kv32.shape[0])
+        indices = _valid_int32_indices(self._native(indices), s_kv)
+        topk = int(indices.shape[1])
+        if topk_length is not None:
+            topk_length = cupy.clip(self._native(topk_length), 0, topk).astype(cupy.int32)
+        target = self._empty((s_q, topk), cupy.float32)
+        if s_q == 0 or topk == 0:
+            return target
+        if h == 0:
+            target.fill(0)
+            return target
+        smem = d_qk * 4
+        function = kernels.kernel("sparse_mla_backward.cu", "attention_probs_simt", q32.device.id, smem)
+        for rows in _query_chunks(s_q, bytes_per_query=4 * h * topk + 16 * topk):
+            c = rows.stop - rows.start
+            probs = cupy.empty((c, h, topk), cupy.float32)
+            function((c * h,), (128,),
+                     (q32[rows], kv32, indices[rows], _nullable(None if topk_length is None else topk_length[rows]),
+                      lse32[rows], probs, np.int32(h), np.int32(s_kv), np.int32(topk), np.int32(d_qk),
+                      np.float32(sm_scale)),
+                     shared_mem=smem)
+            head_sum = probs.sum(axis=1)  # [c, topk]   sum over heads, in a fixed order
+            total = head_sum.sum(axis=1, keepdims=True)  # [c, 1]
+            normalized = cupy.where(total > 0, head_sum / cupy.where(total > 0, total, 1.0), 0.0)
+            target[rows] = cupy.where(cupy.isnan(total), cupy.nan, normalized)  # NaN in an input is reported
+        return target
+
+    # ------------------------------------------------------------------ training: indexer loss
+    def _indexer_loss_inputs(self, q_index, weights, k_index, target, indices, key_start, key_end, k_scale):
+        import cupy
+
+        q32, w32, k32, target32 = (self._float32(x) for x in (q_index, weights, k_index, target))
+        ks32 = self._float32(k_scale)
+        s_kv = int(k32.shape[0])
+        if indices is not None:
+            sparse_keys = _valid_int32_indices(self._native(indices), s_kv)  # -1: not a slot of the softmax
+
+            def keys_of(rows):
+                return sparse_keys[rows]
+        else:
+            start = self._native(key_start).astype(cupy.int64)
+            end = self._native(key_end).astype(cupy.int64)
+            key = cupy.arange(s_kv, dtype=cupy.int64)[None, :]
+
+            def keys_of(rows):
+                visible = (start[rows, None] <= key) & (key < end[rows, None])  # [c, s_kv]
+                return cupy.where(visible, key, -1).astype(cupy.int32)
+        return q32, w32, k32, ks32, target32, keys_of
+
+    def _indexer_entry_scores(self, q32, w32, k32, ks32, keys):
+        """Index scores [c, n] of a chunk's entries, -inf off the softmax's set."""
+        import cupy
+
+        c, n = (int(x) for x in keys.shape)
+        h_i, d_i = int(q32.shape[1]), int(q32.shape[2])
+        scores = cupy.empty((c, n), cupy.float32)
+        if c == 0 or n == 0:
+            return scores
+        smem = (h_i * d_i + h_i) * 4
+        function = kernels.kernel("indexer_loss.cu", "indexer_entry_scores_simt", q32.device.id, smem)
+        function((c, (n + 63) // 64), (256,), (q32, w32, k32, _nullable(ks32), keys, scores, np.int32(h_i),
+                                               np.int32(d_i), np.int32(n)),
+                 shared_mem=smem)
+        return scores
+
+    def indexer_loss(self, q_index, weights, k_index, target, *, indices, key_start, key_end, k_scale):
+        import cupy
+
+        q32, w32, k32, ks32, target32, keys_of = self._indexer_loss_inputs(q_index, weights, k_index, target,
+                                                                          indices, key_start, key_end, k_scale)
+        s_q, n = int(q32.shape[0]), int(target32.shape[1])
+        loss = self._empty((s_q,), cupy.float32)
+        if n == 0:
+            loss.fill(0)
+            return loss
+        for rows in _query_chunks(s_q, bytes_per_query=40 * n):
+            keys = keys_of(rows)
+            scores = self._indexer_entry_scores(q32[rows], w32[rows], k32, ks32, keys)
+            p_hat, log_softmax, active = _indexer_distributions(scores, keys, target32[rows])
+            log_p = cupy.log(cupy.where(p_hat > 0, p_hat, 1.0))
+            terms = cupy.where(p_hat > 0, p_hat * (log_p - log_softmax), 0.0)
+            loss[rows] = cupy.where(active, terms.sum(axis=1), 0.0)
+        return loss
+
+    def indexer_loss_backward(self, q_index, weights, k_index, target, d_loss, *, indices, key_start, key_end,
+                              k_scale, deterministic: bool):
+        import cupy
+
+        q32, w32, k32, ks32, target32, keys_of = self._indexer_loss_inputs(q_index, weights, k_index, target,
+                                                                          indices, key_start, key_end, k_scale)
+        d_loss32 = self._float32(d_loss)
+        s_q, h_i, d_i = (int(x) for x in q32.shape)
+        s_kv, n = int(k32.shape[0]), int(target32.shape[1])
+        dq = self._empty((s_q, h_i, d_i), cupy.float32)
+        d_weights = self._empty((s_q, h_i), cupy.float32)
+        dk = cupy.zeros((s_kv, d_i), cupy.float32)  # an accumulator: keys nobody scored stay exactly 0
+        if s_q == 0:
+            return dq, d_weights, dk
+        if n == 0 or h_i == 0:
+            dq.fill(0)
+            d_weights.fill(0)
+            return dq, d_weights, dk
+        device_id = q32.device.id
+        query_kernel = kernels.kernel("indexer_loss.cu", "indexer_loss_bwd_query_simt", device_id)
+        dk_kernel = kernels.kernel("indexer_loss.cu", "indexer_loss_bwd_dk_simt", device_id)
+        dims = (np.int32(h_i), np.int32(d_i), np.int32(n))
+        for rows in _query_chunks(s_q, bytes_per_query=64 * n):
+            c = rows.stop - rows.start
+            keys = keys_of(rows)
+            scores = self._indexer_entry_scores(q32[rows], w32[rows], k32, ks32, keys)
+            p_hat, log_softmax, active = _indexer_distributions(scores, keys, target32[rows])
+            row_d_loss = cupy.where(active, d_loss32[rows], 0.0)[:, None]  # [c, 1]   inactive rows pass nothing
+            d_scores = cupy.where(keys >= 0, row_d_loss * (cupy.exp(log_softmax) - p_hat), 0.0).astype(cupy.float32)
+            query_kernel((c,), (256,), (q32[rows], w32[rows], k32, _nullable(ks32), keys, d_scores, dq[rows],
+                                        d_weights[rows]) + dims)
+            work = _scatter_work(keys, s_kv, deterministic)
+            if work is not None:
+                blocks, pair_order, segment_start = work
+                dk_kernel((blocks,), (128,), (q32[rows], w32[rows], k32, _nullable(ks32), keys, d_scores,
+                                              _nullable(pair_order), _nullable(segment_start), dk) + dims)
+        return dq, d_weights, dk
+
 
 # Shared memory of sparse_mla_fwd_mma (Smem<FP8_CACHE>::TOTAL in sparse_mla.cu).
 _MMA_SMEM = {False: 73728 * 3 + 9216 + 3 * 512, True: 73728 * 2 + 41984 + 9216 + 3 * 512}
@@ -353,3 +556,99 @@ def _valid_int32_indices(indices, s_kv: int):
         return indices
     valid = (indices >= 0) & (indices < s_kv)
     return cupy.where(valid, indices, -1).astype(cupy.int32)
+
+
+# ---------------------------------------------------------------------------- training ops
+#: Heads the sparse-MLA backward takes (mla_bwd::MAX_HEADS in csrc/sparse_mla_backward.cu).
+TRAINING_MAX_HEADS = 128
+#: Limits of the indexer-loss kernels (indexer_loss::MAX_HEADS, 32 * LANE_DIMS in csrc/indexer_loss.cu).
+INDEXER_LOSS_MAX_HEADS, INDEXER_LOSS_MAX_DIMS = 64, 128
+#: Scratch memory one chunk of queries of a training op may take (intermediates, sort keys).
+CHUNK_BYTES = 1 << 28
+
+
+def _training_attention_reasons(op: str, inputs: dict, limit: int) -> list[str]:
+    q = inputs.get("q")
+    if q is None or getattr(q, "ndim", 0) != 3:
+        return []
+    h, d_qk = int(q.shape[1]), int(q.shape[2])
+    reasons = []
+    if op == "sparse_mla_backward":
+        d_v = int(inputs.get("d_v") or 512)
+        if h > TRAINING_MAX_HEADS:
+            reasons.append(f"h = {h} (the backward keeps two coefficients per head of a slot in shared memory: "
+                           f"at most {TRAINING_MAX_HEADS})")
+        if (2 * d_qk + d_v) * 4 > limit:
+            reasons.append(f"2 * d_qk + d_v = {2 * d_qk + d_v} (at most {limit // 4}: a query row, its "
+                           f"output gradient and its dq accumulator in shared memory)")
+    elif d_qk * 4 > limit:
+        reasons.append(f"d_qk = {d_qk} (at most {limit // 4}: the query row in shared memory)")
+    return reasons
+
+
+def _query_chunks(s_q: int, bytes_per_query: int):
+    """Slices of queries whose scratch stays under :data:`CHUNK_BYTES`."""
+    step = max(1, min(s_q, CHUNK_BYTES // max(1, bytes_per_query)))
+    for start in range(0, s_q, step):
+        yield slice(start, min(s_q, start + step))
+
+
+def _read_rows(indices, topk_length, s_kv: int):
+    """int32 ``[c, topk]``: the kv row each slot reads, -1 where it reads none (indices are already
+    -1 outside ``[0, s_kv)``; slots past ``topk_length`` read none)."""
+    import cupy
+
+    if topk_length is None:
+        return indices
+    slot = cupy.arange(indices.shape[1], dtype=cupy.int32)[None, :]
+    return cupy.where(slot < topk_length[:, None], indices, -1)
+
+
+def _scatter_work(rows, s_kv: int, deterministic: bool):
+    """How the scattered row gradients of a chunk are launched: ``(blocks, pair_order, segment_start)``,
+    or None when no pair adds anything.
+
+    ``rows`` is int ``[c, n]``: the row pair ``p`` (flat index) adds to, or -1. By default every pair is
+    a block that adds with atomics (``pair_order`` None). Deterministic: the pairs that add to a row
+    form one segment, in pair order; the order comes from sorting the unique composite keys
+    ``row * pairs + p`` (any correct sort gives the one permutation of unique keys), and each segment
+    is summed by one block without atomics.
+    """
+    import cupy
+
+    pairs = int(rows.size)
+    if pairs == 0:
+        return None
+    if not deterministic:
+        return pairs, None, None
+    flat = rows.reshape(-1).astype(cupy.int64)
+    used = flat >= 0
+    n_used = int(used.sum())
+    if n_used == 0:
+        return None
+    keys = cupy.where(used, flat, s_kv) * pairs + cupy.arange(pairs, dtype=cupy.int64)
+    order = cupy.argsort(keys)[:n_used]  # unused pairs sort last (row s_kv) and are dropped
+    sorted_rows = flat[order]
+    first = cupy.ones(n_used, dtype=cupy.bool_)
+    first[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    starts = cupy.flatnonzero(first)
+    segment_start = cupy.concatenate([starts, cupy.array([n_used])]).astype(cupy.int32)
+    return int(starts.size), order.astype(cupy.int32), segment_start
+
+
+def _indexer_distributions(scores, keys, target):
+    """The softmax of the index scores and the restricted target of a chunk, as the spec builds them:
+    ``(p_hat, log_softmax, active)``; scores are -inf off the set (``keys < 0``)."""
+    import cupy
+
+    allowed = keys >= 0
+    restricted = cupy.where(allowed, target, 0.0)  # [c, n]   mass outside the set is dropped
+    mass = restricted.sum(axis=1, keepdims=True)  # [c, 1]
+    active = mass[:, 0] > 0
+    p_hat = cupy.where(mass > 0, restricted / cupy.where(mass > 0, mass, 1.0), 0.0)
+    row_max = scores.max(axis=1, keepdims=True)  # NaN stays NaN
+    row_max = cupy.where(cupy.isneginf(row_max), 0.0, row_max)  # a row with no entry stays finite
+    shifted = cupy.where(allowed, scores - row_max, -cupy.inf)
+    log_normalizer = cupy.log(cupy.exp(shifted).sum(axis=1, keepdims=True))
+    log_softmax = cupy.where(allowed, shifted - log_normalizer, 0.0)
+    return p_hat.astype(cupy.float32), log_softmax.astype(cupy.float32), active

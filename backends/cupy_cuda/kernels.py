@@ -28,6 +28,8 @@ KERNELS: dict[str, tuple[str, ...]] = {
                         for m_tiles in (1, 2, 3, 4)) + ("indexer_simt",),
     "topk.cu": ("topk_select",),
     "sparse_mla.cu": ("sparse_mla_fwd_mma<false>", "sparse_mla_fwd_mma<true>", "sparse_mla_fwd_simt"),
+    "sparse_mla_backward.cu": ("sparse_mla_bwd_query_simt", "sparse_mla_bwd_dkv_simt", "attention_probs_simt"),
+    "indexer_loss.cu": ("indexer_entry_scores_simt", "indexer_loss_bwd_query_simt", "indexer_loss_bwd_dk_simt"),
 }
 
 #: Kernels on the hot path: the compile test fails if any of them spills registers.
