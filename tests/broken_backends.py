@@ -38,10 +38,6 @@ for existing, op in [(fake_backends.IgnoresKeyRanges, "lightning_indexer"),
     breaks(op)(existing)
 
 
-def _s_kv(kv) -> int:
-    return kv.shape[0]
-
-
 class _SparseMlaBug(GoodBackend):
     """Base of the sparse-MLA bugs: the reference with every argument passed through ``_call``."""
 
@@ -76,6 +72,16 @@ class ValuesFromTheLastColumns(_SparseMlaBug):
         out, _ = reference.sparse_mla(q[..., ::-1], reversed_kv, indices, d_v=d_v, **arguments)
         _, lse = reference.sparse_mla(q, kv, indices, d_v=d_v, **arguments)
         return out[..., ::-1].copy(), lse
+
+
+@breaks("sparse_mla")
+class IgnoresDv(_SparseMlaBug):
+    """Every column of kv taken as V (d_v = d_qk), whatever d_v asks for."""
+
+    name = "ignores-d-v"
+
+    def _call(self, q, kv, indices, *, d_v, **arguments):
+        return reference.sparse_mla(q, kv, indices, d_v=q.shape[-1], **arguments)
 
 
 @breaks("sparse_mla")
@@ -137,7 +143,7 @@ class ClampsIndicesToTheLastRow(_SparseMlaBug):
     name = "clamps-to-the-last-row"
 
     def _call(self, q, kv, indices, **arguments):
-        return reference.sparse_mla(q, kv, np.clip(indices, 0, _s_kv(kv) - 1).astype(np.int32), **arguments)
+        return reference.sparse_mla(q, kv, np.clip(indices, 0, kv.shape[0] - 1).astype(np.int32), **arguments)
 
 
 @breaks("sparse_mla")
@@ -147,7 +153,7 @@ class WrapsNegativeIndices(_SparseMlaBug):
     name = "wraps-negative-indices"
 
     def _call(self, q, kv, indices, **arguments):
-        s_kv = _s_kv(kv)
+        s_kv = kv.shape[0]
         wrapped = np.where((indices < 0) & (indices >= -s_kv), indices.astype(np.int64) + s_kv, indices)
         return reference.sparse_mla(q, kv, wrapped.astype(np.int32), **arguments)
 
@@ -189,7 +195,8 @@ class SparseMlaAssumesContiguous(_SparseMlaBug):
     name = "sparse-mla-assumes-contiguous"
 
     def _call(self, q, kv, indices, **arguments):
-        return reference.sparse_mla(_raw(q), _raw(kv), indices, **arguments)
+        with np.errstate(all="ignore"):  # the poison it reads overflows on the way
+            return reference.sparse_mla(_raw(q), _raw(kv), indices, **arguments)
 
 
 def _raw(x):

@@ -63,7 +63,7 @@ class ClampsInvalidIndices(GoodBackend):
     name = "clamps-invalid"
 
     def sparse_mla(self, q, kv, indices, *, sm_scale, d_v, topk_length, attn_sink):
-        s_kv = kv.shape[0] if kv.dtype != np.uint8 else kv.shape[0]
+        s_kv = kv.shape[0]
         clamped = np.where((indices >= 0) & (indices < s_kv), indices, 0).astype(np.int32)
         return super().sparse_mla(q, kv, clamped, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
                                   attn_sink=attn_sink)
