@@ -1,6 +1,6 @@
 """One GPU session for the ``triton`` backend: GPU tests, memcheck, benchmark, tuning sweep.
 
-    python -m dsa_ref_backends.torch_triton.gpu_run --out DIR [--stages tests,bench,...] [--deadline S]
+    python tools/triton_gpu_run.py --out DIR [--stages tests,bench,...] [--deadline S]
 
 Every stage runs in its own process with a time limit taken from what is left of ``--deadline``,
 and its output goes to ``DIR/run.log``; a stage that fails or runs out of time does not stop the
@@ -107,7 +107,7 @@ def write_report(results: Path, reports: Path) -> None:
     lines = [f"# `triton` backend on {env['device']}", "",
              f"{env['date']}; {env['nvidia_smi']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
              f"Python {env['python']}.", "",
-             "Run with `sh backends/torch_triton/gpu_session.sh OUT` (see `gpu_run.py`). Outputs are poisoned with "
+             "Run with `sh tools/triton_gpu_session.sh OUT` (see `tools/triton_gpu_run.py`). Outputs are poisoned with "
              "NaN before each run; every GPU case runs twice and must match bitwise.", "",
              "## pytest", ""] + [f"- {s}" for s in summaries] + ["", "| outcome | test |", "|---|---|"]
     lines += [f"| {o} | `{t}` |" for o, t in outcomes]
@@ -159,7 +159,8 @@ def main() -> int:
                 _run([python, "-m", "dsa_ref_backends.bench", "--out", str(out), *args.bench_args.split()], log,
                      min(left(), 300))
             elif stage == "tune":
-                _run([python, "-c", f"from dsa_ref_backends.torch_triton.gpu_run import tune; "
+                _run([python, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                                    f"from triton_gpu_run import tune; "
                                     f"from pathlib import Path; tune(Path({str(out)!r}))"], log, min(left(), 150))
             elif stage == "sanitizer":
                 with open(out / "sanitizer.log", "w") as sanitizer_log:

@@ -1,7 +1,7 @@
 #!/bin/sh
 # One call on a GPU machine, from a copy of the repository: install dsa-ref, then check every GPU
 # backend end to end and benchmark them side by side.
-#   sh backends/device_check.sh OUT_DIR [CONFORMANCE_EXAMPLES_PER_OP]
+#   sh tools/device_check.sh OUT_DIR [CONFORMANCE_EXAMPLES_PER_OP]
 # Writes OUT_DIR/device_check.log, OUT_DIR/{gpu_tests,conformance}.xml and OUT_DIR/bench/{bench.json,bench.md,bench.png}.
 set -u
 OUT=$1
@@ -29,7 +29,7 @@ DSA_CONFORMANCE_MAX_EXAMPLES=$EXAMPLES DSA_CONFORMANCE_SHARDS=8 timeout 420 pyth
 echo "rc=$?" >>"$LOG"
 step "compute-sanitizer memcheck and racecheck: every top-k path of both backends, small"
 for tool in memcheck racecheck; do
-  timeout 60 compute-sanitizer --tool $tool --print-limit 20 python3 -m dsa_ref_backends.topk_tune --small >>"$LOG" 2>&1
+  timeout 60 compute-sanitizer --tool $tool --print-limit 20 python3 tools/topk_tune.py --small >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 done
 step "benchmark, both backends in one run"

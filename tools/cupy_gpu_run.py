@@ -1,6 +1,6 @@
 """Validate and time the cupy backend on a GPU in one run; results go to ``--out``.
 
-    python backends/cupy_cuda/gpu_run.py --out OUT [--sections env,pytest,real,repeat,sanitize,bench,thorough]
+    python tools/cupy_gpu_run.py --out OUT [--sections env,pytest,real,repeat,sanitize,bench,thorough]
 
 Sections (each one's result is written to OUT/cupy_gpu_run.json as soon as it finishes):
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+ROOT = HERE.parent  # tools/ sits at the top of the repository
 RESULTS: dict = {}
 
 

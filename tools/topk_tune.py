@@ -1,7 +1,7 @@
 """Top-k on a GPU: a launch-configuration sweep of both backends, and a small case for the sanitizers.
 
-    python -m dsa_ref_backends.topk_tune --out FILE.json      # sweep, at the benchmark's shape
-    python -m dsa_ref_backends.topk_tune --small               # one small call of every path (sanitizers)
+    python tools/topk_tune.py --out FILE.json      # sweep, at the benchmark's shape
+    python tools/topk_tune.py --small               # one small call of every path (sanitizers)
 
 The sweep times 4096 rows x 32768 scores, k 2048, with two score distributions: ``randn`` (the
 benchmark's) and ``causal`` (the last 4096 rows of a causal 32768-token prefill: each row's keys
