@@ -3,20 +3,30 @@ on the CPU what they compute on the GPU. Applied by :func:`install` when the bac
 and only under the interpreter; the kernels themselves carry no interpreter special cases.
 
 1. ``tl.dot`` on bfloat16 operands. The interpreter stores bfloat16 as ``uint16`` and hands the
-   raw integers to ``np.matmul``, so the product is garbage (seen with Triton 3.6). The fix
+   raw integers to ``np.matmul``, so the product is garbage (Triton 3.6, 3.8, 3.9). The fix
    widens bfloat16 operands to float32 before the product: a bfloat16 value is the top half of
    a float32, and a product of two bfloat16 values is exact in float32, so the result matches
    the GPU's tensor cores (bf16 x bf16 -> fp32 accumulate) up to summation order.
 2. float32 -> bfloat16 casts. The interpreter truncates (and its round-to-nearest path is not
-   round-half-to-even); the GPU's ``fptrunc`` rounds to nearest even. The fix rounds with
-   :mod:`ml_dtypes`, which rounds to nearest even.
+   round-half-to-even; Triton 3.6, 3.8, 3.9); the GPU's ``fptrunc`` rounds to nearest even. The fix
+   rounds with :mod:`ml_dtypes`, which rounds to nearest even.
 3. Scalars as loop bounds. The interpreter keeps a scalar as a one-element array and converts it
    with ``int(array)``, which NumPy >= 2.4 refuses for arrays of one dimension; so
-   ``range(lo, hi)`` over a reduced value (``lo = tl.min(...)``) fails. The fix converts with
+   ``range(lo, hi)`` over a reduced value (``lo = tl.min(...)``) fails (Triton 3.6; 3.8 and 3.9
+   squeeze the array first, and there the fix changes nothing). The fix converts with
    ``.item()``.
+
+Each fix wraps the interpreter's own method and hands every other case to it, so it applies to
+any Triton that has the method, whichever version it is.
 
 float16 and float8 (e4m3) dots need no fix: the interpreter widens float8 to float16 and
 multiplies float16 with a float32 accumulator (checked by ``tests/test_triton_kernels.py``).
+
+Not patched, but kept by the kernels: a load or store mask must be stored as booleans. Triton
+>= 3.9's interpreter refuses any other mask ("mask has unsupported dtype"), and its comparisons
+keep their operands' type, so a scalar predicate broadcast against a block (``flag & m_block``)
+becomes an int32 mask. The kernels combine no scalar predicate with a block mask, and
+``tests/test_triton_kernels.py`` fails on any Triton version when a mask is not boolean.
 """
 
 from __future__ import annotations
