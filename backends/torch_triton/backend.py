@@ -12,6 +12,7 @@ from dsa_ref.backend import Backend
 _INDEXER_DTYPES = frozenset({"float32", "float16", "bfloat16", "float8_e4m3fn"})
 _TOPK_DTYPES = frozenset({"float32", "float16", "bfloat16"})  # widened to float32 exactly
 _MLA_DTYPES = frozenset({"float32", "float16", "bfloat16"})
+_INDEXER_LOSS_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 
 #: Largest padded widths the sparse MLA kernel keeps on chip (V columns, and the rest of d_qk).
 MAX_D_V = 512
@@ -37,6 +38,10 @@ class TritonBackend(Backend):
         "lightning_indexer": _INDEXER_DTYPES,
         "topk_indices": _TOPK_DTYPES,
         "sparse_mla": _MLA_DTYPES,
+        "sparse_mla_backward": _MLA_DTYPES,
+        "attention_target": _MLA_DTYPES,
+        "indexer_loss": _INDEXER_LOSS_DTYPES,
+        "indexer_loss_backward": _INDEXER_LOSS_DTYPES,
     }
 
     # ------------------------------------------------------------------ availability
@@ -70,8 +75,38 @@ class TritonBackend(Backend):
             if op == "dsa_attention" and q_index is not None and interop.dtype_name(q_index) not in _INDEXER_DTYPES:
                 reasons.append(f"q_index.dtype={interop.dtype_name(q_index)} "
                                f"(supported: {', '.join(sorted(_INDEXER_DTYPES))})")
-        if op in ("sparse_mla", "dsa_attention"):
+        if op in ("sparse_mla", "dsa_attention", "sparse_mla_backward"):
             reasons += self._sparse_mla_reasons(inputs.get("q"), inputs.get("kv"), inputs.get("d_v", 512))
+        if op == "attention_target":
+            reasons += self._attention_target_reasons(inputs.get("q"), inputs.get("kv"))
+        if op in ("indexer_loss", "indexer_loss_backward"):
+            reasons += self._indexer_loss_reasons(inputs.get("q_index"), inputs.get("k_index"))
+        return reasons
+
+    @classmethod
+    def _attention_target_reasons(cls, q, kv) -> list[str]:
+        """The target splits d_qk like the forward: the first min(512, d_qk) columns, then the rest."""
+        if q is None or kv is None:
+            return []
+        d_qk = q.shape[-1]
+        if interop.dtype_name(kv) == "uint8":
+            return cls._sparse_mla_reasons(q, kv, MAX_D_V)
+        return cls._sparse_mla_reasons(q, kv, min(MAX_D_V, d_qk))
+
+    @staticmethod
+    def _indexer_loss_reasons(q_index, k_index) -> list[str]:
+        if q_index is None:
+            return []
+        from .indexer_loss import MAX_D_I, MAX_H_I
+
+        reasons = []
+        if k_index is not None and interop.dtype_name(k_index) not in _INDEXER_LOSS_DTYPES:
+            reasons.append(f"k_index.dtype={interop.dtype_name(k_index)} "
+                           f"(supported: {', '.join(sorted(_INDEXER_LOSS_DTYPES))})")
+        if q_index.shape[1] > MAX_H_I:
+            reasons.append(f"h_i={q_index.shape[1]} (supported: h_i <= {MAX_H_I})")
+        if q_index.shape[2] > MAX_D_I:
+            reasons.append(f"d_i={q_index.shape[2]} (supported: d_i <= {MAX_D_I})")
         return reasons
 
     @staticmethod
@@ -110,6 +145,37 @@ class TritonBackend(Backend):
 
         q, kv = _sparse_mla_operands(q, kv)
         return sparse_mla.sparse_mla(q, kv, indices, float(sm_scale), int(d_v), topk_length, attn_sink)
+
+    def sparse_mla_backward(self, q, kv, indices, out, lse, d_out, *, sm_scale: float, d_v: int, topk_length,
+                            attn_sink, d_lse, deterministic: bool):
+        from . import sparse_mla_backward
+
+        q, kv = _common_dot_dtype(q, kv)
+        return sparse_mla_backward.sparse_mla_backward(q, kv, indices, out, lse, d_out, float(sm_scale), int(d_v),
+                                                       topk_length, attn_sink, d_lse,
+                                                       deterministic=bool(deterministic))
+
+    def attention_target(self, q, kv, indices, lse, *, sm_scale: float, topk_length):
+        from . import sparse_mla_backward
+
+        q, kv = _sparse_mla_operands(q, kv)
+        return sparse_mla_backward.attention_target(q, kv, indices, lse, float(sm_scale), topk_length)
+
+    def indexer_loss(self, q_index, weights, k_index, target, *, indices, key_start, key_end, k_scale):
+        from . import indexer_loss
+
+        q_index, k_index = _common_dot_dtype(q_index, k_index)
+        return indexer_loss.indexer_loss(q_index, weights, k_index, target, indices=indices, key_start=key_start,
+                                         key_end=key_end, k_scale=_scale(k_scale))
+
+    def indexer_loss_backward(self, q_index, weights, k_index, target, d_loss, *, indices, key_start, key_end,
+                              k_scale, deterministic: bool):
+        from . import indexer_loss
+
+        q_index, k_index = _common_dot_dtype(q_index, k_index)
+        return indexer_loss.indexer_loss_backward(q_index, weights, k_index, target, d_loss, indices=indices,
+                                                  key_start=key_start, key_end=key_end, k_scale=_scale(k_scale),
+                                                  deterministic=bool(deterministic))
 
     def dsa_attention(self, q, kv, q_index, weights, k_index, *, topk: int, key_start, key_end,
                       k_scale, sm_scale: float, d_v: int):
