@@ -28,3 +28,19 @@ def test_targets_are_judged_per_backend():
     assert targets[("triton", "topk")]["value"] == 2.0 and not targets[("triton", "topk")]["met"]
     assert targets[("cupy", "topk")]["value"] == 8.0 and targets[("cupy", "topk")]["met"]
     assert targets[("triton", "topk")]["goal"] == 3.0 and targets[("cupy", "topk")]["goal"] == 5.0
+
+
+def test_training_and_host_targets_are_judged_in_the_right_direction():
+    rows = [dict(group="training", case="bwd h 128", impl="triton (default)", ms=10.0, tflops=300.0,
+                 target="sparse_mla_bwd_h128"),
+            dict(group="training", case="bwd h 128", impl="triton (deterministic)", ms=14.0, tflops=214.0),
+            dict(group="training", case="loss", impl="triton", ms=1.0, target="indexer_loss_share"),
+            dict(group="host", case="host", impl="triton dsa_ref.torch (back to back)", ms=0.4, host_ms=0.08,
+                 target="host_cost")]
+    targets = {t["target"]: t for t in bench.evaluate_targets(rows, {}, ["triton"])}
+    assert targets["sparse_mla_bwd_h128"]["met"] and targets["sparse_mla_bwd_h128"]["value"] == 300.0
+    assert targets["deterministic_overhead"]["value"] == pytest.approx(1.4)
+    assert not targets["deterministic_overhead"]["met"], "1.4x is over the 1.3x goal: at most, not at least"
+    assert targets["indexer_loss_share"]["value"] == pytest.approx(0.1) and targets["indexer_loss_share"]["met"]
+    assert targets["host_cost"]["value"] == pytest.approx(0.08) and not targets["host_cost"]["met"]
+    assert targets["sparse_mla_bwd_h64"]["value"] is None and targets["sparse_mla_bwd_h64"]["met"] is None
