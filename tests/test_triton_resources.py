@@ -96,3 +96,61 @@ def test_kernel_fits_in_h100_shared_memory(compiled, case):
 
 if __name__ == "__main__":
     print(json.dumps(_compile_all()))
+
+
+# (dtype, deterministic) of the training kernels at the V3.2 shape: h 128, d_qk 576, d_v 512.
+TRAINING_CASES = [("bfloat16", False), ("bfloat16", True)]
+
+
+def _compile_training() -> dict[str, int]:
+    """Shared memory (bytes) of the sparse MLA backward kernels, compiled for sm_90 (no interpreter)."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dsa_ref_backends.torch_triton import sparse_mla_backward
+    from dsa_ref_backends.torch_triton.precision import dot_precision
+    from dsa_ref_backends.torch_triton.sparse_mla import _COMPUTE_DTYPES
+
+    used = {}
+    for dtype_name, deterministic in TRAINING_CASES:
+        dtype = getattr(torch, dtype_name)
+        element = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}[dtype_name]
+        configs = sparse_mla_backward.backward_config(128, 2048, 512, 576, dtype)
+        for name, kernel in (("dq", sparse_mla_backward._dq_kernel), ("dkv", sparse_mla_backward._dkv_kernel)):
+            config = dict(configs[name])
+            warps, stages = config.pop("num_warps"), config.pop("num_stages")
+            constants = dict(HAS_TOPK_LENGTH=True, HAS_D_LSE=True, COMPUTE_DTYPE=_COMPUTE_DTYPES[dtype],
+                             DOT_PRECISION=dot_precision(dtype), **config)
+            if name == "dkv":
+                constants["DETERMINISTIC"] = deterministic
+            signature = {arg: "constexpr" if arg in constants else ("fp32" if "scale" in arg else "i32")
+                         for arg in kernel.arg_names}
+            signature.update({arg: "*fp32" for arg in kernel.arg_names if arg.startswith("p_")})
+            signature.update(p_q=element, p_kv=element, p_indices="*i32", p_topk_length="*i32")
+            source = ASTSource(fn=kernel, signature=signature,
+                               constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=warps, num_stages=stages))
+            used[f"{name}-{dtype_name}-{deterministic}"] = compiled.metadata.shared
+    return used
+
+
+@pytest.fixture(scope="module")
+def compiled_training() -> dict[str, int]:
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import json, test_triton_resources as t; print(json.dumps(t._compile_training()))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", [f"{name}-{dtype}-{deterministic}" for dtype, deterministic in TRAINING_CASES
+                                  for name in ("dq", "dkv")])
+def test_sparse_mla_backward_fits_in_h100_shared_memory(compiled_training, case):
+    assert compiled_training[case] <= H100_SHARED_MEMORY_PER_BLOCK, (
+        f"{case}: {compiled_training[case]} bytes of shared memory")
