@@ -359,7 +359,7 @@ class CupyBackend(Backend):
         ks32 = self._float32(k_scale)
         s_kv = int(k32.shape[0])
         if indices is not None:
-            sparse_keys = _valid_int32_indices(self._native(indices), s_kv)  # -1: not a slot of the softmax
+            sparse_keys = _read_rows(self._native(indices), None, s_kv)  # -1: not a slot of the softmax
 
             def keys_of(rows):
                 return sparse_keys[rows]
@@ -594,14 +594,14 @@ def _query_chunks(s_q: int, bytes_per_query: int):
 
 
 def _read_rows(indices, topk_length, s_kv: int):
-    """int32 ``[c, topk]``: the kv row each slot reads, -1 where it reads none (indices are already
-    -1 outside ``[0, s_kv)``; slots past ``topk_length`` read none)."""
+    """int32 ``[c, topk]``: the row each slot reads, -1 where it reads none (an index outside
+    ``[0, s_kv)``, INT32_MIN / INT32_MAX included, or a slot past ``topk_length``)."""
     import cupy
 
-    if topk_length is None:
-        return indices
-    slot = cupy.arange(indices.shape[1], dtype=cupy.int32)[None, :]
-    return cupy.where(slot < topk_length[:, None], indices, -1)
+    read = (indices >= 0) & (indices < s_kv)
+    if topk_length is not None:
+        read &= cupy.arange(indices.shape[1], dtype=cupy.int32)[None, :] < topk_length[:, None]
+    return cupy.where(read, indices, -1).astype(cupy.int32)
 
 
 def _scatter_work(rows, s_kv: int, deterministic: bool):
