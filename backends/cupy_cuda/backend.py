@@ -15,6 +15,9 @@ Which kernel runs (all compute the same function; see csrc/*.cu):
 * top-k: radix select, one block per row.
 * sparse MLA: tensor cores for bf16 queries with bf16 rows or the packed FP8 cache at
   d_qk = 576, d_v = 512; float32 CUDA cores for every other shape and dtype.
+* training ops (sparse MLA backward, attention target, indexer loss and its backward): float32
+  CUDA cores for every dtype (csrc/sparse_mla_backward.cu, csrc/indexer_loss.cu); scattered row
+  gradients with fp32 atomics, or, in deterministic mode, summed per row in a sorted order.
 """
 
 from __future__ import annotations
