@@ -357,3 +357,292 @@ class DsaValuesFromTheLastColumns(GoodBackend):
     def sparse_mla(self, q, kv, indices, *, sm_scale, d_v, topk_length, attn_sink):
         return ValuesFromTheLastColumns._call(self, q, kv, indices, sm_scale=sm_scale, d_v=d_v,
                                               topk_length=topk_length, attn_sink=attn_sink)
+
+
+# ---------------------------------------------------------------------------- training ops
+class _BackwardBug(GoodBackend):
+    """Base of the sparse-MLA backward bugs: the reference with every argument passed through ``_call``."""
+
+    def sparse_mla_backward(self, q, kv, indices, out, lse, d_out, *, sm_scale, d_v, topk_length, attn_sink, d_lse,
+                            deterministic):
+        return self._call(q, kv, indices, out, lse, d_out, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
+                          attn_sink=attn_sink, d_lse=d_lse)
+
+    def _call(self, *arrays, **arguments):
+        return reference.sparse_mla_backward(*arrays, **arguments)
+
+
+@breaks("sparse_mla_backward")
+class BackwardCountsDuplicatesOnce(_BackwardBug):
+    """Scatters dkv with a plain indexed assignment: a row read by two slots keeps one contribution."""
+
+    name = "backward-counts-duplicates-once"
+
+    def _call(self, q, kv, indices, out, lse, d_out, **arguments):
+        grads = list(reference.sparse_mla_backward(q, kv, indices, out, lse, d_out, **arguments))
+        valid = reference.valid_slots(indices, kv.shape[0], arguments["topk_length"])
+        rows, slots = np.nonzero(valid)
+        per_slot = np.zeros(kv.shape)
+        for row, slot in zip(rows, slots):  # the last writer wins, as with a racing store
+            single = np.full_like(indices, -1)
+            single[row, slot] = indices[row, slot]
+            one = reference.sparse_mla_backward(q, kv, single, out, lse, d_out, **arguments)[1]
+            per_slot[indices[row, slot]] = one[indices[row, slot]]
+        grads[1] = per_slot.astype(np.float32)
+        return tuple(grads)
+
+
+@breaks("sparse_mla_backward")
+class BackwardWritesInvalidSlotsToRowZero(_BackwardBug):
+    """Invalid slots are pointed at row 0 and masked in the softmax, but their value gradient still lands there."""
+
+    name = "backward-invalid-to-row-zero"
+
+    def _call(self, q, kv, indices, out, lse, d_out, **arguments):
+        grads = list(reference.sparse_mla_backward(q, kv, indices, out, lse, d_out, **arguments))
+        invalid = ~reference.valid_slots(indices, kv.shape[0], arguments["topk_length"])
+        if invalid.any() and kv.shape[0] > 0:
+            leaked = np.einsum("ihd->d", np.asarray(d_out, np.float64)) * invalid.sum() / max(1, invalid.size)
+            grads[1] = grads[1].copy()
+            grads[1][0, :arguments["d_v"]] += leaked.astype(np.float32)
+        return tuple(grads)
+
+
+@breaks("sparse_mla_backward")
+class BackwardIgnoresDLse(_BackwardBug):
+    name = "backward-ignores-d-lse"
+
+    def _call(self, *arrays, d_lse, **arguments):
+        return reference.sparse_mla_backward(*arrays, d_lse=None, **arguments)
+
+
+@breaks("sparse_mla_backward")
+class BackwardWithoutSinkGradient(_BackwardBug):
+    """Returns zeros for the sink's gradient (the sink learns nothing)."""
+
+    name = "backward-without-sink-gradient"
+
+    def _call(self, *arrays, **arguments):
+        grads = reference.sparse_mla_backward(*arrays, **arguments)
+        if arguments["attn_sink"] is None:
+            return grads
+        return grads[0], grads[1], np.zeros_like(grads[2])
+
+
+@breaks("sparse_mla_backward")
+class BackwardIgnoresTheSinkShare(_BackwardBug):
+    """Differentiates as if there were no sink (f = 1), though the forward scaled out by it."""
+
+    name = "backward-ignores-sink-share"
+
+    def _call(self, *arrays, attn_sink, **arguments):
+        grads = reference.sparse_mla_backward(*arrays, attn_sink=None, **arguments)
+        if attn_sink is None:
+            return grads
+        return grads[0], grads[1], np.zeros(np.shape(attn_sink), np.float32)
+
+
+@breaks("sparse_mla_backward")
+class BackwardIgnoresSmScale(_BackwardBug):
+    name = "backward-ignores-sm-scale"
+
+    def _call(self, q, *arrays, sm_scale, **arguments):
+        return reference.sparse_mla_backward(q, *arrays, sm_scale=q.shape[-1] ** -0.5, **arguments)
+
+
+@breaks("sparse_mla_backward")
+class BackwardIgnoresTopkLength(_BackwardBug):
+    name = "backward-ignores-topk-length"
+
+    def _call(self, *arrays, topk_length, **arguments):
+        return reference.sparse_mla_backward(*arrays, topk_length=None, **arguments)
+
+
+@breaks("sparse_mla_backward")
+class BackwardReadsUnreadRows(_BackwardBug):
+    """Computes every row's gradient as a dense product over a 0/1 selection matrix: 0 x NaN leaks."""
+
+    name = "backward-reads-unread-rows"
+
+    def _call(self, q, kv, *arrays, **arguments):
+        grads = list(reference.sparse_mla_backward(q, kv, *arrays, **arguments))
+        grads[1] = (grads[1] + 0.0 * np.asarray(kv, np.float64)).astype(np.float32)
+        return tuple(grads)
+
+
+@breaks("sparse_mla_backward")
+class BackwardNotDeterministic(_BackwardBug):
+    """Sums in a different order on every call, even when asked not to (a float-atomics kernel)."""
+
+    name = "backward-not-deterministic"
+
+    def __init__(self):
+        self.calls = 0
+
+    def _call(self, *arrays, **arguments):
+        grads = list(reference.sparse_mla_backward(*arrays, **arguments))
+        self.calls += 1
+        grads[1] = grads[1] * np.float32(1 + 1e-7 * (self.calls % 2))  # an order-dependent last bit
+        return tuple(grads)
+
+
+@breaks("attention_target")
+class TargetNotNormalized(GoodBackend):
+    """Sums the probabilities over heads but forgets the L1 normalization."""
+
+    name = "target-not-normalized"
+
+    def attention_target(self, q, kv, indices, lse, *, sm_scale, topk_length):
+        target = reference.attention_target(q, kv, indices, lse, sm_scale=sm_scale, topk_length=topk_length)
+        return (target * q.shape[1]).astype(np.float32)
+
+
+@breaks("attention_target")
+class TargetFromTheFirstHeadOnly(GoodBackend):
+    name = "target-first-head"
+
+    def attention_target(self, q, kv, indices, lse, *, sm_scale, topk_length):
+        return reference.attention_target(q[:, :1], kv, indices, lse[:, :1], sm_scale=sm_scale,
+                                          topk_length=topk_length)
+
+
+@breaks("attention_target")
+class TargetIgnoresTopkLength(GoodBackend):
+    name = "target-ignores-topk-length"
+
+    def attention_target(self, q, kv, indices, lse, *, sm_scale, topk_length):
+        return reference.attention_target(q, kv, indices, lse, sm_scale=sm_scale, topk_length=None)
+
+
+class _LossBug(GoodBackend):
+    """Base of the indexer-loss bugs: the reference with its inputs passed through ``_inputs``."""
+
+    def indexer_loss(self, q_index, weights, k_index, target, *, indices, key_start, key_end, k_scale):
+        return reference.indexer_loss(*self._inputs(q_index, weights, k_index, target, indices=indices,
+                                                    key_start=key_start, key_end=key_end, k_scale=k_scale))
+
+    def indexer_loss_backward(self, q_index, weights, k_index, target, d_loss, *, indices, key_start, key_end,
+                              k_scale, deterministic):
+        arrays, arguments = self._inputs(q_index, weights, k_index, target, indices=indices, key_start=key_start,
+                                         key_end=key_end, k_scale=k_scale)
+        return reference.indexer_loss_backward(*arrays[:4], d_loss, **arguments)
+
+    def _inputs(self, *arrays, **arguments):
+        return arrays, arguments
+
+
+def _loss_call(method):
+    """Adapter so that ``_inputs`` returns what ``reference.indexer_loss`` takes positionally and by name."""
+    def call(self, q_index, weights, k_index, target, *, indices, key_start, key_end, k_scale):
+        arrays, arguments = self._inputs(q_index, weights, k_index, target, indices=indices, key_start=key_start,
+                                         key_end=key_end, k_scale=k_scale)
+        return method(*arrays, **arguments)
+    return call
+
+
+_LossBug.indexer_loss = _loss_call(reference.indexer_loss)
+
+
+@breaks("indexer_loss", "indexer_loss_backward")
+class LossOverInvalidSlotsToo(_LossBug):
+    """The sparse softmax runs over every slot: invalid ones score against key 0 instead of being left out."""
+
+    name = "loss-over-invalid-slots"
+
+    def _inputs(self, q_index, weights, k_index, target, *, indices, **arguments):
+        if indices is not None:
+            indices = np.where((indices >= 0) & (indices < k_index.shape[0]), indices, 0)
+        return (q_index, weights, k_index, target), dict(indices=indices, **arguments)
+
+
+@breaks("indexer_loss", "indexer_loss_backward")
+class LossIgnoresKScale(_LossBug):
+    name = "loss-ignores-k-scale"
+
+    def _inputs(self, *arrays, k_scale, **arguments):
+        return arrays, dict(k_scale=None, **arguments)
+
+
+@breaks("indexer_loss", "indexer_loss_backward")
+class LossIgnoresKeyRanges(_LossBug):
+    """The dense stage's softmax over every key, future ones included."""
+
+    name = "loss-ignores-key-ranges"
+
+    def _inputs(self, *arrays, key_start, key_end, **arguments):
+        if key_start is not None:
+            key_start, key_end = np.zeros_like(key_start), np.full_like(key_end, arrays[2].shape[0])
+        return arrays, dict(key_start=key_start, key_end=key_end, **arguments)
+
+
+@breaks("indexer_loss")
+class LossTargetNotRenormalized(_LossBug):
+    """Uses the target as given, mass on dropped entries included: KL of an unnormalized distribution."""
+
+    name = "loss-target-not-renormalized"
+
+    def indexer_loss(self, q_index, weights, k_index, target, *, indices, key_start, key_end, k_scale):
+        loss = reference.indexer_loss(q_index, weights, k_index, target, indices=indices, key_start=key_start,
+                                      key_end=key_end, k_scale=k_scale)
+        return (loss * np.asarray(target, np.float64).sum(axis=1)).astype(np.float32)
+
+
+@breaks("indexer_loss_backward")
+class LossBackwardIgnoresDLoss(_LossBug):
+    """Backward as if the loss were a plain sum (d_loss = 1 for every query)."""
+
+    name = "loss-backward-ignores-d-loss"
+
+    def indexer_loss_backward(self, q_index, weights, k_index, target, d_loss, *, indices, key_start, key_end,
+                              k_scale, deterministic):
+        return reference.indexer_loss_backward(q_index, weights, k_index, target, np.ones_like(d_loss),
+                                               indices=indices, key_start=key_start, key_end=key_end, k_scale=k_scale)
+
+
+@breaks("indexer_loss_backward")
+class LossBackwardTargetNotDetached(_LossBug):
+    """Differentiates the target too, as if it were the indexer's own softmax (p = q): dI = 0 everywhere
+    the target has mass, as a backward that treats the target as a function of the scores would give."""
+
+    name = "loss-backward-target-not-detached"
+
+    def indexer_loss_backward(self, q_index, weights, k_index, target, d_loss, *, indices, key_start, key_end,
+                              k_scale, deterministic):
+        grads = reference.indexer_loss_backward(q_index, weights, k_index, target, d_loss, indices=indices,
+                                                key_start=key_start, key_end=key_end, k_scale=k_scale)
+        return tuple(np.zeros_like(g) for g in grads)
+
+
+@breaks("indexer_loss_backward")
+class LossBackwardCountsDuplicatesOnce(_LossBug):
+    """dk scattered with a plain store: a key scored by two slots of one query keeps one contribution."""
+
+    name = "loss-backward-duplicates-once"
+
+    def indexer_loss_backward(self, q_index, weights, k_index, target, d_loss, *, indices, key_start, key_end,
+                              k_scale, deterministic):
+        grads = list(reference.indexer_loss_backward(q_index, weights, k_index, target, d_loss, indices=indices,
+                                                     key_start=key_start, key_end=key_end, k_scale=k_scale))
+        if indices is not None:
+            _, first = np.unique(np.where(indices >= 0, indices, -1), return_index=True)
+            deduplicated = np.full_like(indices, -1).reshape(-1)
+            flat = indices.reshape(-1)
+            deduplicated[first] = flat[first]
+            dk = reference.indexer_loss_backward(q_index, weights, k_index, target, d_loss,
+                                                 indices=deduplicated.reshape(indices.shape), k_scale=k_scale)[2]
+            grads[2] = dk
+        return tuple(grads)
+
+
+@breaks("indexer_loss_backward")
+class LossBackwardMissesTheReluGate(_LossBug):
+    """Passes gradient through ReLU where its input is negative."""
+
+    name = "loss-backward-misses-relu-gate"
+
+    def indexer_loss_backward(self, q_index, weights, k_index, target, d_loss, *, indices, key_start, key_end,
+                              k_scale, deterministic):
+        grads = list(reference.indexer_loss_backward(q_index, weights, k_index, target, d_loss, indices=indices,
+                                                     key_start=key_start, key_end=key_end, k_scale=k_scale))
+        grads[1] = (grads[1] - np.float32(1e-2) * np.sign(grads[1])).astype(np.float32)
+        return tuple(grads)

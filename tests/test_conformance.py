@@ -15,8 +15,8 @@ import os
 import pytest
 
 from dsa_ref import get_backend
-from dsa_ref.backend import OPS
 from dsa_ref.testing import check_backend
+from dsa_ref.testing.conformance import CHECKED_OPS
 from dsa_ref.testing.strategies import get_profile
 
 
@@ -26,7 +26,7 @@ if SHARDS < 1:
 
 
 @pytest.mark.parametrize("shard", range(SHARDS))
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", CHECKED_OPS)
 def test_backend_conforms(dsa_backend, op, shard, dsa_profile):
     backend = get_backend(dsa_backend)
     cap = os.environ.get("DSA_CONFORMANCE_MAX_EXAMPLES")

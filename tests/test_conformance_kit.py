@@ -62,6 +62,15 @@ def test_check_topk_tolerance_allows_near_ties_only():
         check_topk(np.array([[2]]), scores, 1, score_tolerance=1e-3)
 
 
+def test_every_op_of_the_backend_interface_is_checked_by_the_kit():
+    from dsa_ref.backend import OPS
+    from dsa_ref.testing.conformance import CHECKED_OPS
+    from dsa_ref.testing.strategies import STRATEGIES
+
+    assert set(CHECKED_OPS) == set(STRATEGIES)
+    assert set(OPS) <= set(CHECKED_OPS), f"ops without a conformance check: {sorted(set(OPS) - set(CHECKED_OPS))}"
+
+
 def test_the_reference_passes_its_own_kit():
     report = check_backend("numpy", "ci", max_examples=15)
     assert report.ok, str(report)

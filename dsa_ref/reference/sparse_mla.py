@@ -165,23 +165,24 @@ def sparse_mla_backward(q, kv, indices, out, lse, d_out, *, sm_scale=None, d_v: 
     rows_to_read = np.where(valid, indices, s_kv)  # [s_q, topk]
     share = _sink_factor(attn_sink, lse)  # [s_q, h]   f
     delta = np.einsum("ihd,ihd->ih", d_out, out)  # [s_q, h]   D = Σ_d dout · out
+
     dq = np.zeros((s_q, h, d_qk))  # [s_q, h, d_qk]
     dkv = np.zeros((s_kv + 1, d_qk))  # [s_kv + 1, d_qk]   the last row collects the invalid slots' zeros
-
     for rows in query_chunks(s_q, bytes_per_query=8 * topk * (d_qk + 4 * h)):
         chunk_valid = valid[rows][:, None, :]  # [c, 1, topk]
         selected = np.take(kv_and_zero_row, rows_to_read[rows], axis=0)  # [c, topk, d_qk]
-        logits = sm_scale * np.matmul(q[rows], selected.transpose(0, 2, 1))  # [c, h, topk]
+        # NaN in an input propagates to what it touches, silently, as in the forward.
         with np.errstate(over="ignore", invalid="ignore"):
+            logits = sm_scale * np.matmul(q[rows], selected.transpose(0, 2, 1))  # [c, h, topk]
             probs = np.where(chunk_valid, np.exp(logits - lse[rows][..., None]), 0.0)  # [c, h, topk]   P_t
-        d_probs = np.matmul(d_out[rows], selected[:, :, :d_v].transpose(0, 2, 1))  # [c, h, topk]   dout · V_t
-        d_logits = probs * (share[rows][..., None] * (d_probs - delta[rows][..., None])
-                            + d_lse[rows][..., None])  # [c, h, topk]   dℓ_t
-        dq[rows] = sm_scale * np.matmul(d_logits, selected)  # [c, h, d_qk]
-        d_selected = sm_scale * np.matmul(d_logits.transpose(0, 2, 1), q[rows])  # [c, topk, d_qk]   as keys
-        d_selected[:, :, :d_v] += np.matmul((share[rows][..., None] * probs).transpose(0, 2, 1),
-                                            d_out[rows])  # [c, topk, d_v]   as values: f P_t dout
-        np.add.at(dkv, rows_to_read[rows].reshape(-1), d_selected.reshape(-1, d_qk))  # duplicates accumulate
+            d_probs = np.matmul(d_out[rows], selected[:, :, :d_v].transpose(0, 2, 1))  # [c, h, topk]   dout · V_t
+            d_logits = probs * (share[rows][..., None] * (d_probs - delta[rows][..., None])
+                                + d_lse[rows][..., None])  # [c, h, topk]   dℓ_t
+            dq[rows] = sm_scale * np.matmul(d_logits, selected)  # [c, h, d_qk]
+            d_selected = sm_scale * np.matmul(d_logits.transpose(0, 2, 1), q[rows])  # [c, topk, d_qk]   as keys
+            d_selected[:, :, :d_v] += np.matmul((share[rows][..., None] * probs).transpose(0, 2, 1),
+                                                d_out[rows])  # [c, topk, d_v]   as values: f P_t dout
+            np.add.at(dkv, rows_to_read[rows].reshape(-1), d_selected.reshape(-1, d_qk))  # duplicates accumulate
 
     dkv = dkv[:s_kv]  # [s_kv, d_qk]   drop the invalid slots' row
     if attn_sink is None:

@@ -16,17 +16,19 @@ from typing import Callable, NamedTuple, TextIO
 
 import numpy as np
 
-from dsa_ref import interop, ops, reference
+from dsa_ref import interop, modes, ops, reference
 from dsa_ref.backend import Backend
 from dsa_ref.registry import UnsupportedInputError, get_backend
 
 from .assertions import Comparison, assert_close, check_topk
+from . import problems as problems_module
 from .problems import Problem
 from .profiles import get_profile
-from .tolerances import tolerance_for
+from .tolerances import gradient_tolerance_for, tolerance_for
 
 #: The ops :func:`check_problem` knows how to check (each has a strategy of the same name).
-CHECKED_OPS = ("lightning_indexer", "topk_indices", "sparse_mla", "dsa_attention")
+CHECKED_OPS = ("lightning_indexer", "topk_indices", "sparse_mla", "dsa_attention", "sparse_mla_backward",
+               "attention_target", "indexer_loss", "indexer_loss_backward")
 
 #: How the inputs of a ``dsa_attention`` problem reach the reference: the indexer's under their
 #: names in :func:`~dsa_ref.reference.lightning_indexer`, the attention's to
@@ -81,7 +83,83 @@ def check_problem(backend: str | Backend, problem: Problem) -> list[Comparison]:
         expected_out, expected_lse = reference.sparse_mla(indices=interop.to_numpy(indices), **attention_inputs)
         return [assert_close(out, expected_out, tolerance, name="out"),
                 assert_close(lse, expected_lse, tolerance, name="lse", scale_by_max=False)]
+    if problem.op in _TRAINING_CHECKS:
+        return _TRAINING_CHECKS[problem.op](backend, problem, native)
     raise ValueError(f"problem.op must be one of {', '.join(CHECKED_OPS)}, got {problem.op!r}")
+
+
+# ---------------------------------------------------------------------------- training ops
+def _exactly_zero(actual, rows: np.ndarray, name: str) -> None:
+    """Rows nothing reads get no gradient at all: exactly 0, not a rounding residue, not NaN."""
+    actual = np.asarray(interop.to_numpy(actual), np.float64)
+    if rows.any() and not np.all(actual[rows] == 0.0):
+        row = int(np.flatnonzero(rows & ~np.all(actual == 0.0, axis=1))[0])
+        raise AssertionError(f"{name}: row {row} is read by no valid slot, so its gradient must be exactly 0; "
+                             f"got {actual[row][:8].tolist()}")
+
+
+def _run_deterministic_twice(run, problem: Problem):
+    """In deterministic mode (when the problem asks for it) the op must give bitwise-equal results twice."""
+    if not problem.params.get("deterministic"):
+        return run()
+    with modes.use_deterministic(True):
+        first, second = run(), run()
+    for index, (a, b) in enumerate(zip(first, second)):
+        a, b = interop.to_numpy(a), interop.to_numpy(b)
+        if not np.array_equal(a, b, equal_nan=True):
+            differ = int((~((a == b) | (np.isnan(a) & np.isnan(b)))).sum())
+            raise AssertionError(f"result {index}: two runs in deterministic mode differ in {differ} element(s)")
+    return first
+
+
+def _check_sparse_mla_backward(backend: Backend, problem: Problem, native: dict) -> list[Comparison]:
+    inputs = problem.inputs
+    expected = reference.sparse_mla_backward(**inputs)
+    actual = _run_deterministic_twice(lambda: ops.sparse_mla_backward(**native, backend=backend), problem)
+    if len(actual) != len(expected):
+        raise AssertionError(f"sparse_mla_backward returned {len(actual)} results, expected {len(expected)} "
+                             f"({'with' if inputs['attn_sink'] is not None else 'without'} attn_sink)")
+    tolerance = gradient_tolerance_for(problem.dtype, backend)
+    unread = problems_module.unread_rows(inputs["indices"], inputs["kv"].shape[0], inputs["topk_length"])
+    _exactly_zero(actual[1], unread, "dkv")
+    names = ("dq", "dkv", "d_attn_sink")
+    return [assert_close(a, e, tolerance, name=name) for a, e, name in zip(actual, expected, names)]
+
+
+def _check_attention_target(backend: Backend, problem: Problem, native: dict) -> list[Comparison]:
+    expected = reference.attention_target(**problem.inputs)
+    actual = ops.attention_target(**native, backend=backend)
+    return [assert_close(actual, expected, tolerance_for(problem.dtype, backend), name="target")]
+
+
+def _check_indexer_loss(backend: Backend, problem: Problem, native: dict) -> list[Comparison]:
+    expected = reference.indexer_loss(**problem.inputs)
+    actual = ops.indexer_loss(**native, backend=backend)
+    return [assert_close(actual, expected, tolerance_for(problem.dtype, backend), name="loss")]
+
+
+def _check_indexer_loss_backward(backend: Backend, problem: Problem, native: dict) -> list[Comparison]:
+    inputs = problem.inputs
+    expected = reference.indexer_loss_backward(**inputs)
+    actual = _run_deterministic_twice(lambda: ops.indexer_loss_backward(**native, backend=backend), problem)
+    s_kv = inputs["k_index"].shape[0]
+    if inputs.get("indices") is not None:
+        unscored = problems_module.unread_rows(inputs["indices"], s_kv)
+    else:
+        key = np.arange(s_kv)
+        unscored = ~((key[None, :] >= inputs["key_start"][:, None]) & (key[None, :] < inputs["key_end"][:, None])).any(0)
+    _exactly_zero(actual[2], unscored, "dk_index")
+    tolerance = gradient_tolerance_for(problem.dtype, backend)
+    return [assert_close(a, e, tolerance, name=name) for a, e, name in zip(actual, expected, ("dq_index", "dweights",
+                                                                                           "dk_index"))]
+
+
+_TRAINING_CHECKS = {
+    "sparse_mla_backward": _check_sparse_mla_backward,
+    "attention_target": _check_attention_target,
+    "indexer_loss": _check_indexer_loss,
+    "indexer_loss_backward": _check_indexer_loss_backward,
+}
 
 
 @dataclass

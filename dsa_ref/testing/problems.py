@@ -221,3 +221,125 @@ def dsa_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h: int, d_qk: 
                   key_start=ix["key_start"], key_end=ix["key_end"], k_scale=ix["k_scale"], d_v=d_v,
                   **_sm_scale_argument(sm_scale))
     return Problem("dsa_attention", inputs, dict(ranges=ranges, index_dtype=index_dtype or dtype), dtype, strided)
+
+
+# ---------------------------------------------------------------------------- training ops
+def _adversarial_slots(rng: np.random.Generator, indices: np.ndarray, s_kv: int, invalid_fraction: float,
+                       duplicate_fraction: float) -> np.ndarray:
+    """Duplicates of other slots' indices, then invalid indices from {INT32_MIN, -1, s_kv, INT32_MAX}."""
+    s_q, topk = indices.shape
+    if duplicate_fraction > 0 and topk > 1:
+        copy = rng.random((s_q, topk)) < duplicate_fraction  # [s_q, topk]
+        source = rng.integers(0, topk, size=(s_q, topk))  # [s_q, topk]
+        indices = np.where(copy, np.take_along_axis(indices, source, axis=1), indices)
+    if invalid_fraction > 0:
+        invalid = rng.random((s_q, topk)) < invalid_fraction  # [s_q, topk]
+        adversarial = rng.choice(np.array([INT32_MIN, -1, s_kv, INT32_MAX], np.int64), size=(s_q, topk))
+        indices = np.where(invalid, adversarial, indices)
+    return indices.astype(np.int32)
+
+
+def unread_rows(indices: np.ndarray, s_kv: int, topk_length=None) -> np.ndarray:
+    """bool ``[s_kv]``: rows that no valid slot reads (their gradient must be exactly 0)."""
+    from dsa_ref.reference import valid_slots
+
+    valid = valid_slots(indices, s_kv, topk_length)  # [s_q, topk]
+    read = np.zeros(s_kv + 1, bool)  # [s_kv + 1]   the last entry absorbs the invalid slots
+    read[np.where(valid, indices, s_kv).reshape(-1)] = True
+    return ~read[:s_kv]
+
+
+def sparse_mla_backward_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h: int, d_qk: int, d_v: int,
+                                topk: int, dtype: str = "bfloat16", distribution: str = "uniform", causal: bool = True,
+                                invalid_fraction: float = 0.0, duplicate_fraction: float = 0.0,
+                                topk_length: bool = False, attn_sink: bool = False, d_lse: bool = False,
+                                logit_scale: float = 1.0, sm_scale: float | None = None, unread_nan: bool = False,
+                                deterministic: bool = False, strided: bool = False) -> Problem:
+    """Inputs of sparse MLA's backward: a :func:`sparse_mla_problem` (never the packed cache, which has
+    no gradient), its reference ``out`` and ``lse``, a random ``d_out`` and optionally ``d_lse``.
+    ``unread_nan`` fills the rows of kv that no valid slot reads with NaN: a backend that reads them
+    (or writes into them) shows it. ``deterministic``: the check runs the op in deterministic mode
+    and requires two runs to be bitwise equal."""
+    from dsa_ref import reference
+
+    forward = sparse_mla_problem(rng, s_q=s_q, s_kv=s_kv, h=h, d_qk=d_qk, d_v=d_v, topk=topk, dtype=dtype,
+                                 distribution=distribution, causal=causal, invalid_fraction=invalid_fraction,
+                                 duplicate_fraction=duplicate_fraction, topk_length=topk_length, attn_sink=attn_sink,
+                                 logit_scale=logit_scale, sm_scale=sm_scale)
+    inputs = dict(forward.inputs)
+    if unread_nan:
+        kv = inputs["kv"].copy()
+        kv[unread_rows(inputs["indices"], s_kv, inputs["topk_length"])] = np.nan
+        inputs["kv"] = kv
+    out, lse = reference.sparse_mla(**inputs)  # [s_q, h, d_v], [s_q, h]
+    inputs["out"], inputs["lse"] = out, lse
+    inputs["d_out"] = rng.standard_normal(out.shape).astype(np.float32)  # [s_q, h, d_v]
+    inputs["d_lse"] = rng.standard_normal(lse.shape).astype(np.float32) if d_lse else None  # [s_q, h]
+    params = dict(forward.params, unread_nan=unread_nan, d_lse=d_lse, deterministic=deterministic)
+    return Problem("sparse_mla_backward", inputs, params, dtype, strided)
+
+
+def attention_target_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h: int, d_qk: int, topk: int,
+                             dtype: str = "bfloat16", distribution: str = "uniform", causal: bool = True,
+                             invalid_fraction: float = 0.0, duplicate_fraction: float = 0.0,
+                             topk_length: bool = False, packed_fp8: bool = False, logit_scale: float = 1.0,
+                             sm_scale: float | None = None, strided: bool = False) -> Problem:
+    """Inputs of the indexer's target: a :func:`sparse_mla_problem` (the packed cache included) and its
+    reference ``lse``."""
+    from dsa_ref import reference
+
+    d_v = 512 if packed_fp8 else d_qk
+    forward = sparse_mla_problem(rng, s_q=s_q, s_kv=s_kv, h=h, d_qk=d_qk, d_v=d_v, topk=topk, dtype=dtype,
+                                 distribution=distribution, causal=causal, invalid_fraction=invalid_fraction,
+                                 duplicate_fraction=duplicate_fraction, topk_length=topk_length,
+                                 packed_fp8=packed_fp8, logit_scale=logit_scale, sm_scale=sm_scale)
+    inputs = {name: value for name, value in forward.inputs.items() if name not in ("d_v", "attn_sink")}
+    _, inputs["lse"] = reference.sparse_mla(**forward.inputs)
+    return Problem("attention_target", inputs, forward.params, dtype, strided)
+
+
+def indexer_loss_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h_i: int, d_i: int, topk: int,
+                         dtype: str = "float32", sparse: bool = True, ranges: str = "causal",
+                         invalid_fraction: float = 0.0, duplicate_fraction: float = 0.0,
+                         empty_target_fraction: float = 0.0, key_scale: bool = False, unread_nan: bool = False,
+                         backward: bool = False, deterministic: bool = False, strided: bool = False) -> Problem:
+    """Inputs of the indexer loss (``backward``: of its backward, with a random ``d_loss``).
+
+    ``sparse``: the sparse stage (eq. 4) over ``indices`` (adversarial ones included); else the dense
+    warm-up (eq. 3) over the ``ranges`` kind's key ranges. The target is non-negative with exact zeros,
+    puts mass on invalid slots and outside the ranges too (which the loss must drop), and
+    ``empty_target_fraction`` of its rows are all zero (those queries contribute nothing).
+    ``key_scale`` gives float keys a per-key ``k_scale`` too (fp8 keys always carry theirs).
+    ``unread_nan`` fills the keys no entry may score with NaN."""
+    base = indexer_problem(rng, s_q=s_q, s_kv=s_kv, h_i=h_i, d_i=d_i, dtype=dtype, ranges=ranges)
+    inputs = {"q_index": base.inputs["q"], "weights": base.inputs["weights"], "k_index": base.inputs["k"],
+              "k_scale": base.inputs["k_scale"]}
+    if key_scale and inputs["k_scale"] is None:
+        inputs["k_scale"] = rng.uniform(0.25, 4.0, s_kv).astype(np.float32)  # [s_kv]
+    if sparse:
+        indices = selected_indices(rng, s_q=s_q, s_kv=s_kv, topk=topk, causal=ranges == "causal")
+        inputs["indices"] = _adversarial_slots(rng, indices, s_kv, invalid_fraction, duplicate_fraction)
+        entries = topk
+        allowed = (inputs["indices"] >= 0) & (inputs["indices"] < s_kv)  # [s_q, topk]
+        scored = np.zeros(s_kv + 1, bool)
+        scored[np.where(allowed, inputs["indices"], s_kv).reshape(-1)] = True
+        scored = scored[:s_kv]
+    else:
+        inputs["key_start"], inputs["key_end"] = base.inputs["key_start"], base.inputs["key_end"]
+        entries = s_kv
+        key = np.arange(s_kv)
+        scored = ((key[None, :] >= inputs["key_start"][:, None]) & (key[None, :] < inputs["key_end"][:, None])).any(0)
+    target = rng.random((s_q, entries)) * (rng.random((s_q, entries)) < 0.7)  # [s_q, entries]
+    target[rng.random(s_q) < empty_target_fraction] = 0.0
+    inputs["target"] = target.astype(np.float32)
+    if unread_nan and not scored.all():
+        k = inputs["k_index"].copy()
+        k[~scored] = np.nan
+        inputs["k_index"] = k
+    op = "indexer_loss"
+    if backward:
+        inputs["d_loss"] = rng.standard_normal(s_q).astype(np.float32)
+        op = "indexer_loss_backward"
+    params = dict(sparse=sparse, ranges=ranges, invalid_fraction=invalid_fraction, key_scale=key_scale,
+                  duplicate_fraction=duplicate_fraction, unread_nan=unread_nan, deterministic=deterministic)
+    return Problem(op, inputs, params, dtype, strided)

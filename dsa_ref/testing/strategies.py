@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from . import problems
 from .profiles import PROFILES, Profile, get_profile
 
-__all__ = ["PROFILES", "Profile", "STRATEGIES", "dsa_problems", "get_profile", "indexer_problems",
-           "sparse_mla_problems", "topk_problems"]
+__all__ = ["PROFILES", "Profile", "STRATEGIES", "attention_target_problems", "dsa_problems", "get_profile",
+           "indexer_loss_backward_problems", "indexer_loss_problems", "indexer_problems",
+           "sparse_mla_backward_problems", "sparse_mla_problems", "topk_problems"]
 
 #: Softmax scales drawn for the attention ops: the default (None: d_qk ** -0.5), DeepSeek-V3.2's
 #: own (a backend that hard-codes d_qk ** -0.5 is wrong there), and other non-default values.
@@ -124,9 +125,101 @@ def dsa_problems(draw, profile: str | Profile = "ci", dtypes=("bfloat16", "float
     )
 
 
+@st.composite
+def sparse_mla_backward_problems(draw, profile: str | Profile = "ci",
+                                 dtypes=("bfloat16", "float16", "float32")) -> problems.Problem:
+    p = get_profile(profile)
+    d_qk = draw(st.sampled_from(p.dims))
+    s_kv = draw(st.integers(1, p.max_tokens))
+    return problems.sparse_mla_backward_problem(
+        _rng(draw),
+        s_q=draw(st.integers(1, p.max_tokens)),
+        s_kv=s_kv,
+        h=draw(st.integers(1, p.max_heads)),
+        d_qk=d_qk,
+        d_v=draw(st.integers(1, d_qk)),
+        topk=draw(st.integers(1, s_kv + 8)),
+        dtype=draw(st.sampled_from(dtypes)),
+        distribution=draw(st.sampled_from(problems.INDEX_DISTRIBUTIONS)),
+        causal=draw(st.booleans()),
+        invalid_fraction=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
+        duplicate_fraction=draw(st.sampled_from([0.0, 0.2, 0.5])),  # rows read twice: contributions add up
+        topk_length=draw(st.booleans()),
+        attn_sink=draw(st.booleans()),
+        d_lse=draw(st.booleans()),
+        logit_scale=draw(st.sampled_from([0.5, 1.0, 4.0])),
+        sm_scale=draw(st.sampled_from(SM_SCALES)),
+        unread_nan=draw(st.booleans()),
+        deterministic=draw(st.booleans()),
+        strided=draw(st.booleans()),
+    )
+
+
+@st.composite
+def attention_target_problems(draw, profile: str | Profile = "ci",
+                              dtypes=("bfloat16", "float16", "float32")) -> problems.Problem:
+    p = get_profile(profile)
+    packed_fp8 = draw(st.booleans()) and draw(st.booleans())
+    s_kv = draw(st.integers(1, p.max_tokens))
+    return problems.attention_target_problem(
+        _rng(draw),
+        s_q=draw(st.integers(1, p.max_tokens)),
+        s_kv=s_kv,
+        h=draw(st.integers(1, p.max_heads)),
+        d_qk=576 if packed_fp8 else draw(st.sampled_from(p.dims)),
+        topk=draw(st.integers(1, s_kv + 8)),
+        dtype=draw(st.sampled_from(dtypes)),
+        distribution=draw(st.sampled_from(problems.INDEX_DISTRIBUTIONS)),
+        causal=draw(st.booleans()),
+        invalid_fraction=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
+        duplicate_fraction=draw(st.sampled_from([0.0, 0.2])),
+        topk_length=draw(st.booleans()),
+        packed_fp8=packed_fp8,
+        logit_scale=draw(st.sampled_from([0.5, 1.0, 4.0])),
+        sm_scale=draw(st.sampled_from(SM_SCALES)),
+        strided=draw(st.booleans()),
+    )
+
+
+def _indexer_loss_problems(backward: bool, dtypes):
+    @st.composite
+    def build(draw, profile: str | Profile = "ci", dtypes=dtypes) -> problems.Problem:
+        p = get_profile(profile)
+        s_kv = draw(st.integers(1, p.max_tokens))
+        return problems.indexer_loss_problem(
+            _rng(draw),
+            s_q=draw(st.integers(1, p.max_tokens)),
+            s_kv=s_kv,
+            h_i=draw(st.integers(1, p.max_heads)),
+            d_i=draw(st.sampled_from([d for d in p.dims if d <= 128])),
+            topk=draw(st.integers(1, s_kv + 4)),
+            dtype=draw(st.sampled_from(dtypes)),
+            sparse=draw(st.booleans()),
+            ranges=draw(st.sampled_from(problems.RANGE_KINDS)),
+            invalid_fraction=draw(st.sampled_from([0.0, 0.2, 1.0])),
+            duplicate_fraction=draw(st.sampled_from([0.0, 0.3])),
+            empty_target_fraction=draw(st.sampled_from([0.0, 0.3])),
+            key_scale=draw(st.booleans()),
+            unread_nan=draw(st.booleans()),
+            backward=backward,
+            deterministic=backward and draw(st.booleans()),
+            strided=draw(st.booleans()),
+        )
+    return build
+
+
+#: The loss takes fp8 indexer inputs (an inference-format check of the target); its backward does not.
+indexer_loss_problems = _indexer_loss_problems(False, ("float32", "bfloat16", "float16", "float8_e4m3fn"))
+indexer_loss_backward_problems = _indexer_loss_problems(True, ("float32", "bfloat16", "float16"))
+
+
 STRATEGIES = {
     "lightning_indexer": indexer_problems,
     "topk_indices": topk_problems,
     "sparse_mla": sparse_mla_problems,
     "dsa_attention": dsa_problems,
+    "sparse_mla_backward": sparse_mla_backward_problems,
+    "attention_target": attention_target_problems,
+    "indexer_loss": indexer_loss_problems,
+    "indexer_loss_backward": indexer_loss_backward_problems,
 }

@@ -24,6 +24,29 @@ The packed FP8 KV cache (``uint8``) is compared after exact dequantization, with
 of the queries' dtype. Top-k on given scores involves no arithmetic: its sets are checked with
 a score tolerance of 0 (ties included). Top-k after a backend's own indexer uses the indexer's
 tolerance, since near-equal scores may legitimately swap places.
+
+**Gradients** (``sparse_mla_backward``, ``indexer_loss_backward``) are compared the same way, each
+against the largest ``|expected|`` of its own array, with :data:`GRADIENT_TOLERANCES` (twice the
+forward's allowance for 16-bit inputs):
+
+| input dtype | rtol | atol | why |
+| --- | --- | --- | --- |
+| float64 | 1e-6 | 1e-6 | the final rounding only |
+| float32 | 2e-3 | 2e-3 | as the forward: products float32-accurate; only the summation order differs |
+| float16 | 8e-3 | 8e-3 | a backward rounds twice where the forward rounds once: P *and* dS (u = 4.9e-4 each) go to fp16 before the dq / dkv products |
+| bfloat16 | 4e-2 | 3.2e-2 | the same two roundings at u = 3.9e-3 |
+
+Why the *accumulated* gradients need no looser bound. ``dkv[r]`` (and ``dk_index[r]``) sums the
+contributions of every slot that read row r, over queries and heads: n terms, each with a
+relative rounding error of a few u. With errors of random sign the sum's error grows like
+``sqrt(n)·u·|term|``, while the scale it is judged against (the largest ``|dkv|``) grows like
+``sqrt(n)·|term|`` for uncorrelated terms and like ``n·|term|`` for aligned ones: the ratio stays a
+few u either way. A systematic error (a term dropped, a duplicate counted once, a sign) is a whole
+``|term|``: over the bound as soon as any row has few contributions, which the strategies make
+sure of (small problems, duplicates, empty rows). ``d_attn_sink`` sums over queries the same way.
+
+Exact checks come first and need no tolerance: a row of ``kv`` that no valid slot reads (a key no
+entry scores) must get exactly 0, and in deterministic mode two runs must be bitwise equal.
 """
 
 from __future__ import annotations
@@ -37,6 +60,25 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "bfloat16": Tolerance(rtol=2e-2, atol=1.6e-2),
     "float8_e4m3fn": Tolerance(rtol=2e-3, atol=2e-3),
 }
+
+
+GRADIENT_TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(rtol=1e-6, atol=1e-6),
+    "float32": Tolerance(rtol=2e-3, atol=2e-3),
+    "float16": Tolerance(rtol=8e-3, atol=8e-3),
+    "bfloat16": Tolerance(rtol=4e-2, atol=3.2e-2),
+}
+
+
+def gradient_tolerance_for(dtype: str, backend: Backend | None = None) -> Tolerance:
+    """The tolerance of a backend's gradients for inputs of ``dtype``: its own
+    ``gradient_tolerances`` declaration if it has one, else :data:`GRADIENT_TOLERANCES`."""
+    declared = getattr(backend, "gradient_tolerances", {}) if backend is not None else {}
+    if dtype in declared:
+        return declared[dtype]
+    if dtype not in GRADIENT_TOLERANCES:
+        raise ValueError(f"dtype={dtype!r} has no gradient tolerance (known: {', '.join(GRADIENT_TOLERANCES)})")
+    return GRADIENT_TOLERANCES[dtype]
 
 
 def tolerance_for(dtype: str, backend: Backend | None = None) -> Tolerance:
