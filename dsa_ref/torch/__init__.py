@@ -7,6 +7,8 @@
   ``weights`` and ``k_index``; the target is a constant;
 * :func:`attention_target` — the paper's target ``p`` (no gradient: it is a constant of the loss);
 * :func:`lightning_indexer`, :func:`topk_indices` — the selection itself (no gradient).
+* :class:`DSAAttention` — the whole DeepSeek-V3.2 attention layer as an ``nn.Module`` on these ops
+  (prefill and training: the indexer's loss beside the output).
 
 Each is a ``torch.library.custom_op`` in the namespace ``dsa_ref`` with a fake (shape) function and,
 where there is a gradient, a registered backward that calls the backend's backward op. They run on
@@ -20,6 +22,8 @@ ranges and ``topk_length`` are clamped on the device instead of being read (see
 imports torch.
 """
 
+from .layer import DSAAttention
 from .ops import attention_target, dsa_attention, indexer_loss, lightning_indexer, sparse_mla, topk_indices
 
-__all__ = ["attention_target", "dsa_attention", "indexer_loss", "lightning_indexer", "sparse_mla", "topk_indices"]
+__all__ = ["DSAAttention", "attention_target", "dsa_attention", "indexer_loss", "lightning_indexer", "sparse_mla",
+           "topk_indices"]
