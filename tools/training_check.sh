@@ -1,0 +1,60 @@
+#!/bin/sh
+# One GPU call for the training ops (and everything a change to the kit touches), from a checkout:
+#   sh tools/training_check.sh OUT_DIR PHASES [CONFORMANCE_EXAMPLES_PER_OP]
+# PHASES is a comma-separated subset of: install, tests, conformance, sanitize, bench, peers
+#   tests        every GPU test (pytest -m gpu): real shapes, NaN-poisoned outputs, determinism, graphs, compile
+#   conformance  the thorough profile on triton and cupy, every op the kit checks, in 8 shards
+#   sanitize     compute-sanitizer memcheck and racecheck on small cases of the training kernels
+#   bench        dsa-ref bench --cases training,host on both backends
+#   peers        TileLang's sparse MLA backward beside ours (needs tilelang installed, TL_EXAMPLES)
+# Writes OUT_DIR/training_check.log, junit XML files, bench/ and peers_training.json.
+set -u
+OUT=$1
+PHASES=${2:-install,tests,conformance,sanitize,bench}
+EXAMPLES=${3:-1000}
+LOG=$OUT/training_check.log
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+step() { printf '\n===== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)" | tee -a "$LOG"; }
+has() { case ",$PHASES," in *",$1,"*) return 0 ;; esac; return 1; }
+
+if has install; then
+  step "install"
+  python3 -m pip install -q --no-deps --no-build-isolation . >>"$LOG" 2>&1 || echo "install failed" | tee -a "$LOG"
+  python3 -m dsa_ref info >>"$LOG" 2>&1
+fi
+if has tests; then
+  step "GPU tests (pytest -m gpu)"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/ --junitxml="$OUT/gpu_tests.xml" >>"$LOG" 2>&1
+  echo "rc=$?" | tee -a "$LOG"
+fi
+if has conformance; then
+  step "conformance, thorough profile, $EXAMPLES examples per op in 8 shards"
+  DSA_CONFORMANCE_MAX_EXAMPLES=$EXAMPLES DSA_CONFORMANCE_SHARDS=8 timeout 400 python3 -m pytest -q -p no:cacheprovider \
+    -n 14 -rA -W ignore tests/test_conformance.py --dsa-backend triton,cupy --dsa-profile thorough \
+    --junitxml="$OUT/conformance.xml" >>"$LOG" 2>&1
+  echo "rc=$?" | tee -a "$LOG"
+fi
+if has sanitize; then
+  step "compute-sanitizer on the training kernels (small cases)"
+  for tool in memcheck racecheck; do
+    timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 python3 -m pytest -q \
+      -p no:cacheprovider -x tests/test_triton_training.py -k "not OnGpu and not gpu" >>"$LOG" 2>&1
+    echo "triton $tool rc=$?" | tee -a "$LOG"
+    timeout 100 compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 python3 -m pytest -q \
+      -p no:cacheprovider -x tests/test_cupy_training.py -k sanitizer >>"$LOG" 2>&1
+    echo "cupy $tool rc=$?" | tee -a "$LOG"
+  done
+fi
+if has bench; then
+  step "benchmark: training and host-cost groups, both backends"
+  timeout 300 python3 -m dsa_ref bench --backend triton,cupy --cases training,host --out "$OUT/bench" 2>&1 \
+    | tail -n 40 >>"$LOG"
+fi
+if has peers; then
+  step "TileLang's sparse MLA backward beside ours"
+  timeout 300 python3 tools/peers_training.py --out "$OUT" >>"$LOG" 2>&1
+  echo "rc=$?" | tee -a "$LOG"
+fi
+step "done"
+tail -n 60 "$LOG"
