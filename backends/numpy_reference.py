@@ -17,6 +17,7 @@ class NumpyBackend(Backend):
     devices = ("cpu",)
     supported_dtypes = {
         "lightning_indexer": _ALL_FLOATS,
+        "lightning_indexer_paged": _ALL_FLOATS,
         "topk_indices": _ALL_FLOATS - {"float8_e4m3fn"},
         "sparse_mla": _ALL_FLOATS - {"float8_e4m3fn"} | {"uint8"},
         "sparse_mla_backward": _ALL_FLOATS - {"float8_e4m3fn"},
@@ -29,6 +30,10 @@ class NumpyBackend(Backend):
 
     def lightning_indexer(self, q, weights, k, *, key_start, key_end, k_scale):
         return reference.lightning_indexer(q, weights, k, key_start=key_start, key_end=key_end, k_scale=k_scale)
+
+    def lightning_indexer_paged(self, q, weights, k_cache, block_table, context_lens, *, next_n, max_context_len):
+        return reference.lightning_indexer_paged(q, weights, k_cache, block_table, context_lens, next_n=next_n,
+                                                 max_context_len=max_context_len)
 
     def topk_indices(self, scores, topk):
         return reference.topk_indices(scores, topk)

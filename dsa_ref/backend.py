@@ -26,11 +26,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
+import numpy as np
+
 from . import interop
 
-#: The forward ops every backend implements; ``dsa_attention`` is composed from them unless a
-#: backend overrides it with a fused path.
-FORWARD_OPS = ("lightning_indexer", "topk_indices", "sparse_mla", "dsa_attention")
+#: The forward ops every backend implements; ``dsa_attention`` and ``lightning_indexer_paged`` are
+#: composed from them unless a backend overrides them with a fused path.
+FORWARD_OPS = ("lightning_indexer", "topk_indices", "sparse_mla", "dsa_attention", "lightning_indexer_paged")
+#: Ops the base class composes from a backend's other ops, so that every backend has them.
+COMPOSED_OPS = ("dsa_attention", "lightning_indexer_paged")
 #: The ops that train DSA: sparse MLA's backward, the indexer's target and loss, and its backward.
 #: A backend that does not implement one refuses it (:meth:`Backend.not_supported_reasons`).
 TRAINING_OPS = ("sparse_mla_backward", "attention_target", "indexer_loss", "indexer_loss_backward")
@@ -104,8 +108,11 @@ class Backend:
         reasons = list(self.unavailable_reasons())
         if op not in OPS:
             return reasons + [f"op={op!r} (known ops: {', '.join(OPS)})"]
-        if getattr(type(self), op) is getattr(Backend, op) and op != "dsa_attention":
+        if getattr(type(self), op) is getattr(Backend, op) and op not in COMPOSED_OPS:
             return reasons + [f"op={op} is not implemented by this backend"]
+        if op == "lightning_indexer_paged" and getattr(type(self), op) is getattr(Backend, op):
+            # The composed op runs this backend's indexer on the gathered fp8 keys: its limits apply.
+            return reasons + [reason for reason in self._gathered_indexer_reasons(inputs) if reason not in reasons]
         main = _MAIN_INPUT[op]
         supported = self.supported_dtypes.get(op if op != "dsa_attention" else "sparse_mla")
         if supported is not None and main in inputs and inputs[main] is not None:
@@ -172,6 +179,43 @@ class Backend:
                                    topk_length=None, attn_sink=None)
         return out, lse, indices
 
+    def lightning_indexer_paged(self, q, weights, k_cache, block_table, context_lens, *, next_n: int,
+                                max_context_len: int):
+        """float32 ``[b · next_n, max_context_len]``; see :func:`dsa_ref.lightning_indexer_paged`.
+
+        Composed: for each sequence, gather its fp8 keys and scales out of the paged cache on this
+        backend's device (indexing only: no copy of the whole cache, no host synchronization), then
+        score them with this backend's :meth:`lightning_indexer` under the step's causal ranges.
+        Override for a kernel that reads the pages in place.
+        """
+        batch, d_i = context_lens.shape[0], q.shape[-1]
+        block_size = k_cache.shape[1] // (d_i + 4)
+        if batch == 0:
+            return self.to_native(np.zeros((0, max_context_len), np.float32))
+        pages = _PageGather.build(self.to_native, block_table.shape[1], block_size, d_i, max_context_len)
+        first_bound = self.to_native(np.arange(1 - next_n, 1, dtype=np.int64))  # [next_n]   j + 1 - next_n
+        key_start = self.to_native(np.zeros(next_n, np.int64))  # [next_n]
+        parts = []
+        for sequence in range(batch):
+            keys, key_scales, present = pages.gather(k_cache, block_table[sequence])  # [L, d_i], [L], [L]
+            rows = slice(sequence * next_n, (sequence + 1) * next_n)
+            key_end = context_lens[sequence:sequence + 1] + first_bound  # [next_n]   len - next_n + j + 1
+            scores = self.lightning_indexer(q[rows], weights[rows], keys, key_start=key_start, key_end=key_end,
+                                            k_scale=key_scales)  # [next_n, L]
+            scores[:, ~present] = float("-inf")
+            parts.append(scores)
+        return _concatenate_rows(parts)
+
+    def _gathered_indexer_reasons(self, inputs: Mapping[str, Any]) -> list[str]:
+        """This backend's reasons to refuse the indexer on what the composed paged op gives it."""
+        q = inputs.get("q")
+        if q is None or not interop.is_array(q):
+            return []
+        d_i = q.shape[-1]
+        keys = np.zeros((0, d_i), interop.NUMPY_DTYPES["float8_e4m3fn"])  # the gathered keys' dtype and width
+        return self.not_supported_reasons("lightning_indexer", q=q, weights=inputs.get("weights"), k=keys,
+                                          k_scale=np.zeros(0, np.float32))
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} ({self.array_kind} on {', '.join(self.devices)})>"
 
@@ -182,8 +226,68 @@ _MAIN_INPUT = {
     "topk_indices": "scores",
     "sparse_mla": "q",
     "dsa_attention": "q",
+    "lightning_indexer_paged": "q",
     "sparse_mla_backward": "q",
     "attention_target": "q",
     "indexer_loss": "q_index",
     "indexer_loss_backward": "q_index",
 }
+
+
+class _PageGather:
+    """Reads one sequence's keys out of the paged indexer cache (layout: :mod:`dsa_ref.reference.paged`)
+    with indexing only, so that it runs on any array library. The byte offsets, which depend on the
+    shapes alone, are built once on the host and moved to the backend's device."""
+
+    def __init__(self, logical_block, in_table, value_columns, scale_columns, block_size, d_i):
+        self.logical_block, self.in_table = logical_block, in_table  # [L], [L]
+        self.value_columns, self.scale_columns = value_columns, scale_columns  # [L, d_i], [L, 4]
+        self.block_size, self.d_i = block_size, d_i
+
+    @classmethod
+    def build(cls, to_native, max_blocks: int, block_size: int, d_i: int, length: int) -> _PageGather:
+        position = np.arange(length)  # [L]
+        logical_block = position // block_size  # [L]
+        in_table = logical_block < max_blocks  # [L]   positions past the table hold no key
+        offset = (position % block_size)[:, None]  # [L, 1]
+        value_columns = offset * d_i + np.arange(d_i)  # [L, d_i]   bytes of key t's values in its block
+        scale_columns = block_size * d_i + offset * 4 + np.arange(4)  # [L, 4]   bytes of its float32 scale
+        return cls(to_native(np.minimum(logical_block, max(max_blocks - 1, 0))), to_native(in_table),
+                   to_native(value_columns), to_native(scale_columns), block_size, d_i)
+
+    def gather(self, k_cache, table_row):
+        """``(keys fp8 [L, d_i], key_scales float32 [L], present bool [L])`` of one sequence; a position
+        whose block is absent (not in ``[0, num_blocks)``) reads block 0 instead and is not present."""
+        block = table_row[self.logical_block]  # [L]
+        present = self.in_table & (block >= 0) & (block < k_cache.shape[0])  # [L]
+        block = (block * present)[:, None]  # [L, 1]   absent positions read block 0, never out of bounds
+        keys = _view_bytes_as(k_cache[block, self.value_columns], "float8_e4m3fn")  # [L, d_i]
+        key_scales = _view_bytes_as(k_cache[block, self.scale_columns], "float32").reshape(-1)  # [L]
+        return keys, key_scales, present
+
+
+def _view_bytes_as(x, dtype: str):
+    """A contiguous uint8 array ``[..., n]`` read as ``dtype`` (fp8 stays a uint8 carrier in cupy)."""
+    kind = interop.array_kind(x)
+    if kind == "torch":
+        import torch
+
+        return x.contiguous().view(getattr(torch, dtype))
+    if kind == "cupy":
+        import cupy
+
+        return x if dtype == "float8_e4m3fn" else cupy.ascontiguousarray(x).view(cupy.dtype(dtype))
+    return np.ascontiguousarray(x).view(interop.NUMPY_DTYPES[dtype])
+
+
+def _concatenate_rows(parts):
+    """Stack arrays of one library along their first axis."""
+    if interop.array_kind(parts[0]) == "torch":
+        import torch
+
+        return torch.cat(parts)
+    if interop.array_kind(parts[0]) == "cupy":
+        import cupy
+
+        return cupy.concatenate(parts)
+    return np.concatenate(parts)

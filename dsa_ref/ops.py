@@ -382,3 +382,93 @@ def indexer_loss_backward(q_index, weights, k_index, target, d_loss, *, indices=
                 dict(q_index=q_index, weights=weights, k_index=k_index, target=target, d_loss=d_loss,
                      indices=indices, key_start=key_start, key_end=key_end, k_scale=k_scale,
                      deterministic=modes.deterministic_enabled()))
+
+
+# ---------------------------------------------------------------------------- paged decode
+def _check_paged_indexer_inputs(q, weights, k_cache, block_table, context_lens, next_n, max_context_len):
+    """Validated ``(context_lens, next_n, max_context_len)`` of :func:`lightning_indexer_paged`."""
+    next_n = _checks.positive_int("next_n", next_n)
+    _checks.array("q", q, "[b * next_n, h_i, d_i]", _checks.FLOATS_AND_FP8)
+    rows, h_i, d_i = q.shape
+    _checks.array("context_lens", context_lens, "[b]", _checks.INDEX_INTS)
+    batch = context_lens.shape[0]
+    if rows != batch * next_n:
+        raise ValueError(f"q must have shape [b * next_n, h_i, d_i] with b * next_n = {batch} * {next_n} = "
+                         f"{batch * next_n} (context_lens' b times next_n), got shape {tuple(q.shape)}")
+    _checks.array("weights", weights, "[b * next_n, h_i]", _checks.FLOATS)
+    _checks.axis("weights", weights, 0, rows, "[b * next_n, h_i]", "q's b * next_n")
+    _checks.axis("weights", weights, 1, h_i, "[b * next_n, h_i]", "q's h_i")
+    _checks.array("block_table", block_table, "[b, max_blocks]", _checks.INDEX_INTS)
+    _checks.axis("block_table", block_table, 0, batch, "[b, max_blocks]", "context_lens' b")
+    if not interop.is_array(k_cache):
+        raise TypeError(f"k_cache must be an array (numpy.ndarray, torch.Tensor or cupy.ndarray) of shape "
+                        f"[num_blocks, block_size * (d_i + 4)], got {type(k_cache).__name__}")
+    if interop.dtype_name(k_cache) != "uint8":
+        raise TypeError(f"k_cache.dtype must be uint8 (the paged fp8 indexer cache's bytes), "
+                        f"got {interop.dtype_name(k_cache)}")
+    key_bytes = d_i + 4
+    if k_cache.ndim != 2 or k_cache.shape[1] == 0 or k_cache.shape[1] % key_bytes:
+        raise ValueError(f"k_cache must have shape [num_blocks, block_size * (d_i + 4)] = [num_blocks, "
+                         f"block_size * {key_bytes}] (d_i={d_i} from q: per block the keys' e4m3 values, "
+                         f"then their float32 scales), got shape {tuple(k_cache.shape)}")
+    capacity = block_table.shape[1] * (k_cache.shape[1] // key_bytes)
+    max_context_len = capacity if max_context_len is None else _checks.int_at_least("max_context_len",
+                                                                                     max_context_len, 0)
+    if batch == 0:
+        return context_lens, next_n, max_context_len
+    if not modes.data_checks_enabled():
+        return context_lens.clip(next_n, max(next_n, min(capacity, max_context_len))), next_n, max_context_len
+    shortest, longest = int(context_lens.min()), int(context_lens.max())
+    if shortest < next_n:
+        raise ValueError(f"context_lens must be >= next_n={next_n} (the step's next_n queries are the last "
+                         f"positions of each context), got min(context_lens)={shortest}")
+    if longest > capacity:
+        raise ValueError(f"context_lens must be <= max_blocks * block_size = {capacity} (the positions "
+                         f"block_table can address), got max(context_lens)={longest}")
+    if longest > max_context_len:
+        raise ValueError(f"max_context_len must be >= max(context_lens)={longest} (one column per key "
+                         f"position), got {max_context_len}")
+    return context_lens, next_n, max_context_len
+
+
+def lightning_indexer_paged(q, weights, k_cache, block_table, context_lens, *, next_n: int = 1,
+                            max_context_len: int | None = None, backend=None):
+    r"""Indexer scores of a decode step over a paged fp8 key cache (DeepGEMM's paged layout), dispatched
+    to a backend.
+
+    Sequence ``b`` holds ``context_lens[b]`` tokens (this step's included); its ``next_n`` queries are
+    its last positions, so query ``j`` sees keys ``[0, context_lens[b] - next_n + j]`` (causal, also
+    for ``next_n > 1``). A backend without its own kernel gathers the pages on its device and runs
+    its :func:`lightning_indexer`.
+
+    Args:
+        q: ``[b * next_n, h_i, d_i]`` float8_e4m3fn or float, sequence-major (DeepGEMM's
+            ``[b, next_n, h, d]`` reshaped).
+        weights: ``[b * next_n, h_i]`` float.
+        k_cache: uint8 ``[num_blocks, block_size * (d_i + 4)]``: per block, the e4m3 values of its
+            ``block_size`` keys (key t at bytes ``[t * d_i, (t + 1) * d_i)``), then their float32
+            scales (key t at byte ``block_size * d_i + 4 * t``). Built by
+            :func:`dsa_ref.reference.pack_indexer_cache_fp8`; see :mod:`dsa_ref.reference.paged`.
+        block_table: int32/int64 ``[b, max_blocks]``, the block of each ``block_size`` tokens of a
+            sequence. An entry outside ``[0, num_blocks)`` (``-1`` padding past a context) holds no key:
+            its positions score ``-inf`` and are never read.
+        context_lens: int32/int64 ``[b]``, each in ``[next_n, max_blocks * block_size]``.
+        next_n: queries per sequence, ``>= 1`` (``> 1`` with multi-token prediction).
+        max_context_len: columns of the result (DeepGEMM's ``max_model_len``), ``>= max(context_lens)``;
+            default ``max_blocks * block_size``.
+        backend: backend name or object; default the active one.
+
+    Returns:
+        float32 ``[b * next_n, max_context_len]``, ``-inf`` past each query's causal bound.
+        See :func:`dsa_ref.reference.lightning_indexer_paged`.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type, shape or dtype; ``context_lens`` outside
+            ``[next_n, max_blocks * block_size]`` or above ``max_context_len`` (values are read only
+            with :func:`~dsa_ref.use_data_checks` on; off, they are clamped into that range).
+    """
+    context_lens, next_n, max_context_len = _check_paged_indexer_inputs(q, weights, k_cache, block_table,
+                                                                        context_lens, next_n, max_context_len)
+    return _run("lightning_indexer_paged", backend, q,
+                dict(q=q, weights=weights, k_cache=k_cache, block_table=block_table, context_lens=context_lens,
+                     next_n=next_n, max_context_len=max_context_len))

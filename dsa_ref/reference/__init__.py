@@ -23,6 +23,7 @@ from .formats import (
 )
 from .indexer import lightning_indexer
 from .indexer_loss import indexer_loss, indexer_loss_backward
+from .paged import lightning_indexer_paged, pack_indexer_cache_fp8, unpack_indexer_cache_fp8
 from .ranges import causal_key_ranges, slot_indices, varlen_key_ranges
 from .sparse_mla import attention_target, sparse_mla, sparse_mla_backward, valid_slots
 from .topk import topk_indices
@@ -38,12 +39,15 @@ __all__ = [
     "indexer_loss",
     "indexer_loss_backward",
     "lightning_indexer",
+    "lightning_indexer_paged",
+    "pack_indexer_cache_fp8",
     "pack_kv_cache_fp8",
     "quantize_fp8",
     "slot_indices",
     "sparse_mla",
     "sparse_mla_backward",
     "topk_indices",
+    "unpack_indexer_cache_fp8",
     "unpack_kv_cache_fp8",
     "valid_slots",
     "varlen_key_ranges",
