@@ -6,15 +6,11 @@ translate them to dsa-ref's ops (dispatched like any op: ``backend=``, default t
 return the peers' layouts. Where the peers' conventions differ from dsa-ref's spec, or between
 builds of a peer, the choice is an explicit argument, never a silent guess:
 
-=============================  ==========================================  ===========================
-function                       convention                                  argument (default)
-=============================  ==========================================  ===========================
-:func:`flash_mla_sparse_fwd`   base of ``lse`` and ``max_logits``          ``lse_base="e"``
-:func:`flash_mla_sparse_fwd`,  ``lse`` of a row with no valid index        ``empty_lse=+inf``
-:func:`flash_mla_with_kvcache`
-:func:`fp8_mqa_logits`,        logits outside each query's key range       ``clean_logits=True``
-:func:`fp8_paged_mqa_logits`
-=============================  ==========================================  ===========================
+| function | convention | argument (default) |
+|---|---|---|
+| `flash_mla_sparse_fwd` | base of `lse` and unit of `max_logits` | `lse_base="e"` |
+| `flash_mla_sparse_fwd`, `flash_mla_with_kvcache` | `lse` of a row with no valid index | `empty_lse=math.inf` |
+| `fp8_mqa_logits`, `fp8_paged_mqa_logits` | logits outside each query's keys | `clean_logits=True` |
 
 Other differences, documented per function: ``out`` is float32 (FlashMLA returns bfloat16: cast it
 to compare bits); the scheduling arguments (``tile_scheduler_metadata``, ``num_splits``,
