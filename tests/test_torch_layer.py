@@ -285,8 +285,8 @@ def test_bad_input_is_refused():
 # ---------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_triton_bf16_on_cuda_matches_the_float64_module():
-    """V3.2's widths with fewer heads and a smaller hidden size, 2 sequences of 1024 tokens, top-2048
-    replaced by top-256 so that most keys are dropped: bf16 Triton against the float64 reference."""
+    """V3.2's widths with fewer heads and a smaller hidden size, 2 sequences of 1024 tokens and top-256
+    (most keys dropped): the bf16 Triton module against the float64 reference module, training step included."""
     config = DSAConfig.v32(dim=1024, n_heads=16, index_topk=256)
     reference = DSAAttention(config, seed=0, dtype=torch.float64, backend="numpy")
     fast = DSAAttention.from_state_dict(reference.state_dict(), config, dtype=torch.bfloat16, device="cuda",
@@ -298,16 +298,27 @@ def test_triton_bf16_on_cuda_matches_the_float64_module():
     (expected.square().mean() + expected_loss / 2048).backward()
     out, loss = fast(x.cuda().bfloat16(), cu_seqlens=cu_seqlens.cuda(), return_indexer_loss=True)
     (out.float().square().mean() + loss / 2048).backward()
+    assert out.dtype == torch.bfloat16 and out.device.type == "cuda"
 
-    chosen, expected_chosen = fast.selection(x.cuda().bfloat16(), cu_seqlens=cu_seqlens.cuda()).cpu(), \
-        reference.selection(x, cu_seqlens=cu_seqlens)
-    same = (chosen[:, :, None] == expected_chosen[:, None, :]).any(-1) & (chosen >= 0)
-    assert float(same.sum()) / float((expected_chosen >= 0).sum()) > 0.95
-    error = torch.linalg.norm(out.double().cpu() - expected.detach()) / torch.linalg.norm(expected.detach())
-    assert float(error) < 2e-2, float(error)
-    assert float(loss) == pytest.approx(float(expected_loss), rel=5e-2)
+    chosen = fast.selection(x.cuda().bfloat16(), cu_seqlens=cu_seqlens.cuda()).cpu().sort(-1).values
+    expected_chosen = reference.selection(x, cu_seqlens=cu_seqlens).sort(-1).values
+    kept = (chosen[:, :, None] == expected_chosen[:, None, :]).any(-1) & (chosen >= 0)  # [n, topk]
+    assert float(kept.sum()) / float((expected_chosen >= 0).sum()) > 0.97
+    # Attention averages many keys, so its output is small beside one key's value: a single key
+    # chosen differently moves it by percents. Compare the tokens whose selections agree exactly:
+    # those that see at most index_topk keys, and later ones where bf16 and fp8 rounding changed nothing.
+    same = (chosen == expected_chosen).all(-1)  # [n]
+    sees_all = torch.arange(2048) % 1024 < config.index_topk  # [n]
+    assert bool(same[sees_all].all())
+    assert int((same & ~sees_all).sum()) >= 20
+    for rows in (sees_all, same & ~sees_all):
+        difference = out.detach().double().cpu()[rows] - expected.detach()[rows]
+        error = float(torch.linalg.norm(difference) / torch.linalg.norm(expected.detach()[rows]))
+        assert error < 2.5e-2, error
+    assert float(loss.detach()) == pytest.approx(float(expected_loss.detach()), rel=1e-2)
     fast_grads = dict(fast.named_parameters())
     for name, p in reference.named_parameters():
         grad, expected_grad = fast_grads[name].grad.double().cpu().flatten(), p.grad.flatten()
         cosine = torch.dot(grad, expected_grad) / (torch.linalg.norm(grad) * torch.linalg.norm(expected_grad))
         assert float(cosine) > 0.98, (name, float(cosine))
+        assert float(torch.linalg.norm(grad) / torch.linalg.norm(expected_grad)) == pytest.approx(1, abs=0.05), name
