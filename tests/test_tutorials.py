@@ -6,7 +6,7 @@ Triton kernel on Triton's CPU interpreter when there is no GPU. The site build
 (``tests/test_docs.py``) executes them again as notebooks.
 
 The tutorials plot, so they need the ``plot`` extra (matplotlib), and tutorial 8 the ``triton``
-extra: without them the run tests skip, saying what is missing, and a tutorial started by hand
+extra (tutorial 10 needs torch, which that extra brings): without them the run tests skip, saying what is missing, and a tutorial started by hand
 says in one line what to install instead of ending in a traceback.
 """
 
@@ -24,6 +24,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((REPO / "tutorials").glob("[0-9][0-9]_*.py"))
 NEEDS_TRITON = {"08_triton_sparse_mla.py"}
+#: Tutorials that run torch autograd (on the CPU; torch comes with the ``triton`` extra).
+NEEDS_TORCH = {"10_training_dsa.py"}
 #: Run ``sys.argv[2:]`` (a script and its arguments, or ``-m module ...``) in this process as if
 #: the module ``sys.argv[1]`` (and its submodules) were not installed.
 WITHOUT_MODULE = """
@@ -51,8 +53,8 @@ else:
 TIME_LIMIT = 120
 
 
-def test_all_nine_tutorials_exist():
-    assert [int(path.name[:2]) for path in TUTORIALS] == list(range(1, 10)), [p.name for p in TUTORIALS]
+def test_all_ten_tutorials_exist():
+    assert [int(path.name[:2]) for path in TUTORIALS] == list(range(1, 11)), [p.name for p in TUTORIALS]
 
 
 @pytest.mark.parametrize("tutorial", TUTORIALS, ids=[path.stem for path in TUTORIALS])
@@ -74,6 +76,8 @@ def test_tutorial_runs(tutorial):
     if tutorial.name in NEEDS_TRITON:
         for module in ("torch", "triton"):
             pytest.importorskip(module, reason=f"{tutorial.name} runs the Triton kernel: pip install 'dsa-ref[triton]'")
+    if tutorial.name in NEEDS_TORCH:
+        pytest.importorskip("torch", reason=f"{tutorial.name} runs torch autograd: pip install 'dsa-ref[triton]'")
     env = {key: value for key, value in os.environ.items() if key != "DSA_BACKEND"}
     env["MPLBACKEND"] = "Agg"
     began = time.perf_counter()
@@ -94,7 +98,8 @@ def _run_without(module: str, *args: str) -> subprocess.CompletedProcess:
 
 MISSING_EXTRAS = [(tutorial, "matplotlib", "plot") for tutorial in TUTORIALS] + [
     (tutorial, module, "triton") for tutorial in TUTORIALS if tutorial.name in NEEDS_TRITON
-    for module in ("torch", "triton")]
+    for module in ("torch", "triton")] + [(tutorial, "torch", "triton") for tutorial in TUTORIALS
+                                           if tutorial.name in NEEDS_TORCH]
 
 
 @pytest.mark.parametrize(("tutorial", "module", "extra"), MISSING_EXTRAS,
