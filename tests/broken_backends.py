@@ -646,3 +646,56 @@ class LossBackwardMissesTheReluGate(_LossBug):
                                                      key_start=key_start, key_end=key_end, k_scale=k_scale))
         grads[1] = (grads[1] - np.float32(1e-2) * np.sign(grads[1])).astype(np.float32)
         return tuple(grads)
+
+
+# ---------------------------------------------------------------------------- paged indexer
+class _PagedBug(GoodBackend):
+    def lightning_indexer_paged(self, q, weights, k_cache, block_table, context_lens, *, next_n, max_context_len):
+        return self._call(q, weights, k_cache, block_table, context_lens, next_n=next_n,
+                          max_context_len=max_context_len)
+
+    def _call(self, *arrays, **arguments):
+        return reference.lightning_indexer_paged(*arrays, **arguments)
+
+
+@breaks("lightning_indexer_paged")
+class PagedEveryQueryAtTheEnd(_PagedBug):
+    """With next_n > 1, every query of the step sees the whole context (its own future included)."""
+
+    name = "paged-every-query-at-the-end"
+
+    def _call(self, q, weights, k_cache, block_table, context_lens, *, next_n, max_context_len):
+        rows = []
+        for j in range(next_n):
+            one = reference.lightning_indexer_paged(q.reshape(-1, next_n, *q.shape[1:])[:, j], weights.reshape(
+                -1, next_n, weights.shape[-1])[:, j], k_cache, block_table, context_lens, next_n=1,
+                max_context_len=max_context_len)
+            rows.append(one)
+        return np.stack(rows, axis=1).reshape(q.shape[0], -1)
+
+
+@breaks("lightning_indexer_paged")
+class PagedReadsMissingBlocksAsBlockZero(_PagedBug):
+    """A table entry outside the cache is clamped to block 0 instead of scoring -inf."""
+
+    name = "paged-missing-blocks-as-zero"
+
+    def _call(self, q, weights, k_cache, block_table, *arrays, **arguments):
+        inside = (block_table >= 0) & (block_table < k_cache.shape[0])
+        return reference.lightning_indexer_paged(q, weights, k_cache, np.where(inside, block_table, 0), *arrays,
+                                                 **arguments)
+
+
+@breaks("lightning_indexer_paged")
+class PagedIgnoresKeyScales(_PagedBug):
+    """Reads the fp8 values and forgets each key's float32 scale."""
+
+    name = "paged-ignores-key-scales"
+
+    def _call(self, q, weights, k_cache, *arrays, **arguments):
+        d_i = q.shape[-1]
+        block_size = k_cache.shape[1] // (d_i + 4)
+        unscaled = k_cache.copy()
+        scales = np.ones((k_cache.shape[0], block_size), "<f4").view(np.uint8)
+        unscaled[:, block_size * d_i:] = scales
+        return reference.lightning_indexer_paged(q, weights, unscaled, *arrays, **arguments)

@@ -256,6 +256,9 @@ def _dense_dq_kernel(
         m_n = o_n < s_kv
         b_k = tl.load(p_k + o_n.to(tl.int64)[:, None] * stride_k + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
                       other=0.0)
+        # A key no query of the block may see contributes nothing, not even a NaN through 0 * NaN.
+        m_seen = (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None]) & m_r[:, None]
+        b_k = tl.where((tl.max(m_seen.to(tl.int32), axis=0) > 0)[:, None], b_k, 0.0)
         b_gate, b_d_scaled, b_d_gate = _dense_d_gate(b_q, b_w, b_k, p_d_scores, p_k_scale, o_query, o_n, m_n,
                                                      b_start, b_end, row_begin, stride_s_m, HAS_K_SCALE,
                                                      DOT_PRECISION)

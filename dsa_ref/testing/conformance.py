@@ -28,7 +28,7 @@ from .tolerances import gradient_tolerance_for, tolerance_for
 
 #: The ops :func:`check_problem` knows how to check (each has a strategy of the same name).
 CHECKED_OPS = ("lightning_indexer", "topk_indices", "sparse_mla", "dsa_attention", "sparse_mla_backward",
-               "attention_target", "indexer_loss", "indexer_loss_backward")
+               "attention_target", "indexer_loss", "indexer_loss_backward", "lightning_indexer_paged")
 
 #: How the inputs of a ``dsa_attention`` problem reach the reference: the indexer's under their
 #: names in :func:`~dsa_ref.reference.lightning_indexer`, the attention's to
@@ -83,6 +83,10 @@ def check_problem(backend: str | Backend, problem: Problem) -> list[Comparison]:
         expected_out, expected_lse = reference.sparse_mla(indices=interop.to_numpy(indices), **attention_inputs)
         return [assert_close(out, expected_out, tolerance, name="out"),
                 assert_close(lse, expected_lse, tolerance, name="lse", scale_by_max=False)]
+    if problem.op == "lightning_indexer_paged":
+        expected = reference.lightning_indexer_paged(**inputs)
+        actual = ops.lightning_indexer_paged(**native, backend=backend)
+        return [assert_close(actual, expected, tolerance, name="scores")]
     if problem.op in _TRAINING_CHECKS:
         return _TRAINING_CHECKS[problem.op](backend, problem, native)
     raise ValueError(f"problem.op must be one of {', '.join(CHECKED_OPS)}, got {problem.op!r}")

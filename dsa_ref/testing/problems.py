@@ -343,3 +343,41 @@ def indexer_loss_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h_i: 
     params = dict(sparse=sparse, ranges=ranges, invalid_fraction=invalid_fraction, key_scale=key_scale,
                   duplicate_fraction=duplicate_fraction, unread_nan=unread_nan, deterministic=deterministic)
     return Problem(op, inputs, params, dtype, strided)
+
+
+def paged_indexer_problem(rng: np.random.Generator, *, batch: int, next_n: int, h_i: int, d_i: int,
+                          block_size: int, max_blocks: int, dtype: str = "float8_e4m3fn", spare_blocks: int = 0,
+                          unallocated_fraction: float = 0.0, max_context_len: bool = False,
+                          strided: bool = False) -> Problem:
+    """A decode step's indexer over a paged fp8 key cache (DeepGEMM's layout): ``batch`` sequences of
+    ragged lengths in ``[next_n, max_blocks * block_size]``, their blocks scattered over a shuffled cache
+    with ``spare_blocks`` nobody owns, ``-1`` past each context, and ``unallocated_fraction`` of the
+    table's other entries pointing outside the cache (holes: their keys score -inf)."""
+    from dsa_ref.reference import pack_indexer_cache_fp8
+
+    max_blocks = max(max_blocks, -(-next_n // block_size))  # room for the step's own queries
+    lengths = rng.integers(next_n, max_blocks * block_size + 1, size=batch)  # [b]
+    owned = -(-lengths // block_size)  # [b]   blocks each sequence uses
+    num_blocks = int(owned.sum()) + spare_blocks
+    order = rng.permutation(num_blocks)  # physical block of each logical one, shuffled
+    table = np.full((batch, max_blocks), -1, np.int64)  # [b, max_blocks]
+    start = 0
+    for sequence, count in enumerate(owned.tolist()):
+        table[sequence, :count] = order[start:start + count]
+        start += count
+    holes = (rng.random(table.shape) < unallocated_fraction) & (table >= 0)
+    table = np.where(holes, rng.choice(np.array([-1, num_blocks, INT32_MAX]), size=table.shape), table)
+    keys = rng.standard_normal((num_blocks * block_size, d_i)) * rng.uniform(0.1, 4.0, (num_blocks * block_size, 1))
+    q = rng.standard_normal((batch * next_n, h_i, d_i))  # [b next_n, h_i, d_i]
+    weights = rng.standard_normal((batch * next_n, h_i)) * (h_i * d_i) ** -0.5  # [b next_n, h_i]
+    if dtype == "float8_e4m3fn":
+        q, q_scale = quantize_fp8(q, block=d_i)  # [b next_n, h_i, d_i], [b next_n, h_i, 1]
+        weights = weights * q_scale[..., 0]
+    else:
+        q = _cast(q, dtype)
+    inputs = dict(q=q, weights=weights.astype(np.float32), k_cache=pack_indexer_cache_fp8(keys, block_size),
+                  block_table=table.astype(np.int32), context_lens=lengths.astype(np.int32), next_n=next_n)
+    if max_context_len:
+        inputs["max_context_len"] = int(max_blocks * block_size + rng.integers(0, 5))
+    params = dict(block_size=block_size, spare_blocks=spare_blocks, unallocated_fraction=unallocated_fraction)
+    return Problem("lightning_indexer_paged", inputs, params, dtype, strided)

@@ -213,6 +213,27 @@ indexer_loss_problems = _indexer_loss_problems(False, ("float32", "bfloat16", "f
 indexer_loss_backward_problems = _indexer_loss_problems(True, ("float32", "bfloat16", "float16"))
 
 
+@st.composite
+def paged_indexer_problems(draw, profile: str | Profile = "ci",
+                           dtypes=("float8_e4m3fn", "float32", "bfloat16")) -> problems.Problem:
+    p = get_profile(profile)
+    block_size = draw(st.sampled_from([1, 2, 4, 16, 64]))
+    return problems.paged_indexer_problem(
+        _rng(draw),
+        batch=draw(st.integers(1, 4)),
+        next_n=draw(st.sampled_from([1, 1, 2, 3])),
+        h_i=draw(st.integers(1, p.max_heads)),
+        d_i=draw(st.sampled_from([d for d in p.dims if d <= 128 and d % 4 == 0] or [8])),
+        block_size=block_size,
+        max_blocks=draw(st.integers(1, max(1, p.max_tokens // block_size))),
+        dtype=draw(st.sampled_from(dtypes)),
+        spare_blocks=draw(st.sampled_from([0, 3])),
+        unallocated_fraction=draw(st.sampled_from([0.0, 0.0, 0.3])),
+        max_context_len=draw(st.booleans()),
+        strided=draw(st.booleans()),
+    )
+
+
 STRATEGIES = {
     "lightning_indexer": indexer_problems,
     "topk_indices": topk_problems,
@@ -222,4 +243,5 @@ STRATEGIES = {
     "attention_target": attention_target_problems,
     "indexer_loss": indexer_loss_problems,
     "indexer_loss_backward": indexer_loss_backward_problems,
+    "lightning_indexer_paged": paged_indexer_problems,
 }
