@@ -186,3 +186,78 @@ def test_key_ranges_are_clamped_not_read():
     expected = dt.lightning_indexer(q_index, weights, k_index, key_start=torch.tensor([0, 1, 4]),
                                     key_end=torch.tensor([2, 5, 4]), backend="numpy")
     torch.testing.assert_close(scores, expected)
+
+
+# ---------------------------------------------------------------------------- on a GPU
+def _cuda_backends():
+    return [name for name in ("triton", "cupy") if name in dsa_ref.available_backends()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_a_training_step_compiles_with_inductor_on_the_gpu(backend):
+    if backend not in _cuda_backends():
+        pytest.skip(f"backend {backend} is not available")
+    torch.manual_seed(0)
+    s, s_kv, h, d_qk, d_v, topk, h_i, d_i = 256, 1024, 16, 576, 512, 128, 64, 128
+    q = torch.randn(s, h, d_qk, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(s_kv, d_qk, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q_index = torch.randn(s, h_i, d_i, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weights = torch.randn(s, h_i, device="cuda") * h_i**-0.5
+    k_index = torch.randn(s_kv, d_i, device="cuda", dtype=torch.bfloat16)
+    start = torch.zeros(s, dtype=torch.int32, device="cuda")
+    end = torch.arange(s_kv - s + 1, s_kv + 1, dtype=torch.int32, device="cuda")
+
+    def step(q, kv, q_index):
+        out, lse, indices = dt.dsa_attention(q, kv, q_index, weights, k_index, topk=topk, key_start=start,
+                                             key_end=end, d_v=d_v, backend=backend)
+        target = dt.attention_target(q, kv, indices, lse, backend=backend)
+        loss = dt.indexer_loss(q_index, weights, k_index, target, indices=indices, backend=backend)
+        return out.float().square().mean() + loss.mean()
+
+    compiled = torch.compile(step, fullgraph=True)
+    compiled(q, kv, q_index).backward()
+    grads = [x.grad.clone() for x in (q, kv, q_index)]
+    for x in (q, kv, q_index):
+        x.grad = None
+    step(q, kv, q_index).backward()
+    for got, x in zip(grads, (q, kv, q_index)):
+        torch.testing.assert_close(got.float(), x.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_a_decode_step_replays_in_a_cuda_graph_equal_to_eager(backend):
+    if backend not in _cuda_backends():
+        pytest.skip(f"backend {backend} is not available")
+    from dsa_ref_backends.bench import random_fp8_cache
+
+    torch.manual_seed(1)
+    batch, s_kv, h, topk, h_i, d_i = 8, 4096, 128, 2048, 64, 128
+    cache = random_fp8_cache(torch, batch * s_kv, "cuda")
+    q = torch.randn(batch, h, 576, device="cuda", dtype=torch.bfloat16)
+    q_index = torch.randn(batch, h_i, d_i, device="cuda", dtype=torch.bfloat16)
+    weights = torch.randn(batch, h_i, device="cuda") * h_i**-0.5
+    k_index = torch.randn(batch * s_kv, d_i, device="cuda", dtype=torch.bfloat16)
+    start = torch.arange(batch, dtype=torch.int32, device="cuda") * s_kv  # each sequence's keys: its own slots
+    end = start + torch.randint(1, s_kv + 1, (batch,), dtype=torch.int32, device="cuda")
+
+    def decode_step():
+        scores = dt.lightning_indexer(q_index, weights, k_index, key_start=start, key_end=end, backend=backend)
+        indices = dt.topk_indices(scores, topk, backend=backend)
+        return dt.sparse_mla(q, cache, indices, backend=backend)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            decode_step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decode_step()
+    eager = decode_step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, expected in zip(captured, eager):
+        assert torch.equal(got, expected), "the replayed graph differs from the eager step"
