@@ -188,7 +188,8 @@ print(f"dkv[{row}, {col}] = {dkv[row, col]:.6f}, central difference {numeric:.6f
 # assignment in NumPy and PyTorch alike: when `idx` holds a row twice, one contribution wins and
 # the others are lost. In sparse attention that is not a corner case: top-k sets of nearby
 # queries overlap heavily, so most rows are read by several slots. Every row read more than once
-# comes out wrong, and only those.
+# comes out wrong, and only those. (The unbuffered forms are `np.add.at` and torch's
+# `index_add_` / `index_put_(..., accumulate=True)`; a GPU kernel uses atomics or a segmented sum.)
 
 # %%
 dkv_assigned = np.zeros((s_kv, d_qk))
