@@ -234,3 +234,43 @@ def cost_table(contexts, config: CostConfig = V32, hardware: Hardware = H100) ->
             **{f"{name}_us": float(value[i]) for name, value in us.items()},
         ))
     return rows
+
+
+# ---------------------------------------------------------------------------- context parallelism
+def context_parallel_bytes(world_size: int, tokens_per_rank: int, *, d_qk: int = 576, index_dim: int = 128,
+                           kv_element_bytes: int = 2, index_element_bytes: int = 1, index_scale_bytes: int = 4,
+                           backward: bool = False) -> dict[str, int]:
+    r"""Bytes one rank sends (and receives) in one layer of :func:`dsa_ref.distributed.context_parallel_dsa_attention`.
+
+    Every rank needs the indexer keys and latent rows of the other ``R - 1`` ranks' ``n`` tokens,
+    whichever method moves them (a ring all-gather or the explicit ring), and the backward sends
+    the rows' gradients back to their owners (a reduce-scatter of ``R · n`` rows):
+
+    .. math::
+
+        B_{\text{index}} = (R-1)\,n\,(d_I\,b_I + b_s), \qquad
+        B_{\text{rows}} = (R-1)\,n\,d_{qk}\,b_{kv}, \qquad
+        B_{\text{grads}} = (R-1)\,n\,d_{qk}\,b_{kv}
+
+    Divided by the link bandwidth this is the communication term of a layer; the ring hides it
+    behind the indexer when a block's transfer takes less time than scoring the block.
+
+    Args:
+        world_size: ranks ``R``.
+        tokens_per_rank: ``n``.
+        d_qk, index_dim: latent row width (576) and indexer key width ``d_I`` (128).
+        kv_element_bytes: bytes of a latent element ``b_kv`` (2 for bfloat16; the gradient has the same dtype).
+        index_element_bytes, index_scale_bytes: ``b_I`` (1 for fp8 keys) and ``b_s`` (4, a float32
+            scale per key; 0 without scales).
+        backward: count the gradients' return too.
+
+    Returns:
+        ``{"index_keys", "latent_rows", "latent_grads", "total"}`` in bytes (``latent_grads`` is 0
+        without ``backward``).
+    """
+    steps = int(world_size) - 1
+    n = int(tokens_per_rank)
+    index = steps * n * (index_dim * index_element_bytes + index_scale_bytes)
+    rows = steps * n * d_qk * kv_element_bytes
+    grads = rows if backward else 0
+    return dict(index_keys=index, latent_rows=rows, latent_grads=grads, total=index + rows + grads)
