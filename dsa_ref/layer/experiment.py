@@ -17,13 +17,17 @@ the oracle within a few hundred steps; on held-out sequences it stays at the ran
 pattern of a randomly initialised model on random inputs has no rule to learn that transfers,
 so the indexer fits the fixed pattern it is shown; the point here is the loss and its gradients.
 
-Run it as ``dsa-ref train-indexer`` or ``python -m dsa_ref.layer.experiment``.
+Run it as ``dsa-ref train-indexer`` or ``python -m dsa_ref.layer.experiment``. With ``--backend``
+(``triton``, ``cupy``; ``numpy`` on torch CPU tensors), ``dsa-ref train-indexer`` runs
+:mod:`dsa_ref.torch.experiment` instead: both of the paper's stages (the dense warm-up, then the
+sparse stage of eq. 4 with top-k selection) at real sizes, on the torch ops and ``DSAAttention``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -158,23 +162,65 @@ def plot_history(result: dict, path: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``dsa-ref train-indexer``."""
-    parser.add_argument("--steps", type=int, default=200, help="Adam steps (default 200)")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
-    parser.add_argument("--topk", type=int, default=8, help="keys the indexer selects per query (default 8)")
-    parser.add_argument("--train-sequences", type=int, default=4, help="fixed training sequences (default 4)")
-    parser.add_argument("--eval-sequences", type=int, default=2, help="held-out sequences (default 2)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    """Options of ``dsa-ref train-indexer``: the NumPy warm-up by default, both training stages on the
+    torch ops with ``--backend`` (:mod:`dsa_ref.torch.experiment`). Defaults: NumPy / ``--backend`` on a
+    GPU (``--quick``, or any run on the CPU, takes the tiny sizes of the torch experiment)."""
+    parser.add_argument("--backend", help="run both stages on the torch ops with this backend (triton, cupy; numpy "
+                        "on CPU tensors). Default: the NumPy warm-up of eq. 3 alone")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="Adam steps: of the warm-up (NumPy, default 200); of the sparse stage, after "
+                             "--dense-steps (--backend, default 200)")
+    parser.add_argument("--dense-steps", type=int, default=None,
+                        help="warm-up steps on eq. 3 before the sparse stage (--backend only, default 100)")
+    parser.add_argument("--seq-len", "--tokens", dest="seq_len", type=int, default=None,
+                        help="tokens per sequence (default 64 / 4096)")
+    parser.add_argument("--topk", type=int, default=None, help="keys the indexer selects per query (default 8 / 2048)")
+    parser.add_argument("--train-sequences", type=int, default=None, help="fixed training sequences (default 4)")
+    parser.add_argument("--eval-sequences", type=int, default=None, help="held-out sequences (default 2)")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 3e-3 / 1e-3)")
     parser.add_argument("--sharpness", type=float, default=2.0,
                         help="multiplies the main attention's softmax scale, to make its pattern peaked (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
-    parser.add_argument("--eval-every", type=int, default=10, help="steps between evaluations (default 10)")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 10)")
     parser.add_argument("--plot", metavar="PNG", help="write the curve of captured mass to this image")
     parser.add_argument("--json", metavar="PATH", help="write the full history as JSON")
+    parser.add_argument("--out", metavar="DIR", help="folder for train_indexer.json and train_indexer.png "
+                        "(default: none; with --backend, train-indexer-results)")
+    torch_only = parser.add_argument_group("with --backend (the torch experiment)")
+    torch_only.add_argument("--quick", action="store_true", help="tiny sizes, a few steps (the CPU default)")
+    torch_only.add_argument("--dim", type=int, default=None, help="hidden size (default 2048; quick 64)")
+    torch_only.add_argument("--heads", type=int, default=None, help="main attention heads (default 16; quick 4)")
+    torch_only.add_argument("--attention-dtype", default="float32", choices=("float32", "bfloat16"),
+                            help="dtype of the frozen main attention's rows in the target (default float32)")
+    torch_only.add_argument("--checkpoint", metavar="PATH",
+                            help="take the main weights from this safetensors checkpoint (V3.2's shapes; the "
+                                 "indexer starts from random weights)")
+    torch_only.add_argument("--layer-index", type=int, default=0, help="layer of --checkpoint (default 0)")
+    torch_only.add_argument("--progress-every", type=int, default=10,
+                            help="steps between progress lines when stderr is not a terminal (default 10)")
+
+
+#: The NumPy warm-up's defaults, for the options whose default depends on the experiment.
+NUMPY_DEFAULTS = dict(steps=200, seq_len=64, topk=8, train_sequences=4, eval_sequences=2, lr=3e-3, eval_every=10)
+#: Options only the torch experiment reads, with their defaults.
+TORCH_ONLY_DEFAULTS = dict(dense_steps=None, quick=False, dim=None, heads=None, attention_dtype="float32",
+                           checkpoint=None, layer_index=0, progress_every=10)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the experiment with parsed ``args``; print the curve; return the exit code."""
+    if getattr(args, "backend", None) is not None:
+        from ..torch import experiment as torch_experiment  # imports torch: only when asked for
+
+        return torch_experiment.run(args)
+    given = [name for name, default in TORCH_ONLY_DEFAULTS.items() if getattr(args, name, default) != default]
+    if given:
+        print(f"error: {', '.join('--' + name.replace('_', '-') for name in given)} need --backend "
+              "(the torch experiment); the NumPy warm-up has no sparse stage", file=sys.stderr)
+        return 2
+    for name, default in NUMPY_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
     for name in ("steps", "seq_len", "topk", "train_sequences", "eval_sequences", "eval_every"):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
@@ -197,6 +243,10 @@ def run(args: argparse.Namespace) -> int:
         refs = result["references"][split]
         print(f"references ({'held-out' if split == 'eval' else 'train'}): random {refs['random']:.3f}, "
               f"recent window {refs['recent_window']:.3f}, oracle {refs['oracle']:.3f}")
+    if getattr(args, "out", None):
+        os.makedirs(args.out, exist_ok=True)
+        args.json = args.json or os.path.join(args.out, "train_indexer.json")
+        args.plot = args.plot or os.path.join(args.out, "train_indexer.png")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=1)
