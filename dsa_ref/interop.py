@@ -159,6 +159,9 @@ def _to_cupy(x: Any, device: Any):
     if kind == "cupy":
         return x
     if kind == "torch":
+        # DLPack refuses a tensor that requires grad; detach() shares its memory (no copy), and the
+        # differentiable ops of dsa_ref.torch record the gradient themselves.
+        x = x.detach()
         name = dtype_name(x)
         if name in _CARRIER:  # cupy has no bf16/fp8: carry as integers, the kernels reinterpret
             import torch

@@ -207,3 +207,44 @@ def test_a_non_default_sm_scale_reaches_the_backend_and_the_reference(op):
     check_problem("numpy", problem)  # the reference gets the same scale as the backend
     with pytest.raises(AssertionError, match="worst element"):
         check_problem(ignores_it, problem)
+
+
+@pytest.mark.parametrize("op", ["sparse_mla_backward", "indexer_loss_backward"])
+def test_a_correct_low_precision_training_backend_passes(op):
+    """The other side of the broken backends: float32 arithmetic with bf16-rounded P and dS is a
+    correct GPU implementation, and the kit must not reject it, also where a gradient cancels."""
+    from fake_backends import LowPrecisionTraining
+
+    for profile, examples in (("ci", None), ("thorough", 150)):
+        report = check_backend(LowPrecisionTraining(), profile, ops_to_check=[op], max_examples=examples, seed=3)
+        assert report.ok, str(report)
+
+
+def test_a_gradient_that_cancels_is_judged_by_its_terms_not_its_rounding_residue():
+    """Seen on an H200: every slot of a query scores the one key, so dI = softmax - p cancels to a
+    float64 residue of ~6e-17 in dq_index, which float32 kernels return as ~3e-8 or 0. The kit must
+    accept both, and still reject an error the size of a term."""
+    from fake_backends import GoodBackend
+    from dsa_ref.testing.conformance import check_problem
+    from dsa_ref.testing.problems import Problem
+
+    rng = np.random.default_rng(0)
+    inputs = dict(q_index=rng.standard_normal((5, 1, 1)).astype(np.float32),
+                  weights=rng.standard_normal((5, 1)).astype(np.float32),
+                  k_index=rng.standard_normal((1, 1)).astype(np.float32), k_scale=None,
+                  indices=np.zeros((5, 2), np.int32), target=rng.random((5, 2)).astype(np.float32),
+                  d_loss=rng.standard_normal(5).astype(np.float32))
+    problem = Problem("indexer_loss_backward", inputs, {}, "float32")
+
+    def backend_adding(offset):
+        class Offset(GoodBackend):
+            name = "offset"
+
+            def indexer_loss_backward(self, *args, **kwargs):
+                dq, dw, dk = super().indexer_loss_backward(*args, **kwargs)
+                return (dq + np.float32(offset)).astype(np.float32), dw, dk
+        return Offset()
+
+    check_problem(backend_adding(3e-8), problem)  # a float32 rounding residue
+    with pytest.raises(AssertionError, match="dq_index"):
+        check_problem(backend_adding(0.5), problem)  # a term's worth of error

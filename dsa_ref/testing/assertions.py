@@ -49,14 +49,16 @@ def _special_value_mismatch(actual: np.ndarray, expected: np.ndarray, name: str)
 
 
 def assert_close(actual, expected, tolerance: Tolerance, *, name: str = "output",
-                 scale_by_max: bool = True) -> Comparison:
+                 scale_by_max: bool = True, scale_floor: float | None = None) -> Comparison:
     """Check ``actual`` against the reference ``expected``; raise ``AssertionError`` if it fails.
 
     1. shapes must match;
     2. NaN, +inf and -inf must sit in the same places (a masked score must be -inf, a
        never-written output shows up as NaN);
     3. every finite element must satisfy ``|a - e| <= atol * scale + rtol * |e|`` with
-       ``scale`` the largest finite ``|e|`` (``scale_by_max``) or 1.
+       ``scale`` the largest finite ``|e|`` (``scale_by_max``) or 1, and at least ``scale_floor``
+       when given (the size of the terms a result is summed from, where they cancel: see
+       :mod:`dsa_ref.testing.tolerances`).
 
     Returns the :class:`Comparison` (worst element and error ratio) when it passes; raises
     :class:`ComparisonError` (an ``AssertionError`` with the ``error_ratio``) when it does not.
@@ -72,6 +74,8 @@ def assert_close(actual, expected, tolerance: Tolerance, *, name: str = "output"
     if not finite.any():
         return Comparison(name, 0.0, None, float("nan"), float("nan"), 0.0)
     scale = float(np.abs(expected[finite]).max()) if scale_by_max else 1.0
+    if scale_floor is not None and np.isfinite(scale_floor):
+        scale = max(scale, float(scale_floor))
     scale = scale if scale > 0 else 1.0
     with np.errstate(invalid="ignore"):  # inf - inf at the (matching) special values
         error = np.where(finite, np.abs(actual - expected), 0.0)

@@ -45,6 +45,19 @@ few u either way. A systematic error (a term dropped, a duplicate counted once, 
 ``|term|``: over the bound as soon as any row has few contributions, which the strategies make
 sure of (small problems, duplicates, empty rows). ``d_attn_sink`` sums over queries the same way.
 
+**Cancellation.** A gradient can be a small difference of large terms: ``dℓ_t = P_t (dP_t − D)`` is
+tiny for a row whose softmax sits on one slot, ``softmax − p`` vanishes where the indexer already
+matches its target, and ``1 − f`` vanishes when the sink's logit is far below lse. An implementation
+in float32 or bf16 computes such a result with an error the size of its *terms* times u, which can
+be many times the result itself (seen on an H200: a bf16 dq of -1.3e-5 computed as 3.7e-4 from
+terms of size ~1, and a float32 dq_index of 6e-17, a float64 rounding residue of an exact
+cancellation, computed as 2.6e-8). So each gradient is judged against at least its *term scale*:
+the largest root-sum-square of the terms an element is summed from (their signs and the
+cancellation removed; root-sum-square, not the sum of magnitudes, because rounding errors of random
+sign add up that way). Where nothing cancels the term scale is about the result's own size and
+changes nothing; a systematic bug (a dropped term, a wrong scale, a missing gradient) is still a
+whole term's worth of error.
+
 Exact checks come first and need no tolerance: a row of ``kv`` that no valid slot reads (a key no
 entry scores) must get exactly 0, and in deterministic mode two runs must be bitwise equal.
 """

@@ -13,6 +13,7 @@ ranges and ``topk_length`` are clamped on the device instead of being read.
 
 # No ``from __future__ import annotations``: custom_op reads the type hints to build the schemas.
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -53,10 +54,21 @@ def _run(backend_name: str, op: str, like: Tensor, **inputs):
         raise registry.UnsupportedInputError(f"backend {backend.name!r} does not support these {op} inputs: "
                                              + "; ".join(reasons))
     native = {key: backend.to_native(value) if isinstance(value, Tensor) else value for key, value in inputs.items()}
-    result = getattr(backend, op)(**native)
+    with _on_torch_stream(backend, like):
+        result = getattr(backend, op)(**native)
     if isinstance(result, tuple):
         return tuple(interop.convert_like(part, like) for part in result)
     return interop.convert_like(result, like)
+
+
+def _on_torch_stream(backend, like: Tensor):
+    """CuPy kernels on torch's current stream: ordered with the torch work around them (and inside a
+    CUDA graph capture, on the capturing stream rather than CuPy's own)."""
+    if backend.array_kind != "cupy" or like.device.type != "cuda":
+        return contextlib.nullcontext()
+    import cupy
+
+    return cupy.cuda.ExternalStream(torch.cuda.current_stream(like.device).cuda_stream)
 
 
 def _fresh(t: Tensor, *inputs: Optional[Tensor]) -> Tensor:
