@@ -363,8 +363,10 @@ def indexer_loss_backward(q_index, weights, k_index, target, d_loss, *, indices=
     (the target is a constant), dispatched to a backend.
 
     Args:
-        as :func:`indexer_loss` (float inputs: fp8 ones have no gradient), plus ``d_loss``: float ``[s_q]``,
-        the gradient of the total loss with respect to each query's loss.
+        q_index, weights, k_index, target, indices, key_start, key_end, k_scale: as for
+            :func:`indexer_loss`, in float dtypes (fp8 inputs have no gradient and are refused).
+        d_loss: float ``[s_q]``, the gradient of the total loss with respect to each query's loss.
+        backend: backend name or object; default the active one.
 
     Returns:
         ``(dq_index [s_q, h_i, d_i], dweights [s_q, h_i], dk_index [s_kv, d_i])``, float32. Under

@@ -124,8 +124,8 @@ def indexer_loss_backward(q_index, weights, k_index, target, d_loss, *, indices=
     (no target mass on their entries) pass no gradient.
 
     Args:
-        as :func:`indexer_loss`, plus ``d_loss``: ``[s_q]`` gradient of the total loss with respect to
-        each query's loss (ones for a plain sum).
+        q_index, weights, k_index, target, indices, key_start, key_end, k_scale: as for :func:`indexer_loss`.
+        d_loss: ``[s_q]`` gradient of the total loss with respect to each query's loss (ones for a plain sum).
 
     Returns:
         ``(dq_index [s_q, h_i, d_i], dweights [s_q, h_i], dk_index [s_kv, d_i])``, float32 (float64 for
