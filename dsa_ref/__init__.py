@@ -6,7 +6,9 @@ The three ops of DSA, each defined by a readable float64 NumPy function in
 * :func:`lightning_indexer` — eq. (1): cheap scores of every query against every past token;
 * :func:`topk_indices` — the ``topk`` best tokens of each query;
 * :func:`sparse_mla` — eq. (2): MLA attention (MQA mode) over only those tokens;
-* :func:`dsa_attention` — the three in a row.
+* :func:`dsa_attention` — the three in a row;
+* :func:`sparse_decode_step` — a decode step of a batch over paged FP8 caches (indexer, top-k,
+  sparse MLA through the block table), capturable in a CUDA graph on torch tensors.
 
 and the ops that train it: :func:`sparse_mla_backward`, :func:`attention_target` (the indexer's
 target, eqs. 3-4), :func:`indexer_loss` and :func:`indexer_loss_backward`; :mod:`dsa_ref.torch`
@@ -18,6 +20,7 @@ Importing this package imports neither torch nor cupy.
 """
 
 from .backend import OPS, Backend, Tolerance
+from .decode import sparse_decode_step
 from .modes import data_checks_enabled, deterministic_enabled, use_data_checks, use_deterministic
 from .ops import (
     attention_target,
@@ -90,6 +93,7 @@ __all__ = [
     "pack_kv_cache_fp8",
     "quantize_fp8",
     "slot_indices",
+    "sparse_decode_step",
     "sparse_mla",
     "sparse_mla_backward",
     "topk_indices",
