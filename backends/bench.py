@@ -15,6 +15,9 @@ flushed between runs). Rates use the formulas printed next to them:
 * indexer loss (sparse stage, eq. 4): forward + backward time, against the sparse MLA backward's;
 * host cost: one synchronized call against back-to-back calls and a CUDA-graph replay of the same
   FP8 decode step, through the public API and through ``dsa_ref.torch``.
+* decode step: the whole DSA decode step of a batch (paged indexer, top-k, slots, sparse FP8 MLA;
+  :func:`dsa_ref.sparse_decode_step`) through ``dsa_ref.torch`` eager and as a CUDA-graph replay, time
+  only, beside the naive PyTorch step and FlashMLA's decode kernel alone (the attention stage only).
 
 Index distributions (stated per case): ``uniform`` draws each slot uniformly from the keys the
 query may see, ``[0, t]`` for the query at position ``t``; ``recent`` draws ``t - floor(t *
@@ -49,6 +52,7 @@ TARGETS = {
     "deterministic_overhead": ("sparse MLA bwd, deterministic time / default time (worst h)", "x (at most)"),
     "indexer_loss_share": ("indexer loss fwd+bwd time / sparse MLA bwd time, h 128", "share (at most)"),
     "host_cost": ("host work per FP8 decode call through dsa_ref.torch", "ms (at most)"),
+    "decode_step": ("DSA decode step b 64, s_q 1, h 128, T 128K, topk 2048, CUDA-graph replay", "ms (at most)"),
 }
 
 #: What each backend of dsa-ref aims for, target by target (absent: no goal set). The forward goals
@@ -57,13 +61,13 @@ TARGETS = {
 GOALS = {
     "triton": dict(sparse_mla_prefill=320.0, indexer_fp8=500.0, indexer_bf16=0.5, topk=3.0, dsa_prefill=3.0,
                    decode_fp8=250.0, sparse_mla_bwd_h64=250.0, sparse_mla_bwd_h128=250.0, deterministic_overhead=1.3,
-                   indexer_loss_share=0.15, host_cost=0.05),
+                   indexer_loss_share=0.15, host_cost=0.05, decode_step=1.0),
     "cupy": dict(sparse_mla_prefill=500.0, indexer_fp8=800.0, topk=5.0, dsa_prefill=4.0, decode_fp8=350.0,
                  sparse_mla_bwd_h64=380.0, sparse_mla_bwd_h128=380.0, deterministic_overhead=1.3,
-                 indexer_loss_share=0.15, host_cost=0.05),
+                 indexer_loss_share=0.15, host_cost=0.05, decode_step=0.7),
 }
 #: Targets met by staying at or under the goal, not above it.
-AT_MOST = ("deterministic_overhead", "indexer_loss_share", "host_cost")
+AT_MOST = ("deterministic_overhead", "indexer_loss_share", "host_cost", "decode_step")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="docs/bench", help="output directory (default: docs/bench)")
     parser.add_argument("--quick", action="store_true", help="small sizes only (a minute): a smoke run")
     parser.add_argument("--cases", default="all",
-                        help="comma-separated case groups: ceilings,sparse_mla,indexer,topk,fused,dsa,decode")
+                        help="comma-separated case groups: ceilings,sparse_mla,indexer,topk,fused,dsa,decode,"
+                             "training,host,decode_step")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
 
 
@@ -589,7 +594,194 @@ def bench_host(b: Bench, backends) -> None:
     torch.cuda.empty_cache()
 
 
-GROUPS = ("ceilings", "sparse_mla", "indexer", "topk", "fused", "dsa", "decode", "training", "host")
+def random_indexer_cache(torch, num_blocks: int, block_size: int, d_i: int, device, chunk_blocks: int = 4096):
+    """A paged fp8 indexer-key cache ``uint8 [num_blocks, block_size * (d_i + 4)]`` (DeepGEMM's layout:
+    a block's e4m3 values, then its float32 scales) of random keys with scales in [0.5, 1.5), filled
+    ``chunk_blocks`` at a time so that no float temporary spans the whole cache."""
+    cache = torch.empty((num_blocks, block_size * (d_i + 4)), dtype=torch.uint8, device=device)
+    for begin in range(0, num_blocks, chunk_blocks):
+        part = cache[begin:begin + chunk_blocks]
+        n = part.shape[0]
+        part[:, :block_size * d_i] = torch.randn(n, block_size * d_i, device=device).to(
+            torch.float8_e4m3fn).view(torch.uint8)
+        part[:, block_size * d_i:] = (torch.rand(n, block_size, device=device) + 0.5).view(torch.uint8)
+    return cache
+
+
+def decode_step_inputs(torch, batch: int, context: int, *, next_n: int = 1, h: int = 128, h_i: int = 64,
+                       d_i: int = 128, block_size: int = 64, device="cuda", generator=None) -> dict:
+    """The arguments of :func:`dsa_ref.sparse_decode_step` for ``batch`` sequences of ``context`` tokens
+    each, their blocks shuffled over both caches (one block table)."""
+    max_blocks = -(-context // block_size)
+    num_blocks = batch * max_blocks
+    return dict(
+        q=torch.randn(batch * next_n, h, 576, device=device, generator=generator).to(torch.bfloat16),
+        kv_cache=random_fp8_cache(torch, num_blocks * block_size, device),
+        q_index=torch.randn(batch * next_n, h_i, d_i, device=device, generator=generator).to(torch.float8_e4m3fn),
+        weights=torch.randn(batch * next_n, h_i, device=device, generator=generator) * h_i**-0.5,
+        index_cache=random_indexer_cache(torch, num_blocks, block_size, d_i, device),
+        block_table=torch.randperm(num_blocks, device=device, generator=generator).view(batch, max_blocks).int(),
+        context_lens=torch.full((batch,), context, dtype=torch.int32, device=device))
+
+
+def _naive_decode_step(torch, q, kv_cache, q_index, weights, index_cache, block_table, context_lens, *, topk: int,
+                       next_n: int, sm_scale: float, chunk: int = 8):
+    """The DSA decode step as one writes it in PyTorch: the indexer keys gathered out of the pages and
+    dequantized, an einsum indexer, torch.topk, positions to slots, then gather + dequant + bmm
+    (``_naive_decode``). ``chunk`` sequences at a time bound the [chunk, next_n, H_I, L] logits."""
+    batch, max_blocks = block_table.shape
+    num_blocks, d_i = index_cache.shape[0], q_index.shape[-1]
+    block_size = index_cache.shape[1] // (d_i + 4)
+    length = max_blocks * block_size
+    values = index_cache[:, :block_size * d_i].reshape(num_blocks, block_size, d_i)
+    scales = index_cache[:, block_size * d_i:].reshape(num_blocks, block_size, 4)
+    table = block_table.long()
+    position = torch.arange(length, device=q.device)
+    slots = []
+    for begin in range(0, batch, chunk):
+        pages = table[begin:begin + chunk]  # [c, max_blocks]
+        c = pages.shape[0]
+        safe = pages.clamp(min=0)
+        keys = values[safe].view(torch.float8_e4m3fn).to(torch.bfloat16).reshape(c, length, d_i)
+        key_scale = scales[safe].contiguous().view(torch.float32).reshape(c, length)
+        q_rows = q_index[begin * next_n:(begin + c) * next_n].to(torch.bfloat16).unflatten(0, (c, next_n))
+        logits = torch.einsum("cnhd,ckd->cnhk", q_rows, keys)  # [c, next_n, H_I, L]
+        w = weights[begin * next_n:(begin + c) * next_n].float().unflatten(0, (c, next_n))  # [c, next_n, H_I]
+        scores = torch.einsum("cnh,cnhk->cnk", w, torch.relu(logits).float()) * key_scale[:, None, :]
+        last = context_lens[begin:begin + c, None].long() - next_n + torch.arange(next_n, device=q.device)
+        hidden = (position > last[..., None]) | (pages < 0).repeat_interleave(block_size, dim=1)[:, None, :]
+        scores = scores.masked_fill(hidden, float("-inf"))
+        best, tokens = scores.topk(min(topk, length), dim=-1)  # [c, next_n, k]
+        tokens = tokens.masked_fill(best == float("-inf"), -1)
+        physical = pages.gather(1, (tokens.clamp(min=0) // block_size).flatten(1)).view_as(tokens)
+        slot = torch.where((tokens >= 0) & (physical >= 0), physical * block_size + tokens % block_size, -1)
+        slots.append(slot.flatten(0, 1))
+    return _naive_decode(torch, q, kv_cache, torch.cat(slots), sm_scale)
+
+
+def flash_mla_sparse_decode(torch):
+    """FlashMLA's sparse FP8 decode kernel, from ``flash_mla`` or from ``sgl_kernel`` (which vendors it):
+    ``(make, name)`` with ``make(q, kv_cache, slots, block_table, context_lens, next_n)`` returning a call, or
+    ``(None, reason)`` when neither can be imported."""
+    reasons = []
+    try:
+        import flash_mla
+
+        def make(q, kv_cache, slots, block_table, context_lens, next_n):
+            batch, block_size = context_lens.shape[0], 64  # FlashMLA's page size
+            q4 = q.view(batch, next_n, q.shape[1], q.shape[2])
+            cache4 = kv_cache.view(torch.float8_e4m3fn).view(-1, block_size, 1, kv_cache.shape[1])
+            indices = slots.view(batch, next_n, slots.shape[1])
+            try:
+                meta, splits = flash_mla.get_mla_metadata()  # the scheduler object of 2025-10 and later
+            except TypeError:
+                meta, splits = flash_mla.get_mla_metadata(context_lens, next_n * q.shape[1], 1, q.shape[1], True,
+                                                          slots.shape[1])
+            return lambda: flash_mla.flash_mla_with_kvcache(q4, cache4, block_table, context_lens, 512, meta, splits,
+                                                            is_fp8_kvcache=True, indices=indices)
+
+        return make, f"FlashMLA flash_mla_with_kvcache {getattr(flash_mla, '__version__', '')}".strip()
+    except ImportError as error:
+        reasons.append(f"flash_mla not importable ({error})")
+    try:
+        import sgl_kernel  # noqa: F401 - registers torch.ops.sgl_kernel
+
+        kernel = torch.ops.sgl_kernel.sparse_decode_fwd.default
+
+        def make(q, kv_cache, slots, block_table, context_lens, next_n):
+            batch, block_size = context_lens.shape[0], 64  # FlashMLA's page size
+            q4 = q.view(batch, next_n, q.shape[1], q.shape[2])
+            cache4 = kv_cache.view(torch.float8_e4m3fn).view(-1, block_size, 1, kv_cache.shape[1])
+            indices = slots.view(batch, next_n, slots.shape[1])
+            schedule = {"meta": None, "splits": None}
+
+            def call():
+                out, lse, schedule["meta"], schedule["splits"] = kernel(
+                    q4, cache4, indices, None, None, schedule["meta"], schedule["splits"], None, None, None, 512,
+                    576**-0.5)
+                return out, lse
+
+            return call
+
+        return make, f"FlashMLA sparse_decode_fwd (sgl_kernel {getattr(sgl_kernel, '__version__', '')})"
+    except (ImportError, AttributeError, RuntimeError) as error:
+        reasons.append(f"sgl_kernel not importable or without sparse_decode_fwd ({error})")
+    return None, "; ".join(reasons)
+
+
+def _skipped(b: Bench, group: str, case: str, impl: str, reason: str) -> None:
+    b.rows.append(dict(group=group, case=case, impl=impl, ms=None, skipped=reason, error=f"skipped: {reason}"))
+    _log(f"  {case:<46} {impl:<28} skipped: {reason}")
+
+
+def bench_decode_step(b: Bench, backends) -> None:
+    """The whole DSA decode step (b 64, s_q 1, T 128K, h 128, topk 2048, H_I 64, d_I 128): eager through
+    dsa_ref.torch and as a CUDA-graph replay, the naive PyTorch step, FlashMLA's decode kernel alone."""
+    import dsa_ref
+
+    torch = b.torch
+    batch, next_n, context, topk = (16, 1, 32768, 2048) if b.quick else (64, 1, 131072, 2048)
+    case = f"DSA decode step b {batch} s_q {next_n} T {context} h 128 topk {topk}"
+    _log(f"{case}, indexer fp8 H_I 64 d_I 128, paged (block 64, shuffled), FP8 cache")
+    inputs = decode_step_inputs(torch, batch, context, next_n=next_n)
+    sm_scale = 576**-0.5
+    slots = None
+    for backend in backends:
+        def step(backend=backend):
+            return dsa_ref.sparse_decode_step(**inputs, topk=topk, next_n=next_n, sm_scale=sm_scale,
+                                              backend=backend.name)
+
+        try:
+            eager = step()
+            slots = eager[2] if slots is None else slots
+            b.record("decode_step", case, f"{backend.name} dsa_ref.torch eager", b.time_ms(step))
+        except Exception as error:  # noqa: BLE001
+            b.failed("decode_step", case, f"{backend.name} dsa_ref.torch eager", error)
+            continue
+        try:
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph):
+                captured = step()
+            graph.replay()
+            torch.cuda.synchronize()
+            equal = all(torch.equal(got, expected) for got, expected in zip(captured, eager))
+            b.record("decode_step", case, f"{backend.name} CUDA graph replay", b.time_ms(graph.replay),
+                     equal_to_eager=equal, target=None if b.quick else "decode_step")
+            del graph, captured
+        except Exception as error:  # noqa: BLE001
+            b.failed("decode_step", case, f"{backend.name} CUDA graph replay", error)
+        torch.cuda.empty_cache()
+    try:
+        ms = b.time_ms(lambda: _naive_decode_step(torch, **inputs, topk=topk, next_n=next_n, sm_scale=sm_scale),
+                       long=not b.quick)
+        b.record("decode_step", case, "naive PyTorch step (einsum+topk+gather+bmm)", ms, baseline=True)
+    except Exception as error:  # noqa: BLE001
+        b.failed("decode_step", case, "naive PyTorch step", error)
+    torch.cuda.empty_cache()
+    make, name = flash_mla_sparse_decode(torch)
+    impl = "FlashMLA sparse FP8 decode kernel alone"
+    if make is None:
+        _skipped(b, "decode_step", case, impl, name)
+    elif slots is None:
+        _skipped(b, "decode_step", case, impl, "no backend produced the step's slots to attend over")
+    else:
+        try:
+            call = make(inputs["q"], inputs["kv_cache"], slots, inputs["block_table"], inputs["context_lens"], next_n)
+            call()
+            b.record("decode_step", case, f"{name} (attention only)", b.time_ms(call))
+        except Exception as error:  # noqa: BLE001
+            b.failed("decode_step", case, impl, error)
+    del inputs
+    torch.cuda.empty_cache()
+
+
+GROUPS = ("ceilings", "sparse_mla", "indexer", "topk", "fused", "dsa", "decode", "training", "host", "decode_step")
 
 
 # --------------------------------------------------------------------------- reporting
@@ -654,6 +846,8 @@ def evaluate_targets(rows: list[dict], ceilings: dict, backends: list[str]) -> l
                     value = min(r["ms"] for r in measured) / min(bwd)
             elif key == "host_cost":
                 value = min((r["host_ms"] for r in measured if r.get("host_ms") is not None), default=None)
+            elif key == "decode_step":
+                value = min((r["ms"] for r in measured), default=None)
             at_most = key in AT_MOST
             results.append(dict(backend=backend, target=key, what=what, goal=goal, unit=unit, value=value,
                                 met=None if value is None else (value <= goal if at_most else value >= goal)))
@@ -754,7 +948,7 @@ def run(args: argparse.Namespace) -> int:
                    indexer=lambda: bench_indexer(b, backends), topk=lambda: bench_topk(b, backends),
                    fused=lambda: bench_fused(b), dsa=lambda: bench_dsa(b, backends),
                    decode=lambda: bench_decode(b, backends), training=lambda: bench_training(b, backends),
-                   host=lambda: bench_host(b, backends))
+                   host=lambda: bench_host(b, backends), decode_step=lambda: bench_decode_step(b, backends))
     for group in groups:
         try:
             runners[group]()

@@ -44,3 +44,56 @@ def test_training_and_host_targets_are_judged_in_the_right_direction():
     assert targets["indexer_loss_share"]["value"] == pytest.approx(0.1) and targets["indexer_loss_share"]["met"]
     assert targets["host_cost"]["value"] == pytest.approx(0.08) and not targets["host_cost"]["met"]
     assert targets["sparse_mla_bwd_h64"]["value"] is None and targets["sparse_mla_bwd_h64"]["met"] is None
+
+
+def test_the_decode_step_target_is_the_graph_replay_time_at_most():
+    rows = [dict(group="decode_step", case="step", impl="triton dsa_ref.torch eager", ms=1.6),
+            dict(group="decode_step", case="step", impl="triton CUDA graph replay", ms=0.9, target="decode_step"),
+            dict(group="decode_step", case="step", impl="cupy CUDA graph replay", ms=0.8, target="decode_step"),
+            dict(group="decode_step", case="step", impl="FlashMLA sparse FP8 decode kernel alone", ms=None,
+                 skipped="flash_mla not importable", error="skipped: flash_mla not importable")]
+    targets = {(t["backend"], t["target"]): t for t in bench.evaluate_targets(rows, {}, ["triton", "cupy"])}
+    assert targets[("triton", "decode_step")]["value"] == pytest.approx(0.9)
+    assert targets[("triton", "decode_step")]["met"], "0.9 ms is under triton's 1.0 ms goal"
+    assert targets[("cupy", "decode_step")]["value"] == pytest.approx(0.8)
+    assert not targets[("cupy", "decode_step")]["met"], "0.8 ms is over cupy's 0.7 ms goal: at most"
+    assert "decode_step" in bench.GROUPS
+
+
+def test_the_decode_step_inputs_are_valid_paged_caches():
+    block_size, d_i = 4, 16
+    inputs = bench.decode_step_inputs(torch, 3, 10, next_n=2, h=2, h_i=4, d_i=d_i, block_size=block_size,
+                                      device="cpu", generator=torch.Generator().manual_seed(0))
+    num_blocks = 3 * 3
+    assert tuple(inputs["index_cache"].shape) == (num_blocks, block_size * (d_i + 4))
+    assert tuple(inputs["kv_cache"].shape) == (num_blocks * block_size, 656)
+    assert sorted(inputs["block_table"].flatten().tolist()) == list(range(num_blocks))
+    keys, key_scales = dsa_ref.reference.unpack_indexer_cache_fp8(inputs["index_cache"].numpy(), d_i)
+    assert np.isfinite(keys.astype(np.float32)).all() and np.abs(keys.astype(np.float32)).max() > 0
+    assert ((key_scales >= 0.5) & (key_scales < 1.5)).all()
+
+
+def test_the_naive_decode_step_is_the_reference_step_when_every_token_is_kept():
+    # topk above every context: both keep all visible tokens, so the outputs compare without a tie to break.
+    inputs = bench.decode_step_inputs(torch, 3, 10, next_n=2, h=2, h_i=4, d_i=16, block_size=4, device="cpu",
+                                      generator=torch.Generator().manual_seed(1))
+    inputs["context_lens"] = torch.tensor([10, 3, 7], dtype=torch.int32)
+    inputs["block_table"][1, 1:] = -1  # the padding past the 3-token context
+    naive = bench._naive_decode_step(torch, **inputs, topk=16, next_n=2, sm_scale=0.05, chunk=2)
+    out, _, slots = dsa_ref.sparse_decode_step(**inputs, topk=16, next_n=2, sm_scale=0.05, backend="numpy")
+    torch.testing.assert_close(naive, out, rtol=3e-2, atol=3e-2)
+    assert (slots[2:4] >= 0).sum(dim=1).tolist() == [2, 3]  # the short context's queries see 2 and 3 tokens
+
+
+def test_flash_mla_is_skipped_with_a_reason_when_it_cannot_be_imported(tmp_path):
+    make, reason = bench.flash_mla_sparse_decode(torch)
+    if make is not None:
+        pytest.skip("FlashMLA is importable here")
+    assert "flash_mla" in reason and "sgl_kernel" in reason
+    b = bench.Bench.__new__(bench.Bench)
+    b.rows = []
+    bench._skipped(b, "decode_step", "step", "FlashMLA sparse FP8 decode kernel alone", reason)
+    assert b.rows[0]["ms"] is None and b.rows[0]["skipped"] == reason
+    env = dict(device="cpu", date="2026-01-01", driver="-", cuda="-", torch="-", triton="-")
+    bench.write_markdown(tmp_path / "bench.md", env, b.rows, [])
+    assert "skipped: flash_mla not importable" in (tmp_path / "bench.md").read_text()
