@@ -76,7 +76,8 @@ class Backend:
         Per input dtype, the :class:`Tolerance` its outputs meet against the reference.
         Missing entries fall back to :data:`dsa_ref.testing.tolerances.DEFAULT_TOLERANCES`.
     ci_max_examples
-        Examples per op in the test suite's ``ci`` conformance run (None: the profile's).
+        Examples per op in the test suite's ``ci`` conformance run (None: the profile's); a
+        mapping gives some ops their own count.
     """
 
     name: ClassVar[str] = ""
@@ -86,8 +87,15 @@ class Backend:
     supported_dtypes: ClassVar[Mapping[str, frozenset[str]]] = {}
     tolerances: ClassVar[Mapping[str, Tolerance]] = {}
     #: Examples per op of the ``ci`` conformance profile when run by the test suite; a backend
-    #: running on a slow simulator (Triton's CPU interpreter) may ask for fewer. None: the profile's.
-    ci_max_examples: ClassVar[int | None] = None
+    #: running on a slow simulator (Triton's CPU interpreter) may ask for fewer. None: the profile's;
+    #: a mapping ``{op: count}``: per op (ops it does not name keep the profile's).
+    ci_max_examples: ClassVar[int | Mapping[str, int] | None] = None
+
+    def ci_examples(self, op: str) -> int | None:
+        """What :attr:`ci_max_examples` asks for ``op`` (None: the profile's count)."""
+        if isinstance(self.ci_max_examples, Mapping):
+            return self.ci_max_examples.get(op)
+        return self.ci_max_examples
 
     # ------------------------------------------------------------------ availability
     def unavailable_reasons(self) -> list[str]:

@@ -30,7 +30,7 @@ if SHARDS < 1:
 def test_backend_conforms(dsa_backend, op, shard, dsa_profile):
     backend = get_backend(dsa_backend)
     cap = os.environ.get("DSA_CONFORMANCE_MAX_EXAMPLES")
-    own_ci_cap = backend.ci_max_examples if dsa_profile == "ci" else None
+    own_ci_cap = backend.ci_examples(op) if dsa_profile == "ci" else None
     examples = int(cap) if cap else (own_ci_cap or get_profile(dsa_profile).max_examples)
     report = check_backend(backend, dsa_profile, ops_to_check=[op], max_examples=math.ceil(examples / SHARDS),
                            seed=shard if SHARDS > 1 else None)

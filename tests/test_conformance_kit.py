@@ -248,3 +248,17 @@ def test_a_gradient_that_cancels_is_judged_by_its_terms_not_its_rounding_residue
     check_problem(backend_adding(3e-8), problem)  # a float32 rounding residue
     with pytest.raises(AssertionError, match="dq_index"):
         check_problem(backend_adding(0.5), problem)  # a term's worth of error
+
+
+def test_a_backend_may_ask_for_fewer_ci_examples_per_op():
+    from fake_backends import GoodBackend
+
+    class Everywhere(GoodBackend):
+        ci_max_examples = 7
+
+    class PerOp(GoodBackend):
+        ci_max_examples = {"sparse_mla_backward": 3}
+
+    assert Everywhere().ci_examples("sparse_mla") == 7
+    assert PerOp().ci_examples("sparse_mla_backward") == 3
+    assert PerOp().ci_examples("sparse_mla") is None  # the profile's own count
