@@ -14,8 +14,10 @@ sequence ``b`` is slot ``block_table[b, t // block_size] * block_size + t % bloc
 
 On torch tensors the step runs on :mod:`dsa_ref.torch`'s ops and plain torch indexing, all on the
 tensors' device, with no host synchronization: values are clamped, never read on the host, so the
-whole step can be captured in a ``torch.cuda.CUDAGraph`` and replayed. On other arrays (NumPy: the
-reference path) it runs the public ops, which check values (:func:`dsa_ref.use_data_checks`).
+whole step can be captured in a ``torch.cuda.CUDAGraph`` and replayed. The indexer runs once per
+sequence there (each over its own gathered pages), ``b`` launches that a graph replays at no host
+cost. On other arrays (NumPy: the reference path) it runs the public ops, which check values
+(:func:`dsa_ref.use_data_checks`).
 """
 
 from __future__ import annotations
