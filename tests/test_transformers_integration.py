@@ -8,6 +8,8 @@ layout, ``disable``, the official indexer against dsa-ref's own layer, and the r
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -51,6 +53,15 @@ def prompt():
     return ids, mask
 
 
+def cache_of(output):
+    # transformers 5.24 names it `cache`; earlier 5.x releases `past_key_values`
+    return output.cache if hasattr(output, "cache") else output.past_key_values
+
+
+def cache_argument(model) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def decode_tokens(batch, steps):
     return torch.randint(0, VOCAB, (batch, steps), generator=torch.Generator().manual_seed(3))
 
@@ -66,10 +77,11 @@ def generate(model, ids, mask, steps=DECODE_STEPS, sparse=None):
         with torch.no_grad():
             out = model(ids, attention_mask=mask, use_cache=True)
             logits = [out.logits[mask.bool()]]
-            cache, step_mask = out.cache, mask
+            cache, step_mask = cache_of(out), mask
             for step in range(steps):
                 step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
-                out = model(next_tokens[:, step:step + 1], attention_mask=step_mask, cache=cache, use_cache=True)
+                out = model(next_tokens[:, step:step + 1], attention_mask=step_mask, use_cache=True,
+                            **{cache_argument(model): cache})
                 logits.append(out.logits[:, -1])
     finally:
         if sparse is not None:
@@ -191,12 +203,12 @@ def test_a_cache_of_the_other_layout_is_refused(prompt):
     ids, mask = prompt
     model = tiny_model()
     with torch.no_grad():
-        cache = model(ids, attention_mask=mask, use_cache=True).cache  # transformers' 512 + 64 layout
+        cache = cache_of(model(ids, attention_mask=mask, use_cache=True))  # transformers' 512 + 64 layout
     dsa_hf.enable(model, backend="numpy")
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     with pytest.raises(ValueError, match="start a fresh cache"):
         with torch.no_grad():
-            model(ids[:, :1], attention_mask=step_mask, cache=cache, use_cache=True)
+            model(ids[:, :1], attention_mask=step_mask, use_cache=True, **{cache_argument(model): cache})
 
 
 # ---------------------------------------------------------------------------- the official indexer
