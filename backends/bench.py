@@ -546,6 +546,21 @@ def _host_times(torch, fn, repeats: int = 50) -> tuple[float, float]:
     return sorted(single)[len(single) // 2] * 1e3, back_to_back * 1e3
 
 
+def capture_cuda_graph(torch, step):
+    """``(graph, outputs)``: ``step`` warmed up twice on a side stream (as CUDA graph capture wants),
+    then captured; ``graph.replay()`` reruns it and rewrites ``outputs`` in place."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 def bench_host(b: Bench, backends) -> None:
     """Host cost per call: one synchronized FP8 decode call (b 64, s_q 2, T 32K) against back-to-back
     calls and against the replay of a captured CUDA graph, through the public API and dsa_ref.torch."""
@@ -573,15 +588,8 @@ def bench_host(b: Bench, backends) -> None:
                 b.failed("host", case, impl, error)
         try:
             with dsa_ref.use_data_checks(False):
-                graph = torch.cuda.CUDAGraph()
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        dsa_torch.sparse_mla(q, cache, slots, backend=backend.name)
-                torch.cuda.current_stream().wait_stream(stream)
-                with torch.cuda.graph(graph):
-                    captured = dsa_torch.sparse_mla(q, cache, slots, backend=backend.name)
+                graph, captured = capture_cuda_graph(
+                    torch, lambda: dsa_torch.sparse_mla(q, cache, slots, backend=backend.name))
             graph.replay()
             eager = dsa_torch.sparse_mla(q, cache, slots, backend=backend.name)
             equal = all(torch.equal(a, e) for a, e in zip(captured, eager))
@@ -739,15 +747,7 @@ def bench_decode_step(b: Bench, backends) -> None:
             b.failed("decode_step", case, f"{backend.name} dsa_ref.torch eager", error)
             continue
         try:
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream().wait_stream(stream)
-            with torch.cuda.graph(graph):
-                captured = step()
+            graph, captured = capture_cuda_graph(torch, step)
             graph.replay()
             torch.cuda.synchronize()
             equal = all(torch.equal(got, expected) for got, expected in zip(captured, eager))

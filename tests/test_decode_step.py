@@ -226,15 +226,9 @@ def test_the_step_replays_in_a_cuda_graph_bitwise_equal_to_eager():
         return sparse_decode_step(q, kv_cache, q_index, weights, index_cache, block_table, context_lens, topk=topk,
                                   next_n=next_n, backend="triton")
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    from dsa_ref_backends.bench import capture_cuda_graph
+
+    graph, captured = capture_cuda_graph(torch, step)
     eager = step()
     graph.replay()
     torch.cuda.synchronize()

@@ -249,15 +249,9 @@ def test_a_decode_step_replays_in_a_cuda_graph_equal_to_eager(backend):
         indices = dt.topk_indices(scores, topk, backend=backend)
         return dt.sparse_mla(q, cache, indices, backend=backend)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            decode_step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = decode_step()
+    from dsa_ref_backends.bench import capture_cuda_graph
+
+    graph, captured = capture_cuda_graph(torch, decode_step)
     eager = decode_step()
     graph.replay()
     torch.cuda.synchronize()
