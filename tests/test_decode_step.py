@@ -10,6 +10,7 @@ import pytest
 import dsa_ref
 from dsa_ref import reference
 from dsa_ref.decode import sparse_decode_step
+from dsa_ref.testing.problems import shuffled_block_table
 
 D_I, H_I, HEADS, BLOCK = 16, 4, 3, 4
 SM_SCALE = 0.07
@@ -20,13 +21,7 @@ def make_decode_step(context_lens, next_n, *, num_blocks=14, max_blocks=None, se
     each context, float keys and latent rows in slot order, packed to their fp8 layouts."""
     rng = np.random.default_rng(seed)
     context_lens = np.asarray(context_lens, np.int32)
-    needed = [-(-int(n) // BLOCK) for n in context_lens]
-    max_blocks = max_blocks or max(needed)
-    free = list(rng.permutation(num_blocks))
-    table = np.full((len(context_lens), max_blocks), -1, np.int32)
-    for sequence, count in enumerate(needed):
-        for logical in range(count):
-            table[sequence, logical] = free.pop()
+    table = shuffled_block_table(rng, context_lens, BLOCK, num_blocks, max_blocks)
     rows = len(context_lens) * next_n
     latent = rng.standard_normal((num_blocks * BLOCK, 576))  # [slots, 576]
     q_index, _ = reference.quantize_fp8(rng.standard_normal((rows, H_I, D_I)), block=D_I)

@@ -9,6 +9,7 @@ import pytest
 import dsa_ref
 from dsa_ref import reference
 from dsa_ref.backend import Backend
+from dsa_ref.testing.problems import shuffled_block_table
 from dsa_ref_backends.numpy_reference import NumpyBackend
 
 D_I, HEADS, BLOCK = 16, 4, 4
@@ -33,14 +34,8 @@ def make_step(context_lens, next_n, *, num_blocks=12, seed=0, max_blocks=None):
     random block table (-1 past each context), fp8 queries and weights."""
     rng = np.random.default_rng(seed)
     context_lens = np.asarray(context_lens, np.int32)
-    needed = [-(-int(n) // BLOCK) for n in context_lens]
-    max_blocks = max_blocks or max(needed)
-    free = list(rng.permutation(num_blocks))
-    table = np.full((len(context_lens), max_blocks), -1, np.int32)
+    table = shuffled_block_table(rng, context_lens, BLOCK, num_blocks, max_blocks)
     keys = rng.standard_normal((num_blocks * BLOCK, D_I))  # [slots, d_i], slot order
-    for b, count in enumerate(needed):
-        for logical in range(count):
-            table[b, logical] = free.pop()
     cache = reference.pack_indexer_cache_fp8(keys, BLOCK)
     q, _ = reference.quantize_fp8(rng.standard_normal((len(context_lens) * next_n, HEADS, D_I)), block=D_I)
     weights = rng.standard_normal((len(context_lens) * next_n, HEADS)).astype(np.float32)

@@ -345,6 +345,23 @@ def indexer_loss_problem(rng: np.random.Generator, *, s_q: int, s_kv: int, h_i: 
     return Problem(op, inputs, params, dtype, strided)
 
 
+def shuffled_block_table(rng: np.random.Generator, context_lens, block_size: int, num_blocks: int,
+                         max_blocks: int | None = None) -> np.ndarray:
+    """int32 ``[b, max_blocks]``: each sequence's blocks drawn without replacement, in shuffled order,
+    from ``range(num_blocks)`` (as a paged cache hands them out), ``-1`` past its context."""
+    needed = [-(-int(n) // block_size) for n in np.asarray(context_lens).tolist()]  # blocks each sequence uses
+    if sum(needed) > num_blocks:
+        raise ValueError(f"num_blocks={num_blocks} cannot hold contexts needing {sum(needed)} blocks")
+    max_blocks = max(needed, default=0) if max_blocks is None else max_blocks
+    free = rng.permutation(num_blocks)
+    table = np.full((len(needed), max_blocks), -1, np.int64)  # [b, max_blocks]
+    start = 0
+    for sequence, count in enumerate(needed):
+        table[sequence, :count] = free[start:start + count]
+        start += count
+    return table.astype(np.int32)
+
+
 def paged_indexer_problem(rng: np.random.Generator, *, batch: int, next_n: int, h_i: int, d_i: int,
                           block_size: int, max_blocks: int, dtype: str = "float8_e4m3fn", spare_blocks: int = 0,
                           unallocated_fraction: float = 0.0, max_context_len: bool = False,
@@ -357,14 +374,8 @@ def paged_indexer_problem(rng: np.random.Generator, *, batch: int, next_n: int, 
 
     max_blocks = max(max_blocks, -(-next_n // block_size))  # room for the step's own queries
     lengths = rng.integers(next_n, max_blocks * block_size + 1, size=batch)  # [b]
-    owned = -(-lengths // block_size)  # [b]   blocks each sequence uses
-    num_blocks = int(owned.sum()) + spare_blocks
-    order = rng.permutation(num_blocks)  # physical block of each logical one, shuffled
-    table = np.full((batch, max_blocks), -1, np.int64)  # [b, max_blocks]
-    start = 0
-    for sequence, count in enumerate(owned.tolist()):
-        table[sequence, :count] = order[start:start + count]
-        start += count
+    num_blocks = int((-(-lengths // block_size)).sum()) + spare_blocks
+    table = shuffled_block_table(rng, lengths, block_size, num_blocks, max_blocks).astype(np.int64)
     holes = (rng.random(table.shape) < unallocated_fraction) & (table >= 0)
     table = np.where(holes, rng.choice(np.array([-1, num_blocks, INT32_MAX]), size=table.shape), table)
     keys = rng.standard_normal((num_blocks * block_size, d_i)) * rng.uniform(0.1, 4.0, (num_blocks * block_size, 1))
