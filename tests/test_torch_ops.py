@@ -179,6 +179,17 @@ def test_bad_inputs_get_the_public_ops_errors():
         dt.sparse_mla(q, kv, indices, d_v=8, backend="nope")
 
 
+def test_the_packed_fp8_cache_is_refused_while_recording_gradients_and_runs_without():
+    q = torch.randn(2, 2, 576, requires_grad=True)
+    cache = torch.from_numpy(dsa_ref.pack_kv_cache_fp8(np.random.default_rng(0).standard_normal((4, 576))))
+    indices = torch.tensor([[0, 1], [2, -1]], dtype=torch.int32)
+    with pytest.raises(TypeError, match="packed FP8 cache"):
+        dt.sparse_mla(q, cache, indices, backend="numpy")
+    with torch.no_grad():
+        out, lse = dt.sparse_mla(q, cache, indices, backend="numpy")
+    assert out.shape == (2, 2, 512) and torch.isfinite(lse).all()
+
+
 def test_key_ranges_are_clamped_not_read():
     q_index, weights, k_index = torch.randn(3, 2, 4), torch.randn(3, 2), torch.randn(5, 4)
     scores = dt.lightning_indexer(q_index, weights, k_index, key_start=torch.tensor([-2, 1, 4]),

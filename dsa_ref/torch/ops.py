@@ -163,7 +163,8 @@ def sparse_mla(q: Tensor, kv: Tensor, indices: Tensor, *, sm_scale: Optional[flo
 
     Args:
         q: ``[s_q, h, d_qk]``; kv: ``[s_kv, d_qk]`` (or the packed FP8 cache, uint8 ``[s_kv, 656]``,
-            which has no gradient); indices: int ``[s_q, topk]`` (no gradient).
+            which has no backward: refused while a gradient is being recorded); indices: int ``[s_q, topk]``
+            (no gradient).
         sm_scale, d_v, topk_length, attn_sink: as for :func:`dsa_ref.sparse_mla`; ``topk_length`` is
             clamped into ``[0, topk]`` on the device.
         backend: a backend name; default the active one.
@@ -174,6 +175,10 @@ def sparse_mla(q: Tensor, kv: Tensor, indices: Tensor, *, sm_scale: Optional[flo
         (bitwise repeatable under :func:`dsa_ref.use_deterministic` or
         ``torch.use_deterministic_algorithms(True)``).
     """
+    if kv.dtype == torch.uint8 and torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+        raise TypeError("dsa_ref.torch.sparse_mla: kv is the packed FP8 cache (uint8 [s_kv, 656]), an inference "
+                        "format with no backward; call it under torch.no_grad() (decode), or pass the latent rows "
+                        "in a float dtype [s_kv, d_qk] to train")
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
     return _sparse_mla(q, kv, indices, topk_length, attn_sink, float(sm_scale), int(d_v), _backend_name(backend))
