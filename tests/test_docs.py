@@ -1,6 +1,6 @@
 """The documentation site: strict build (tutorials executed), generated pages, and a browser check.
 
-The build runs once per test session (about a minute: it executes the nine tutorials). The
+The build runs once per test session (about a minute: it executes every tutorial). The
 browser test serves the built site on 127.0.0.1, loads the home page, a tutorial and an API page
 in headless Chromium, and checks that math is rendered by the site's own KaTeX, that plots are
 shown, and that the console has no errors; screenshots are kept in ``build/test-artifacts/docs``
@@ -87,7 +87,9 @@ def built_site(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------------- the build
 def test_every_tutorial_is_rendered_executed_and_has_a_plot(built_site):
-    assert len(TUTORIALS) == 9, [p.name for p in TUTORIALS]
+    nav = (DOCS / "mkdocs.yml").read_text(encoding="utf-8")
+    assert len(TUTORIALS) >= 10, [p.name for p in TUTORIALS]
+    assert all(tutorial.name in nav for tutorial in TUTORIALS), "every tutorial is in the site's navigation"
     for tutorial in TUTORIALS:
         page = built_site / "tutorials" / tutorial.stem / "index.html"
         assert page.exists(), f"{tutorial.name} has no page"
@@ -143,7 +145,8 @@ def test_api_parameter_tables_show_defaults_and_types(built_site):
         assert found, f"{name} is not in the parameter tables of the dsa_ref page"
         for row in found:
             assert row["default"] != "required" and row["default"], f"{name} has a default but shows {row}"
-    assert [row["default"] for row in ops if row["name"] == "d_v"] == ["512", "512"]
+    d_v_defaults = [row["default"] for row in ops if row["name"] == "d_v"]
+    assert len(d_v_defaults) >= 2 and set(d_v_defaults) == {"512"}, d_v_defaults
     assert all(row["default"] == "required" for row in ops if row["name"] in ("q", "kv", "topk"))
     typed = [row for page in rows.values() for row in page if row["type"]]
     total = sum(len(page) for page in rows.values())
