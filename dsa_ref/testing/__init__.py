@@ -8,7 +8,9 @@
 * :func:`check_problem`, :func:`check_backend` — run a backend against the reference (a failing
   op reports each distinct failure with its input; ``progress=`` follows a long run);
   ``dsa-ref check --backend NAME`` does the same from the shell;
-* a pytest plugin (auto-loaded) whose ``dsa_backend`` fixture runs a test once per available backend.
+* a pytest plugin (auto-loaded) whose ``dsa_backend`` fixture runs a test once per available backend;
+* :mod:`~dsa_ref.testing.adapters` — peers' kernels (FlashMLA, DeepGEMM, TileLang, sglang) from your
+  installation as backends, so the same checks run on them (``module://dsa_ref.testing.adapters:FlashMLA``).
 
 Importing this module does not need hypothesis; :func:`check_backend` and the strategies do.
 """
