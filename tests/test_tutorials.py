@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((REPO / "tutorials").glob("[0-9][0-9]_*.py"))
 NEEDS_TRITON = {"08_triton_sparse_mla.py"}
 #: Tutorials that run torch autograd (on the CPU; torch comes with the ``triton`` extra).
-NEEDS_TORCH = {"10_training_dsa.py"}
+NEEDS_TORCH = {"10_training_dsa.py", "11_checking_a_kernel.py"}
 #: Run ``sys.argv[2:]`` (a script and its arguments, or ``-m module ...``) in this process as if
 #: the module ``sys.argv[1]`` (and its submodules) were not installed.
 WITHOUT_MODULE = """
@@ -53,8 +53,8 @@ else:
 TIME_LIMIT = 120
 
 
-def test_all_ten_tutorials_exist():
-    assert [int(path.name[:2]) for path in TUTORIALS] == list(range(1, 11)), [p.name for p in TUTORIALS]
+def test_all_eleven_tutorials_exist():
+    assert [int(path.name[:2]) for path in TUTORIALS] == list(range(1, 12)), [p.name for p in TUTORIALS]
 
 
 @pytest.mark.parametrize("tutorial", TUTORIALS, ids=[path.stem for path in TUTORIALS])
