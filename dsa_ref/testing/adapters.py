@@ -43,13 +43,14 @@ import numpy as np
 
 from dsa_ref import interop
 from dsa_ref.backend import Backend
+from dsa_ref.reference.formats import KV_CACHE_FP8_BYTES as PACKED_ROW_BYTES
+from dsa_ref.reference.formats import KV_LATENT_DIM as LATENT_DIM
+from dsa_ref.reference.formats import KV_ROPE_DIM as ROPE_DIM
 
 #: ``log2(e)``: a natural-log lse times this is the base-2 lse.
 LOG2_E = math.log2(math.e)
-#: MLA's MQA row (DeepSeek-V3.2): 512 latent dims (V) and 64 RoPE dims.
-LATENT_DIM, ROPE_DIM = 512, 64
+#: MLA's MQA row (DeepSeek-V3.2): 512 latent dims (V) and 64 RoPE dims, one definition with the FP8 cache's.
 MLA_DIM = LATENT_DIM + ROPE_DIM
-PACKED_ROW_BYTES = 656
 
 
 class PeerBackend(Backend):
@@ -166,7 +167,7 @@ def _mla_shape_reasons(q, kv, d_v: int, head_multiple: int, pad: bool, peer: str
         reasons.append(f"d_qk={d_qk}, d_v={d_v} ({peer} takes d_qk={MLA_DIM}, d_v={LATENT_DIM} only)")
     if not pad and h % head_multiple:
         reasons.append(f"h={h} ({peer} takes heads in multiples of {head_multiple})")
-    if pad and not packed and d_v > LATENT_DIM or d_qk - d_v > ROPE_DIM:
+    if pad and not packed and (d_v > LATENT_DIM or d_qk - d_v > ROPE_DIM):
         reasons.append(f"d_qk={d_qk}, d_v={d_v} (padding to {peer}'s rows needs d_v <= {LATENT_DIM} and "
                        f"d_qk - d_v <= {ROPE_DIM})")
     return reasons
