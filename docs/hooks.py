@@ -31,6 +31,8 @@ DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
 TUTORIALS = REPO / "tutorials"
 KATEX_DIR = REPO / "build" / f"katex-{KATEX_VERSION}"
+#: What the site loads from KaTeX's dist (its fonts come along); the fetch is complete when these are there.
+KATEX_FILES = ("katex.min.js", "katex.min.css", "contrib/auto-render.min.js")
 REPORT_DIRS = {"bench": DOCS / "bench", "reports": DOCS / "reports"}
 TUTORIAL_PATTERN = "[0-9][0-9]_*.py"
 MARKER = re.compile(r"<!--\s*dsa-ref:(?P<what>[\w-]+)(?:\s+(?P<arg>[\w-]+))?\s*-->")
@@ -39,7 +41,7 @@ MARKER = re.compile(r"<!--\s*dsa-ref:(?P<what>[\w-]+)(?:\s+(?P<arg>[\w-]+))?\s*-
 # ---------------------------------------------------------------------------- KaTeX
 def ensure_katex() -> Path:
     """The folder holding KaTeX's dist files, fetched from the npm registry on first use."""
-    if (KATEX_DIR / "katex.min.js").exists():
+    if all((KATEX_DIR / name).exists() for name in KATEX_FILES):
         return KATEX_DIR
     npm = shutil.which("npm")
     if npm is None:
@@ -58,14 +60,23 @@ def ensure_katex() -> Path:
                 if not member.isfile() or not name.startswith("package/dist/"):
                     continue
                 relative = name[len("package/dist/"):]
-                if relative in ("katex.min.js", "katex.min.css", "contrib/auto-render.min.js") or \
-                        relative.startswith("fonts/"):
+                if relative in KATEX_FILES or relative.startswith("fonts/"):
                     target = staging / relative
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(archive.extractfile(member).read())
         KATEX_DIR.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(KATEX_DIR, ignore_errors=True)
-        shutil.copytree(staging, KATEX_DIR)
+        # Two builds may fetch at once (test workers): each copies beside the target and renames it
+        # into place, which is atomic; a build that finds the place taken by a complete copy uses it.
+        own = Path(tempfile.mkdtemp(prefix=f"{KATEX_DIR.name}.", dir=KATEX_DIR.parent)) / "dist"
+        shutil.copytree(staging, own)
+        try:
+            os.rename(own, KATEX_DIR)
+        except OSError:
+            if not all((KATEX_DIR / name).exists() for name in KATEX_FILES):  # an interrupted build's copy
+                shutil.rmtree(KATEX_DIR, ignore_errors=True)
+                os.rename(own, KATEX_DIR)
+        finally:
+            shutil.rmtree(own.parent, ignore_errors=True)
     return KATEX_DIR
 
 

@@ -195,6 +195,38 @@ def test_readme_says_how_to_install_each_extra_and_where_search_works():
 
 
 # ---------------------------------------------------------------------------- the hooks, directly
+def test_katex_fetches_repair_a_partial_copy_and_survive_each_other(hooks, tmp_path, monkeypatch):
+    """Seen in CI: two builds fetching KaTeX at once left a copy without its CSS (and failed). A
+    partial copy is replaced; concurrent fetches all end with one complete copy."""
+    import threading
+
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not installed")
+    target = tmp_path / "build" / f"katex-{hooks.KATEX_VERSION}"
+    monkeypatch.setattr(hooks, "KATEX_DIR", target)
+    target.mkdir(parents=True)
+    (target / "katex.min.js").write_text("partial")
+    assert hooks.ensure_katex() == target
+    assert all((target / name).exists() for name in hooks.KATEX_FILES)
+    shutil.rmtree(target)
+    errors = []
+
+    def fetch():
+        try:
+            hooks.ensure_katex()
+        except Exception as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert all((target / name).exists() for name in hooks.KATEX_FILES)
+    assert [p.name for p in target.parent.iterdir()] == [target.name], "no leftover temporary copies"
+
+
 def test_report_pages_say_so_when_nothing_is_committed(hooks, tmp_path, monkeypatch):
     monkeypatch.setitem(hooks.REPORT_DIRS, "bench", tmp_path / "missing")
     monkeypatch.setitem(hooks.REPORT_DIRS, "reports", tmp_path / "missing too")
