@@ -109,6 +109,17 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale: float, d_v: int = 512, attn_s
     return out, max_logits, lse
 
 
+def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int, num_heads_q=None,
+                     is_fp8_kvcache: bool = False, topk=None):
+    """FlashMLA's scheduling call, for call sites that make it before :func:`flash_mla_with_kvcache`.
+
+    dsa-ref's backends schedule their own work, so there is nothing to plan: it returns
+    ``(None, None)`` (``tile_scheduler_metadata``, ``num_splits``), which :func:`flash_mla_with_kvcache`
+    accepts and ignores. The arguments are FlashMLA's, accepted as given.
+    """
+    return None, None
+
+
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int, tile_scheduler_metadata=None,
                            num_splits=None, softmax_scale: float | None = None, causal: bool = False,
                            is_fp8_kvcache: bool = True, indices=None, attn_sink=None, extra_k_cache=None,

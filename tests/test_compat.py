@@ -337,3 +337,18 @@ def test_paged_mqa_logits_wrong_layouts_refused(change, error, message):
     arguments.update(change)
     with pytest.raises(error, match=message):
         compat.fp8_paged_mqa_logits(**arguments)
+
+
+@pytest.mark.parametrize("adapter,op", [("FlashMLA", "sparse_mla"), ("DeepGEMM", "lightning_indexer")])
+def test_the_compat_calls_pass_the_kit_through_the_peer_adapters(adapter, op):
+    """dsa_ref.compat in the peers' places: the adapters that check FlashMLA and DeepGEMM, pointed at
+    dsa-ref's own FlashMLA- and DeepGEMM-shaped calls, must pass the conformance kit (and so check
+    both the calls' conventions and the adapters' translations against each other)."""
+    pytest.importorskip("torch")
+    from dsa_ref.testing import adapters, check_backend
+
+    options = dict(prefill_lse_base="e", decode_lse_base="e") if adapter == "FlashMLA" else {}
+    backend = getattr(adapters, adapter)(module="dsa_ref.compat", device="cpu", **options)
+    report = check_backend(backend, "ci", ops_to_check=[op], max_examples=60)
+    assert report.ok, str(report)
+    assert report.ops[0].ran >= 10, str(report)
