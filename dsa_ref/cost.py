@@ -25,9 +25,11 @@ an int or an integer array and is vectorized over it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
+
+from . import _checks
 
 PHASES = ("decode", "prefill")
 METRICS = ("flops", "bytes", "seconds")
@@ -41,14 +43,28 @@ def attention_flops(context, heads: int, d_qk: int, d_v: int) -> float:
     count or an array of per-query counts (they are summed), e.g. ``np.arange(1, s + 1)`` for a
     causal prefill of ``s`` tokens.
     """
-    return float(2 * heads * np.sum(np.asarray(context, np.float64)) * (d_qk + d_v))
+    for name, value in (("heads", heads), ("d_qk", d_qk), ("d_v", d_v)):
+        _checks.positive_int(name, value)
+    return float(2 * heads * np.sum(_counts(context)) * (d_qk + d_v))
 
 
 def indexer_flops(context, index_heads: int, index_dim: int) -> float:
     """FLOPs of the lightning indexer (eq. 1) for queries over ``context`` keys each:
     ``2 · index_heads · index_dim · Σ context`` (the ``q · k`` products; ReLU and the weighted head
     sum add ``O(H_I)`` per key and are left out, as in DeepGEMM's count)."""
-    return float(2 * index_heads * index_dim * np.sum(np.asarray(context, np.float64)))
+    for name, value in (("index_heads", index_heads), ("index_dim", index_dim)):
+        _checks.positive_int(name, value)
+    return float(2 * index_heads * index_dim * np.sum(_counts(context)))
+
+
+def _counts(context) -> np.ndarray:
+    """Per-query key counts as float64: integers >= 0 (a query may see no key)."""
+    t = np.asarray(context)
+    if t.size and not np.issubdtype(t.dtype, np.integer):  # an empty list has no dtype of its own
+        raise ValueError(f"context must be integer key counts, got dtype {t.dtype}")
+    if t.size and t.min() < 0:
+        raise ValueError(f"context must be key counts >= 0, got min {t.min()}")
+    return t.astype(np.float64)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -84,8 +100,21 @@ class CostConfig:
     index_bytes: int = 8
     indexer_fp8: bool = True
 
+    def __post_init__(self):
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "indexer_fp8":
+                if not isinstance(value, bool):
+                    raise TypeError(f"indexer_fp8 must be a bool, got {type(value).__name__} {value!r}")
+            else:  # widths, counts and row sizes are >= 1; per-key byte counts may be 0 (not stored)
+                _checks.int_at_least(field.name, value, 0 if field.name in _MAY_BE_ZERO else 1)
+
     def replace(self, **changes) -> "CostConfig":
         return replace(self, **changes)
+
+
+#: CostConfig fields that may be 0: traffic a fused or cache-free variant does not have.
+_MAY_BE_ZERO = ("index_key_bytes", "score_bytes", "index_bytes")
 
 
 #: DeepSeek-V3.2's attention, FP8 latent cache and fp8 indexer.
@@ -101,6 +130,11 @@ class Hardware:
     bf16_flops_per_s: float = 989e12
     fp8_flops_per_s: float = 1979e12
     bytes_per_s: float = 3.35e12
+
+    def __post_init__(self):
+        for name in ("bf16_flops_per_s", "fp8_flops_per_s", "bytes_per_s"):
+            if _checks.finite_float(name, getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 H100 = Hardware()
@@ -128,8 +162,10 @@ class TokenCost:
 
 def _context(context) -> np.ndarray:
     t = np.asarray(context)
-    if not np.issubdtype(t.dtype, np.integer) or np.any(t < 1):
-        raise ValueError(f"context must be integer key counts >= 1, got {t.dtype} {t.min() if t.size else t}")
+    if not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"context must be integer key counts >= 1, got dtype {t.dtype}")
+    if t.size and t.min() < 1:
+        raise ValueError(f"context must be integer key counts >= 1 (the token itself is a key), got min {t.min()}")
     return t.astype(np.float64)
 
 
@@ -207,7 +243,8 @@ def crossover(config: CostConfig = V32, phase: str = "decode", metric: str = "fl
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if metric == "bytes" and phase != "decode":
         raise ValueError("metric='bytes' is modelled for phase='decode' only (prefill is compute-bound)")
-    t = np.arange(1, max_context + 1)
+    _check_phase(phase)
+    t = np.arange(1, _checks.positive_int("max_context", max_context) + 1)
     dense = metric_of(dense_token_cost(t, config, phase), metric, hardware)  # [n]
     dsa = metric_of(dsa_token_cost(t, config, phase), metric, hardware)  # [n]
     not_cheaper = np.flatnonzero(dsa >= dense)  # positions where DSA does not pay
@@ -268,8 +305,8 @@ def context_parallel_bytes(world_size: int, tokens_per_rank: int, *, d_qk: int =
         ``{"index_keys", "latent_rows", "latent_grads", "total"}`` in bytes (``latent_grads`` is 0
         without ``backward``).
     """
-    steps = int(world_size) - 1
-    n = int(tokens_per_rank)
+    steps = _checks.positive_int("world_size", world_size) - 1
+    n = _checks.int_at_least("tokens_per_rank", tokens_per_rank, 0)
     index = steps * n * (index_dim * index_element_bytes + index_scale_bytes)
     rows = steps * n * d_qk * kv_element_bytes
     grads = rows if backward else 0

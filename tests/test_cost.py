@@ -99,3 +99,34 @@ def test_cost_table_rows():
 def test_errors_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: cost.cost_table("abc"), ValueError, "context must be integer key counts"),
+    (lambda: cost.crossover(max_context=0), ValueError, "max_context must be >= 1"),
+    (lambda: cost.crossover(max_context=2.5), TypeError, "max_context must be an int"),
+    (lambda: cost.crossover(phase="train"), ValueError, "phase must be one of"),
+    (lambda: cost.CostConfig(topk=-5), ValueError, "topk must be >= 1"),
+    (lambda: cost.CostConfig(heads=0), ValueError, "heads must be >= 1"),
+    (lambda: cost.CostConfig(d_qk=576.0), TypeError, "d_qk must be an int"),
+    (lambda: cost.CostConfig(score_bytes=-8), ValueError, "score_bytes must be >= 0"),
+    (lambda: cost.CostConfig(indexer_fp8=1), TypeError, "indexer_fp8 must be a bool"),
+    (lambda: cost.V32.replace(topk=0), ValueError, "topk must be >= 1"),
+    (lambda: cost.Hardware(bytes_per_s=0), ValueError, "bytes_per_s must be > 0"),
+    (lambda: cost.Hardware(bf16_flops_per_s=float("nan")), ValueError, "bf16_flops_per_s must be finite"),
+    (lambda: cost.attention_flops(10, -1, 576, 512), ValueError, "heads must be >= 1"),
+    (lambda: cost.attention_flops([3, -1], 128, 576, 512), ValueError, "context must be key counts >= 0"),
+    (lambda: cost.indexer_flops(np.array([1.5]), 64, 128), ValueError, "context must be integer key counts"),
+    (lambda: cost.indexer_flops(10, 64, 0), ValueError, "index_dim must be >= 1"),
+    (lambda: cost.context_parallel_bytes(0, 10), ValueError, "world_size must be >= 1"),
+    (lambda: cost.context_parallel_bytes(2, -3), ValueError, "tokens_per_rank must be >= 0"),
+])
+def test_every_public_function_refuses_nonsense_sizes(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_zero_traffic_fields_and_empty_contexts_are_allowed():
+    assert cost.CostConfig(score_bytes=0).score_bytes == 0  # a fused indexer + top-k stores no scores
+    assert cost.attention_flops([], 128, 576, 512) == 0.0
+    assert cost.context_parallel_bytes(1, 10)["total"] == 0
