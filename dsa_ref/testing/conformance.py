@@ -30,6 +30,9 @@ from .tolerances import gradient_tolerance_for, tolerance_for
 CHECKED_OPS = ("lightning_indexer", "topk_indices", "sparse_mla", "dsa_attention", "sparse_mla_backward",
                "attention_target", "indexer_loss", "indexer_loss_backward", "lightning_indexer_paged")
 
+#: Width of the op column in reports: the longest op name.
+_OP_WIDTH = max(map(len, CHECKED_OPS))
+
 #: How the inputs of a ``dsa_attention`` problem reach the reference: the indexer's under their
 #: names in :func:`~dsa_ref.reference.lightning_indexer`, the attention's to
 #: :func:`~dsa_ref.reference.sparse_mla`. An input in neither would reach the backend only.
@@ -311,7 +314,7 @@ class ProgressPrinter:
 
     def __call__(self, update: ProgressUpdate) -> None:
         stream = self._stream or sys.stdout
-        line = f"  {update.op:18s} {update.done}/{update.total} examples, {update.elapsed:.1f}s"
+        line = f"  {update.op:{_OP_WIDTH}s} {update.done}/{update.total} examples, {update.elapsed:.1f}s"
         if update.finished:
             line += " FAIL" if update.failing else " ok"
         elif update.failing:
@@ -341,7 +344,7 @@ class ConformanceReport:
                  f"{'PASS' if self.ok else 'FAIL'}"]
         for op in self.ops:
             status = "ok" if op.failure is None else "FAIL"
-            lines.append(f"  {op.op:18s} {status:4s} ran={op.ran:5d} refused={op.refused:5d} "
+            lines.append(f"  {op.op:{_OP_WIDTH}s} {status:4s} ran={op.ran:5d} refused={op.refused:5d} "
                          f"worst error ratio={op.worst_error_ratio:.3g} ({op.seconds:.1f}s)")
             for reason, count in sorted(op.refusal_reasons.items(), key=lambda item: -item[1])[:3]:
                 lines.append(f"      refused x{count}: {reason}")
