@@ -320,12 +320,18 @@ class DSALayer:
         return project_values(np.asarray(out_latent), w_uv)  # [n, h, v]
 
 
-def _checked_weights(weights, config: DSAConfig) -> dict[str, np.ndarray]:
+def check_parameter_names(weights, config: DSAConfig) -> dict[str, tuple[int, ...]]:
+    """``weights`` holds exactly the official names (:data:`PARAMETER_NAMES`); returns their shapes."""
     shapes = parameter_shapes(config)
     missing = [name for name in shapes if name not in weights]
     unknown = [name for name in weights if name not in shapes]
     if missing or unknown:
         raise ValueError(f"state_dict: missing {missing}, unexpected {unknown} (expected the names {list(shapes)})")
+    return shapes
+
+
+def _checked_weights(weights, config: DSAConfig) -> dict[str, np.ndarray]:
+    shapes = check_parameter_names(weights, config)
     checked = {}
     for name, shape in shapes.items():
         value = np.asarray(weights[name]).astype(np.float64)

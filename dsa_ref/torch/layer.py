@@ -37,8 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import interop, modes
-from ..layer import DSAConfig, DSALayer, PARAMETER_NAMES, parameter_shapes
-from ..layer.layer import init_parameters
+from ..layer import DSAConfig, DSALayer
+from ..layer.layer import check_parameter_names, init_parameters
 from ..layer.loader import load_layer_state_dict
 from ..layer.norms import NORM_EPS, hadamard_matrix
 from ..layer.rope import _correction_dim
@@ -432,11 +432,7 @@ def _checked_state_dict(state_dict, config: DSAConfig) -> dict[str, Tensor]:
     """The parameters as tensors by their official names, each of its config's shape (float64 for arrays)."""
     if not hasattr(state_dict, "keys"):
         raise TypeError(f"state_dict must map the official names to arrays, got {type(state_dict).__name__}")
-    shapes = parameter_shapes(config)
-    missing = [name for name in PARAMETER_NAMES if name not in state_dict]
-    unknown = [name for name in state_dict if name not in shapes]
-    if missing or unknown:
-        raise ValueError(f"state_dict: missing {missing}, unexpected {unknown} (expected the names {list(shapes)})")
+    shapes = check_parameter_names(state_dict, config)
     tensors = {}
     for name, shape in shapes.items():
         value = state_dict[name]
