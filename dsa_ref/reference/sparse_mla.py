@@ -208,8 +208,8 @@ def attention_target(q, kv, indices, lse, *, sm_scale=None, topk_length=None) ->
         lse: ``[s_q, h]`` the forward's natural-log lse.
 
     Returns:
-        float32 ``[s_q, topk]`` (float64 for float64 ``q``): each row sums to 1 over its valid slots, 0 at invalid slots; a row
-        with no valid slot is all 0.
+        float32 ``[s_q, topk]`` (float64 for float64 ``q``): each row sums to 1 over its valid slots,
+        0 at invalid slots; a row with no valid slot is all 0.
     """
     kv = np.asarray(kv)
     if kv.dtype == np.uint8 and kv.shape[-1] == KV_CACHE_FP8_BYTES:
