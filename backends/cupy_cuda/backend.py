@@ -274,9 +274,17 @@ class CupyBackend(Backend):
                             attn_sink, d_lse, deterministic: bool):
         import cupy
 
-        q32, kv32 = self._float32(q), self._float32(kv)
-        s_q, h, d_qk = (int(n) for n in q32.shape)
-        s_kv, d_v = int(kv32.shape[0]), int(d_v)
+        q, kv = self._native(q), self._native(kv)
+        q_dtype, kv_dtype = logical_dtype(q), logical_dtype(kv)
+        s_q, h, d_qk = (int(n) for n in q.shape)
+        s_kv, d_v = int(kv.shape[0]), int(d_v)
+        kernel_path = "simt"
+        if s_q > 0 and h > 0:
+            kernel_path = backward_kernel_path(q_dtype, kv_dtype, d_qk=d_qk, kv_width=int(kv.shape[1]), d_v=d_v,
+                                               deterministic=deterministic, smem_limit=_smem_optin())
+        q32 = kv32 = None  # the tensor-core kernel reads the bf16 inputs as they are
+        if kernel_path == "simt":
+            q32, kv32 = _to_float32(q, q_dtype), _to_float32(kv, kv_dtype)
         indices = _valid_int32_indices(self._native(indices), s_kv)
         topk = int(indices.shape[1])
         if topk_length is not None:
@@ -290,7 +298,16 @@ class CupyBackend(Backend):
             share = (1.0 / (1.0 + cupy.exp(sink[None, :] - lse32))).astype(cupy.float32)  # exp overflow: f = 0
         dq = self._empty((s_q, h, d_qk), cupy.float32)
         dkv = cupy.zeros((s_kv, d_qk), cupy.float32)  # an accumulator: rows no slot reads stay exactly 0
-        if s_q > 0 and h > 0:
+        if kernel_path == "mma":
+            function = kernels.kernel("sparse_mla_backward_mma.cu", "sparse_mla_bwd_mma", q.device.id,
+                                      BACKWARD_MMA_SMEM)
+            head_blocks = (h + 63) // 64
+            function((s_q * head_blocks,), (512,),
+                     (q, kv, indices, _nullable(topk_length), lse32, d_out32, delta, share, _nullable(d_lse32), dq,
+                      dkv, np.int32(h), np.int32(s_kv), np.int32(topk), np.float32(sm_scale),
+                      np.float32(float(sm_scale) * math.log2(math.e))),
+                     shared_mem=BACKWARD_MMA_SMEM)
+        elif s_q > 0 and h > 0:
             device_id = q32.device.id
             query_smem = (2 * d_qk + d_v) * 4
             query_kernel = kernels.kernel("sparse_mla_backward.cu", "sparse_mla_bwd_query_simt", device_id, query_smem)
@@ -568,6 +585,23 @@ TRAINING_MAX_HEADS = 128
 INDEXER_LOSS_MAX_HEADS, INDEXER_LOSS_MAX_DIMS = 64, 128
 #: Scratch memory one chunk of queries of a training op may take (intermediates, sort keys).
 CHUNK_BYTES = 1 << 28
+
+
+#: Shared memory of sparse_mla_bwd_mma (mla_bwd_mma::Smem::TOTAL in csrc/sparse_mla_backward_mma.cu):
+#: Q, dout, two gathered tiles, the staged dl and f P tiles, tile rows, per-head values.
+BACKWARD_MMA_SMEM = 73728 + 65536 + 2 * 36864 + 2 * 5120 + 2 * 32 * 4 + 4 * 64 * 4
+
+
+def backward_kernel_path(q_dtype: str, kv_dtype: str, *, d_qk: int, kv_width: int, d_v: int, deterministic: bool,
+                         smem_limit: int) -> str:
+    """Which sparse-MLA backward runs: ``"mma"`` (csrc/sparse_mla_backward_mma.cu, tensor cores) for bf16
+    q and kv rows at the V3.2 widths d_qk = 576, d_v = 512, in the default (atomic) mode, where the
+    device gives a block its shared memory; ``"simt"`` (csrc/sparse_mla_backward.cu, float32) for
+    everything else, deterministic mode included (its sorted-segment sum is the repeatable one)."""
+    if (q_dtype == "bfloat16" and kv_dtype == "bfloat16" and d_qk == 576 and kv_width == 576 and d_v == 512
+            and not deterministic and BACKWARD_MMA_SMEM <= smem_limit):
+        return "mma"
+    return "simt"
 
 
 def _training_attention_reasons(op: str, inputs: dict, limit: int) -> list[str]:
