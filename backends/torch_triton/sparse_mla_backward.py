@@ -270,11 +270,35 @@ def _prepare(q, kv, indices, topk_length):
     return q, kv, indices, topk_length
 
 
+KERNELS = ("fused", "split")
+
+
+def default_kernel(dtype) -> str:
+    """The fused one-pass kernel (:mod:`.sparse_mla_backward_fused`) for 16-bit operands; float32
+    operands keep the split kernels: the fused float32 tile (3xTF32 doubles the operands) spills
+    kilobytes of registers in the sm_90 compile."""
+    return "split" if dtype == torch.float32 else "fused"
+
+
 def sparse_mla_backward(q, kv, indices, out, lse, d_out, sm_scale: float, d_v: int, topk_length=None,
-                        attn_sink=None, d_lse=None, *, deterministic: bool = False, config: dict | None = None):
+                        attn_sink=None, d_lse=None, *, deterministic: bool = False, config: dict | None = None,
+                        kernel: str | None = None):
     """``(dq, dkv)`` float32, plus ``d_attn_sink`` ``[h]`` with ``attn_sink``; see
     :func:`dsa_ref.sparse_mla_backward`. ``q`` and ``kv`` share one float dtype.
-    ``config`` overrides :func:`backward_config` (``{"dq": {...}, "dkv": {...}}``, for tuning)."""
+
+    ``kernel``: ``"fused"`` (:func:`.sparse_mla_backward_fused.fused_sparse_mla_backward`),
+    ``"split"`` (the dq and dkv kernels below) or None (:func:`default_kernel`). ``config``
+    overrides the chosen kernel's block sizes: :func:`backward_config`'s ``{"dq": {...}, "dkv": {...}}``
+    for the split kernels, :func:`.sparse_mla_backward_fused.fused_backward_config`'s keys for the fused one."""
+    if kernel is None:
+        kernel = default_kernel(q.dtype)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not a sparse MLA backward kernel (expected one of {KERNELS} or None)")
+    if kernel == "fused":
+        from .sparse_mla_backward_fused import fused_sparse_mla_backward
+
+        return fused_sparse_mla_backward(q, kv, indices, out, lse, d_out, sm_scale, d_v, topk_length, attn_sink,
+                                         d_lse, deterministic=deterministic, config=config)
     s_q, h, d_qk = q.shape
     s_kv = kv.shape[0]
     topk = indices.shape[1]
