@@ -145,13 +145,12 @@ def test_fused_deterministic_sums_over_query_chunks(monkeypatch):
 
 
 def test_kernel_choice_default_and_refusal():
-    q = torch.zeros((1, 1, 24), dtype=torch.bfloat16)
     assert kernels.default_kernel(torch.bfloat16) == "fused"
     assert kernels.default_kernel(torch.float32) == "split"
+    q, kv = torch.zeros((1, 1, 24), dtype=torch.bfloat16), torch.zeros((4, 24), dtype=torch.bfloat16)
+    indices, out, lse = torch.zeros((1, 2), dtype=torch.int32), torch.zeros((1, 1, 16)), torch.zeros((1, 1))
     with pytest.raises(ValueError, match="kernel='fast'"):
-        kernels.sparse_mla_backward(q, torch.zeros((4, 24), dtype=torch.bfloat16), torch.zeros((1, 2), dtype=torch.int32),
-                                    torch.zeros((1, 1, 16)), torch.zeros((1, 1)), torch.zeros((1, 1, 16)), 0.1, 16,
-                                    kernel="fast")
+        kernels.sparse_mla_backward(q, kv, indices, out, lse, out, 0.1, 16, kernel="fast")
 
 
 def test_fused_and_split_agree_and_empty_shapes():

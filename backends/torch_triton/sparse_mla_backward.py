@@ -28,6 +28,9 @@ one is already the register limit):
 
 Invalid slots (index ``< 0`` or ``>= s_kv``, or past ``topk_length``) point at row 0 and are masked:
 they load zeros, contribute exactly 0 and are never dereferenced or written.
+
+These two kernels are the ``kernel="split"`` path; 16-bit operands go by default to the one-pass
+kernel of :mod:`.sparse_mla_backward_fused` (see :func:`default_kernel`).
 """
 
 from __future__ import annotations

@@ -12,16 +12,16 @@ query's slots ``BLOCK_T`` at a time. For each slot block it gathers the rows onc
 * ``dq += dS K`` into a float32 ``[BLOCK_H, d_qk]`` accumulator kept for the whole walk (the
   forward's ``out`` accumulator, widened by the rest part) and written once at the end;
 * the slots' row contributions ``sm_scale dS^T q + [:d_v] f P^T dout`` ``[BLOCK_T, d_qk]``, one
-  static column chunk at a time (``CHUNK`` columns of the value part, then the rest part): each
-  chunk is two tensor-core products ``[BLOCK_T, BLOCK_H] x [BLOCK_H, CHUNK]`` whose result is sent
-  out and dropped, so no ``[BLOCK_T, d_qk]`` float32 tile ever lives beside the ``dq`` one. The q
+  static column chunk at a time (``CHUNK`` columns of the value part, then of the rest part):
+  each chunk is at most two tensor-core products ``[BLOCK_T, BLOCK_H] x [BLOCK_H, CHUNK]`` whose
+  result is sent out and dropped, so no ``[BLOCK_T, d_qk]`` float32 tile ever lives beside the ``dq`` one. The q
   and dout column chunks are re-read per slot block; they are this program's own loop-invariant
   rows, so the reads hit L1/L2, not HBM.
 
 Compared with the split kernels (:mod:`.sparse_mla_backward`), this does the counted FLOP
 ``2 h topk (3 d_qk + 2 d_v)`` per query once, instead of recomputing ``q K^T`` and ``dout V^T`` in a
-second kernel (~1.4x), and it reads each query's q and dout once per head block instead of once per
-32 slots. The price is ``ceil(h / BLOCK_H)`` row contributions per (query, slot) instead of one.
+second kernel (~1.4x), and it brings each query's q and dout from HBM once per head block instead
+of once per 32 slots. The price is ``ceil(h / BLOCK_H)`` row contributions per (query, slot) instead of one.
 
 Where they go:
 
@@ -33,7 +33,9 @@ Where they go:
   This was chosen over keeping the split kernels' deterministic path because it keeps the fused
   kernel's single pass (the split path pays the ~1.4x recomputation and its spilling dkv kernel);
   its extra cost is the buffer traffic, ``ceil(h / BLOCK_H)`` x 4 d_qk bytes written and read once
-  per (query, slot): at h 128 and BLOCK_H 64 that is ~2x the split path's buffer.
+  per (query, slot): at h 128 and 32 heads a block, 4x the split path's buffer. Predicted (not
+  yet measured) at ~1.5-2x the default's time, so over the 1.3x one would like, but under the
+  split deterministic path, which also pays the recomputation.
 
 Invalid slots (index ``< 0`` or ``>= s_kv``, or past ``topk_length``) point at row 0 and are masked:
 they load zeros, contribute exactly 0 and are never dereferenced or written; padded heads load lse
