@@ -106,8 +106,7 @@ def key_ranges(key_start: Any, key_end: Any, s_q: int, s_kv: int) -> tuple[Any, 
     if s_q == 0:
         return key_start, key_end
     if not modes.data_checks_enabled():
-        start = key_start.clip(0, s_kv)
-        return start, start + (key_end.clip(0, s_kv) - start).clip(0, s_kv)
+        return clamp_key_ranges(key_start, key_end, s_kv)
     low, _ = _min_max(key_start)
     _, high = _min_max(key_end)
     if low < 0:
@@ -119,6 +118,14 @@ def key_ranges(key_start: Any, key_end: Any, s_q: int, s_kv: int) -> tuple[Any, 
         raise ValueError(f"key_start must be <= key_end for every query (an empty range is key_start == key_end), "
                          f"got a query with key_end - key_start = {shortest}")
     return key_start, key_end
+
+
+def clamp_key_ranges(key_start: Any, key_end: Any, s_kv: int) -> tuple[Any, Any]:
+    """The ranges clamped into ``0 <= key_start <= key_end <= s_kv`` on their own device, unread."""
+    if key_start.shape[0] == 0:
+        return key_start, key_end
+    start = key_start.clip(0, s_kv)
+    return start, start + (key_end.clip(0, s_kv) - start).clip(0, s_kv)
 
 
 def int_range(name: str, x: Any, low: int, high: int) -> Any:

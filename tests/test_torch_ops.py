@@ -268,3 +268,61 @@ def test_a_decode_step_replays_in_a_cuda_graph_equal_to_eager(backend):
     torch.cuda.synchronize()
     for got, expected in zip(captured, eager):
         assert torch.equal(got, expected), "the replayed graph differs from the eager step"
+
+
+# ---------------------------------------------------------------------------- the eager fast path
+def test_eager_inference_skips_the_dispatcher_and_repeated_checks(monkeypatch):
+    """A call that records no gradient runs the op's body directly, and a repeated signature skips the
+    argument checks; a new signature is checked again, and bad input still raises."""
+    from dsa_ref.torch import ops as torch_ops
+
+    q, kv, indices = _sparse_inputs(torch.float32)
+    torch_ops._ACCEPTED.clear()
+    calls = []
+    checks = torch_ops._sparse_mla_checks
+    monkeypatch.setattr(torch_ops, "_sparse_mla_checks", lambda *a: calls.append(1) or checks(*a))
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager path went through torch.library's dispatch")
+    monkeypatch.setattr(torch_ops, "_sparse_mla", refuse)
+    with torch.no_grad():
+        first = dt.sparse_mla(q, kv, indices, d_v=6, backend="numpy")
+        again = dt.sparse_mla(q, kv, indices, d_v=6, backend="numpy")
+        assert len(calls) == 1
+        dt.sparse_mla(q, kv, indices, d_v=5, backend="numpy")  # another signature: checked
+        assert len(calls) == 2
+        with pytest.raises(ValueError, match="d_v"):
+            dt.sparse_mla(q, kv, indices, d_v=9, backend="numpy")
+        with pytest.raises(ValueError, match="indices"):
+            dt.sparse_mla(q, kv, indices[:4], d_v=6, backend="numpy")
+    ref_out, ref_lse = dsa_ref.sparse_mla(q, kv, indices, d_v=6)
+    for out, lse in (first, again):
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(lse, ref_lse)
+    q.requires_grad_(True)  # recording a gradient: the custom op, never the shortcut
+    with pytest.raises(AssertionError, match="dispatch"):
+        dt.sparse_mla(q, kv, indices, d_v=6, backend="numpy")
+
+
+def test_eager_path_clamps_topk_length_and_key_ranges_every_call():
+    """The clamps are data operations: a repeated signature with other values still gets them."""
+    from dsa_ref.torch import ops as torch_ops
+
+    q, kv, indices = _sparse_inputs(torch.float32)
+    torch_ops._ACCEPTED.clear()
+    with torch.no_grad():
+        for length in ([3, 1, 2, 0, 3], [9, -4, 2, 0, 7]):
+            length = torch.tensor(length, dtype=torch.int32)
+            out, lse = dt.sparse_mla(q, kv, indices, d_v=6, topk_length=length, backend="numpy")
+            ref_out, ref_lse = reference.sparse_mla(q.numpy(), kv.numpy(), indices.numpy(), d_v=6,
+                                                    topk_length=length.clip(0, 3).numpy())
+            np.testing.assert_allclose(out.numpy(), ref_out, rtol=1e-5, atol=1e-6)
+        k = torch.randn(7, 4)
+        q_index, weights = torch.randn(5, 2, 4), torch.rand(5, 2)
+        for start, end in (([0, 1, 2, 3, 4], [3, 4, 5, 6, 7]), ([-3, 1, 6, 3, 4], [3, 99, 2, 6, 7])):
+            start, end = torch.tensor(start, dtype=torch.int32), torch.tensor(end, dtype=torch.int32)
+            scores = dt.lightning_indexer(q_index, weights, k, key_start=start, key_end=end, backend="numpy")
+            lo = start.clip(0, 7)
+            hi = lo + (end.clip(0, 7) - lo).clip(0, 7)
+            ref = reference.lightning_indexer(q_index.numpy(), weights.numpy(), k.numpy(), key_start=lo.numpy(),
+                                              key_end=hi.numpy())
+            np.testing.assert_allclose(scores.numpy(), ref, rtol=1e-5, atol=1e-6)

@@ -26,6 +26,7 @@ writes a partial ``(out, lse)`` and :func:`_combine_kernel` merges them with the
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -175,6 +176,7 @@ def _combine_kernel(p_part_out, p_part_lse, p_sink, p_out, p_lse, h, d_v, num_sp
 _COMPUTE_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
+@functools.lru_cache(maxsize=None)
 def _multiprocessors(device) -> int:
     if device.type != "cuda":
         return 4
@@ -182,7 +184,14 @@ def _multiprocessors(device) -> int:
 
 
 def sparse_mla_config(s_q: int, h: int, topk: int, d_v: int, d_qk: int, kv_fp8: bool, dtype, device) -> dict:
-    """Block sizes, and the number of slot splits that fills the GPU when queries are few.
+    """Block sizes, and the number of slot splits that fills the GPU when queries are few (a new dict
+    each call: callers may edit it)."""
+    return dict(_sparse_mla_config(s_q, h, topk, d_v, d_qk, kv_fp8, dtype, device))
+
+
+@functools.lru_cache(maxsize=4096)  # every decode step asks again for the same shapes
+def _sparse_mla_config(s_q: int, h: int, topk: int, d_v: int, d_qk: int, kv_fp8: bool, dtype, device) -> dict:
+    """See :func:`sparse_mla_config`.
 
     float32 operands (3xTF32) keep a high and a low half of the query and row tiles in shared
     memory: 64 heads at d_v 512 would need 488 KiB, over the H100's 227 KiB, so they take 16 heads

@@ -46,10 +46,51 @@ def _backend_name(backend) -> str:
     raise TypeError(f"backend must be a backend name (str) or None in dsa_ref.torch, got {type(backend).__name__}")
 
 
-def _run(backend_name: str, op: str, like: Tensor, **inputs):
-    """Run ``op`` on the backend with ``inputs`` (torch tensors), results as torch tensors beside ``like``."""
+#: Signatures (op, backend, every input's shape, dtype, device and strides, the scalars) of calls whose
+#: checks and backend support passed: a repeated call (every decode step) skips them. Nothing in
+#: them reads data (the torch ops run with data checks off), so the signature decides them.
+_ACCEPTED: set = set()
+_ACCEPTED_LIMIT = 4096
+
+
+def _signature(op: str, backend, inputs: dict) -> tuple:
+    return (op, backend) + tuple(
+        (key, tuple(value.shape), value.dtype, value.device, value.stride()) if isinstance(value, Tensor)
+        else (key, value) for key, value in inputs.items())
+
+
+def _accepted(op: str, backend_name: str, inputs: dict, check) -> bool:
+    """True when a call of this signature passed before; else run ``check()`` (which raises on bad
+    input) and remember the signature."""
+    signature = _signature(op, registry.get_backend(backend_name), inputs)
+    if signature in _ACCEPTED:
+        return True
+    check()
+    if len(_ACCEPTED) >= _ACCEPTED_LIMIT:
+        _ACCEPTED.clear()
+    _ACCEPTED.add(signature)
+    return False
+
+
+def _eager(*tensors: Optional[Tensor]) -> bool:
+    """A plain eager call that records no gradient: no tracing, no tensor subclass (fake, functional),
+    no dispatch or function mode. Such a call can run the op's implementation directly, without
+    ``torch.library``'s dispatch (a large part of the host time of a decode step)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
+            torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def _run(backend_name: str, op: str, like: Tensor, *, checked_signature: bool = False, **inputs):
+    """Run ``op`` on the backend with ``inputs`` (torch tensors), results as torch tensors beside ``like``.
+    ``checked_signature``: a call of the same signature passed the backend's support check already."""
     backend = registry.get_backend(backend_name)
-    reasons = backend.not_supported_reasons(op, **inputs)
+    reasons = [] if checked_signature else backend.not_supported_reasons(op, **inputs)
     if reasons:
         raise registry.UnsupportedInputError(f"backend {backend.name!r} does not support these {op} inputs: "
                                              + "; ".join(reasons))
@@ -93,13 +134,33 @@ def _key_ranges(key_start: Optional[Tensor], key_end: Optional[Tensor], s_q: int
 
 
 # ---------------------------------------------------------------------------- sparse MLA
+def _sparse_mla_forward(q, kv, indices, topk_length, attn_sink, sm_scale: float, d_v: int, backend: str):
+    inputs = dict(q=q, kv=kv, indices=indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
+                  attn_sink=attn_sink)
+
+    def check():
+        _sparse_mla_checks(q, kv, indices, topk_length, attn_sink, sm_scale, d_v)
+        _run_checks(backend, "sparse_mla", inputs)
+
+    seen = _accepted("sparse_mla", backend, inputs, check)
+    if topk_length is not None:
+        inputs["topk_length"] = topk_length.clip(0, indices.shape[1])  # clamped on the device, never read
+    out, lse = _run(backend, "sparse_mla", q, checked_signature=seen, **inputs)
+    return _fresh(out, q, kv), _fresh(lse, q, kv)
+
+
+def _run_checks(backend_name: str, op: str, inputs: dict) -> None:
+    backend = registry.get_backend(backend_name)
+    reasons = backend.not_supported_reasons(op, **inputs)
+    if reasons:
+        raise registry.UnsupportedInputError(f"backend {backend.name!r} does not support these {op} inputs: "
+                                             + "; ".join(reasons))
+
+
 @torch.library.custom_op(f"{_NAMESPACE}::sparse_mla", mutates_args=())
 def _sparse_mla(q: Tensor, kv: Tensor, indices: Tensor, topk_length: Optional[Tensor], attn_sink: Optional[Tensor],
                 sm_scale: float, d_v: int, backend: str) -> tuple[Tensor, Tensor]:
-    sm_scale, d_v, topk_length = _sparse_mla_checks(q, kv, indices, topk_length, attn_sink, sm_scale, d_v)
-    out, lse = _run(backend, "sparse_mla", q, q=q, kv=kv, indices=indices, sm_scale=sm_scale, d_v=d_v,
-                    topk_length=topk_length, attn_sink=attn_sink)
-    return _fresh(out, q, kv), _fresh(lse, q, kv)
+    return _sparse_mla_forward(q, kv, indices, topk_length, attn_sink, sm_scale, d_v, backend)
 
 
 @_sparse_mla.register_fake
@@ -181,6 +242,9 @@ def sparse_mla(q: Tensor, kv: Tensor, indices: Tensor, *, sm_scale: Optional[flo
                         "in a float dtype [s_kv, d_qk] to train")
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
+    if _eager(q, kv, indices, topk_length, attn_sink):
+        return _sparse_mla_forward(q, kv, indices, topk_length, attn_sink, float(sm_scale), int(d_v),
+                                   _backend_name(backend))
     return _sparse_mla(q, kv, indices, topk_length, attn_sink, float(sm_scale), int(d_v), _backend_name(backend))
 
 
@@ -190,12 +254,23 @@ def _indexer_checks(q, weights, k, key_start, key_end, k_scale):
         return checked._check_indexer_inputs(q, weights, k, key_start, key_end, k_scale)
 
 
+def _lightning_indexer_forward(q, weights, k, key_start, key_end, k_scale, backend: str):
+    inputs = dict(q=q, weights=weights, k=k, key_start=key_start, key_end=key_end, k_scale=k_scale)
+
+    def check():
+        _indexer_checks(q, weights, k, key_start, key_end, k_scale)
+        _run_checks(backend, "lightning_indexer", inputs)
+
+    seen = _accepted("lightning_indexer", backend, inputs, check)
+    # Key ranges clamped on the device, never read (as the checks do with data checks off).
+    inputs["key_start"], inputs["key_end"] = checked._checks.clamp_key_ranges(key_start, key_end, k.shape[0])
+    return _fresh(_run(backend, "lightning_indexer", q, checked_signature=seen, **inputs), q, k)
+
+
 @torch.library.custom_op(f"{_NAMESPACE}::lightning_indexer", mutates_args=())
 def _lightning_indexer(q: Tensor, weights: Tensor, k: Tensor, key_start: Tensor, key_end: Tensor,
                        k_scale: Optional[Tensor], backend: str) -> Tensor:
-    key_start, key_end = _indexer_checks(q, weights, k, key_start, key_end, k_scale)
-    return _fresh(_run(backend, "lightning_indexer", q, q=q, weights=weights, k=k, key_start=key_start,
-                       key_end=key_end, k_scale=k_scale), q, k)
+    return _lightning_indexer_forward(q, weights, k, key_start, key_end, k_scale, backend)
 
 
 @_lightning_indexer.register_fake
@@ -210,14 +285,28 @@ def lightning_indexer(q: Tensor, weights: Tensor, k: Tensor, *, key_start: Optio
     only choose the keys; the indexer learns from :func:`indexer_loss`. Default key ranges: every
     key (non-causal)."""
     key_start, key_end = _key_ranges(key_start, key_end, q.shape[0], k.shape[0], q)
-    return _lightning_indexer(q.detach(), weights.detach(), k.detach(), key_start, key_end,
-                              None if k_scale is None else k_scale.detach(), _backend_name(backend))
+    args = (q.detach(), weights.detach(), k.detach(), key_start, key_end, None if k_scale is None else k_scale.detach(),
+            _backend_name(backend))
+    if _eager(*args[:6]):
+        return _lightning_indexer_forward(*args)
+    return _lightning_indexer(*args)
+
+
+def _topk_indices_forward(scores, topk: int, backend: str):
+    inputs = dict(scores=scores, topk=topk)
+
+    def check():
+        checked._checks.array("scores", scores, "[s_q, s_kv]", checked._checks.FLOATS)
+        checked._checks.positive_int("topk", topk)
+        _run_checks(backend, "topk_indices", inputs)
+
+    seen = _accepted("topk_indices", backend, inputs, check)
+    return _run(backend, "topk_indices", scores, checked_signature=seen, **inputs)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::topk_indices", mutates_args=())
 def _topk_indices(scores: Tensor, topk: int, backend: str) -> Tensor:
-    checked._checks.array("scores", scores, "[s_q, s_kv]", checked._checks.FLOATS)
-    return _run(backend, "topk_indices", scores, scores=scores, topk=checked._checks.positive_int("topk", topk))
+    return _topk_indices_forward(scores, topk, backend)
 
 
 @_topk_indices.register_fake
@@ -227,6 +316,8 @@ def _(scores, topk, backend):
 
 def topk_indices(scores: Tensor, topk: int, *, backend=None) -> Tensor:
     """The ``topk`` best keys of each row, int32 ``[s_q, topk]`` (``-1`` padding); see :func:`dsa_ref.topk_indices`."""
+    if _eager(scores):
+        return _topk_indices_forward(scores.detach(), int(topk), _backend_name(backend))
     return _topk_indices(scores.detach(), int(topk), _backend_name(backend))
 
 
