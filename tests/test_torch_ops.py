@@ -237,9 +237,7 @@ def test_a_training_step_compiles_with_inductor_on_the_gpu(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", pytest.param("cupy", marks=pytest.mark.xfail(
-    strict=True, reason="the CuPy backend reads index arrays on the host inside its ops, which a CUDA graph "
-                        "capture cannot contain (H200, 2026-12-01: the capture is invalidated)"))])
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
 def test_a_decode_step_replays_in_a_cuda_graph_equal_to_eager(backend):
     if backend not in _cuda_backends():
         pytest.skip(f"backend {backend} is not available")

@@ -102,14 +102,42 @@ def _run(backend_name: str, op: str, like: Tensor, *, checked_signature: bool = 
     return interop.convert_like(result, like)
 
 
+@contextlib.contextmanager
 def _on_torch_stream(backend, like: Tensor):
-    """CuPy kernels on torch's current stream: ordered with the torch work around them (and inside a
-    CUDA graph capture, on the capturing stream rather than CuPy's own)."""
+    """CuPy kernels on torch's current stream, their memory from torch's caching allocator: ordered
+    with the torch work around them, one pool for both libraries, and, inside a CUDA graph capture,
+    kernels on the capturing stream and memory from the graph's pool (CuPy's own pool would call
+    cudaMalloc, which a capture forbids)."""
     if backend.array_kind != "cupy" or like.device.type != "cuda":
-        return contextlib.nullcontext()
+        yield
+        return
     import cupy
 
-    return cupy.cuda.ExternalStream(torch.cuda.current_stream(like.device).cuda_stream)
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream(like.device).cuda_stream), \
+            cupy.cuda.using_allocator(_torch_allocation):
+        yield
+
+
+class _TorchBlock:
+    """A block of torch's caching allocator lent to a CuPy array; given back when the array goes."""
+
+    __slots__ = ("pointer",)
+
+    def __init__(self, pointer: int):
+        self.pointer = pointer
+
+    def __del__(self):
+        torch.cuda.caching_allocator_delete(self.pointer)
+
+
+def _torch_allocation(size: int):
+    """A CuPy allocator (``cupy.cuda.using_allocator``) drawing from torch's caching allocator on the
+    current device and torch's current stream."""
+    import cupy
+
+    device = cupy.cuda.Device().id
+    pointer = torch.cuda.caching_allocator_alloc(max(size, 1), device, torch.cuda.current_stream(device))
+    return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(pointer, size, _TorchBlock(pointer), device), 0)
 
 
 def _fresh(t: Tensor, *inputs: Optional[Tensor]) -> Tensor:
