@@ -310,6 +310,116 @@ def render_bench_summary(path: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------- peers page
+PEERS_RESULTS = DOCS / "pages" / "results" / "peers.json"
+#: How much of a failure's message and input the page shows: a shrunk input is short, but a
+#: traceback-sized message or an input with arrays spelled out would bury the table.
+PEERS_TEXT_LINES, PEERS_TEXT_CHARS = 30, 2000
+
+
+def _shorten(text: str, limit: int = 90) -> str:
+    """One line of at most ``limit`` characters, for a table cell."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 1].rstrip() + "…"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _fenced(text: str) -> str:
+    """``text`` as a fenced block, cut to a readable size (and saying how much was cut)."""
+    lines = text.splitlines() or [""]
+    cut_lines = max(0, len(lines) - PEERS_TEXT_LINES)
+    shown = "\n".join(lines[:PEERS_TEXT_LINES])
+    cut_chars = max(0, len(shown) - PEERS_TEXT_CHARS)
+    if cut_chars:
+        shown = shown[:PEERS_TEXT_CHARS]
+    if cut_lines or cut_chars:
+        hidden = f"{len(text) - len(shown):,} more characters" + (f" on {cut_lines} more lines" if cut_lines else "")
+        shown += f"\n… ({hidden}; the JSON file has all of it)"
+    # A fence longer than any run of backticks inside, so that the text cannot close it.
+    runs = [len(run) for run in re.findall(r"`+", shown)]
+    fence = "`" * max(3, max(runs, default=0) + 1)
+    return f"{fence}text\n{shown}\n{fence}"
+
+
+def _failure_input(value) -> str:
+    if value is None or value == "":
+        return "(the input was not recorded)"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, indent=1, default=str)
+
+
+def _ratio(value) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
+
+
+def render_peers_results(path: Path | None = None) -> str:
+    """The peers page's results: where ``tools/peers_check.py`` ran, a table of every adapter and
+    op (peer imported or why not, examples run and refused, verdict, worst error ratio), the main
+    refusal reasons and every failure with the input it failed on; a sentence when there is no
+    readable results file."""
+    path = PEERS_RESULTS if path is None else path
+    shown_path = f"docs/{path.relative_to(DOCS).as_posix()}" if path.is_relative_to(DOCS) else str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return (f'!!! note "Not yet run"\n    No peer results committed yet: `{shown_path}` is not there. '
+                "This section fills itself in when it is committed.\n")
+    except (OSError, ValueError) as exc:
+        return f'!!! warning "Results unreadable"\n    `{shown_path}` could not be read: {_shorten(exc, 200)}\n'
+    adapters = data.get("adapters") if isinstance(data, dict) else None
+    if not isinstance(adapters, list) or not all(isinstance(entry, dict) for entry in adapters):
+        return (f'!!! warning "Results unreadable"\n    `{shown_path}` has no list of adapters '
+                "(write it with `tools/peers_check.py`).\n")
+    lines = [f"Ran on **{data.get('device', 'an unrecorded device')}** with torch {data.get('torch', '(not recorded)')}"
+             f" and Python {data.get('python', '(not recorded)')}, {data.get('date', 'date not recorded')}, "
+             f"profile `{data.get('profile', '(not recorded)')}`. *From `{shown_path}`.*", "",
+             "| adapter | op | peer | examples run | refused | result | worst error ratio |",
+             "| --- | --- | --- | ---: | ---: | --- | ---: |"]
+    refusals, failures, not_run = [], [], []
+    for entry in adapters:
+        name = entry.get("adapter", "(unnamed)")
+        modules = ", ".join(f"`{module}`" for module in entry.get("peer_modules", []))
+        unavailable = entry.get("unavailable") or []
+        if unavailable:
+            reasons = "; ".join(str(reason) for reason in unavailable)
+            lines.append(f"| `{name}` | — | not imported: {_cell(_shorten(reasons))} | — | — | not run here | — |")
+            not_run.append(f"* `{name}` (tried {modules or 'no module'}): {_cell(_shorten(reasons, 400))}")
+            continue
+        ops = entry.get("ops") or []
+        if not ops:
+            lines.append(f"| `{name}` | — | imported ({modules}) | — | — | no op checked | — |")
+        for op in ops:
+            op_name = op.get("op", "(unnamed op)")
+            verdict = "PASS" if op.get("ok") else "**FAIL**"
+            lines.append(f"| `{name}` | `{op_name}` | imported ({modules}) | {op.get('ran', '—')} | "
+                         f"{op.get('refused', '—')} | {verdict} | {_ratio(op.get('worst_error_ratio'))} |")
+            top = sorted((op.get("refusal_reasons") or {}).items(), key=lambda item: -item[1])[:3]
+            if top:
+                refusals.append(f"* `{name}` `{op_name}`: "
+                                + "; ".join(f"{_cell(_shorten(reason, 160))} ({count}×)" for reason, count in top))
+            found = op.get("failures") or []
+            for number, failure in enumerate(found, 1):
+                label = f"`{name}` `{op_name}`" + (f", failure {number} of {len(found)}" if len(found) > 1 else "")
+                failures += [f"#### {label}", "", _fenced(str(failure.get("message", "(no message)"))), "",
+                             "Input it failed on:", "", _fenced(_failure_input(failure.get("input"))), ""]
+            if not op.get("ok") and not found:
+                failures += [f"#### `{name}` `{op_name}`", "", "Failed, with no failure recorded in the file.", ""]
+    if not_run:
+        lines += ["", "### Not run here", "", "Their peer did not import on this machine:", "", *not_run]
+    if refusals:
+        lines += ["", "### Main refusal reasons", "",
+                  "Inputs an adapter refuses are counted, not failed (the most frequent reasons, per op):", "",
+                  *refusals]
+    if failures:
+        lines += ["", "### Failures", "", "Each distinct failure, with the (shrunk) input it failed on:", "",
+                  *failures]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def render_cost_table() -> str:
     from dsa_ref import cost
 
@@ -368,6 +478,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
             return render_reports(arg, up)
         if what == "bench-summary":
             return render_bench_summary()
+        if what == "peers-results":
+            return render_peers_results()
         if what == "cost-table":
             return render_cost_table()
         if what == "tolerance-table":

@@ -489,3 +489,71 @@ def _check_a_shrunk_plot_opens_at_full_size(browser, page: str) -> None:
     browser.save_screenshot(str(ARTIFACTS / f"{page}-plot-full-size.png"))
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
     WebDriverWait(browser, 10).until(lambda d: not d.find_elements(By.CSS_SELECTOR, ".dsa-zoom-overlay"))
+
+
+# ---------------------------------------------------------------------------- the peers page
+def _peers_json(path: Path) -> Path:
+    long_reason = "no module named 'tilelang' " + "(searched $TL_EXAMPLES and sys.path) " * 10
+    path.write_text(json.dumps({
+        "profile": "ci", "python": "3.12.3", "torch": "2.99.0", "device": "NVIDIA Test GPU", "date": "2031-02-03",
+        "adapters": [
+            {"adapter": "FlashMLA", "peer_modules": ["flash_mla"], "unavailable": [], "ops": [
+                {"op": "sparse_mla", "ok": True, "ran": 57, "refused": 13,
+                 "refusal_reasons": {"d_v=256 (supported: 512)": 9, "dtype=float64 (supported: bfloat16)": 4},
+                 "worst_error_ratio": 0.0421, "failures": []}]},
+            {"adapter": "DeepGEMM", "peer_modules": ["deep_gemm"], "unavailable": [], "ops": [
+                {"op": "lightning_indexer", "ok": False, "ran": 3, "refused": 0, "refusal_reasons": {},
+                 "worst_error_ratio": float("inf"),
+                 "failures": [{"message": "AssertionError: logits differ at [0, 2]", "input": {"q": "(1, 64, 128):e4m3",
+                                                                                              "key_end": [1, 2]}},
+                              {"message": "RuntimeError: illegal memory access\n" + "frame\n" * 100,
+                               "input": "lightning_indexer(q=(2, 64, 128):uint8, weights=" + "9" * 5000 + ")"}]}]},
+            {"adapter": "TileLangTopK", "peer_modules": ["tilelang"], "unavailable": [long_reason], "ops": []},
+        ]}))
+    return path
+
+
+def test_peers_results_render_every_adapter_op_refusal_and_failure(hooks, tmp_path):
+    text = hooks.render_peers_results(_peers_json(tmp_path / "peers.json"))
+    assert "**NVIDIA Test GPU**" in text and "torch 2.99.0" in text and "2031-02-03" in text and "`ci`" in text
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| `")}
+    assert rows["`FlashMLA`"] == ["`FlashMLA`", "`sparse_mla`", "imported (`flash_mla`)", "57", "13", "PASS",
+                                  "0.0421"]
+    assert rows["`DeepGEMM`"][1:] == ["`lightning_indexer`", "imported (`deep_gemm`)", "3", "0", "**FAIL**", "inf"]
+    not_imported = rows["`TileLangTopK`"]
+    assert not_imported[5] == "not run here" and not_imported[2].startswith("not imported: no module named 'tilelang'")
+    assert len(not_imported[2]) < 120 and not_imported[2].endswith("…")  # shortened in the table
+    assert "### Not run here" in text and "* `TileLangTopK` (tried `tilelang`): no module named" in text
+    assert "d_v=256 (supported: 512) (9×); dtype=float64 (supported: bfloat16) (4×)" in text
+    assert "#### `DeepGEMM` `lightning_indexer`, failure 1 of 2" in text
+    assert "```text\nAssertionError: logits differ at [0, 2]\n```" in text
+    assert '"key_end": [\n  1,\n  2\n ]' in text  # a dict input, written out as JSON in a fenced block
+    assert "#### `DeepGEMM` `lightning_indexer`, failure 2 of 2" in text
+    assert "lightning_indexer(q=(2, 64, 128):uint8, weights=999" in text
+    assert "9" * 5000 not in text and "frame\n" * 100 not in text and "more characters" in text  # truncated
+    fences = re.findall(r"^```", text, flags=re.MULTILINE)
+    assert len(fences) == 8, "each failure's message and input, fenced and closed"
+
+
+def test_peers_results_without_a_readable_file_say_so(hooks, tmp_path):
+    missing = hooks.render_peers_results(tmp_path / "peers.json")
+    assert "No peer results committed yet" in missing and "peers.json" in missing and "|" not in missing
+    (tmp_path / "broken.json").write_text("{not json")
+    assert "could not be read" in hooks.render_peers_results(tmp_path / "broken.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert "has no list of adapters" in hooks.render_peers_results(tmp_path / "list.json")
+
+
+def test_peers_page_marker_is_expanded_from_the_results_file(hooks, tmp_path, monkeypatch):
+    import types
+
+    markdown = (DOCS / "pages" / "results" / "peers.md").read_text(encoding="utf-8")
+    assert "<!-- dsa-ref:peers-results -->" in markdown
+    assert "tools/peers_check.py --profile ci --out docs/pages/results/peers.json" in markdown
+    page = types.SimpleNamespace(file=types.SimpleNamespace(src_uri="results/peers.md"))
+    monkeypatch.setattr(hooks, "PEERS_RESULTS", _peers_json(tmp_path / "peers.json"))
+    rendered = hooks.on_page_markdown(markdown, page, None, None)
+    assert "dsa-ref:peers-results" not in rendered and "| `FlashMLA` | `sparse_mla` |" in rendered
+    monkeypatch.setattr(hooks, "PEERS_RESULTS", tmp_path / "absent.json")
+    assert "No peer results committed yet" in hooks.on_page_markdown(markdown, page, None, None)
