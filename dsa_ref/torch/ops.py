@@ -94,28 +94,35 @@ def _run(backend_name: str, op: str, like: Tensor, *, checked_signature: bool = 
     if reasons:
         raise registry.UnsupportedInputError(f"backend {backend.name!r} does not support these {op} inputs: "
                                              + "; ".join(reasons))
-    native = {key: backend.to_native(value) if isinstance(value, Tensor) else value for key, value in inputs.items()}
+    # The conversions too run on torch's stream: DLPack then has no other stream to synchronize with
+    # (which a CUDA graph capture would refuse).
     with _on_torch_stream(backend, like):
+        native = {key: backend.to_native(value) if isinstance(value, Tensor) else value
+                  for key, value in inputs.items()}
         result = getattr(backend, op)(**native)
-    if isinstance(result, tuple):
-        return tuple(interop.convert_like(part, like) for part in result)
-    return interop.convert_like(result, like)
+        if isinstance(result, tuple):
+            return tuple(interop.convert_like(part, like) for part in result)
+        return interop.convert_like(result, like)
 
 
 @contextlib.contextmanager
 def _on_torch_stream(backend, like: Tensor):
-    """CuPy kernels on torch's current stream, their memory from torch's caching allocator: ordered
-    with the torch work around them, one pool for both libraries, and, inside a CUDA graph capture,
-    kernels on the capturing stream and memory from the graph's pool (CuPy's own pool would call
-    cudaMalloc, which a capture forbids)."""
+    """CuPy kernels on torch's current stream, ordered with the torch work around them. Inside a CUDA
+    graph capture that is the capturing stream, and CuPy's memory comes from torch's caching
+    allocator, which gives the graph's pool (CuPy's own pool would call cudaMalloc, which a capture
+    forbids); outside, CuPy's pool is cheaper per call."""
     if backend.array_kind != "cupy" or like.device.type != "cuda":
         yield
         return
     import cupy
 
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream(like.device).cuda_stream), \
-            cupy.cuda.using_allocator(_torch_allocation):
-        yield
+    stream = torch.cuda.current_stream(like.device)
+    with cupy.cuda.ExternalStream(stream.cuda_stream):
+        if torch.cuda.is_current_stream_capturing():
+            with cupy.cuda.using_allocator(_torch_allocation):
+                yield
+        else:
+            yield
 
 
 class _TorchBlock:
