@@ -145,7 +145,8 @@ def test_fused_deterministic_sums_over_query_chunks(monkeypatch):
 
 
 def test_kernel_choice_default_and_refusal():
-    assert kernels.default_kernel(torch.bfloat16) == "fused"
+    # The split kernels stay the default until the fused one is faster on the GPU (NOTES.md, version 5).
+    assert kernels.default_kernel(torch.bfloat16) == "split"
     assert kernels.default_kernel(torch.float32) == "split"
     q, kv = torch.zeros((1, 1, 24), dtype=torch.bfloat16), torch.zeros((4, 24), dtype=torch.bfloat16)
     indices, out, lse = torch.zeros((1, 2), dtype=torch.int32), torch.zeros((1, 1, 16)), torch.zeros((1, 1))
