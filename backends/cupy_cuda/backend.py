@@ -15,9 +15,12 @@ Which kernel runs (all compute the same function; see csrc/*.cu):
 * top-k: radix select, one block per row.
 * sparse MLA: tensor cores for bf16 queries with bf16 rows or the packed FP8 cache at
   d_qk = 576, d_v = 512; float32 CUDA cores for every other shape and dtype.
-* training ops (sparse MLA backward, attention target, indexer loss and its backward): float32
-  CUDA cores for every dtype (csrc/sparse_mla_backward.cu, csrc/indexer_loss.cu); scattered row
-  gradients with fp32 atomics, or, in deterministic mode, summed per row in a sorted order.
+* sparse MLA backward: tensor cores (csrc/sparse_mla_backward_mma.cu) for bf16 queries and rows at
+  d_qk = 576, d_v = 512 on a device with 219 KiB of shared memory per block (sm_90), row gradients
+  added with fp32 atomics; float32 CUDA cores (csrc/sparse_mla_backward.cu) for every other input
+  and for deterministic mode, where the row gradients are summed per row in a sorted order.
+* attention target, indexer loss and its backward: float32 CUDA cores for every dtype
+  (csrc/sparse_mla_backward.cu, csrc/indexer_loss.cu).
 """
 
 from __future__ import annotations
