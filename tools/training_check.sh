@@ -1,6 +1,6 @@
 #!/bin/sh
 # One GPU call for the training ops (and everything a change to the kit touches), from a checkout:
-#   sh tools/training_check.sh OUT_DIR PHASES [CONFORMANCE_EXAMPLES_PER_OP]
+#   sh tools/training_check.sh OUT_DIR PHASES [CONFORMANCE_EXAMPLES_PER_OP] [PREVIOUS_OUT_DIR]
 # PHASES is a comma-separated subset of: install, tests, conformance, sanitize, bench, peers
 #   tests        every GPU test (pytest -m gpu): real shapes, NaN-poisoned outputs, determinism, graphs, compile
 #   conformance  the thorough profile on triton and cupy, every op the kit checks, in 8 shards
@@ -8,15 +8,25 @@
 #   bench        dsa-ref bench --cases training,host on both backends
 #   peers        TileLang's sparse MLA backward beside ours (needs tilelang installed, TL_EXAMPLES)
 # Writes OUT_DIR/training_check.log, junit XML files, bench/ and peers_training.json.
+# Run "tests" and "conformance" in calls of their own: each takes most of a call's ten minutes, and
+# both lean on the CPU (float64 references), so together they slow each other past the limit.
+# Both log one line per test (pytest -v); PREVIOUS_OUT_DIR is the OUT_DIR of an earlier call whose
+# logs list tests that already passed: they are deselected, so a cut run resumes where it stopped.
 set -u
 OUT=$1
 PHASES=${2:-install,tests,conformance,sanitize,bench}
 EXAMPLES=${3:-1000}
+PREVIOUS=${4:-}
 LOG=$OUT/training_check.log
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 step() { printf '\n===== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)" | tee -a "$LOG"; }
 has() { case ",$PHASES," in *",$1,"*) return 0 ;; esac; return 1; }
+# --deselect arguments for the tests that PASSED in the previous call's log $1 (pytest -v lines).
+passed_before() {
+  [ -n "$PREVIOUS" ] && [ -f "$PREVIOUS/$1" ] || return 0
+  sed -n 's/.*PASSED \(tests\/[^ ]*\).*/--deselect \1/p' "$PREVIOUS/$1" | sort -u | tr '\n' ' '
+}
 
 if has install; then
   step "install"
@@ -25,15 +35,20 @@ if has install; then
 fi
 if has tests; then
   step "GPU tests (pytest -m gpu)"
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests/ --junitxml="$OUT/gpu_tests.xml" >>"$LOG" 2>&1
+  # shellcheck disable=SC2046
+  timeout 520 python3 -m pytest -v -p no:cacheprovider -n 6 -m gpu -rfE --tb=short --durations=20 tests/ \
+    $(passed_before gpu_tests.log) --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
   echo "rc=$?" | tee -a "$LOG"
+  grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -n 30 >>"$LOG"
 fi
 if has conformance; then
   step "conformance, thorough profile, $EXAMPLES examples per op in 8 shards"
-  DSA_CONFORMANCE_MAX_EXAMPLES=$EXAMPLES DSA_CONFORMANCE_SHARDS=8 timeout 400 python3 -m pytest -q -p no:cacheprovider \
-    -n 14 -rA -W ignore tests/test_conformance.py --dsa-backend triton,cupy --dsa-profile thorough \
-    --junitxml="$OUT/conformance.xml" >>"$LOG" 2>&1
+  # shellcheck disable=SC2046
+  DSA_CONFORMANCE_MAX_EXAMPLES=$EXAMPLES DSA_CONFORMANCE_SHARDS=8 timeout 540 python3 -m pytest -v -p no:cacheprovider \
+    -n 14 -rfE --tb=short -W ignore --durations=20 tests/test_conformance.py --dsa-backend triton,cupy \
+    --dsa-profile thorough $(passed_before conformance.log) --junitxml="$OUT/conformance.xml" >"$OUT/conformance.log" 2>&1
   echo "rc=$?" | tee -a "$LOG"
+  grep -E "FAILED|ERROR|passed|failed" "$OUT/conformance.log" | tail -n 30 >>"$LOG"
 fi
 if has sanitize; then
   step "compute-sanitizer on the training kernels (small cases)"
