@@ -1,12 +1,13 @@
 """The cupy backend's tensor-core sparse-MLA backward (csrc/sparse_mla_backward_mma.cu).
 
-CPU part: which inputs the wrapper routes to the mma.sync kernel and which keep the float32 kernels,
-and that the host's shared-memory size is the kernel's. GPU part (``@pytest.mark.gpu``): the V3.2
+CPU part: which inputs the wrapper routes to the mma.sync kernels (default and deterministic) and
+which keep the float32 kernels, that the host's shared-memory size is the kernel's, the query chunks
+of deterministic mode, and the order of its per-row sums. GPU part (``@pytest.mark.gpu``): the V3.2
 shape (bf16, d_qk 576, d_v 512) against the float64 reference with the kit's bf16 gradient
 tolerance and term scales, on duplicates, invalid indices of every kind, topk_length, attn_sink,
 d_lse, a query without a valid slot, unread rows filled with NaN (their gradient must stay exactly
-0), heads that do not fill a block of 64, and one larger case; each test checks that the mma
-kernel is the one that ran.
+0), heads that do not fill a block of 64, and one larger case, in both modes; deterministic mode
+bitwise repeatable, also over several query chunks; each test checks which kernels ran.
 """
 
 from __future__ import annotations
@@ -40,22 +41,108 @@ def test_v32_bf16_backward_routes_to_the_mma_kernel():
     assert _path() == "mma"
 
 
+def test_deterministic_v32_bf16_backward_routes_to_the_deterministic_mma_kernels():
+    assert _path(deterministic=True) == "mma_deterministic"
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("changes", [
     dict(q_dtype="float16"), dict(q_dtype="float32"), dict(kv_dtype="float32"), dict(kv_dtype="float16"),
     dict(q_dtype="float16", kv_dtype="float16"), dict(d_qk=64, kv_width=64), dict(kv_width=512),
-    dict(d_v=256), dict(d_v=576), dict(deterministic=True), dict(smem_limit=A100_SMEM),
+    dict(d_v=256), dict(d_v=576), dict(smem_limit=A100_SMEM),
 ])
-def test_other_backward_inputs_keep_the_float32_kernels(changes):
-    assert _path(**changes) == "simt"
+def test_other_backward_inputs_keep_the_float32_kernels(changes, deterministic):
+    assert _path(**changes, deterministic=deterministic) == "simt"
 
 
-def test_mma_backward_kernel_is_listed_and_its_shared_memory_agrees_with_the_source():
-    assert kernels.KERNELS["sparse_mla_backward_mma.cu"] == ("sparse_mla_bwd_mma",)
+def test_mma_backward_kernels_are_listed_and_their_shared_memory_agrees_with_the_source():
+    assert kernels.KERNELS["sparse_mla_backward_mma.cu"] == (
+        "sparse_mla_bwd_mma", "sparse_mla_bwd_mma_deterministic", "sparse_mla_bwd_mma_row_sum")
     text = kernels.source_text("sparse_mla_backward_mma.cu")
-    assert "sparse_mla_bwd_mma(" in text
+    for name in kernels.KERNELS["sparse_mla_backward_mma.cu"]:
+        assert f"{name}(" in text, name
+    row_sum_threads = re.search(r"ROW_SUM_THREADS = D_QK / (\d+);", text)
+    assert row_sum_threads is not None and 576 // int(row_sum_threads.group(1)) == \
+        cupy_backend.DETERMINISTIC_ROW_SUM_THREADS
     total = re.search(r"TOTAL = .*// (\d+)", text)
     assert total is not None and int(total.group(1)) == cupy_backend.BACKWARD_MMA_SMEM
     assert cupy_backend.BACKWARD_MMA_SMEM <= H200_SMEM
+
+
+ENTRY_BYTES = 576 * 4  # one (query, head block, slot) of the contribution buffer
+
+
+@pytest.mark.parametrize(("h", "head_blocks"), [(16, 1), (64, 1), (100, 2), (128, 2)])
+def test_deterministic_chunks_keep_the_contribution_buffer_within_its_budget(monkeypatch, h, head_blocks):
+    budget = 1000 * ENTRY_BYTES
+    monkeypatch.setattr(cupy_backend, "DETERMINISTIC_MMA_BUFFER_BYTES", budget)
+    chunk = cupy_backend.deterministic_mma_chunk_queries(500, h, topk=64)
+    assert chunk == 1000 // (64 * head_blocks)
+    assert chunk * head_blocks * 64 * ENTRY_BYTES <= budget < (chunk + 1) * head_blocks * 64 * ENTRY_BYTES
+    assert cupy_backend.deterministic_mma_chunk_queries(3, h, topk=64) == 3  # never more queries than there are
+    assert cupy_backend.deterministic_mma_chunk_queries(500, h, topk=2000) == 1  # one query even over the budget
+    assert cupy_backend.deterministic_mma_chunk_queries(500, h, topk=0) == 500
+
+
+def test_default_deterministic_chunk_at_the_v32_training_shape():
+    # 1 GiB / (2048 slots x 2304 bytes): 227 queries at h 64, 113 at h 128 (two head blocks).
+    assert cupy_backend.deterministic_mma_chunk_queries(4096, 64, topk=2048) == 227
+    assert cupy_backend.deterministic_mma_chunk_queries(4096, 128, topk=2048) == 113
+
+
+def _read_rows_numpy(indices, topk_length, s_kv):
+    return np.where(reference.valid_slots(indices, s_kv, topk_length), indices, -1).astype(np.int32)
+
+
+def test_row_segments_list_each_rows_readers_once_in_pair_order():
+    rng = np.random.default_rng(0)
+    s_q, s_kv, topk = 7, 23, 16
+    problem = problems.sparse_mla_problem(rng, s_q=s_q, s_kv=s_kv, h=1, d_qk=8, d_v=8, topk=topk, dtype="float32",
+                                          invalid_fraction=0.3, duplicate_fraction=0.3, topk_length=True)
+    rows = _read_rows_numpy(problem.inputs["indices"], problem.inputs["topk_length"], s_kv)
+    pair_order, row_start = cupy_backend._row_segments(rows, s_kv, xp=np)
+    assert pair_order.dtype == np.int32 and row_start.dtype == np.int32
+    assert row_start.shape == (s_kv + 1,) and row_start[0] == 0
+    assert (np.diff(row_start) >= 0).all()
+    flat = rows.reshape(-1)
+    assert row_start[s_kv] == (flat >= 0).sum()  # unread pairs come after every segment
+    for row in range(s_kv):
+        segment = pair_order[row_start[row]:row_start[row + 1]]
+        assert segment.tolist() == np.flatnonzero(flat == row).tolist(), row
+    assert sorted(pair_order.tolist()) == list(range(s_q * topk))
+
+
+def test_row_segments_without_a_read_row():
+    pair_order, row_start = cupy_backend._row_segments(np.full((3, 4), -1, np.int32), 5, xp=np)
+    assert (row_start == 0).all() and sorted(pair_order.tolist()) == list(range(12))
+    pair_order, row_start = cupy_backend._row_segments(np.zeros((2, 0), np.int32), 5, xp=np)
+    assert pair_order.size == 0 and (row_start == 0).all()
+
+
+@pytest.mark.parametrize("head_blocks", [1, 2])
+def test_row_sums_in_segment_order_add_up_the_contribution_buffer(head_blocks):
+    """The buffer entries sparse_mla_bwd_mma_row_sum reads, ((query * head_blocks + head block) * topk + slot),
+    visited in the order of the row segments, add up to every valid slot's contribution scattered to its row."""
+    rng = np.random.default_rng(head_blocks)
+    c, s_kv, topk, width = 5, 11, 12, 3
+    indices = rng.integers(-3, s_kv + 3, size=(c, topk)).astype(np.int32)
+    topk_length = rng.integers(0, topk + 1, size=c).astype(np.int32)
+    rows = _read_rows_numpy(indices, topk_length, s_kv)
+    contributions = rng.standard_normal((c, head_blocks, topk, width))
+    contributions[np.broadcast_to((rows < 0)[:, None, :], contributions.shape[:3])] = np.nan  # never written
+    pair_order, row_start = cupy_backend._row_segments(rows, s_kv, xp=np)
+    entries = contributions.reshape(-1, width)
+    summed = np.zeros((s_kv, width))
+    for row in range(s_kv):
+        for pair in pair_order[row_start[row]:row_start[row + 1]]:
+            query, slot = divmod(int(pair), topk)
+            for head_block in range(head_blocks):
+                summed[row] += entries[(query * head_blocks + head_block) * topk + slot]
+    expected = np.zeros((s_kv, width))
+    valid_query, valid_slot = np.nonzero(rows >= 0)
+    np.add.at(expected, rows[valid_query, valid_slot], contributions[valid_query, :, valid_slot].sum(axis=1))
+    np.testing.assert_allclose(summed, expected, rtol=1e-12, atol=1e-12)
+    assert np.isfinite(summed).all()
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -110,7 +197,7 @@ def _check(problem, monkeypatch, *, deterministic=False):
     expected = reference.sparse_mla_backward(**inputs)
     with dsa_ref.use_deterministic(deterministic):
         actual = dsa_ref.sparse_mla_backward(**problem.native_inputs(backend), backend=backend)
-    assert ("sparse_mla_bwd_mma" in launched) != deterministic, launched
+    assert set(launched) == set(DETERMINISTIC_KERNELS if deterministic else DEFAULT_KERNELS), launched
     assert len(actual) == len(expected)
     tolerance = gradient_tolerance_for("bfloat16", backend)
     scales = _sparse_mla_backward_term_scales(inputs)
@@ -123,6 +210,10 @@ def _check(problem, monkeypatch, *, deterministic=False):
     assert (dkv[unread] == 0).all(), "rows no valid slot reads must get exactly 0"
     assert (dq[~valid.any(axis=1)] == 0).all(), "queries without a valid slot must get dq = 0"
     return actual
+
+
+DEFAULT_KERNELS = ("sparse_mla_bwd_mma",)
+DETERMINISTIC_KERNELS = ("sparse_mla_bwd_mma_deterministic", "sparse_mla_bwd_mma_row_sum")
 
 
 SMALL_CASES = {
@@ -142,25 +233,74 @@ def test_mma_backward_matches_reference(name, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_mma_backward_without_queries():
+@pytest.mark.parametrize("name", list(SMALL_CASES))
+def test_deterministic_mma_backward_matches_reference(name, monkeypatch):
+    _check(_problem(len(name), **SMALL_CASES[name]), monkeypatch, deterministic=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_mma_backward_without_queries(deterministic):
     backend = _backend()
     problem = _problem(3, s_q=0, s_kv=30, h=64, topk=16, attn_sink=True)
-    dq, dkv, d_sink = dsa_ref.sparse_mla_backward(**problem.native_inputs(backend), backend=backend)
+    with dsa_ref.use_deterministic(deterministic):
+        dq, dkv, d_sink = dsa_ref.sparse_mla_backward(**problem.native_inputs(backend), backend=backend)
     assert interop.to_numpy(dq).shape == (0, 64, 576)
     assert (interop.to_numpy(dkv) == 0).all() and (interop.to_numpy(d_sink) == 0).all()
 
 
-@pytest.mark.gpu
-def test_mma_backward_at_a_larger_shape(monkeypatch):
-    problem = _problem(11, s_q=24, s_kv=4096, h=128, topk=2048, invalid_fraction=0.05, duplicate_fraction=0.05,
-                       attn_sink=True, d_lse=True, distribution="recent")
-    _check(problem, monkeypatch)
+def _larger_problem():
+    return _problem(11, s_q=24, s_kv=4096, h=128, topk=2048, invalid_fraction=0.05, duplicate_fraction=0.05,
+                    attn_sink=True, d_lse=True, distribution="recent")
 
 
 @pytest.mark.gpu
-def test_deterministic_v32_backward_keeps_the_repeatable_path(monkeypatch):
-    problem = _problem(5, s_q=3, s_kv=300, h=64, topk=128, invalid_fraction=0.2, duplicate_fraction=0.25)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_mma_backward_at_a_larger_shape(monkeypatch, deterministic):
+    _check(_larger_problem(), monkeypatch, deterministic=deterministic)
+
+
+def _count_chunks(monkeypatch) -> list[int]:
+    """Records the queries of each chunk the deterministic path plans (one row-segment plan per chunk)."""
+    chunks: list[int] = []
+    original = cupy_backend._row_segments
+
+    def recording(rows, *args, **kwargs):
+        chunks.append(int(rows.shape[0]))
+        return original(rows, *args, **kwargs)
+
+    monkeypatch.setattr(cupy_backend, "_row_segments", recording)
+    return chunks
+
+
+def _bitwise_equal(first, second):
+    assert len(first) == len(second)
+    for name, a, b in zip(("dq", "dkv", "d_attn_sink"), first, second):
+        assert interop.to_numpy(a).tobytes() == interop.to_numpy(b).tobytes(), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [64, 100])
+def test_deterministic_mma_backward_is_bitwise_repeatable_over_several_chunks(monkeypatch, h):
+    # Few rows, each read by many (query, head block, slot) pairs: the sums an atomic order would change.
+    problem = _problem(5, s_q=10, s_kv=40, h=h, topk=128, invalid_fraction=0.2, duplicate_fraction=0.5,
+                       topk_length=True, attn_sink=True, d_lse=True, empty_query=4)
+    head_blocks = (h + 63) // 64
+    monkeypatch.setattr(cupy_backend, "DETERMINISTIC_MMA_BUFFER_BYTES", 3 * head_blocks * 128 * 576 * 4)
+    chunks = _count_chunks(monkeypatch)
+    first = _check(problem, monkeypatch, deterministic=True)
+    assert chunks == [3, 3, 3, 1]
+    second = _check(problem, monkeypatch, deterministic=True)
+    assert chunks == [3, 3, 3, 1] * 2
+    _bitwise_equal(first, second)
+
+
+@pytest.mark.gpu
+def test_deterministic_mma_backward_is_bitwise_repeatable_at_a_larger_shape(monkeypatch):
+    problem = _larger_problem()
+    monkeypatch.setattr(cupy_backend, "DETERMINISTIC_MMA_BUFFER_BYTES", 5 * 2 * 2048 * 576 * 4)  # 5 queries a chunk
+    chunks = _count_chunks(monkeypatch)
     first = _check(problem, monkeypatch, deterministic=True)
     second = _check(problem, monkeypatch, deterministic=True)
-    for a, b in zip(first, second):
-        assert interop.to_numpy(a).tobytes() == interop.to_numpy(b).tobytes()
+    assert chunks == [5, 5, 5, 5, 4] * 2
+    _bitwise_equal(first, second)

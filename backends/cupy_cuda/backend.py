@@ -310,6 +310,9 @@ class CupyBackend(Backend):
                       dkv, np.int32(h), np.int32(s_kv), np.int32(topk), np.float32(sm_scale),
                       np.float32(float(sm_scale) * math.log2(math.e))),
                      shared_mem=BACKWARD_MMA_SMEM)
+        elif kernel_path == "mma_deterministic":
+            _deterministic_mma_backward(q, kv, indices, topk_length, lse32, d_out32, delta, share, d_lse32, dq, dkv,
+                                        sm_scale=float(sm_scale))
         elif s_q > 0 and h > 0:
             device_id = q32.device.id
             query_smem = (2 * d_qk + d_v) * 4
@@ -595,16 +598,87 @@ CHUNK_BYTES = 1 << 28
 BACKWARD_MMA_SMEM = 73728 + 65536 + 2 * 36864 + 2 * 5120 + 2 * 32 * 4 + 4 * 64 * 4
 
 
+#: Contribution buffer one chunk of queries of the deterministic mma backward may take (float32
+#: [chunk, head blocks, topk, 576]: 2.3 KB per (query, head block, slot)); tests lower it to run
+#: several chunks.
+DETERMINISTIC_MMA_BUFFER_BYTES = 1 << 30
+#: Threads of sparse_mla_bwd_mma_row_sum (mla_bwd_mma::ROW_SUM_THREADS): one float4 of a 576-wide row each.
+DETERMINISTIC_ROW_SUM_THREADS = 576 // 4
+
+
 def backward_kernel_path(q_dtype: str, kv_dtype: str, *, d_qk: int, kv_width: int, d_v: int, deterministic: bool,
                          smem_limit: int) -> str:
-    """Which sparse-MLA backward runs: ``"mma"`` (csrc/sparse_mla_backward_mma.cu, tensor cores) for bf16
-    q and kv rows at the V3.2 widths d_qk = 576, d_v = 512, in the default (atomic) mode, where the
-    device gives a block its shared memory; ``"simt"`` (csrc/sparse_mla_backward.cu, float32) for
-    everything else, deterministic mode included (its sorted-segment sum is the repeatable one)."""
+    """Which sparse-MLA backward runs. For bf16 q and kv rows at the V3.2 widths d_qk = 576, d_v = 512,
+    where the device gives a block its shared memory, the tensor-core kernels of
+    csrc/sparse_mla_backward_mma.cu: ``"mma"`` (row gradients added with atomics) by default,
+    ``"mma_deterministic"`` (row gradients stored, then summed per row in a sorted order) in
+    deterministic mode; ``"simt"`` (csrc/sparse_mla_backward.cu, float32, both modes) for everything else."""
     if (q_dtype == "bfloat16" and kv_dtype == "bfloat16" and d_qk == 576 and kv_width == 576 and d_v == 512
-            and not deterministic and BACKWARD_MMA_SMEM <= smem_limit):
-        return "mma"
+            and BACKWARD_MMA_SMEM <= smem_limit):
+        return "mma_deterministic" if deterministic else "mma"
     return "simt"
+
+
+def deterministic_mma_chunk_queries(s_q: int, h: int, topk: int) -> int:
+    """Queries per launch of the deterministic mma backward: as many as keep the contribution buffer
+    ``[chunk, head blocks, topk, 576]`` float32 within :data:`DETERMINISTIC_MMA_BUFFER_BYTES` (at least one)."""
+    bytes_per_query = ((h + 63) // 64) * topk * 576 * 4
+    return max(1, min(s_q, DETERMINISTIC_MMA_BUFFER_BYTES // max(1, bytes_per_query)))
+
+
+def _row_segments(rows, s_kv: int, xp=None):
+    """The order of the deterministic row sums of one chunk: ``(pair_order, row_start)``, int32.
+
+    ``rows`` is int ``[c, topk]``: the kv row pair ``p`` (flat index: query p // topk, slot p % topk)
+    reads, or -1. The pairs that read row ``r`` are ``pair_order[row_start[r] : row_start[r + 1]]``,
+    in increasing ``p``; unread pairs follow ``row_start[s_kv]``. The order comes from sorting the
+    unique keys ``row * pairs + p`` (any correct sort gives the one order of unique keys). Unlike
+    :func:`_scatter_work` it needs no count on the host (one segment per kv row, empty ones
+    included), so the chunks of a call are queued without waiting for the device.
+    """
+    if xp is None:
+        import cupy as xp
+    pairs = int(rows.size)
+    flat = rows.reshape(-1).astype(xp.int64)
+    keys = xp.sort(xp.where(flat >= 0, flat, s_kv) * pairs + xp.arange(pairs, dtype=xp.int64))
+    pair_order = (keys % pairs).astype(xp.int32) if pairs else keys.astype(xp.int32)
+    row_start = xp.searchsorted(keys // max(pairs, 1), xp.arange(s_kv + 1, dtype=xp.int64))
+    return pair_order, row_start.astype(xp.int32)
+
+
+def _deterministic_mma_backward(q, kv, indices, topk_length, lse32, d_out32, delta, share, d_lse32, dq, dkv, *,
+                                sm_scale: float):
+    """dq and dkv of bf16 V3.2 inputs, bitwise repeatable: per chunk of queries, the tensor-core kernel
+    writes dq and stores every valid slot's row gradient (per head block) to the contribution buffer,
+    then one block per kv row adds that row's entries to ``dkv`` in the order of :func:`_row_segments`.
+    Chunks run in stream order and reuse one buffer."""
+    import cupy
+
+    s_q, h = int(q.shape[0]), int(q.shape[1])
+    s_kv, topk = int(kv.shape[0]), int(indices.shape[1])
+    head_blocks = (h + 63) // 64
+    device_id = q.device.id
+    block_kernel = kernels.kernel("sparse_mla_backward_mma.cu", "sparse_mla_bwd_mma_deterministic", device_id,
+                                  BACKWARD_MMA_SMEM)
+    row_sum = kernels.kernel("sparse_mla_backward_mma.cu", "sparse_mla_bwd_mma_row_sum", device_id)
+    step = deterministic_mma_chunk_queries(s_q, h, topk)
+    contributions = cupy.empty((step, head_blocks, topk, 576), cupy.float32)
+    scales = (np.int32(h), np.int32(s_kv), np.int32(topk), np.float32(sm_scale),
+              np.float32(sm_scale * math.log2(math.e)))
+    for start in range(0, s_q, step):
+        rows = slice(start, min(s_q, start + step))
+        c = rows.stop - rows.start
+        chunk_length = None if topk_length is None else topk_length[rows]
+        block_kernel((c * head_blocks,), (512,),
+                     (q[rows], kv, indices[rows], _nullable(chunk_length), lse32[rows], d_out32[rows], delta[rows],
+                      share[rows], _nullable(None if d_lse32 is None else d_lse32[rows]), dq[rows],
+                      contributions) + scales,
+                     shared_mem=BACKWARD_MMA_SMEM)
+        if s_kv == 0 or topk == 0:
+            continue  # no slot is valid: dkv stays 0
+        pair_order, row_start = _row_segments(_read_rows(indices[rows], chunk_length, s_kv), s_kv)
+        row_sum((s_kv,), (DETERMINISTIC_ROW_SUM_THREADS,),
+                (contributions, pair_order, row_start, dkv, np.int32(head_blocks), np.int32(topk)))
 
 
 def _training_attention_reasons(op: str, inputs: dict, limit: int) -> list[str]:

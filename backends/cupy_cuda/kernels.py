@@ -29,7 +29,8 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "topk.cu": ("topk_select",),
     "sparse_mla.cu": ("sparse_mla_fwd_mma<false>", "sparse_mla_fwd_mma<true>", "sparse_mla_fwd_simt"),
     "sparse_mla_backward.cu": ("sparse_mla_bwd_query_simt", "sparse_mla_bwd_dkv_simt", "attention_probs_simt"),
-    "sparse_mla_backward_mma.cu": ("sparse_mla_bwd_mma",),
+    "sparse_mla_backward_mma.cu": ("sparse_mla_bwd_mma", "sparse_mla_bwd_mma_deterministic",
+                                   "sparse_mla_bwd_mma_row_sum"),
     "indexer_loss.cu": ("indexer_entry_scores_simt", "indexer_loss_bwd_query_simt", "indexer_loss_bwd_dk_simt"),
 }
 

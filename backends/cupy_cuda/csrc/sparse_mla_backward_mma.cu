@@ -28,12 +28,15 @@
 // Rounding: dout, P and dl go to bf16 before their products (as FlashAttention's backward does);
 // every product accumulates in float32.
 //
-// Deterministic mode does not use this kernel: the host keeps the float32 sorted-segment path of
-// sparse_mla_backward.cu for it. The atomics here add in an order that depends on scheduling, and
-// the alternative (write every (query, slot) contribution to a buffer, then sum by sorted segment)
-// needs pairs x 576 x 4 bytes of scratch: 2.3 KB per pair, 19 GB at s_q 4096 and topk 2048, so it
-// would have to run in chunks of a few hundred queries with a second pass over the buffer; the
-// SIMT path is already bitwise repeatable and tested, so it stays the deterministic one for now.
+// Deterministic mode (sparse_mla_bwd_mma_deterministic): the same kernel, except that phase 3
+// stores each finished fragment of a valid slot to a float32 contribution buffer
+// [queries of the chunk, head blocks, topk, 576] instead of adding it, and sparse_mla_bwd_mma_row_sum
+// then sums, for each kv row, the contributions of the (query, slot) pairs that read it in the
+// order the host fixed (a sort of unique keys), and adds the sum to dkv with a plain
+// read-modify-write. Exactly one block writes a row of dkv per launch and launches run in stream
+// order, so two runs add the same numbers in the same order: no float atomic touches dkv. A buffer
+// entry of an invalid slot is never written and never read. The buffer takes 2.3 KB per
+// (query, head block, slot), so the host runs the queries in chunks bounded by a byte budget.
 #include "common.cuh"
 
 using namespace dsa;
@@ -45,6 +48,7 @@ constexpr int D_V = 512;
 constexpr int BLOCK_H = 64;                     // heads of one query per block
 constexpr int BLOCK_T = 32;                     // gathered rows per tile
 constexpr int THREADS = 512;                    // 16 warps
+constexpr int ROW_SUM_THREADS = D_QK / 4;       // sparse_mla_bwd_mma_row_sum: one float4 of a row each
 constexpr int ROW_BYTES = D_QK * 2;             // bf16 row of Q / K: 1152 bytes
 constexpr int ROW_CHUNKS = ROW_BYTES / 16;      // 72
 constexpr int DO_ROW_BYTES = D_V * 2;           // bf16 row of dout: 1024 bytes
@@ -97,22 +101,16 @@ __device__ __forceinline__ void gather_tile(u32 dst, int* tile_rows, const u16* 
     }
 }
 
-}  // namespace mla_bwd_mma
-
-extern "C" __global__ void __launch_bounds__(mla_bwd_mma::THREADS, 1)
-sparse_mla_bwd_mma(const u16* __restrict__ q,            // [s_q, h, 576] bf16 bits
-                   const u16* __restrict__ kv,           // [s_kv, 576] bf16 bits
-                   const int* __restrict__ indices,      // [s_q, topk]
-                   const int* __restrict__ topk_length,  // [s_q] or null
-                   const float* __restrict__ lse,        // [s_q, h]
-                   const float* __restrict__ d_out,      // [s_q, h, 512]
-                   const float* __restrict__ delta,      // [s_q, h] D
-                   const float* __restrict__ share,      // [s_q, h] f
-                   const float* __restrict__ d_lse,      // [s_q, h] or null
-                   float* __restrict__ dq,               // [s_q, h, 576]
-                   float* __restrict__ dkv,              // [s_kv, 576], zeroed by the host, added to
-                   int h, int s_kv, int topk, float sm_scale, float scale_log2) {
-    using namespace mla_bwd_mma;
+// The whole backward of one (query, head block); ROW_STORES selects what phase 3 does with the row
+// gradients: add them to dkv (atomics) or store them to `contributions` (deterministic mode).
+template <bool ROW_STORES>
+__device__ __forceinline__ void backward_block(const u16* __restrict__ q, const u16* __restrict__ kv,
+                                               const int* __restrict__ indices, const int* __restrict__ topk_length,
+                                               const float* __restrict__ lse, const float* __restrict__ d_out,
+                                               const float* __restrict__ delta, const float* __restrict__ share,
+                                               const float* __restrict__ d_lse, float* __restrict__ dq,
+                                               float* __restrict__ dkv, float* __restrict__ contributions, int h,
+                                               int s_kv, int topk, float sm_scale, float scale_log2) {
     extern __shared__ __align__(128) u8 smem[];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int head_blocks = (h + BLOCK_H - 1) / BLOCK_H;
@@ -294,15 +292,22 @@ sparse_mla_bwd_mma(const u16* __restrict__ q,            // [s_q, h, 576] bf16 b
                 }
             }
             const int dim = 8 * n + 2 * lane_in_group;
-            if (row_low >= 0) {
-                float* target = dkv + (u64)row_low * D_QK + dim;
-                atomicAdd(target, acc[0]);
-                atomicAdd(target + 1, acc[1]);
-            }
-            if (row_high >= 0) {
-                float* target = dkv + (u64)row_high * D_QK + dim;
-                atomicAdd(target, acc[2]);
-                atomicAdd(target + 1, acc[3]);
+            if constexpr (ROW_STORES) {
+                // Entry (block, slot) of the buffer: blockIdx.x is (query of the chunk, head block).
+                float* target = contributions + ((u64)blockIdx.x * topk + tile * BLOCK_T + row_slots + group_id) * D_QK + dim;
+                if (row_low >= 0) *reinterpret_cast<float2*>(target) = make_float2(acc[0], acc[1]);
+                if (row_high >= 0) *reinterpret_cast<float2*>(target + 8 * D_QK) = make_float2(acc[2], acc[3]);
+            } else {
+                if (row_low >= 0) {
+                    float* target = dkv + (u64)row_low * D_QK + dim;
+                    atomicAdd(target, acc[0]);
+                    atomicAdd(target + 1, acc[1]);
+                }
+                if (row_high >= 0) {
+                    float* target = dkv + (u64)row_high * D_QK + dim;
+                    atomicAdd(target, acc[2]);
+                    atomicAdd(target + 1, acc[3]);
+                }
             }
         }
         __syncthreads();  // the tile and the staged tiles may be overwritten from here on
@@ -320,4 +325,84 @@ sparse_mla_bwd_mma(const u16* __restrict__ q,            // [s_q, h, 576] bf16 b
             *reinterpret_cast<float2*>(dq_row + j * 8) = make_float2(acc_dq[j][2 * r], acc_dq[j][2 * r + 1]);
         }
     }
+}
+
+}  // namespace mla_bwd_mma
+
+// Default mode: row gradients added to dkv with float32 atomics. Grid: s_q * head blocks.
+extern "C" __global__ void __launch_bounds__(mla_bwd_mma::THREADS, 1)
+sparse_mla_bwd_mma(const u16* __restrict__ q,            // [s_q, h, 576] bf16 bits
+                   const u16* __restrict__ kv,           // [s_kv, 576] bf16 bits
+                   const int* __restrict__ indices,      // [s_q, topk]
+                   const int* __restrict__ topk_length,  // [s_q] or null
+                   const float* __restrict__ lse,        // [s_q, h]
+                   const float* __restrict__ d_out,      // [s_q, h, 512]
+                   const float* __restrict__ delta,      // [s_q, h] D
+                   const float* __restrict__ share,      // [s_q, h] f
+                   const float* __restrict__ d_lse,      // [s_q, h] or null
+                   float* __restrict__ dq,               // [s_q, h, 576]
+                   float* __restrict__ dkv,              // [s_kv, 576], zeroed by the host, added to
+                   int h, int s_kv, int topk, float sm_scale, float scale_log2) {
+    mla_bwd_mma::backward_block<false>(q, kv, indices, topk_length, lse, d_out, delta, share, d_lse, dq, dkv, nullptr,
+                                       h, s_kv, topk, sm_scale, scale_log2);
+}
+
+// Deterministic mode, one chunk of queries (every pointer starts at the chunk's first query):
+// row gradients stored to `contributions`, entry ((query * head blocks + head block) * topk + slot),
+// for valid slots only; sparse_mla_bwd_mma_row_sum adds them to dkv. Grid: queries * head blocks.
+extern "C" __global__ void __launch_bounds__(mla_bwd_mma::THREADS, 1)
+sparse_mla_bwd_mma_deterministic(const u16* __restrict__ q,            // [c, h, 576] bf16 bits
+                                 const u16* __restrict__ kv,           // [s_kv, 576] bf16 bits
+                                 const int* __restrict__ indices,      // [c, topk]
+                                 const int* __restrict__ topk_length,  // [c] or null
+                                 const float* __restrict__ lse,        // [c, h]
+                                 const float* __restrict__ d_out,      // [c, h, 512]
+                                 const float* __restrict__ delta,      // [c, h] D
+                                 const float* __restrict__ share,      // [c, h] f
+                                 const float* __restrict__ d_lse,      // [c, h] or null
+                                 float* __restrict__ dq,               // [c, h, 576]
+                                 float* __restrict__ contributions,    // [c, head blocks, topk, 576]
+                                 int h, int s_kv, int topk, float sm_scale, float scale_log2) {
+    mla_bwd_mma::backward_block<true>(q, kv, indices, topk_length, lse, d_out, delta, share, d_lse, dq, nullptr,
+                                      contributions, h, s_kv, topk, sm_scale, scale_log2);
+}
+
+// The ordered sum of deterministic mode. Grid: one block per kv row r; block: 144 threads, thread t
+// owning dims 4 t .. 4 t + 3. The pairs that read r are pair_order[row_start[r] .. row_start[r + 1]),
+// pair p = (query p / topk of the chunk, slot p % topk), each a valid slot; for each pair in that
+// order, then each head block in order, the block adds the pair's buffer entry to a register sum,
+// and adds the sum to dkv[r] (no other block writes the row in this launch). A row without pairs
+// is not touched.
+extern "C" __global__ void __launch_bounds__(mla_bwd_mma::ROW_SUM_THREADS)
+sparse_mla_bwd_mma_row_sum(const float* __restrict__ contributions,  // [c, head blocks, topk, 576]
+                           const int* __restrict__ pair_order,       // [pairs of the chunk]
+                           const int* __restrict__ row_start,        // [s_kv + 1]
+                           float* __restrict__ dkv,                  // [s_kv, 576]
+                           int head_blocks, int topk) {
+    using namespace mla_bwd_mma;
+    const int row = blockIdx.x, tid = threadIdx.x;
+    const int begin = row_start[row], end = row_start[row + 1];
+    if (begin == end) return;
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const int items = (end - begin) * head_blocks;
+    // Unrolled so that several independent loads are in flight; the additions stay in item order.
+#pragma unroll 4
+    for (int item = 0; item < items; ++item) {
+        const int position = begin + item / head_blocks, head_block = item % head_blocks;
+        const int pair = pair_order[position];
+        const int query = pair / topk, slot = pair - query * topk;
+        const u64 entry = ((u64)query * head_blocks + head_block) * topk + slot;
+        const float4 value = reinterpret_cast<const float4*>(contributions + entry * D_QK)[tid];
+        sum.x += value.x;
+        sum.y += value.y;
+        sum.z += value.z;
+        sum.w += value.w;
+    }
+    float4* target = reinterpret_cast<float4*>(dkv + (u64)row * D_QK) + tid;
+    float4 total = *target;
+    total.x += sum.x;
+    total.y += sum.y;
+    total.z += sum.z;
+    total.w += sum.w;
+    *target = total;
 }
