@@ -235,20 +235,17 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
     lse = torch.empty((s_q, h), dtype=torch.float32, device=q.device)
     if s_q == 0 or h == 0:
         return out, lse
-    config = {**sparse_mla_config(s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, q.device), **(config or {})}
-    splits = config.pop("num_splits") if num_splits is None else num_splits
-    config.pop("num_splits", None)
-    slots_per_split = triton.cdiv(max(topk, 1), splits * config["BLOCK_T"]) * config["BLOCK_T"]
     if topk_length is not None:
         topk_length = topk_length.to(torch.int32).contiguous()
     if attn_sink is not None:
         attn_sink = attn_sink.to(torch.float32).contiguous()
-    common = dict(HAS_TOPK_LENGTH=topk_length is not None, HAS_SINK=attn_sink is not None, KV_FP8=kv_fp8,
-                  SCALE_BLOCKS=KV_LATENT_DIM // KV_SCALE_BLOCK, COMPUTE_DTYPE=_COMPUTE_DTYPES[compute_dtype],
-                  DOT_PRECISION=dot_precision(compute_dtype), **config)
-    if kv_fp8:
-        common["D_V"], common["D_R"] = KV_LATENT_DIM, KV_ROPE_DIM
-    grid = (s_q, triton.cdiv(h, config["BLOCK_H"]), splits)
+    if config is None and num_splits is None:  # every decode step: the same launch, computed once
+        splits, slots_per_split, common = _launch_plan(s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, q.device,
+                                                       topk_length is not None, attn_sink is not None)
+    else:
+        splits, slots_per_split, common = _plan(s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, q.device,
+                                                topk_length is not None, attn_sink is not None, num_splits, config)
+    grid = (s_q, triton.cdiv(h, common["BLOCK_H"]), splits)
     scale_log2 = sm_scale * LOG2E
     dummy = lse
     if splits == 1:
@@ -268,13 +265,34 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         SPLIT=True, **common)
-    block_h = config["BLOCK_H"]
+    block_h = common["BLOCK_H"]
     _combine_kernel[(s_q, triton.cdiv(h, block_h))](
         part_out, part_lse, attn_sink if attn_sink is not None else dummy, out, lse, h, d_v, splits,
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         HAS_SINK=attn_sink is not None, BLOCK_H=block_h, D_V=common["D_V"], num_warps=4)
     return out, lse
+
+
+def _plan(s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, device, has_topk_length, has_sink, num_splits=None,
+          config=None):
+    """``(splits, slots per split, the kernel's constexpr arguments)`` of one launch."""
+    config = {**sparse_mla_config(s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, device), **(config or {})}
+    splits = config.pop("num_splits") if num_splits is None else num_splits
+    config.pop("num_splits", None)
+    slots_per_split = triton.cdiv(max(topk, 1), splits * config["BLOCK_T"]) * config["BLOCK_T"]
+    common = dict(HAS_TOPK_LENGTH=has_topk_length, HAS_SINK=has_sink, KV_FP8=kv_fp8,
+                  SCALE_BLOCKS=KV_LATENT_DIM // KV_SCALE_BLOCK, COMPUTE_DTYPE=_COMPUTE_DTYPES[compute_dtype],
+                  DOT_PRECISION=dot_precision(compute_dtype), **config)
+    if kv_fp8:
+        common["D_V"], common["D_R"] = KV_LATENT_DIM, KV_ROPE_DIM
+    return splits, slots_per_split, common
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_plan(*key):
+    """:func:`_plan` of the default launch choices, cached (callers only read it)."""
+    return _plan(*key)
 
 
 def default_sm_scale(d_qk: int) -> float:

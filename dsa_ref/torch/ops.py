@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import interop, modes, registry
+from ..backend import Backend
 from .. import ops as checked
 
 _NAMESPACE = "dsa_ref"
@@ -59,17 +60,20 @@ def _signature(op: str, backend, inputs: dict) -> tuple:
         else (key, value) for key, value in inputs.items())
 
 
-def _accepted(op: str, backend_name: str, inputs: dict, check) -> bool:
-    """True when a call of this signature passed before; else run ``check()`` (which raises on bad
-    input) and remember the signature."""
-    signature = _signature(op, registry.get_backend(backend_name), inputs)
+def _accepted(op: str, backend_name: str, inputs: dict, check):
+    """``(backend, seen)``: ``seen`` when a call of this signature passed before (the backend could
+    run then, and a device does not go away); else the backend is looked up with its availability
+    check, ``check()`` runs (it raises on bad input) and the signature is remembered."""
+    backend = registry._load(backend_name)
+    signature = _signature(op, backend, inputs)
     if signature in _ACCEPTED:
-        return True
+        return backend, True
+    backend = registry.get_backend(backend_name)
     check()
     if len(_ACCEPTED) >= _ACCEPTED_LIMIT:
         _ACCEPTED.clear()
     _ACCEPTED.add(signature)
-    return False
+    return backend, False
 
 
 def _eager(*tensors: Optional[Tensor]) -> bool:
@@ -86,10 +90,11 @@ def _eager(*tensors: Optional[Tensor]) -> bool:
     return True
 
 
-def _run(backend_name: str, op: str, like: Tensor, *, checked_signature: bool = False, **inputs):
-    """Run ``op`` on the backend with ``inputs`` (torch tensors), results as torch tensors beside ``like``.
-    ``checked_signature``: a call of the same signature passed the backend's support check already."""
-    backend = registry.get_backend(backend_name)
+def _run(backend_name, op: str, like: Tensor, *, checked_signature: bool = False, **inputs):
+    """Run ``op`` on the backend (a name, or the backend :func:`_accepted` returned) with ``inputs``
+    (torch tensors), results as torch tensors beside ``like``. ``checked_signature``: a call of the
+    same signature passed the backend's support check already."""
+    backend = backend_name if isinstance(backend_name, Backend) else registry.get_backend(backend_name)
     reasons = [] if checked_signature else backend.not_supported_reasons(op, **inputs)
     if reasons:
         raise registry.UnsupportedInputError(f"backend {backend.name!r} does not support these {op} inputs: "
@@ -177,7 +182,7 @@ def _sparse_mla_forward(q, kv, indices, topk_length, attn_sink, sm_scale: float,
         _sparse_mla_checks(q, kv, indices, topk_length, attn_sink, sm_scale, d_v)
         _run_checks(backend, "sparse_mla", inputs)
 
-    seen = _accepted("sparse_mla", backend, inputs, check)
+    backend, seen = _accepted("sparse_mla", backend, inputs, check)
     if topk_length is not None:
         inputs["topk_length"] = topk_length.clip(0, indices.shape[1])  # clamped on the device, never read
     out, lse = _run(backend, "sparse_mla", q, checked_signature=seen, **inputs)
@@ -296,7 +301,7 @@ def _lightning_indexer_forward(q, weights, k, key_start, key_end, k_scale, backe
         _indexer_checks(q, weights, k, key_start, key_end, k_scale)
         _run_checks(backend, "lightning_indexer", inputs)
 
-    seen = _accepted("lightning_indexer", backend, inputs, check)
+    backend, seen = _accepted("lightning_indexer", backend, inputs, check)
     # Key ranges clamped on the device, never read (as the checks do with data checks off).
     inputs["key_start"], inputs["key_end"] = checked._checks.clamp_key_ranges(key_start, key_end, k.shape[0])
     return _fresh(_run(backend, "lightning_indexer", q, checked_signature=seen, **inputs), q, k)
@@ -335,7 +340,7 @@ def _topk_indices_forward(scores, topk: int, backend: str):
         checked._checks.positive_int("topk", topk)
         _run_checks(backend, "topk_indices", inputs)
 
-    seen = _accepted("topk_indices", backend, inputs, check)
+    backend, seen = _accepted("topk_indices", backend, inputs, check)
     return _run(backend, "topk_indices", scores, checked_signature=seen, **inputs)
 
 
