@@ -94,50 +94,68 @@ def _read_rows_numpy(indices, topk_length, s_kv):
     return np.where(reference.valid_slots(indices, s_kv, topk_length), indices, -1).astype(np.int32)
 
 
-def test_row_segments_list_each_rows_readers_once_in_pair_order():
+def test_deterministic_plans_hold_whole_chunks_within_the_scratch_budget(monkeypatch):
+    monkeypatch.setattr(cupy_backend, "CHUNK_BYTES", 10 * 7 * 64 * cupy_backend._PLAN_BYTES_PER_PAIR + 5)
+    assert cupy_backend.deterministic_mma_plan_queries(7, topk=64) == 70
+    assert cupy_backend.deterministic_mma_plan_queries(100, topk=64) == 100  # one chunk even over the budget
+    monkeypatch.undo()
+    # The V3.2 training shape sorts 14 chunks of 227 queries at once (28 of 113 at h 128).
+    assert cupy_backend.deterministic_mma_plan_queries(227, topk=2048) == 14 * 227
+    assert cupy_backend.deterministic_mma_plan_queries(113, topk=2048) == 28 * 113
+
+
+def test_sorted_row_keys_list_each_rows_readers_once_in_pair_order():
     rng = np.random.default_rng(0)
     s_q, s_kv, topk = 7, 23, 16
     problem = problems.sparse_mla_problem(rng, s_q=s_q, s_kv=s_kv, h=1, d_qk=8, d_v=8, topk=topk, dtype="float32",
                                           invalid_fraction=0.3, duplicate_fraction=0.3, topk_length=True)
     rows = _read_rows_numpy(problem.inputs["indices"], problem.inputs["topk_length"], s_kv)
-    pair_order, row_start = cupy_backend._row_segments(rows, s_kv, xp=np)
-    assert pair_order.dtype == np.int32 and row_start.dtype == np.int32
-    assert row_start.shape == (s_kv + 1,) and row_start[0] == 0
-    assert (np.diff(row_start) >= 0).all()
+    keys = cupy_backend._sorted_row_keys(rows, s_kv, xp=np)
+    pairs = s_q * topk
+    assert keys.dtype == np.int64 and keys.shape == (pairs,) and (np.diff(keys) > 0).all()
     flat = rows.reshape(-1)
-    assert row_start[s_kv] == (flat >= 0).sum()  # unread pairs come after every segment
+    assert sorted((keys % pairs).tolist()) == list(range(pairs))
+    begin, end = cupy_backend._row_ranges(keys, s_kv, 0, pairs, xp=np)
+    assert begin.shape == end.shape == (s_kv,) and (begin <= end).all()
     for row in range(s_kv):
-        segment = pair_order[row_start[row]:row_start[row + 1]]
-        assert segment.tolist() == np.flatnonzero(flat == row).tolist(), row
-    assert sorted(pair_order.tolist()) == list(range(s_q * topk))
+        assert (keys[begin[row]:end[row]] % pairs).tolist() == np.flatnonzero(flat == row).tolist(), row
+    assert end[-1] == (flat >= 0).sum()  # unread pairs sort after every row's
 
 
-def test_row_segments_without_a_read_row():
-    pair_order, row_start = cupy_backend._row_segments(np.full((3, 4), -1, np.int32), 5, xp=np)
-    assert (row_start == 0).all() and sorted(pair_order.tolist()) == list(range(12))
-    pair_order, row_start = cupy_backend._row_segments(np.zeros((2, 0), np.int32), 5, xp=np)
-    assert pair_order.size == 0 and (row_start == 0).all()
+def test_row_ranges_of_a_chunk_keep_only_its_pairs():
+    rows = np.array([[2, 0, 2], [2, -1, 1], [0, 2, 7]], np.int32)  # 7 = s_kv: never read
+    keys = cupy_backend._sorted_row_keys(np.where(rows < 3, rows, -1), 3, xp=np)
+    begin, end = cupy_backend._row_ranges(keys, 3, 3, 6, xp=np)  # the second query: pairs 3, 4, 5
+    assert [(keys[b:e] % 9).tolist() for b, e in zip(begin, end)] == [[], [5], [3]]
+    pairs_of_no_row = cupy_backend._sorted_row_keys(np.full((3, 4), -1, np.int32), 5, xp=np)
+    begin, end = cupy_backend._row_ranges(pairs_of_no_row, 5, 0, 12, xp=np)
+    assert (begin == end).all()
 
 
-@pytest.mark.parametrize("head_blocks", [1, 2])
-def test_row_sums_in_segment_order_add_up_the_contribution_buffer(head_blocks):
-    """The buffer entries sparse_mla_bwd_mma_row_sum reads, ((query * head_blocks + head block) * topk + slot),
-    visited in the order of the row segments, add up to every valid slot's contribution scattered to its row."""
-    rng = np.random.default_rng(head_blocks)
-    c, s_kv, topk, width = 5, 11, 12, 3
-    indices = rng.integers(-3, s_kv + 3, size=(c, topk)).astype(np.int32)
-    topk_length = rng.integers(0, topk + 1, size=c).astype(np.int32)
+@pytest.mark.parametrize(("head_blocks", "chunk"), [(1, 5), (2, 5), (1, 2), (2, 3)])
+def test_row_sums_of_the_chunks_add_up_the_contribution_buffer(head_blocks, chunk):
+    """The buffer entries sparse_mla_bwd_mma_row_sum reads for each chunk of the plan,
+    ((query of the chunk * head_blocks + head block) * topk + slot) in the order of the row ranges,
+    add up to every valid slot's contribution scattered to its row."""
+    rng = np.random.default_rng(head_blocks + 10 * chunk)
+    s_q, s_kv, topk, width = 5, 11, 12, 3
+    indices = rng.integers(-3, s_kv + 3, size=(s_q, topk)).astype(np.int32)
+    topk_length = rng.integers(0, topk + 1, size=s_q).astype(np.int32)
     rows = _read_rows_numpy(indices, topk_length, s_kv)
-    contributions = rng.standard_normal((c, head_blocks, topk, width))
+    contributions = rng.standard_normal((s_q, head_blocks, topk, width))
     contributions[np.broadcast_to((rows < 0)[:, None, :], contributions.shape[:3])] = np.nan  # never written
-    pair_order, row_start = cupy_backend._row_segments(rows, s_kv, xp=np)
-    entries = contributions.reshape(-1, width)
+    keys = cupy_backend._sorted_row_keys(rows, s_kv, xp=np)
     summed = np.zeros((s_kv, width))
-    for row in range(s_kv):
-        for pair in pair_order[row_start[row]:row_start[row + 1]]:
-            query, slot = divmod(int(pair), topk)
-            for head_block in range(head_blocks):
-                summed[row] += entries[(query * head_blocks + head_block) * topk + slot]
+    for start in range(0, s_q, chunk):
+        stop = min(s_q, start + chunk)
+        entries = contributions[start:stop].reshape(-1, width)  # the buffer of this chunk
+        begin, end = cupy_backend._row_ranges(keys, s_kv, start * topk, stop * topk, xp=np)
+        for row in range(s_kv):
+            for key in keys[begin[row]:end[row]]:
+                query, slot = divmod(int(key - row * keys.size - start * topk), topk)
+                assert 0 <= query < stop - start
+                for head_block in range(head_blocks):
+                    summed[row] += entries[(query * head_blocks + head_block) * topk + slot]
     expected = np.zeros((s_kv, width))
     valid_query, valid_slot = np.nonzero(rows >= 0)
     np.add.at(expected, rows[valid_query, valid_slot], contributions[valid_query, :, valid_slot].sum(axis=1))
@@ -260,16 +278,16 @@ def test_mma_backward_at_a_larger_shape(monkeypatch, deterministic):
     _check(_larger_problem(), monkeypatch, deterministic=deterministic)
 
 
-def _count_chunks(monkeypatch) -> list[int]:
-    """Records the queries of each chunk the deterministic path plans (one row-segment plan per chunk)."""
+def _count_chunks(monkeypatch, topk: int) -> list[int]:
+    """Records the queries of each chunk whose row sums the deterministic path launches."""
     chunks: list[int] = []
-    original = cupy_backend._row_segments
+    original = cupy_backend._row_ranges
 
-    def recording(rows, *args, **kwargs):
-        chunks.append(int(rows.shape[0]))
-        return original(rows, *args, **kwargs)
+    def recording(sorted_keys, s_kv, first_pair, end_pair, *args, **kwargs):
+        chunks.append((end_pair - first_pair) // topk)
+        return original(sorted_keys, s_kv, first_pair, end_pair, *args, **kwargs)
 
-    monkeypatch.setattr(cupy_backend, "_row_segments", recording)
+    monkeypatch.setattr(cupy_backend, "_row_ranges", recording)
     return chunks
 
 
@@ -280,14 +298,18 @@ def _bitwise_equal(first, second):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("several_plans", [False, True])
 @pytest.mark.parametrize("h", [64, 100])
-def test_deterministic_mma_backward_is_bitwise_repeatable_over_several_chunks(monkeypatch, h):
+def test_deterministic_mma_backward_is_bitwise_repeatable_over_several_chunks(monkeypatch, h, several_plans):
     # Few rows, each read by many (query, head block, slot) pairs: the sums an atomic order would change.
     problem = _problem(5, s_q=10, s_kv=40, h=h, topk=128, invalid_fraction=0.2, duplicate_fraction=0.5,
                        topk_length=True, attn_sink=True, d_lse=True, empty_query=4)
     head_blocks = (h + 63) // 64
     monkeypatch.setattr(cupy_backend, "DETERMINISTIC_MMA_BUFFER_BYTES", 3 * head_blocks * 128 * 576 * 4)
-    chunks = _count_chunks(monkeypatch)
+    if several_plans:  # two chunks a sort: queries 0-5 and 6-9
+        monkeypatch.setattr(cupy_backend, "CHUNK_BYTES", 2 * 3 * 128 * cupy_backend._PLAN_BYTES_PER_PAIR)
+        assert cupy_backend.deterministic_mma_plan_queries(3, 128) == 6
+    chunks = _count_chunks(monkeypatch, topk=128)
     first = _check(problem, monkeypatch, deterministic=True)
     assert chunks == [3, 3, 3, 1]
     second = _check(problem, monkeypatch, deterministic=True)
@@ -299,7 +321,7 @@ def test_deterministic_mma_backward_is_bitwise_repeatable_over_several_chunks(mo
 def test_deterministic_mma_backward_is_bitwise_repeatable_at_a_larger_shape(monkeypatch):
     problem = _larger_problem()
     monkeypatch.setattr(cupy_backend, "DETERMINISTIC_MMA_BUFFER_BYTES", 5 * 2 * 2048 * 576 * 4)  # 5 queries a chunk
-    chunks = _count_chunks(monkeypatch)
+    chunks = _count_chunks(monkeypatch, topk=2048)
     first = _check(problem, monkeypatch, deterministic=True)
     second = _check(problem, monkeypatch, deterministic=True)
     assert chunks == [5, 5, 5, 5, 4] * 2

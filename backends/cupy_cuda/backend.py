@@ -626,31 +626,50 @@ def deterministic_mma_chunk_queries(s_q: int, h: int, topk: int) -> int:
     return max(1, min(s_q, DETERMINISTIC_MMA_BUFFER_BYTES // max(1, bytes_per_query)))
 
 
-def _row_segments(rows, s_kv: int, xp=None):
-    """The order of the deterministic row sums of one chunk: ``(pair_order, row_start)``, int32.
+#: Bytes per (query, slot) pair of the deterministic plan: the int64 keys, their temporaries while they
+#: are built, the sorted copy and the sort's scratch.
+_PLAN_BYTES_PER_PAIR = 40
 
-    ``rows`` is int ``[c, topk]``: the kv row pair ``p`` (flat index: query p // topk, slot p % topk)
-    reads, or -1. The pairs that read row ``r`` are ``pair_order[row_start[r] : row_start[r + 1]]``,
-    in increasing ``p``; unread pairs follow ``row_start[s_kv]``. The order comes from sorting the
-    unique keys ``row * pairs + p`` (any correct sort gives the one order of unique keys). Unlike
-    :func:`_scatter_work` it needs no count on the host (one segment per kv row, empty ones
-    included), so the chunks of a call are queued without waiting for the device.
+
+def deterministic_mma_plan_queries(chunk_queries: int, topk: int) -> int:
+    """Queries sorted together by the deterministic mma backward: a whole number of chunks, as many as
+    keep the sort within :data:`CHUNK_BYTES` (at least one chunk)."""
+    chunks = CHUNK_BYTES // max(1, _PLAN_BYTES_PER_PAIR * topk * chunk_queries)
+    return chunk_queries * max(1, chunks)
+
+
+def _sorted_row_keys(rows, s_kv: int, xp=None):
+    """The order of the deterministic row sums: int64 keys ``row * pairs + p``, sorted.
+
+    ``rows`` is int ``[n, topk]``: the kv row pair ``p`` (flat index: query p // topk, slot p % topk)
+    reads, or -1 (its key then sorts after every row's, as row ``s_kv``). The keys are unique, so any
+    correct sort gives the one order: by row, then by pair. One sort serves every chunk of the
+    plan (:func:`_row_ranges`), and nothing is counted on the host, so the launches of a call are
+    queued without waiting for the device.
     """
     if xp is None:
         import cupy as xp
     pairs = int(rows.size)
     flat = rows.reshape(-1).astype(xp.int64)
-    keys = xp.sort(xp.where(flat >= 0, flat, s_kv) * pairs + xp.arange(pairs, dtype=xp.int64))
-    pair_order = (keys % pairs).astype(xp.int32) if pairs else keys.astype(xp.int32)
-    row_start = xp.searchsorted(keys // max(pairs, 1), xp.arange(s_kv + 1, dtype=xp.int64))
-    return pair_order, row_start.astype(xp.int32)
+    return xp.sort(xp.where(flat >= 0, flat, s_kv) * pairs + xp.arange(pairs, dtype=xp.int64))
+
+
+def _row_ranges(sorted_keys, s_kv: int, first_pair: int, end_pair: int, xp=None):
+    """``(row_begin, row_end)``, int64 ``[s_kv]``: the positions in ``sorted_keys`` of the pairs
+    ``first_pair <= p < end_pair`` (one chunk of the plan) that read each row, in increasing ``p``."""
+    if xp is None:
+        import cupy as xp
+    pairs = int(sorted_keys.size)
+    row_base = xp.arange(s_kv, dtype=xp.int64) * pairs
+    return (xp.searchsorted(sorted_keys, row_base + first_pair).astype(xp.int64),
+            xp.searchsorted(sorted_keys, row_base + end_pair).astype(xp.int64))
 
 
 def _deterministic_mma_backward(q, kv, indices, topk_length, lse32, d_out32, delta, share, d_lse32, dq, dkv, *,
                                 sm_scale: float):
     """dq and dkv of bf16 V3.2 inputs, bitwise repeatable: per chunk of queries, the tensor-core kernel
     writes dq and stores every valid slot's row gradient (per head block) to the contribution buffer,
-    then one block per kv row adds that row's entries to ``dkv`` in the order of :func:`_row_segments`.
+    then one block per kv row adds that row's entries to ``dkv`` in the order of :func:`_sorted_row_keys`.
     Chunks run in stream order and reuse one buffer."""
     import cupy
 
@@ -662,23 +681,32 @@ def _deterministic_mma_backward(q, kv, indices, topk_length, lse32, d_out32, del
                                   BACKWARD_MMA_SMEM)
     row_sum = kernels.kernel("sparse_mla_backward_mma.cu", "sparse_mla_bwd_mma_row_sum", device_id)
     step = deterministic_mma_chunk_queries(s_q, h, topk)
+    plan_step = deterministic_mma_plan_queries(step, topk)
     contributions = cupy.empty((step, head_blocks, topk, 576), cupy.float32)
     scales = (np.int32(h), np.int32(s_kv), np.int32(topk), np.float32(sm_scale),
               np.float32(sm_scale * math.log2(math.e)))
-    for start in range(0, s_q, step):
-        rows = slice(start, min(s_q, start + step))
-        c = rows.stop - rows.start
-        chunk_length = None if topk_length is None else topk_length[rows]
-        block_kernel((c * head_blocks,), (512,),
-                     (q[rows], kv, indices[rows], _nullable(chunk_length), lse32[rows], d_out32[rows], delta[rows],
-                      share[rows], _nullable(None if d_lse32 is None else d_lse32[rows]), dq[rows],
-                      contributions) + scales,
-                     shared_mem=BACKWARD_MMA_SMEM)
-        if s_kv == 0 or topk == 0:
-            continue  # no slot is valid: dkv stays 0
-        pair_order, row_start = _row_segments(_read_rows(indices[rows], chunk_length, s_kv), s_kv)
-        row_sum((s_kv,), (DETERMINISTIC_ROW_SUM_THREADS,),
-                (contributions, pair_order, row_start, dkv, np.int32(head_blocks), np.int32(topk)))
+    scatters = s_kv > 0 and topk > 0  # otherwise no slot is valid and dkv stays 0
+    for plan_start in range(0, s_q, plan_step):
+        plan = slice(plan_start, min(s_q, plan_start + plan_step))
+        if scatters:
+            plan_length = None if topk_length is None else topk_length[plan]
+            sorted_keys = _sorted_row_keys(_read_rows(indices[plan], plan_length, s_kv), s_kv)
+        for start in range(plan.start, plan.stop, step):
+            rows = slice(start, min(plan.stop, start + step))
+            c = rows.stop - rows.start
+            chunk_length = None if topk_length is None else topk_length[rows]
+            block_kernel((c * head_blocks,), (512,),
+                         (q[rows], kv, indices[rows], _nullable(chunk_length), lse32[rows], d_out32[rows],
+                          delta[rows], share[rows], _nullable(None if d_lse32 is None else d_lse32[rows]), dq[rows],
+                          contributions) + scales,
+                         shared_mem=BACKWARD_MMA_SMEM)
+            if not scatters:
+                continue
+            first_pair, end_pair = (rows.start - plan.start) * topk, (rows.stop - plan.start) * topk
+            row_begin, row_end = _row_ranges(sorted_keys, s_kv, first_pair, end_pair)
+            row_sum((s_kv,), (DETERMINISTIC_ROW_SUM_THREADS,),
+                    (contributions, sorted_keys, row_begin, row_end, dkv, np.int64(sorted_keys.size),
+                     np.int64(first_pair), np.int32(head_blocks), np.int32(topk)))
 
 
 def _training_attention_reasons(op: str, inputs: dict, limit: int) -> list[str]:

@@ -32,7 +32,7 @@
 // stores each finished fragment of a valid slot to a float32 contribution buffer
 // [queries of the chunk, head blocks, topk, 576] instead of adding it, and sparse_mla_bwd_mma_row_sum
 // then sums, for each kv row, the contributions of the (query, slot) pairs that read it in the
-// order the host fixed (a sort of unique keys), and adds the sum to dkv with a plain
+// order the host fixed (one sort of unique keys for many chunks), and adds the sum to dkv with a plain
 // read-modify-write. Exactly one block writes a row of dkv per launch and launches run in stream
 // order, so two runs add the same numbers in the same order: no float atomic touches dkv. A buffer
 // entry of an invalid slot is never written and never read. The buffer takes 2.3 KB per
@@ -367,29 +367,36 @@ sparse_mla_bwd_mma_deterministic(const u16* __restrict__ q,            // [c, h,
                                       contributions, h, s_kv, topk, sm_scale, scale_log2);
 }
 
-// The ordered sum of deterministic mode. Grid: one block per kv row r; block: 144 threads, thread t
-// owning dims 4 t .. 4 t + 3. The pairs that read r are pair_order[row_start[r] .. row_start[r + 1]),
-// pair p = (query p / topk of the chunk, slot p % topk), each a valid slot; for each pair in that
-// order, then each head block in order, the block adds the pair's buffer entry to a register sum,
-// and adds the sum to dkv[r] (no other block writes the row in this launch). A row without pairs
-// is not touched.
+// The ordered sum of deterministic mode, one chunk of queries. Grid: one block per kv row r; block:
+// 144 threads, thread t owning dims 4 t .. 4 t + 3. sorted_keys holds the unique keys
+// row * pairs + p of the host's plan (pair p = query p / topk, slot p % topk, counted from the
+// plan's first query; every key of a valid slot, in increasing order); the pairs of this chunk
+// that read r are the keys at positions row_begin[r] .. row_end[r], in increasing p. For each of
+// them in that order, then each head block in order, the block adds the pair's buffer entry to a
+// register sum, and adds the sum to dkv[r] (no other block writes the row in this launch). A row
+// without pairs is not touched.
 extern "C" __global__ void __launch_bounds__(mla_bwd_mma::ROW_SUM_THREADS)
 sparse_mla_bwd_mma_row_sum(const float* __restrict__ contributions,  // [c, head blocks, topk, 576]
-                           const int* __restrict__ pair_order,       // [pairs of the chunk]
-                           const int* __restrict__ row_start,        // [s_kv + 1]
+                           const i64* __restrict__ sorted_keys,      // [pairs of the plan]
+                           const i64* __restrict__ row_begin,        // [s_kv]
+                           const i64* __restrict__ row_end,          // [s_kv]
                            float* __restrict__ dkv,                  // [s_kv, 576]
+                           i64 pairs,                                // pairs of the plan
+                           i64 first_pair,                           // the chunk's first pair in the plan
                            int head_blocks, int topk) {
     using namespace mla_bwd_mma;
     const int row = blockIdx.x, tid = threadIdx.x;
-    const int begin = row_start[row], end = row_start[row + 1];
+    const i64 begin = row_begin[row], end = row_end[row];
     if (begin == end) return;
+    const i64 row_key = (i64)row * pairs + first_pair;
     float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    const int items = (end - begin) * head_blocks;
+    const int items = (int)(end - begin) * head_blocks;  // at most the chunk's buffer entries
     // Unrolled so that several independent loads are in flight; the additions stay in item order.
 #pragma unroll 4
     for (int item = 0; item < items; ++item) {
-        const int position = begin + item / head_blocks, head_block = item % head_blocks;
-        const int pair = pair_order[position];
+        const int in_row = item / head_blocks, head_block = item - in_row * head_blocks;
+        const i64 position = begin + in_row;
+        const int pair = (int)(sorted_keys[position] - row_key);  // within the chunk: < c * topk
         const int query = pair / topk, slot = pair - query * topk;
         const u64 entry = ((u64)query * head_blocks + head_block) * topk + slot;
         const float4 value = reinterpret_cast<const float4*>(contributions + entry * D_QK)[tid];
