@@ -25,13 +25,17 @@ def sgl_kernel_modules(folder: Path) -> dict[str, object]:
     """FlashMLA's and sglang's Python interfaces over sglang-kernel's compiled ops alone (its
     ``flashmla_ops`` and ``common_ops`` libraries, loaded with ``torch.ops.load_library``), for a
     machine that has the libraries but not the ``sgl_kernel`` package: adapter name -> module."""
-    import types
-
     import torch
 
     for library in ("flashmla_ops.abi3.so", "common_ops.abi3.so"):
         torch.ops.load_library(str(folder / library))
-    ops = torch.ops.sgl_kernel
+    return sgl_kernel_interfaces(torch.ops.sgl_kernel)
+
+
+def sgl_kernel_interfaces(ops) -> dict[str, object]:
+    """The modules of :func:`sgl_kernel_modules` over ``ops`` (``torch.ops.sgl_kernel``, or a stand-in
+    with its operators' signatures)."""
+    import types
 
     def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None):
         return ops.sparse_prefill_fwd.default(q, kv, indices, sm_scale, d_v, attn_sink, topk_length)

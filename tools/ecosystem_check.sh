@@ -1,0 +1,57 @@
+#!/bin/sh
+# GPU calls for the ecosystem work, from a checkout (peers per ../shared/peers/README.md, in .peers/):
+#   sh tools/ecosystem_check.sh OUT_DIR PHASES
+# PHASES is a comma-separated subset of:
+#   install       pip install of this checkout (no dependencies, no build isolation)
+#   peers-sgk     the kit on FlashMLA's sparse kernels and sglang's fast_topk, from sglang-kernel's
+#                 compiled libraries in .peers/sgk (carry .peers/sgk)
+#   z3            TileLang's z3 wheel into /tmp/site (carry .peers/z3; a call of its own: 64 MiB a call)
+#   peers-tilelang  the kit on TileLang's example kernels (carry .peers/tl and .peers/scripts, after z3)
+#   transformers  tools/transformers_bench.py: transformers' DeepSeek-V3.2 layers, sdpa against dsa-ref
+#   decode        dsa-ref bench --cases decode_step,host on both backends
+# Every peers phase merges its adapters into OUT_DIR/peers.json (tools/peers_check.py --merge): copy it
+# to docs/pages/results/peers.json, where the docs' peers page renders it.
+set -u
+OUT=$1
+PHASES=${2:-install,peers-sgk}
+LOG=$OUT/ecosystem_check.log
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+step() { printf '\n===== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)" | tee -a "$LOG"; }
+has() { case ",$PHASES," in *",$1,"*) return 0 ;; esac; return 1; }
+
+if has install; then
+  step "install"
+  python3 -m pip install -q --no-deps --no-build-isolation . >>"$LOG" 2>&1 || echo "install failed" | tee -a "$LOG"
+fi
+if has peers-sgk; then
+  step "FlashMLA and sglang through the kit"
+  timeout 240 python3 tools/peers_check.py --profile ci --sgl-kernel-libs .peers/sgk --adapters FlashMLA,SglangTopK \
+    --merge --out "$OUT/peers.json" >>"$LOG" 2>&1
+  echo "rc=$?" | tee -a "$LOG"
+fi
+if has z3; then
+  step "z3 for TileLang"
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .peers/z3/*.whl >>"$LOG" 2>&1
+  echo "rc=$?" | tee -a "$LOG"
+fi
+if has peers-tilelang; then
+  step "TileLang's example kernels through the kit"
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .peers/tl/*.whl >>"$LOG" 2>&1
+  PYTHONPATH=/tmp/site TL_EXAMPLES=.peers/scripts/tilelang_examples timeout 400 python3 tools/peers_check.py \
+    --profile ci --adapters TileLangSparseMLA,TileLangIndexer,TileLangTopK --merge --out "$OUT/peers.json" >>"$LOG" 2>&1
+  echo "rc=$?" | tee -a "$LOG"
+fi
+if has transformers; then
+  step "transformers' DeepSeek-V3.2 on dsa-ref against its sdpa path"
+  timeout 400 python3 tools/transformers_bench.py --contexts 8192,16384,32768 --layers 4 \
+    --out "$OUT/transformers_bench.json" >>"$LOG" 2>&1
+  echo "rc=$?" | tee -a "$LOG"
+fi
+if has decode; then
+  step "the decode step and the host cost"
+  timeout 300 python3 -m dsa_ref bench --backend triton,cupy --cases decode_step,host --out "$OUT/bench" 2>&1 \
+    | tail -n 40 >>"$LOG"
+fi
+step "done"
+tail -n 60 "$LOG"
