@@ -312,7 +312,7 @@ class CupyBackend(Backend):
                      shared_mem=BACKWARD_MMA_SMEM)
         elif kernel_path == "mma_deterministic":
             _deterministic_mma_backward(q, kv, indices, topk_length, lse32, d_out32, delta, share, d_lse32, dq, dkv,
-                                        sm_scale=float(sm_scale))
+                                        sm_scale=float(sm_scale), empty=self._empty)
         elif s_q > 0 and h > 0:
             device_id = q32.device.id
             query_smem = (2 * d_qk + d_v) * 4
@@ -666,11 +666,12 @@ def _row_ranges(sorted_keys, s_kv: int, first_pair: int, end_pair: int, xp=None)
 
 
 def _deterministic_mma_backward(q, kv, indices, topk_length, lse32, d_out32, delta, share, d_lse32, dq, dkv, *,
-                                sm_scale: float):
+                                sm_scale: float, empty):
     """dq and dkv of bf16 V3.2 inputs, bitwise repeatable: per chunk of queries, the tensor-core kernel
     writes dq and stores every valid slot's row gradient (per head block) to the contribution buffer,
     then one block per kv row adds that row's entries to ``dkv`` in the order of :func:`_sorted_row_keys`.
-    Chunks run in stream order and reuse one buffer."""
+    Chunks run in stream order and reuse one buffer, allocated by ``empty`` (the backend's: poisoned with
+    NaN in tests, so that a row sum reading an entry no slot wrote shows in dkv)."""
     import cupy
 
     s_q, h = int(q.shape[0]), int(q.shape[1])
@@ -682,7 +683,7 @@ def _deterministic_mma_backward(q, kv, indices, topk_length, lse32, d_out32, del
     row_sum = kernels.kernel("sparse_mla_backward_mma.cu", "sparse_mla_bwd_mma_row_sum", device_id)
     step = deterministic_mma_chunk_queries(s_q, h, topk)
     plan_step = deterministic_mma_plan_queries(step, topk)
-    contributions = cupy.empty((step, head_blocks, topk, 576), cupy.float32)
+    contributions = empty((step, head_blocks, topk, 576), cupy.float32)
     scales = (np.int32(h), np.int32(s_kv), np.int32(topk), np.float32(sm_scale),
               np.float32(sm_scale * math.log2(math.e)))
     scatters = s_kv > 0 and topk > 0  # otherwise no slot is valid and dkv stays 0

@@ -294,7 +294,8 @@ __device__ __forceinline__ void backward_block(const u16* __restrict__ q, const 
             const int dim = 8 * n + 2 * lane_in_group;
             if constexpr (ROW_STORES) {
                 // Entry (block, slot) of the buffer: blockIdx.x is (query of the chunk, head block).
-                float* target = contributions + ((u64)blockIdx.x * topk + tile * BLOCK_T + row_slots + group_id) * D_QK + dim;
+                const int slot = tile * BLOCK_T + row_slots + group_id;
+                float* target = contributions + ((u64)blockIdx.x * topk + slot) * D_QK + dim;
                 if (row_low >= 0) *reinterpret_cast<float2*>(target) = make_float2(acc[0], acc[1]);
                 if (row_high >= 0) *reinterpret_cast<float2*>(target + 8 * D_QK) = make_float2(acc[2], acc[3]);
             } else {
