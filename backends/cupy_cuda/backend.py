@@ -18,7 +18,8 @@ Which kernel runs (all compute the same function; see csrc/*.cu):
 * sparse MLA backward: tensor cores (csrc/sparse_mla_backward_mma.cu) for bf16 queries and rows at
   d_qk = 576, d_v = 512 on a device with 219 KiB of shared memory per block (sm_90), row gradients
   added with fp32 atomics; float32 CUDA cores (csrc/sparse_mla_backward.cu) for every other input
-  and for deterministic mode, where the row gradients are summed per row in a sorted order.
+  and for deterministic mode, where the row gradients are summed per row in a sorted order (a
+  tensor-core deterministic path is opt-in: ``CupyBackend.deterministic_tensor_cores``).
 * attention target, indexer loss and its backward: float32 CUDA cores for every dtype
   (csrc/sparse_mla_backward.cu, csrc/indexer_loss.cu).
 """
@@ -69,6 +70,12 @@ class CupyBackend(Backend):
     #: Fill fresh outputs with NaN before the kernels run, so that an element a kernel forgets to
     #: write fails every comparison (tests set this, or the environment variable below).
     poison_outputs: bool = False
+
+    #: Deterministic mode's sparse-MLA backward on the tensor-core kernels (row gradients stored, then
+    #: summed per row in a sorted order) instead of the float32 kernels, for the inputs the default's
+    #: tensor-core kernel takes. Off until it has passed the conformance kit on a GPU (backends/cupy_cuda/
+    #: NOTES.md); set this, or DSA_REF_CUPY_DETERMINISTIC_MMA=1, to run it.
+    deterministic_tensor_cores: bool = False
 
     #: Candidate keys top-k keeps in shared memory (8 bytes each, with the index): about 1.5 k are
     #: taken from one read of a row; rows the sample misjudges take slower paths (see topk.cu).
@@ -283,8 +290,10 @@ class CupyBackend(Backend):
         s_kv, d_v = int(kv.shape[0]), int(d_v)
         kernel_path = "simt"
         if s_q > 0 and h > 0:
+            tensor_cores = self.deterministic_tensor_cores or os.environ.get("DSA_REF_CUPY_DETERMINISTIC_MMA") == "1"
             kernel_path = backward_kernel_path(q_dtype, kv_dtype, d_qk=d_qk, kv_width=int(kv.shape[1]), d_v=d_v,
-                                               deterministic=deterministic, smem_limit=_smem_optin())
+                                               deterministic=deterministic, smem_limit=_smem_optin(),
+                                               deterministic_tensor_cores=tensor_cores)
         q32 = kv32 = None  # the tensor-core kernel reads the bf16 inputs as they are
         if kernel_path == "simt":
             q32, kv32 = _to_float32(q, q_dtype), _to_float32(kv, kv_dtype)
@@ -607,15 +616,19 @@ DETERMINISTIC_ROW_SUM_THREADS = 576 // 4
 
 
 def backward_kernel_path(q_dtype: str, kv_dtype: str, *, d_qk: int, kv_width: int, d_v: int, deterministic: bool,
-                         smem_limit: int) -> str:
+                         smem_limit: int, deterministic_tensor_cores: bool = False) -> str:
     """Which sparse-MLA backward runs. For bf16 q and kv rows at the V3.2 widths d_qk = 576, d_v = 512,
     where the device gives a block its shared memory, the tensor-core kernels of
-    csrc/sparse_mla_backward_mma.cu: ``"mma"`` (row gradients added with atomics) by default,
-    ``"mma_deterministic"`` (row gradients stored, then summed per row in a sorted order) in
-    deterministic mode; ``"simt"`` (csrc/sparse_mla_backward.cu, float32, both modes) for everything else."""
+    csrc/sparse_mla_backward_mma.cu: ``"mma"`` (row gradients added with atomics) by default, and, in
+    deterministic mode with ``deterministic_tensor_cores`` (see :attr:`CupyBackend.deterministic_tensor_cores`),
+    ``"mma_deterministic"`` (row gradients stored, then summed per row in a sorted order);
+    ``"simt"`` (csrc/sparse_mla_backward.cu, float32, both modes) for everything else."""
     if (q_dtype == "bfloat16" and kv_dtype == "bfloat16" and d_qk == 576 and kv_width == 576 and d_v == 512
             and BACKWARD_MMA_SMEM <= smem_limit):
-        return "mma_deterministic" if deterministic else "mma"
+        if not deterministic:
+            return "mma"
+        if deterministic_tensor_cores:
+            return "mma_deterministic"
     return "simt"
 
 
