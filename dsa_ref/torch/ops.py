@@ -174,15 +174,15 @@ def _key_ranges(key_start: Optional[Tensor], key_end: Optional[Tensor], s_q: int
 
 
 # ---------------------------------------------------------------------------- sparse MLA
-def _sparse_mla_forward(q, kv, indices, topk_length, attn_sink, sm_scale: float, d_v: int, backend: str):
+def _sparse_mla_forward(q, kv, indices, topk_length, attn_sink, sm_scale: float, d_v: int, backend_name: str):
     inputs = dict(q=q, kv=kv, indices=indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
                   attn_sink=attn_sink)
 
     def check():
         _sparse_mla_checks(q, kv, indices, topk_length, attn_sink, sm_scale, d_v)
-        _run_checks(backend, "sparse_mla", inputs)
+        _run_checks(backend_name, "sparse_mla", inputs)
 
-    backend, seen = _accepted("sparse_mla", backend, inputs, check)
+    backend, seen = _accepted("sparse_mla", backend_name, inputs, check)
     if topk_length is not None:
         inputs["topk_length"] = topk_length.clip(0, indices.shape[1])  # clamped on the device, never read
     out, lse = _run(backend, "sparse_mla", q, checked_signature=seen, **inputs)
@@ -294,14 +294,14 @@ def _indexer_checks(q, weights, k, key_start, key_end, k_scale):
         return checked._check_indexer_inputs(q, weights, k, key_start, key_end, k_scale)
 
 
-def _lightning_indexer_forward(q, weights, k, key_start, key_end, k_scale, backend: str):
+def _lightning_indexer_forward(q, weights, k, key_start, key_end, k_scale, backend_name: str):
     inputs = dict(q=q, weights=weights, k=k, key_start=key_start, key_end=key_end, k_scale=k_scale)
 
     def check():
         _indexer_checks(q, weights, k, key_start, key_end, k_scale)
-        _run_checks(backend, "lightning_indexer", inputs)
+        _run_checks(backend_name, "lightning_indexer", inputs)
 
-    backend, seen = _accepted("lightning_indexer", backend, inputs, check)
+    backend, seen = _accepted("lightning_indexer", backend_name, inputs, check)
     # Key ranges clamped on the device, never read (as the checks do with data checks off).
     inputs["key_start"], inputs["key_end"] = checked._checks.clamp_key_ranges(key_start, key_end, k.shape[0])
     return _fresh(_run(backend, "lightning_indexer", q, checked_signature=seen, **inputs), q, k)
@@ -332,15 +332,15 @@ def lightning_indexer(q: Tensor, weights: Tensor, k: Tensor, *, key_start: Optio
     return _lightning_indexer(*args)
 
 
-def _topk_indices_forward(scores, topk: int, backend: str):
+def _topk_indices_forward(scores, topk: int, backend_name: str):
     inputs = dict(scores=scores, topk=topk)
 
     def check():
         checked._checks.array("scores", scores, "[s_q, s_kv]", checked._checks.FLOATS)
         checked._checks.positive_int("topk", topk)
-        _run_checks(backend, "topk_indices", inputs)
+        _run_checks(backend_name, "topk_indices", inputs)
 
-    backend, seen = _accepted("topk_indices", backend, inputs, check)
+    backend, seen = _accepted("topk_indices", backend_name, inputs, check)
     return _run(backend, "topk_indices", scores, checked_signature=seen, **inputs)
 
 
