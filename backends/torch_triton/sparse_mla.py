@@ -213,13 +213,26 @@ def _sparse_mla_config(s_q: int, h: int, topk: int, d_v: int, d_qk: int, kv_fp8:
                 num_splits=num_splits, num_warps=8 if d_v_pad >= 256 else 4, num_stages=2)
 
 
+SPARSE_MLA_KERNELS = ("tl", "gluon")
+
+
 def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn_sink=None, *,
-               num_splits: int | None = None, config: dict | None = None):
+               num_splits: int | None = None, config: dict | None = None, kernel: str = "tl"):
     """``(out float32 [s_q, h, d_v], lse float32 [s_q, h])``; see :func:`dsa_ref.sparse_mla`.
 
     ``kv`` is ``[s_kv, d_qk]`` (same dtype as ``q``) or the packed FP8 cache, uint8 ``[s_kv, 656]``.
     ``num_splits`` and ``config`` override the launch choices of :func:`sparse_mla_config` (for tuning).
+    ``kernel="gluon"`` runs the Hopper kernel of :mod:`.sparse_mla_gluon` instead of this module's
+    ``tl.dot`` one (opt-in: it raises ValueError with the reasons when it does not apply).
     """
+    if kernel not in SPARSE_MLA_KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not a valid sparse MLA kernel; available: {list(SPARSE_MLA_KERNELS)}")
+    if kernel == "gluon":
+        if num_splits is not None or config is not None:
+            raise ValueError("num_splits and config tune the 'tl' kernel; kernel='gluon' takes neither")
+        from .sparse_mla_gluon import sparse_mla_gluon
+
+        return sparse_mla_gluon(q, kv, indices, sm_scale, topk_length, attn_sink, d_v=d_v)
     s_q, h, d_qk = q.shape
     s_kv = kv.shape[0]
     topk = indices.shape[1]

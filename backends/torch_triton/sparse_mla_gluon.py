@@ -194,7 +194,7 @@ def gluon_applies(q, kv, d_v: int, indices=None, topk_length=None, attn_sink=Non
         reasons.append(f"q shape={tuple(q.shape)} (supported: [s_q, h, {D_QK}])")
     elif q.shape[1] % BLOCK_H != 0:
         reasons.append(f"h={q.shape[1]} (supported: a multiple of {BLOCK_H})")
-    if kv.dim() != 2 or kv.shape[-1] != D_QK:
+    if kv.dtype != torch.uint8 and (kv.dim() != 2 or kv.shape[-1] != D_QK):  # the cache's width is its own
         reasons.append(f"kv shape={tuple(kv.shape)} (supported: [s_kv, {D_QK}])")
     if d_v != D_V:
         reasons.append(f"d_v={d_v} (supported: {D_V})")
@@ -226,12 +226,13 @@ def _aligned(x):
     return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
-def sparse_mla_gluon(q, kv, indices, sm_scale: float, topk_length=None, attn_sink=None):
+def sparse_mla_gluon(q, kv, indices, sm_scale: float, topk_length=None, attn_sink=None, *, d_v: int = D_V):
     """``(out float32 [s_q, h, 512], lse float32 [s_q, h])``; see :func:`dsa_ref.sparse_mla`.
 
-    Raises ValueError listing every reason of :func:`gluon_applies` when it cannot run the inputs.
+    Raises ValueError listing every reason of :func:`gluon_applies` when it cannot run the inputs
+    (``d_v`` is there to be checked: only 512 runs).
     """
-    reasons = gluon_applies(q, kv, D_V, indices, topk_length, attn_sink)
+    reasons = gluon_applies(q, kv, d_v, indices, topk_length, attn_sink)
     if reasons:
         raise ValueError("the Gluon sparse MLA kernel does not apply: " + "; ".join(reasons))
     s_q, h, _ = q.shape

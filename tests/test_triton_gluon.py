@@ -1,0 +1,253 @@
+"""The Gluon (Hopper) sparse MLA forward of the ``triton`` backend: its sm_90 compile (no spills,
+Hopper's shared memory, wgmma with the d_v split), when it applies, and on a Hopper GPU its results
+against the float64 reference on the awkward cases.
+
+The compile runs in a subprocess without the interpreter (this process may have imported triton
+with TRITON_INTERPRET=1, under which nothing compiles for a GPU target).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from dsa_ref import interop, reference  # noqa: E402
+from dsa_ref.testing.assertions import assert_close  # noqa: E402
+from dsa_ref.testing.tolerances import tolerance_for  # noqa: E402
+from dsa_ref_backends.torch_triton import sparse_mla, sparse_mla_gluon  # noqa: E402
+from dsa_ref_backends.torch_triton._interpreter import interpreter_enabled  # noqa: E402
+
+H100_SHARED_MEMORY_PER_BLOCK = 232448  # 227 KiB, the opt-in maximum of sm_90
+COMPILE_CASES = [(True, True), (False, False)]  # (topk_length, attn_sink)
+
+
+# --------------------------------------------------------------------------- sm_90 compile
+def _ptxas_usage(ptx: str) -> dict[str, int]:
+    """Registers and spill bytes as ptxas (the one triton ships) reports them for sm_90a."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as file:
+            file.write(ptx)
+        report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", "-O3", source, "-o", source + ".cubin"],
+                                capture_output=True, text=True, check=True).stderr
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
+    return dict(registers=int(re.search(r"Used (\d+) registers", report).group(1)), spill_bytes=sum(spills),
+                spill_lines=len(spills))
+
+
+def _compile_gluon() -> dict[str, dict[str, int]]:
+    """Registers, spills, shared memory and tensor-core instructions of each case, compiled for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    kernel = sparse_mla_gluon._sparse_mla_gluon_kernel
+    used = {}
+    for has_topk_length, has_sink in COMPILE_CASES:
+        constants = dict(HAS_TOPK_LENGTH=has_topk_length, HAS_SINK=has_sink, BLOCK_H=sparse_mla_gluon.BLOCK_H,
+                         BLOCK_T=sparse_mla_gluon.BLOCK_T, D_V=sparse_mla_gluon.D_V, D_R=sparse_mla_gluon.D_R)
+        signature = {arg: "constexpr" if arg in constants else ("fp32" if "scale" in arg else "i32")
+                     for arg in kernel.arg_names}
+        signature.update({arg: "*fp32" for arg in kernel.arg_names if arg.startswith("p_")})
+        signature.update(p_q="*bf16", p_kv="*bf16", p_indices="*i32", p_topk_length="*i32")
+        # The launcher passes contiguous, 16-byte aligned tensors whose strides are multiples of
+        # 576 elements; the JIT specializes such arguments as divisible by 16, as here.
+        aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
+                   if arg.startswith(("p_", "stride_"))}
+        source = GluonASTSource(fn=kernel, signature=signature, attrs=aligned,
+                                constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=sparse_mla_gluon.NUM_WARPS.value))
+        ptx = compiled.asm["ptx"]
+        used[f"{has_topk_length}-{has_sink}"] = dict(
+            shared=compiled.metadata.shared, **_ptxas_usage(ptx),
+            wgmma_s=len(re.findall(r"wgmma\.mma_async\S*m64n32k16", ptx)),
+            wgmma_o=len(re.findall(r"wgmma\.mma_async\S*m64n256k16", ptx)),
+            cp_async=len(re.findall(r"cp\.async\.cg\.shared\.global", ptx)))
+    return used
+
+
+@pytest.fixture(scope="module")
+def compiled_gluon() -> dict[str, dict[str, int]]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", [f"{length}-{sink}" for length, sink in COMPILE_CASES])
+def test_gluon_sm90_compile_has_no_spills_and_fits_shared_memory(compiled_gluon, case):
+    usage = compiled_gluon[case]
+    assert usage["spill_lines"] == 2, f"{case}: ptxas reported no spill counts: {usage}"
+    assert usage["spill_bytes"] == 0, f"{case}: {usage}"
+    assert usage["registers"] <= 255 and usage["shared"] <= H100_SHARED_MEMORY_PER_BLOCK, f"{case}: {usage}"
+
+
+@pytest.mark.parametrize("case", [f"{length}-{sink}" for length, sink in COMPILE_CASES])
+def test_gluon_sm90_compile_uses_wgmma_with_d_v_split_and_async_gathers(compiled_gluon, case):
+    usage = compiled_gluon[case]
+    # S: each warpgroup's 64 heads x 32 slots over 576 / 16 = 36 k-steps; O: each warpgroup's
+    # [64, 256] half of d_v over the 64 slots / 16 = 4 k-steps. Anything else means the layout of
+    # the products is not the designed one.
+    assert usage["wgmma_s"] == 36 and usage["wgmma_o"] == 4, f"{case}: {usage}"
+    # 16-byte cp.async copies, 16 (512 columns) + 2 (64 columns) a thread for a [64, 576] tile,
+    # issued in three places: Q, the first tile before the loop, the next tile inside it.
+    assert usage["cp_async"] == 3 * (16 + 2), f"{case}: {usage}"
+
+
+# --------------------------------------------------------------------------- when it applies
+def _inputs(device="cpu", *, s_q=2, h=64, s_kv=16, topk=8, dtype=torch.bfloat16):
+    q = torch.zeros(s_q, h, 576, dtype=dtype, device=device)
+    kv = torch.zeros(s_kv, 576, dtype=dtype, device=device)
+    indices = torch.zeros(s_q, topk, dtype=torch.int32, device=device)
+    return q, kv, indices
+
+
+def _environment_reasons(device="cpu") -> list[str]:
+    reasons = []
+    if interpreter_enabled():
+        reasons.append("TRITON_INTERPRET=1 (Gluon kernels do not run on Triton's interpreter)")
+    if device == "cpu":
+        reasons.append("device=cpu (needs a CUDA GPU)")
+    return reasons
+
+
+def test_gluon_applies_names_only_the_machine_for_supported_inputs():
+    q, kv, indices = _inputs()
+    reasons = sparse_mla_gluon.gluon_applies(q, kv, 512, indices, torch.zeros(2, dtype=torch.int32), torch.zeros(64))
+    assert reasons == _environment_reasons()
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(q_dtype=torch.float16), "q dtype=torch.float16 (supported: torch.bfloat16)"),
+    (dict(kv_dtype=torch.float32), "kv dtype=torch.float32 (supported: torch.bfloat16)"),
+    (dict(kv_fp8=True), "kv is the packed FP8 cache (supported: dense bfloat16 rows)"),
+    (dict(h=96), "h=96 (supported: a multiple of 64)"),
+    (dict(q_width=512), "q shape=(2, 64, 512) (supported: [s_q, h, 576])"),
+    (dict(kv_width=512), "kv shape=(16, 512) (supported: [s_kv, 576])"),
+    (dict(d_v=256), "d_v=256 (supported: 512)"),
+    (dict(indices_dtype=torch.float32), "indices dtype=torch.float32 (supported: torch.int32, torch.int64)"),
+    (dict(indices_rows=3), "indices shape=(3, 8) (supported: [s_q, topk])"),
+    (dict(topk_length_rows=3), "topk_length shape=(3,) (supported: [s_q])"),
+    (dict(sink_heads=32), "attn_sink shape=(32,) (supported: [h])"),
+])
+def test_gluon_applies_gives_each_reason_with_its_value(change, expected):
+    h = change.get("h", 64)
+    q = torch.zeros(2, h, change.get("q_width", 576), dtype=change.get("q_dtype", torch.bfloat16))
+    kv = torch.zeros(16, change.get("kv_width", 576), dtype=change.get("kv_dtype", torch.bfloat16))
+    if change.get("kv_fp8"):
+        kv = torch.zeros(16, 656, dtype=torch.uint8)
+    indices = torch.zeros(change.get("indices_rows", 2), 8).to(change.get("indices_dtype", torch.int32))
+    topk_length = torch.zeros(change.get("topk_length_rows", 2), dtype=torch.int32)
+    attn_sink = torch.zeros(change.get("sink_heads", h))
+    reasons = sparse_mla_gluon.gluon_applies(q, kv, change.get("d_v", 512), indices, topk_length, attn_sink)
+    assert expected in reasons
+    # The FP8 cache is one reason, not also a wrong width.
+    assert [r for r in reasons if r not in _environment_reasons()] == [expected]
+
+
+def test_gluon_refuses_to_launch_where_it_does_not_apply():
+    q, kv, indices = _inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"does not apply: q dtype=torch\.float32.*needs a CUDA GPU"):
+        sparse_mla_gluon.sparse_mla_gluon(q, kv, indices, 576**-0.5)
+    with pytest.raises(ValueError, match=r"does not apply: .*d_v=256 \(supported: 512\)"):
+        sparse_mla.sparse_mla(q, kv, indices, 576**-0.5, 256, kernel="gluon")
+
+
+def test_sparse_mla_kernel_choice_is_checked():
+    q, kv, indices = _inputs()
+    with pytest.raises(ValueError, match=r"kernel='cuda' is not a valid sparse MLA kernel; available: \['tl', 'gluon'\]"):
+        sparse_mla.sparse_mla(q, kv, indices, 576**-0.5, 512, kernel="cuda")
+    with pytest.raises(ValueError, match="kernel='gluon' takes neither"):
+        sparse_mla.sparse_mla(q, kv, indices, 576**-0.5, 512, kernel="gluon", num_splits=2)
+
+
+# --------------------------------------------------------------------------- on a Hopper GPU
+def _hopper():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs a Hopper (sm_90) GPU")
+
+
+def _awkward_case(h, s_kv, topk, *, seed, sink, with_topk_length, index_dtype=torch.int32):
+    """bf16 inputs whose index rows hold every kind of invalid slot, duplicates, an empty row and
+    a row of invalid slots only."""
+    generator = torch.Generator().manual_seed(seed)
+    s_q = 6
+    q = torch.randn(s_q, h, 576, generator=generator).to(torch.bfloat16)
+    kv = torch.randn(s_kv, 576, generator=generator).to(torch.bfloat16)
+    indices = torch.randint(0, s_kv, (s_q, topk), generator=generator).to(index_dtype)
+    for n, bad in enumerate((-(2**31), -1, s_kv, 2**31 - 1)):
+        indices[:, n::13] = bad
+    if index_dtype == torch.int64:
+        indices[:, 5::17] = 2**32 + 3  # wraps to row 3 if narrowed without a check
+    indices[1, : topk // 2] = indices[1, 0].clamp(min=0)  # duplicates: one row counted many times
+    indices[2] = -1  # no valid slot: out 0, lse -inf
+    topk_length = None
+    if with_topk_length:
+        topk_length = torch.randint(0, topk + 1, (s_q,), generator=generator, dtype=torch.int32)
+        topk_length[0], topk_length[3] = topk, 0  # the whole row; an empty row
+        topk_length[4] = min(topk, 65)  # a tile cut after one slot
+    attn_sink = torch.randn(h, generator=generator) if sink else None
+    return q, kv, indices, topk_length, attn_sink
+
+
+def _np(x):
+    return None if x is None else interop.to_numpy(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_torch_outputs")
+@pytest.mark.parametrize("h, s_kv, topk", [(64, 300, 64), (128, 1000, 100), (64, 4096, 577), (128, 8192, 2048),
+                                           (64, 65536, 2048)])
+@pytest.mark.parametrize("sink, with_topk_length", [(False, False), (True, True)])
+def test_gluon_matches_reference_on_awkward_cases(h, s_kv, topk, sink, with_topk_length):
+    _hopper()
+    q, kv, indices, topk_length, attn_sink = _awkward_case(h, s_kv, topk, seed=h + s_kv + topk, sink=sink,
+                                                           with_topk_length=with_topk_length)
+    cuda = [None if x is None else x.cuda() for x in (q, kv, indices, topk_length, attn_sink)]
+    out, lse = sparse_mla.sparse_mla(cuda[0], cuda[1], cuda[2], 576**-0.5, 512, cuda[3], cuda[4], kernel="gluon")
+    again_out, again_lse = sparse_mla.sparse_mla(cuda[0], cuda[1], cuda[2], 576**-0.5, 512, cuda[3], cuda[4],
+                                                 kernel="gluon")
+    assert torch.equal(out.view(torch.int32), again_out.view(torch.int32)), "repeated run differs"
+    assert torch.equal(lse.view(torch.int32), again_lse.view(torch.int32)), "repeated run differs"
+    expected_out, expected_lse = reference.sparse_mla(_np(q), _np(kv), indices.numpy(), d_v=512,
+                                                      topk_length=_np(topk_length), attn_sink=_np(attn_sink))
+    tolerance = tolerance_for("bfloat16")
+    assert_close(_np(out), expected_out, tolerance, name="out")
+    assert_close(_np(lse), expected_lse, tolerance, name="lse", scale_by_max=False)
+    assert np.all(_np(out)[2] == 0.0) and np.all(np.isneginf(_np(lse)[2])), "a row with no valid slot"
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_torch_outputs")
+def test_gluon_int64_indices_past_int32_are_invalid_and_views_are_accepted():
+    _hopper()
+    q, kv, indices, topk_length, attn_sink = _awkward_case(128, 2048, 256, seed=7, sink=True, with_topk_length=True,
+                                                           index_dtype=torch.int64)
+    wide_q = torch.cat([q, q], dim=-1).cuda()[..., 576:]  # not contiguous: the launcher copies it
+    out, lse = sparse_mla_gluon.sparse_mla_gluon(wide_q, kv.cuda()[1:], (indices - 1).cuda(), 0.05,
+                                                 topk_length.cuda(), attn_sink.cuda())
+    expected_out, expected_lse = reference.sparse_mla(_np(q), _np(kv)[1:], (indices - 1).numpy(), sm_scale=0.05,
+                                                      d_v=512, topk_length=_np(topk_length),
+                                                      attn_sink=_np(attn_sink))
+    tolerance = tolerance_for("bfloat16")
+    assert_close(_np(out), expected_out, tolerance, name="out")
+    assert_close(_np(lse), expected_lse, tolerance, name="lse", scale_by_max=False)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_gluon()))
