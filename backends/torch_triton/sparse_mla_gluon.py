@@ -20,6 +20,8 @@ How the work is laid out (one program = one query and 64 heads, 8 warps = two wa
 - Gather: each thread issues 16-byte ``cp.async`` copies of its part of the 64 selected rows
   (an invalid slot is masked: its copy reads nothing and fills zeros), one commit group a
   tile, two tiles in flight: the rows of tile ``i + 1`` travel while tile ``i`` is computed.
+  The gather of tile ``i + 1`` is issued while the S product of tile ``i`` runs (asynchronous
+  ``warpgroup_mma``), so the L2 latency of the index loads that address it hides under S.
 - ``S = Q K^T`` (``warpgroup_mma``, both operands in shared memory) runs with the two
   warpgroups side by side along the slots: each computes the 64 heads x 32 slots of its half
   of the tile, so S is not computed twice. The row max and row sum of the online softmax
@@ -43,7 +45,8 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
 
 from ._interpreter import interpreter_enabled
 
@@ -140,17 +143,19 @@ def _sparse_mla_gluon_kernel(
         async_copy.wait_group(0)
         fence_async_shared()
         gl.thread_barrier()
+        rows_value = kv_value.index(buffer)
+        rows_rest = kv_rest.index(buffer)
+        # S runs on the tensor cores while this thread loads the indices that address the next
+        # gather and mask these scores (their L2 latency would otherwise stand alone every tile).
+        b_logits = warpgroup_mma(q_value, rows_value.permute((1, 0)), b_zero_logits, use_acc=False, is_async=True)
+        b_logits = warpgroup_mma(q_rest, rows_rest.permute((1, 0)), b_logits, is_async=True)
         _issue_row_gather(p_kv, p_index_row, t + BLOCK_T, slot_end, s_kv, stride_kv,
                           kv_value.index(1 - buffer), kv_rest.index(1 - buffer),
                           BLOCK_T, D_V, D_R, value_layout, rest_layout)
-        rows_value = kv_value.index(buffer)
-        rows_rest = kv_rest.index(buffer)
-
-        b_logits = warpgroup_mma(q_value, rows_value.permute((1, 0)), b_zero_logits, use_acc=False)
-        b_logits = warpgroup_mma(q_rest, rows_rest.permute((1, 0)), b_logits)  # [BLOCK_H, BLOCK_T]
         o_t = t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, s_layout))
         b_index = gl.load(p_index_row + o_t, mask=o_t < slot_end, other=-1)
         m_valid = (b_index >= 0) & (b_index < s_kv)
+        b_logits = warpgroup_mma_wait(0, deps=[b_logits])  # [BLOCK_H, BLOCK_T]
         b_logits = gl.where(m_valid[None, :], b_logits * scale_log2, float("-inf"))
         b_max_new = gl.maximum(b_max, gl.max(b_logits, axis=1))
         # A head that has seen no valid slot keeps max -inf; subtract 0 instead so exp2 stays 0, not NaN.
