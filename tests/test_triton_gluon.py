@@ -170,7 +170,8 @@ def test_gluon_refuses_to_launch_where_it_does_not_apply():
 
 def test_sparse_mla_kernel_choice_is_checked():
     q, kv, indices = _inputs()
-    with pytest.raises(ValueError, match=r"kernel='cuda' is not a valid sparse MLA kernel; available: \['tl', 'gluon'\]"):
+    with pytest.raises(ValueError,
+                       match=r"kernel='cuda' is not a valid sparse MLA kernel; available: \['tl', 'gluon'\]"):
         sparse_mla.sparse_mla(q, kv, indices, 576**-0.5, 512, kernel="cuda")
     with pytest.raises(ValueError, match="kernel='gluon' takes neither"):
         sparse_mla.sparse_mla(q, kv, indices, 576**-0.5, 512, kernel="gluon", num_splits=2)
