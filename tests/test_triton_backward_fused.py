@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
+from triton_ptxas import ptxas_usage
 
 torch = pytest.importorskip("torch")
 COMPILING = __name__ == "__main__"  # run as a script: the sm_90 compile, which the interpreter cannot do
@@ -174,21 +173,6 @@ COMPILE_CASES = [("bfloat16", 64, False), ("bfloat16", 128, False), ("bfloat16",
                  ("bfloat16", 128, True)]
 
 
-def _ptxas_usage(ptx: str) -> dict[str, int]:
-    """Registers and spill bytes of a PTX module as ptxas reports them for sm_90a (the assembler
-    triton ships and runs itself; ``CompiledKernel.n_regs`` and ``n_spills`` need a GPU to load)."""
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as folder:
-        source = os.path.join(folder, "kernel.ptx")
-        with open(source, "w") as file:
-            file.write(ptx)
-        report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", "-O3", source, "-o", source + ".cubin"],
-                                capture_output=True, text=True, check=True).stderr
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
-    return dict(registers=int(re.search(r"Used (\d+) registers", report).group(1)), spill_bytes=sum(spills),
-                spill_lines=len(spills))
 
 
 def _compile_fused() -> dict[str, dict[str, int]]:
@@ -218,7 +202,7 @@ def _compile_fused() -> dict[str, dict[str, int]]:
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=warps, num_stages=stages))
         used[f"{dtype_name}-{heads}-{deterministic}"] = dict(shared=compiled.metadata.shared,
-                                                             **_ptxas_usage(compiled.asm["ptx"]))
+                                                             **ptxas_usage(compiled.asm["ptx"]))
     return used
 
 

@@ -13,10 +13,10 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
+from triton_ptxas import ptxas_usage
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -32,20 +32,6 @@ COMPILE_CASES = [(True, True), (False, False)]  # (topk_length, attn_sink)
 
 
 # --------------------------------------------------------------------------- sm_90 compile
-def _ptxas_usage(ptx: str) -> dict[str, int]:
-    """Registers and spill bytes as ptxas (the one triton ships) reports them for sm_90a."""
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as folder:
-        source = os.path.join(folder, "kernel.ptx")
-        with open(source, "w") as file:
-            file.write(ptx)
-        report = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", "-O3", source, "-o", source + ".cubin"],
-                                capture_output=True, text=True, check=True).stderr
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
-    return dict(registers=int(re.search(r"Used (\d+) registers", report).group(1)), spill_bytes=sum(spills),
-                spill_lines=len(spills))
 
 
 def _compile_gluon() -> dict[str, dict[str, int]]:
@@ -73,7 +59,7 @@ def _compile_gluon() -> dict[str, dict[str, int]]:
                                   options=dict(num_warps=sparse_mla_gluon.NUM_WARPS.value))
         ptx = compiled.asm["ptx"]
         used[f"{has_topk_length}-{has_sink}"] = dict(
-            shared=compiled.metadata.shared, **_ptxas_usage(ptx),
+            shared=compiled.metadata.shared, **ptxas_usage(ptx),
             wgmma_s=len(re.findall(r"wgmma\.mma_async\S*m64n32k16", ptx)),
             wgmma_o=len(re.findall(r"wgmma\.mma_async\S*m64n256k16", ptx)),
             cp_async=len(re.findall(r"cp\.async\.cg\.shared\.global", ptx)))
@@ -82,6 +68,8 @@ def _compile_gluon() -> dict[str, dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def compiled_gluon() -> dict[str, dict[str, int]]:
+    if sparse_mla_gluon.gluon_release_reasons():
+        pytest.skip("; ".join(sparse_mla_gluon.gluon_release_reasons()))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
                             timeout=900)
@@ -252,3 +240,22 @@ def test_gluon_int64_indices_past_int32_are_invalid_and_views_are_accepted():
 
 if __name__ == "__main__":
     print(json.dumps(_compile_gluon()))
+
+
+@pytest.fixture(autouse=True)
+def _release_it_is_written_for(request, monkeypatch):
+    """The reasons of the tests below are the inputs'; the Triton release (a reason of its own on
+    another release than the kernel's, as in CI's newest-Triton pass) is tested by itself."""
+    if "release" not in request.node.name:
+        monkeypatch.setattr(sparse_mla_gluon, "gluon_release_reasons", lambda: [])
+
+
+def test_gluon_refuses_a_triton_release_it_is_not_written_for(monkeypatch):
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    reasons = sparse_mla_gluon.gluon_release_reasons()
+    assert reasons and "triton 3.9.0" in reasons[0] and sparse_mla_gluon.GLUON_TRITON_RELEASE in reasons[0]
+    q, kv = torch.zeros((1, 64, 576), dtype=torch.bfloat16), torch.zeros((4, 576), dtype=torch.bfloat16)
+    assert any("triton 3.9.0" in reason for reason in sparse_mla_gluon.gluon_applies(q, kv, 512))
+

@@ -57,6 +57,20 @@ D_QK = 576
 D_V = 512
 D_R = D_QK - D_V  # the RoPE columns, the part of a row that is a key but not a value
 NUM_WARPS = gl.constexpr(8)  # two warpgroups (a constexpr global: the kernel reads it)
+#: The Triton release whose Gluon API this kernel is written against (the GPU machine's). Gluon is
+#: experimental and changes between releases (3.9 removed ``async_copy_global_to_shared``).
+GLUON_TRITON_RELEASE = "3.6"
+
+
+def gluon_release_reasons() -> list[str]:
+    """Why the installed Triton cannot build this kernel (empty when it is the release it targets)."""
+    import triton
+
+    release = ".".join(triton.__version__.split(".")[:2])
+    if release != GLUON_TRITON_RELEASE:
+        return [f"triton {triton.__version__} (this Gluon kernel is written against Triton "
+                f"{GLUON_TRITON_RELEASE}'s Gluon API, which later releases changed)"]
+    return []
 
 
 @gluon.jit
@@ -212,6 +226,7 @@ def gluon_applies(q, kv, d_v: int, indices=None, topk_length=None, attn_sink=Non
         reasons.append(f"topk_length shape={tuple(topk_length.shape)} (supported: [s_q])")
     if attn_sink is not None and (attn_sink.dim() != 1 or (q.dim() == 3 and attn_sink.shape[0] != q.shape[1])):
         reasons.append(f"attn_sink shape={tuple(attn_sink.shape)} (supported: [h])")
+    reasons += gluon_release_reasons()
     if interpreter_enabled():
         reasons.append("TRITON_INTERPRET=1 (Gluon kernels do not run on Triton's interpreter)")
     if q.device.type != "cuda":
