@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +28,7 @@ def _results():
     return {(r.source, r.arch): r for r in compile_check.compile_all(nvcc)}
 
 
-JOBS = [(source, arch) for source in kernels.KERNELS for arch in compile_check.ARCHITECTURES]
+JOBS = compile_check.compile_jobs()
 
 
 @pytest.mark.parametrize(("source", "arch"), JOBS)
@@ -54,6 +56,40 @@ def test_committed_resource_report_lists_every_kernel(source, arch):
               for line in path.read_text().splitlines() if line and not line.startswith("#")}
     for name in kernels.KERNELS[source]:
         assert name.replace(" ", "") in listed, f"{name} missing from {path}; refresh it with --write"
+
+
+def test_hopper_source_compiles_for_sm_90a_alone():
+    # wgmma and setmaxnreg do not exist on sm_80 or plain sm_90: the source is built for sm_90a only.
+    assert compile_check.architectures("sparse_mla_wgmma.cu") == ("sm_90a",)
+    assert ("sparse_mla_wgmma.cu", "sm_90") not in JOBS and ("sparse_mla_wgmma.cu", "sm_90a") in JOBS
+    assert compile_check.architectures("sparse_mla.cu") == compile_check.ARCHITECTURES
+    assert "compute_90a,code=sm_90a" in " ".join(compile_check.nvcc_command("nvcc", Path("u.cu"), "sm_90a",
+                                                                             Path("u.cubin")))
+
+
+@pytest.mark.parametrize(("source", "arch"), list(compile_check.REQUIRED_SASS))
+def test_sass_contains_the_required_instructions(source, arch):
+    result = _results()[(source, arch)]
+    assert result.returncode == 0, result.log
+    if result.sass is None:
+        if os.environ.get("DSA_REF_ALLOW_NO_NVCC") == "1" and not os.environ.get("CI"):
+            pytest.skip("cuobjdump not found and DSA_REF_ALLOW_NO_NVCC=1")
+        pytest.fail(f"no SASS of {source} for {arch}: cuobjdump not found (PATH, $CUDA_HOME/bin, Triton's copy)"
+                    f"\n{result.log}")
+    for instruction in compile_check.REQUIRED_SASS[(source, arch)]:
+        assert instruction in result.sass, f"{source} for {arch}: no {instruction} in the SASS"
+
+
+def test_sass_check_fails_on_an_mma_sync_kernel(tmp_path):
+    """The HGMMA check can fail: the mma.sync forward, compiled for sm_90a, has no HGMMA."""
+    nvcc, cuobjdump = compile_check.find_nvcc(), compile_check.find_cuobjdump(compile_check.find_nvcc())
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("needs nvcc and cuobjdump (the compile tests above fail without them)")
+    result = compile_check.compile_source(nvcc, "sparse_mla.cu", "sm_90a", tmp_path)
+    assert result.returncode == 0, result.log
+    sass = subprocess.run([cuobjdump, "-sass", str(tmp_path / "sparse_mla_sm_90a.cubin")], capture_output=True,
+                          text=True).stdout
+    assert "HMMA" in sass and "HGMMA" not in sass
 
 
 def test_readable_names_of_mangled_instances():

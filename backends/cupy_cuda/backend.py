@@ -77,6 +77,12 @@ class CupyBackend(Backend):
     #: NOTES.md); set this, or DSA_REF_CUPY_DETERMINISTIC_MMA=1, to run it.
     deterministic_tensor_cores: bool = False
 
+    #: The bf16 V3.2-width sparse-MLA forward (d_qk 576, d_v 512, bf16 rows, h a multiple of 64) on
+    #: Hopper's wgmma kernel (csrc/sparse_mla_wgmma.cu, compute capability 9.0 only) instead of the
+    #: mma.sync kernel. Off until it has passed the conformance kit on a GPU (backends/cupy_cuda/
+    #: NOTES.md); set this, or DSA_REF_CUPY_WGMMA=1, to run it.
+    hopper_forward: bool = False
+
     #: Candidate keys top-k keeps in shared memory (8 bytes each, with the index): about 1.5 k are
     #: taken from one read of a row; rows the sample misjudges take slower paths (see topk.cu).
     #: Tests lower it to run those paths.
@@ -249,18 +255,27 @@ class CupyBackend(Backend):
             return out, lse
         device_id = q.device.id
         packed = kv_dtype == "uint8"
-        fast_kv = packed or (kv_dtype == "bfloat16" and kv.shape[1] == 576)
-        if q_dtype == "bfloat16" and d_qk == 576 and d_v == 512 and fast_kv:
+        hopper = self.hopper_forward or os.environ.get("DSA_REF_CUPY_WGMMA") == "1"
+        kernel_path = forward_kernel_path(q_dtype, kv_dtype, d_qk=d_qk, kv_width=int(kv.shape[1]), d_v=d_v, h=h,
+                                          compute_capability=_compute_capability() if hopper else 0,
+                                          smem_limit=_smem_optin(), hopper_forward=hopper)
+        if kernel_path == "wgmma":
+            function = kernels.kernel("sparse_mla_wgmma.cu", "sparse_mla_fwd_wgmma", device_id, WGMMA_FORWARD_SMEM)
+            function((s_q * (h // 64),), (WGMMA_FORWARD_THREADS,),
+                     (q, kv, indices, _nullable(topk_length), _nullable(attn_sink), out, lse, np.int32(h),
+                      np.int32(s_kv), np.int32(topk), np.float32(float(sm_scale) * math.log2(math.e))),
+                     shared_mem=WGMMA_FORWARD_SMEM)
+            return out, lse
+        if kernel_path == "mma":
             smem = _MMA_SMEM[packed]
-            if smem <= _smem_optin():
-                function = kernels.kernel("sparse_mla.cu", f"sparse_mla_fwd_mma<{'true' if packed else 'false'}>",
-                                          device_id, smem)
-                head_blocks = (h + 63) // 64
-                function((s_q * head_blocks,), (256,),
-                         (q, kv, indices, _nullable(topk_length), _nullable(attn_sink), out, lse, np.int32(h), np.int32(s_kv),
-                          np.int32(topk), np.float32(float(sm_scale) * math.log2(math.e))),
-                         shared_mem=smem)
-                return out, lse
+            function = kernels.kernel("sparse_mla.cu", f"sparse_mla_fwd_mma<{'true' if packed else 'false'}>",
+                                      device_id, smem)
+            head_blocks = (h + 63) // 64
+            function((s_q * head_blocks,), (256,),
+                     (q, kv, indices, _nullable(topk_length), _nullable(attn_sink), out, lse, np.int32(h), np.int32(s_kv),
+                      np.int32(topk), np.float32(float(sm_scale) * math.log2(math.e))),
+                     shared_mem=smem)
+            return out, lse
         q32 = _to_float32(q, q_dtype)
         kv32 = _unpack_fp8_cache(kv) if packed else _to_float32(kv, kv_dtype)
         d_row = int(kv32.shape[1])
@@ -484,6 +499,28 @@ class CupyBackend(Backend):
 
 # Shared memory of sparse_mla_fwd_mma (Smem<FP8_CACHE>::TOTAL in sparse_mla.cu).
 _MMA_SMEM = {False: 73728 * 3 + 9216 + 3 * 512, True: 73728 * 2 + 41984 + 9216 + 3 * 512}
+
+#: Shared memory and threads of sparse_mla_fwd_wgmma (mla_wgmma::Smem::TOTAL, mla_wgmma::THREADS in
+#: csrc/sparse_mla_wgmma.cu): Q, two KV tiles, P, flags, maxima, sums, barriers, and 1 KB to align.
+WGMMA_FORWARD_SMEM = 73728 * 3 + 8192 + 3 * 512 + 32 + 1024
+WGMMA_FORWARD_THREADS = 384
+
+
+def forward_kernel_path(q_dtype: str, kv_dtype: str, *, d_qk: int, kv_width: int, d_v: int, h: int,
+                        compute_capability: int, smem_limit: int, hopper_forward: bool = False) -> str:
+    """Which sparse-MLA forward runs. For bf16 q at the V3.2 widths d_qk = 576, d_v = 512, with bf16 rows
+    of 576 or the packed FP8 cache (``kv_dtype`` "uint8"), where the device gives a block its shared
+    memory: ``"mma"`` (csrc/sparse_mla.cu, mma.sync). With ``hopper_forward`` (see
+    :attr:`CupyBackend.hopper_forward`), bf16 rows, h a multiple of 64 and compute capability 9.0:
+    ``"wgmma"`` (csrc/sparse_mla_wgmma.cu). ``"simt"`` (float32) for everything else."""
+    v32 = q_dtype == "bfloat16" and d_qk == 576 and d_v == 512
+    bf16_rows = kv_dtype == "bfloat16" and kv_width == 576
+    if (hopper_forward and v32 and bf16_rows and h % 64 == 0 and compute_capability == 90
+            and WGMMA_FORWARD_SMEM <= smem_limit):
+        return "wgmma"
+    if v32 and (bf16_rows or kv_dtype == "uint8") and _MMA_SMEM[kv_dtype == "uint8"] <= smem_limit:
+        return "mma"
+    return "simt"
 
 
 # ---------------------------------------------------------------------------- device helpers

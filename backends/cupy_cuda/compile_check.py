@@ -27,9 +27,23 @@ from pathlib import Path
 from . import kernels
 
 #: Architectures every source must compile for: sm_90 (Hopper, the target) and sm_80 (Ampere;
-#: the fp8 paths trap there and the host never launches them).
+#: the fp8 paths trap there and the host never launches them). A source of
+#: kernels.SOURCE_ARCHITECTURES is compiled for its own architecture instead (see :func:`architectures`).
 ARCHITECTURES = ("sm_90", "sm_80")
 REPORT_DIR = Path(__file__).resolve().parent / "resource_usage"
+
+#: Instructions the SASS of a (source, architecture) must contain: the proof that the Hopper kernel
+#: really runs on wgmma (HGMMA), with both of its shapes, rather than on a fallback.
+REQUIRED_SASS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("sparse_mla_wgmma.cu", "sm_90a"): ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16"),
+}
+
+
+def architectures(source: str) -> tuple[str, ...]:
+    """The architectures ``source`` is compiled for in CI."""
+    if source in kernels.SOURCE_ARCHITECTURES:
+        return (kernels.SOURCE_ARCHITECTURES[source],)
+    return ARCHITECTURES
 
 
 @dataclass
@@ -48,6 +62,25 @@ class KernelUsage:
 
 def find_nvcc() -> str | None:
     for candidate in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def find_cuobjdump(nvcc: str | None = None) -> str | None:
+    """cuobjdump from PATH, beside nvcc, in $CUDA_HOME/bin, or the copy Triton ships (which reads
+    the cubins of CUDA 13's nvcc as well). Looked up without importing Triton."""
+    candidates = [shutil.which("cuobjdump"),
+                  os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    if nvcc is not None:
+        candidates.append(os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump"))
+    import importlib.util
+
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.submodule_search_locations:
+        for location in triton.submodule_search_locations:
+            candidates.append(os.path.join(location, "backends", "nvidia", "bin", "cuobjdump"))
+    for candidate in candidates:
         if candidate and os.path.exists(candidate):
             return candidate
     return None
@@ -114,6 +147,7 @@ class CompileResult:
     returncode: int
     log: str
     usages: list[KernelUsage]
+    sass: str | None = None  # cuobjdump -sass of the cubin, for the sources of REQUIRED_SASS
 
     def report(self) -> str:
         lines = [f"# {self.source} for {self.arch}: nvcc -cubin -Xptxas -v (registers, stack, spills per kernel)",
@@ -130,12 +164,24 @@ def compile_source(nvcc: str, source: str, arch: str, workdir: Path) -> CompileR
     cubin = workdir / f"{Path(source).stem}_{arch}.cubin"
     done = subprocess.run(nvcc_command(nvcc, unit, arch, cubin), capture_output=True, text=True)
     log = done.stdout + done.stderr
-    return CompileResult(source, arch, done.returncode, log, parse_report(log))
+    sass = None
+    cuobjdump = find_cuobjdump(nvcc)
+    if done.returncode == 0 and (source, arch) in REQUIRED_SASS and cuobjdump is not None:
+        dump = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True)
+        sass = dump.stdout if dump.returncode == 0 else None
+        if dump.returncode != 0:
+            log += f"\ncuobjdump -sass failed:\n{dump.stderr}"
+    return CompileResult(source, arch, done.returncode, log, parse_report(log), sass)
+
+
+def compile_jobs() -> list[tuple[str, str]]:
+    """Every (source, architecture) CI compiles."""
+    return [(source, arch) for source in kernels.KERNELS for arch in architectures(source)]
 
 
 def compile_all(nvcc: str, workers: int = 2) -> list[CompileResult]:
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = [(source, arch) for source in kernels.KERNELS for arch in ARCHITECTURES]
+        jobs = compile_jobs()
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(lambda job: compile_source(nvcc, job[0], job[1], Path(tmp)), jobs))
 

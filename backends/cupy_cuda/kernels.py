@@ -32,7 +32,14 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "sparse_mla_backward_mma.cu": ("sparse_mla_bwd_mma", "sparse_mla_bwd_mma_deterministic",
                                    "sparse_mla_bwd_mma_row_sum"),
     "indexer_loss.cu": ("indexer_entry_scores_simt", "indexer_loss_bwd_query_simt", "indexer_loss_bwd_dk_simt"),
+    "sparse_mla_wgmma.cu": ("sparse_mla_fwd_wgmma",),
 }
+
+#: Sources written for one architecture's own instructions, compiled for it alone (by NVRTC at run
+#: time and by nvcc in CI): wgmma and setmaxnreg exist only on the ``a`` target of sm_90, whose code
+#: runs on compute capability 9.0 and nowhere else. Every other source is compiled for the device
+#: it runs on (CuPy picks the architecture) and, in CI, for compile_check.ARCHITECTURES.
+SOURCE_ARCHITECTURES: dict[str, str] = {"sparse_mla_wgmma.cu": "sm_90a"}
 
 #: Kernels on the hot path: the compile test fails if any of them spills registers.
 #: (All kernels of the package are in fact spill-free; the general float32 kernels are checked too.)
@@ -77,17 +84,57 @@ def source_text(source: str) -> str:
     return (CSRC / source).read_text()
 
 
+def nvrtc_options(source: str) -> tuple[str, ...]:
+    """The NVRTC options of one source: the shared ones, the include path, and, for a source of
+    :data:`SOURCE_ARCHITECTURES`, its architecture (for the others CuPy adds the device's own)."""
+    options = COMPILE_OPTIONS + (f"--include-path={CSRC}",)
+    if source in SOURCE_ARCHITECTURES:
+        options += (f"--gpu-architecture={SOURCE_ARCHITECTURES[source]}",)
+    return options
+
+
 @functools.lru_cache(maxsize=None)
 def module(source: str, device_id: int):
-    """The compiled ``cupy.RawModule`` of one source on one device (compiled on first use)."""
+    """The compiled module of one source on one device (compiled on first use): a ``cupy.RawModule``,
+    or, for a source of :data:`SOURCE_ARCHITECTURES`, a ``cupy.cuda.function.Module`` loaded from the
+    cubin NVRTC builds for that architecture. Both answer ``get_function(name)``."""
     import cupy
 
     with cupy.cuda.Device(device_id):
+        if source in SOURCE_ARCHITECTURES:
+            from cupy_backends.cuda.libs import nvrtc
+
+            loaded = cupy.cuda.function.Module()
+            loaded.load(compile_cubin(source, nvrtc))
+            return loaded
         return cupy.RawModule(
             code=source_text(source),
-            options=COMPILE_OPTIONS + (f"--include-path={CSRC}",),
+            options=nvrtc_options(source),
             name_expressions=list(template_kernels(source)),
         )
+
+
+def compile_cubin(source: str, nvrtc) -> bytes:
+    """The cubin of a source of :data:`SOURCE_ARCHITECTURES`, compiled by NVRTC (``nvrtc``: CuPy's
+    ``cupy_backends.cuda.libs.nvrtc`` binding) with :func:`nvrtc_options`.
+
+    ``cupy.RawModule`` cannot build it: CuPy appends ``-arch=sm_<device>`` to the options, and NVRTC
+    refuses a second architecture option, so the ``a`` target is unreachable through it. Its kernels
+    are ``extern "C"``: no name expressions are needed to find them in the cubin.
+    """
+    if template_kernels(source):
+        raise ValueError(f"{source}: kernels compiled through compile_cubin must be extern \"C\", "
+                         f"got templates {template_kernels(source)}")
+    program = nvrtc.createProgram(source_text(source), source, (), ())
+    try:
+        try:
+            nvrtc.compileProgram(program, list(nvrtc_options(source)))
+        except nvrtc.NVRTCError as error:
+            raise RuntimeError(f"NVRTC failed on {source} with {nvrtc_options(source)}:\n"
+                               f"{nvrtc.getProgramLog(program)}") from error
+        return nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
 
 
 def kernel(source: str, name: str, device_id: int, dynamic_smem: int = 0):

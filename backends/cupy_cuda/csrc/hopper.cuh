@@ -1,0 +1,149 @@
+// Hopper (sm_90a) instructions the wgmma kernels use, as small inline-PTX wrappers.
+//
+// Everything here needs the `a` target (compute_90a): wgmma and setmaxnreg exist only there, so a
+// source including this header is compiled for sm_90a alone (kernels.SOURCE_ARCHITECTURES).
+//
+// Shared-memory operands of wgmma are described by a 64-bit *matrix descriptor* rather than by
+// per-thread addresses. The layout all our operands use is the 128-byte swizzle: a matrix is cut
+// into "atoms" of 8 rows x 128 bytes (1024 bytes, 1024-byte aligned); inside an atom, 16-byte
+// chunk c of row r is stored at chunk position c ^ r. The same physical tile serves both
+// orientations: read with the reduction dimension along the 128-byte rows ("K-major") or across
+// them ("MN-major", imm-trans = 1).
+#pragma once
+
+#include "common.cuh"
+
+namespace dsa {
+namespace hopper {
+
+// ----------------------------------------------------------------------------- descriptors
+// Bits of the descriptor (PTX ISA, "Matrix Descriptor Format"):
+//   [0, 14)  start address >> 4        [16, 30) leading-dimension byte offset >> 4
+//   [32, 46) stride-dimension byte offset >> 4                [62, 64) swizzle: 1 = 128-byte
+// K-major, 128-byte swizzle: SBO = distance between 8-row groups (1024 for dense atoms); the
+// leading offset is unused (the k16 slice never leaves its 128-byte row), encoded as 1.
+// MN-major, 128-byte swizzle: LBO = distance between 64-element column blocks, SBO = distance
+// between 8-row groups along K.
+constexpr u64 SWIZZLE_128B = 1ull << 62;
+
+__device__ __forceinline__ u64 matrix_descriptor(u32 smem_address, u32 leading_bytes, u32 stride_bytes) {
+    return (u64)((smem_address & 0x3FFFF) >> 4) | ((u64)((leading_bytes >> 4) & 0x3FFF) << 16) |
+           ((u64)((stride_bytes >> 4) & 0x3FFF) << 32) | SWIZZLE_128B;
+}
+
+// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` inside a 128-byte-swizzled block whose
+// rows are 128 bytes apart: what the tensor cores expect to find there.
+__device__ __forceinline__ u32 swizzle_128b(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
+
+// ----------------------------------------------------------------------------- wgmma
+// Registers written by generic instructions (zeroing, softmax rescaling) must be ordered before a
+// wgmma that reads them as its accumulator: wgmma.fence does that for the whole warpgroup.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(PENDING) : "memory");
+}
+
+// Keeps the compiler from moving reads or writes of accumulator registers across the
+// asynchronous window (between issue and wait the hardware owns them).
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+
+#define DSA_ACC4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define DSA_ACC16(d, i) DSA_ACC4(d, i), DSA_ACC4(d, i + 4), DSA_ACC4(d, i + 8), DSA_ACC4(d, i + 12)
+
+// D[64 x 32] += A[64 x 16] B[16 x 32], bf16 in, fp32 accumulate; A and B in shared memory, both
+// K-major. Thread t of the warpgroup holds D rows 16 (t / 32) + (t % 32) / 4 (+ 8) and columns
+// 8 j + 2 (t % 4) (+ 1): element d[4 j + 2 half + e] is (row + 8 half, column 8 j + 2 (t % 4) + e).
+__device__ __forceinline__ void wgmma_m64n32k16_bf16(float (&d)[16], u64 a_descriptor, u64 b_descriptor) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "%16, %17, 1, 1, 1, 0, 0;\n"
+        : DSA_ACC16(d, 0)
+        : "l"(a_descriptor), "l"(b_descriptor));
+}
+
+// D[64 x 256] += A[64 x 16] B[16 x 256]; A K-major, B MN-major (imm-trans-b = 1): B's rows are
+// the reduction dimension, each 128-byte row holding 64 consecutive output columns.
+__device__ __forceinline__ void wgmma_m64n256k16_bf16_b_mn_major(float (&d)[128], u64 a_descriptor,
+                                                                  u64 b_descriptor) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, 1, 1, 1, 0, 1;\n"
+        : DSA_ACC16(d, 0), DSA_ACC16(d, 16), DSA_ACC16(d, 32), DSA_ACC16(d, 48),
+          DSA_ACC16(d, 64), DSA_ACC16(d, 80), DSA_ACC16(d, 96), DSA_ACC16(d, 112)
+        : "l"(a_descriptor), "l"(b_descriptor));
+}
+
+#undef DSA_ACC16
+#undef DSA_ACC4
+
+// ----------------------------------------------------------------------------- proxies
+// wgmma reads shared memory through the async proxy; writes made by ordinary stores or cp.async
+// (the generic proxy) become visible to it only after this fence, issued by the writing thread
+// before it signals the reader.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// ----------------------------------------------------------------------------- mbarriers
+// A 64-bit shared-memory barrier that completes a phase when `count` arrivals have been made;
+// waiters name the phase by its parity.
+__device__ __forceinline__ void mbarrier_init(u32 barrier, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(barrier), "r"(count) : "memory");
+}
+
+// Release semantics: this thread's earlier writes are visible to whoever sees the phase complete.
+__device__ __forceinline__ void mbarrier_arrive(u32 barrier) {
+    asm volatile("{ .reg .b64 state; mbarrier.arrive.release.cta.shared::cta.b64 state, [%0]; }\n"
+                 :: "r"(barrier) : "memory");
+}
+
+// True once the phase of parity `parity` has completed (acquire semantics). The hardware may
+// suspend the thread for a while before answering false, so a spin on it is not a busy loop.
+__device__ __forceinline__ bool mbarrier_try_wait(u32 barrier, u32 parity) {
+    u32 done;
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%1], %2; "
+                 "selp.u32 %0, 1, 0, p; }\n"
+                 : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
+    return done != 0;
+}
+
+__device__ __forceinline__ void mbarrier_wait(u32 barrier, u32 parity) {
+    while (!mbarrier_try_wait(barrier, parity)) {
+    }
+}
+
+// ----------------------------------------------------------------------------- warp roles
+// Named barrier 1..15 over `threads` threads (a multiple of 32): lets two warpgroups meet without
+// stopping the third (barrier 0 is __syncthreads).
+__device__ __forceinline__ void named_barrier_sync(u32 id, u32 threads) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+
+// Moves registers between warpgroups: the whole warpgroup executes it; the new per-thread count
+// is a multiple of 8 in [24, 256], and the counts of all warps must fit the register file.
+template <int REGISTERS>
+__device__ __forceinline__ void setmaxnreg_increase() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(REGISTERS));
+}
+template <int REGISTERS>
+__device__ __forceinline__ void setmaxnreg_decrease() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(REGISTERS));
+}
+
+}  // namespace hopper
+}  // namespace dsa
