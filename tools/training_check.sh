@@ -7,6 +7,9 @@
 #   sanitize     compute-sanitizer memcheck and racecheck on small cases of the training kernels
 #   bench        dsa-ref bench --cases training,host on both backends
 #   peers        TileLang's sparse MLA backward beside ours (needs tilelang installed, TL_EXAMPLES)
+#   opt-in       the kernels written but not yet the default (Gluon forward, cupy deterministic tensor-core
+#                backward, cupy wgmma forward): their GPU tests, compute-sanitizer on them, and
+#                tools/opt_in_bench.py beside the defaults they would replace
 # Writes OUT_DIR/training_check.log, junit XML files, bench/ and peers_training.json.
 # Run "tests" and "conformance" in calls of their own: each takes most of a call's ten minutes, and
 # both lean on the CPU (float64 references), so together they slow each other past the limit.
@@ -70,6 +73,24 @@ if has peers; then
   step "TileLang's sparse MLA backward beside ours"
   timeout 300 python3 tools/peers_training.py --out "$OUT" >>"$LOG" 2>&1
   echo "rc=$?" | tee -a "$LOG"
+fi
+if has opt-in; then
+  step "opt-in kernels: GPU tests, sanitizers, timings beside the defaults"
+  OPT_IN_TESTS=$(ls tests/test_triton_gluon.py tests/test_cupy_backward_mma.py tests/test_cupy_wgmma.py 2>/dev/null)
+  # shellcheck disable=SC2086
+  timeout 240 python3 -m pytest -v -p no:cacheprovider -n 4 -m gpu -rfE --tb=short $OPT_IN_TESTS \
+    >"$OUT/opt_in_tests.log" 2>&1
+  echo "tests rc=$?" | tee -a "$LOG"
+  grep -E "FAILED|ERROR|passed|failed" "$OUT/opt_in_tests.log" | tail -n 30 >>"$LOG"
+  for tool in memcheck racecheck; do
+    # shellcheck disable=SC2086
+    timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 10 python3 -m pytest -q \
+      -p no:cacheprovider -m gpu -x -k "matches_reference or reference" $OPT_IN_TESTS >"$OUT/opt_in_$tool.log" 2>&1
+    echo "$tool rc=$?" | tee -a "$LOG"
+    grep -E "SUMMARY|passed|failed" "$OUT/opt_in_$tool.log" | tail -n 3 >>"$LOG"
+  done
+  timeout 240 python3 tools/opt_in_bench.py --out "$OUT/opt_in_bench.json" >>"$LOG" 2>&1
+  echo "bench rc=$?" | tee -a "$LOG"
 fi
 step "done"
 tail -n 60 "$LOG"

@@ -1,0 +1,148 @@
+"""The kernels that are written but not yet the default, timed beside the default they would replace.
+
+Each pair runs on the same inputs, in the same process (S 4096, SKV 8192, topk 2048, bf16, d_qk 576,
+d_v 512, h 64 and 128, random causal indices): the time, the TFLOP/s and the relative difference of the
+candidate's outputs from the default's. The pairs:
+
+* triton sparse MLA forward: the ``tl.dot`` kernel against the Gluon kernel (``kernel="gluon"``);
+* triton sparse MLA backward: the split kernels against the fused one (``kernel="fused"``), both modes;
+* cupy sparse MLA backward, deterministic: the float32 path against the tensor-core one
+  (``CupyBackend.deterministic_tensor_cores``), and the default (atomic) tensor-core kernel beside them;
+* cupy sparse MLA forward: the mma.sync kernel against the wgmma one (``CupyBackend.hopper_forward``),
+  where the backend has it.
+
+FLOP: forward 2·S·h·topk·(d_qk + d_v), backward 2·S·h·topk·(3·d_qk + 2·d_v). A candidate that fails is
+recorded with its error; it never stops the others. On a GPU machine, from a checkout::
+
+    python tools/opt_in_bench.py --out opt_in_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROWS: list[dict] = []
+
+
+def report(**row) -> None:
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def steady_ms(torch, fn, warm: int = 2, repeats: int = 10) -> float:
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def relative(torch, a, b) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    return float((a[finite] - b[finite]).norm() / (b[finite].norm() + 1e-30))
+
+
+def timed(torch, name: str, shape: str, flop: float, fn, reference=None, repeats: int = 10):
+    """Run ``fn`` (returns a tuple of tensors), time it, report it against ``reference``'s outputs."""
+    try:
+        outputs = fn()
+        ms = steady_ms(torch, fn, repeats=repeats)
+        row = dict(name=name, shape=shape, ms=round(ms, 3), tflops=round(flop / ms / 1e9, 1))
+        if reference is not None:
+            row["relative_difference"] = [relative(torch, a, b) for a, b in zip(outputs, reference)]
+        report(**row)
+        return outputs
+    except Exception as error:  # noqa: BLE001 - one failing candidate must not lose the others
+        report(name=name, shape=shape, error=f"{type(error).__name__}: {error}"[:400])
+        return None
+
+
+def causal_indices(torch, s: int, s_kv: int, topk: int):
+    """Query t (at key position s_kv - s + t) takes topk random keys at or before it."""
+    position = torch.arange(s, device="cuda")[:, None] + (s_kv - s)
+    random = torch.rand(s, topk, device="cuda")
+    return (random * (position + 1)).long().clamp(max=s_kv - 1).to(torch.int32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("opt_in_bench.json"))
+    parser.add_argument("--heads", default="64,128")
+    args = parser.parse_args(argv)
+    import torch
+
+    import dsa_ref
+    from dsa_ref_backends.cupy_cuda.backend import CupyBackend
+    from dsa_ref_backends.torch_triton import sparse_mla as triton_forward
+    from dsa_ref_backends.torch_triton import sparse_mla_backward as triton_backward
+
+    s, s_kv, topk, d_qk, d_v = 4096, 8192, 2048, 576, 512
+    report(name="environment", device=torch.cuda.get_device_name(), torch=torch.__version__,
+           date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    for h in (int(x) for x in args.heads.split(",")):
+        torch.manual_seed(0)
+        q = torch.randn(s, h, d_qk, dtype=torch.bfloat16, device="cuda") / 10
+        kv = torch.randn(s_kv, d_qk, dtype=torch.bfloat16, device="cuda") / 10
+        indices = causal_indices(torch, s, s_kv, topk)
+        shape = f"S={s} SKV={s_kv} h={h} topk={topk}"
+        forward_flop = 2 * s * h * topk * (d_qk + d_v)
+        backward_flop = 2 * s * h * topk * (3 * d_qk + 2 * d_v)
+        scale = d_qk**-0.5
+
+        default = timed(torch, "triton forward, tl.dot (default)", shape, forward_flop,
+                        lambda: triton_forward.sparse_mla(q, kv, indices, scale, d_v))
+        timed(torch, "triton forward, gluon", shape, forward_flop,
+              lambda: triton_forward.sparse_mla(q, kv, indices, scale, d_v, kernel="gluon"), default)
+
+        cupy_default, cupy_hopper = CupyBackend(), CupyBackend()
+        if hasattr(cupy_hopper, "hopper_forward"):
+            cupy_hopper.hopper_forward = True
+        reference = timed(torch, "cupy forward, mma.sync (default)", shape, forward_flop,
+                          lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_default))
+        if hasattr(cupy_hopper, "hopper_forward"):
+            timed(torch, "cupy forward, wgmma", shape, forward_flop,
+                  lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_hopper), reference)
+
+        if default is None:
+            continue
+        out, lse = default
+        d_out = torch.randn(s, h, d_v, dtype=torch.float32, device="cuda")
+        for deterministic in (False, True):
+            mode = "deterministic" if deterministic else "default mode"
+            split = timed(torch, f"triton backward, split (default), {mode}", shape, backward_flop,
+                          lambda: triton_backward.sparse_mla_backward(q, kv, indices, out, lse, d_out, scale, d_v,
+                                                                      deterministic=deterministic, kernel="split"))
+            timed(torch, f"triton backward, fused, {mode}", shape, backward_flop,
+                  lambda: triton_backward.sparse_mla_backward(q, kv, indices, out, lse, d_out, scale, d_v,
+                                                              deterministic=deterministic, kernel="fused"), split)
+        cupy_tensor_cores = CupyBackend()
+        cupy_tensor_cores.deterministic_tensor_cores = True
+        with dsa_ref.use_deterministic(False):
+            atomic = timed(torch, "cupy backward, mma.sync (default mode)", shape, backward_flop,
+                           lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out, backend=cupy_default))
+        with dsa_ref.use_deterministic(True):
+            timed(torch, "cupy backward, float32 (deterministic default)", shape, backward_flop,
+                  lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out, backend=cupy_default), atomic,
+                  repeats=2)
+            timed(torch, "cupy backward, tensor cores (deterministic, opt-in)", shape, backward_flop,
+                  lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out, backend=cupy_tensor_cores),
+                  atomic)
+        del q, kv, indices, out, lse, d_out
+        torch.cuda.empty_cache()
+    args.out.write_text(json.dumps(ROWS, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
