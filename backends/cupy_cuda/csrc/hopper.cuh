@@ -17,13 +17,24 @@ namespace dsa {
 namespace hopper {
 
 // ----------------------------------------------------------------------------- descriptors
-// Bits of the descriptor (PTX ISA, "Matrix Descriptor Format"):
-//   [0, 14)  start address >> 4        [16, 30) leading-dimension byte offset >> 4
-//   [32, 46) stride-dimension byte offset >> 4                [62, 64) swizzle: 1 = 128-byte
-// K-major, 128-byte swizzle: SBO = distance between 8-row groups (1024 for dense atoms); the
-// leading offset is unused (the k16 slice never leaves its 128-byte row), encoded as 1.
-// MN-major, 128-byte swizzle: LBO = distance between 64-element column blocks, SBO = distance
-// between 8-row groups along K.
+// Bits of the descriptor (PTX ISA 8.x, "Matrix Descriptor Format" of wgmma; the same fields as
+// CUTLASS's cute::GmmaDescriptor in include/cute/arch/mma_sm90_desc.hpp):
+//   [0, 14)  (start address & 0x3FFFF) >> 4     [16, 30) leading-dimension byte offset (LBO) >> 4
+//   [32, 46) stride-dimension byte offset (SBO) >> 4
+//   [49, 52) base offset: 0 when the swizzle pattern starts on a 1024-byte boundary (ours all do)
+//   [62, 64) layout: 0 interleave, 1 = 128-byte swizzle, 2 = 64-byte, 3 = 32-byte
+// The swizzle is a function of the address: bits [4, 7) ^= bits [7, 10) (cute Swizzle<3,4,3>), so
+// a start address moved by 32/64/96 bytes inside a 128-byte row (the k16 steps of a K-major
+// operand) still reads the right chunks, while bits [7, 10) of a start address must stay 0.
+// Canonical layouts, in 16-byte units (8 bf16), from make_gmma_desc in CUTLASS's
+// include/cute/atom/mma_traits_sm90_gmma.hpp and the PTX ISA's "Strides" section:
+//   K-major, 128-byte swizzle:  ((8, m), 2) : ((8, SBO), 1)  rows 128 bytes apart, SBO = distance
+//     between 8-row groups (1024 for dense atoms); LBO unused (the k16 slice never leaves its
+//     128-byte row), encoded as 1.
+//   MN-major, 128-byte swizzle: ((8, n), (8, k)) : ((1, LBO), (8, SBO))  each 128-byte row holds 64
+//     consecutive MN elements; LBO = distance between 64-element MN blocks, SBO = distance between
+//     8-row groups along K.
+// tnspA / tnspB (imm-trans-a / imm-trans-b): 0 = K-major, 1 = MN-major (CUTLASS GMMA::Major).
 constexpr u64 SWIZZLE_128B = 1ull << 62;
 
 __device__ __forceinline__ u64 matrix_descriptor(u32 smem_address, u32 leading_bytes, u32 stride_bytes) {
