@@ -259,3 +259,16 @@ def test_gluon_refuses_a_triton_release_it_is_not_written_for(monkeypatch):
     q, kv = torch.zeros((1, 64, 576), dtype=torch.bfloat16), torch.zeros((4, 576), dtype=torch.bfloat16)
     assert any("triton 3.9.0" in reason for reason in sparse_mla_gluon.gluon_applies(q, kv, 512))
 
+
+
+def test_the_backend_routes_to_the_gluon_kernel_only_when_chosen_and_it_applies(monkeypatch):
+    from dsa_ref_backends.torch_triton import backend as triton_backend
+
+    q, kv = torch.zeros((2, 64, 576), dtype=torch.bfloat16), torch.zeros((8, 576), dtype=torch.bfloat16)
+    indices = torch.zeros((2, 64), dtype=torch.int32)
+    assert triton_backend.forward_kernel(False, q, kv, 512, indices, None, None) == "tl"
+    # Chosen, but here (the CPU, or the interpreter) it does not apply: the tl.dot kernel runs.
+    assert sparse_mla_gluon.gluon_applies(q, kv, 512, indices)
+    assert triton_backend.forward_kernel(True, q, kv, 512, indices, None, None) == "tl"
+    monkeypatch.setattr(sparse_mla_gluon, "gluon_applies", lambda *args: [])
+    assert triton_backend.forward_kernel(True, q, kv, 512, indices, None, None) == "gluon"

@@ -39,6 +39,11 @@ class TritonBackend(Backend):
     # thorough profile. The forward ops keep the profile's 30.
     ci_max_examples = {"sparse_mla_backward": 12, "attention_target": 12, "indexer_loss": 12,
                        "indexer_loss_backward": 12, "lightning_indexer_paged": 12}
+    #: The sparse MLA forward on the Gluon Hopper kernel (:mod:`.sparse_mla_gluon`) for the inputs it
+    #: covers (bf16, d_qk 576, d_v 512, h a multiple of 64, dense rows, sm_90), the ``tl.dot`` kernel for
+    #: the rest. Off until it has passed the conformance kit on a GPU (NOTES.md, version 6); set this,
+    #: or DSA_REF_TRITON_GLUON=1, to run it.
+    hopper_forward: bool = False
     supported_dtypes = {
         "lightning_indexer": _INDEXER_DTYPES,
         "topk_indices": _TOPK_DTYPES,
@@ -149,7 +154,10 @@ class TritonBackend(Backend):
         from . import sparse_mla
 
         q, kv = _sparse_mla_operands(q, kv)
-        return sparse_mla.sparse_mla(q, kv, indices, float(sm_scale), int(d_v), topk_length, attn_sink)
+        kernel = forward_kernel(self.hopper_forward or os.environ.get("DSA_REF_TRITON_GLUON") == "1",
+                                q, kv, int(d_v), indices, topk_length, attn_sink)
+        return sparse_mla.sparse_mla(q, kv, indices, float(sm_scale), int(d_v), topk_length, attn_sink,
+                                     kernel=kernel)
 
     def sparse_mla_backward(self, q, kv, indices, out, lse, d_out, *, sm_scale: float, d_v: int, topk_length,
                             attn_sink, d_lse, deterministic: bool):
@@ -192,6 +200,15 @@ class TritonBackend(Backend):
         return dsa.dsa_attention(q, kv, q_index, weights, k_index, topk=int(topk), key_start=_ranges(key_start),
                                  key_end=_ranges(key_end), k_scale=_scale(k_scale), sm_scale=float(sm_scale),
                                  d_v=int(d_v))
+
+
+def forward_kernel(hopper_forward: bool, q, kv, d_v: int, indices, topk_length, attn_sink) -> str:
+    """``"gluon"`` when the Hopper forward is chosen and covers these inputs, else ``"tl"``."""
+    if not hopper_forward:
+        return "tl"
+    from .sparse_mla_gluon import gluon_applies
+
+    return "tl" if gluon_applies(q, kv, d_v, indices, topk_length, attn_sink) else "gluon"
 
 
 def _ranges(x):
