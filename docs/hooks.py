@@ -34,6 +34,9 @@ KATEX_DIR = REPO / "build" / f"katex-{KATEX_VERSION}"
 #: What the site loads from KaTeX's dist (its fonts come along); the fetch is complete when these are there.
 KATEX_FILES = ("katex.min.js", "katex.min.css", "contrib/auto-render.min.js")
 REPORT_DIRS = {"bench": DOCS / "bench", "reports": DOCS / "reports"}
+#: The backends' version logs (each kernel version: what changed, the prediction, the measured outcome).
+BACKEND_NOTES = {"torch_triton": REPO / "backends" / "torch_triton" / "NOTES.md",
+                 "cupy_cuda": REPO / "backends" / "cupy_cuda" / "NOTES.md"}
 TUTORIAL_PATTERN = "[0-9][0-9]_*.py"
 MARKER = re.compile(r"<!--\s*dsa-ref:(?P<what>[\w-]+)(?:\s+(?P<arg>[\w-]+))?\s*-->")
 
@@ -460,6 +463,20 @@ def render_tolerance_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_backend_notes(backend: str) -> str:
+    """A backend's NOTES.md as the sections of a page: its own ``##`` sections as they are, its title
+    dropped (the page has its own)."""
+    path = BACKEND_NOTES[backend]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        return f"`{path.name}` of `backends/{backend}` could not be read: {exc}\n"
+    lines = text.splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join(lines).strip("\n") + f"\n\n*From `backends/{backend}/NOTES.md`.*\n"
+
+
 def render_tutorial_list(up: str) -> str:
     lines = []
     for path in tutorial_files():
@@ -486,6 +503,10 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
             return render_tolerance_table()
         if what == "tutorial-list":
             return render_tutorial_list(up)
+        if what == "backend-notes":
+            if arg not in BACKEND_NOTES:
+                raise PluginError(f"{page.file.src_uri}: unknown backend {arg!r} (known: {sorted(BACKEND_NOTES)})")
+            return render_backend_notes(arg)
         raise PluginError(f"{page.file.src_uri}: unknown marker dsa-ref:{what}")
 
     return MARKER.sub(expand, markdown)

@@ -557,3 +557,20 @@ def test_peers_page_marker_is_expanded_from_the_results_file(hooks, tmp_path, mo
     assert "dsa-ref:peers-results" not in rendered and "| `FlashMLA` | `sparse_mla` |" in rendered
     monkeypatch.setattr(hooks, "PEERS_RESULTS", tmp_path / "absent.json")
     assert "No peer results committed yet" in hooks.on_page_markdown(markdown, page, None, None)
+
+
+def test_kernel_log_pages_render_the_backends_notes(hooks):
+    import types
+
+    for page_name, backend in (("triton-log.md", "torch_triton"), ("cuda-log.md", "cupy_cuda")):
+        markdown = (DOCS / "pages" / "backends" / page_name).read_text(encoding="utf-8")
+        assert f"<!-- dsa-ref:backend-notes {backend} -->" in markdown
+        page = types.SimpleNamespace(file=types.SimpleNamespace(src_uri=f"backends/{page_name}"))
+        rendered = hooks.on_page_markdown(markdown, page, None, None)
+        notes = hooks.BACKEND_NOTES[backend].read_text(encoding="utf-8").splitlines()
+        section = next(line for line in notes if line.startswith("## "))
+        assert "dsa-ref:backend-notes" not in rendered and section in rendered
+        assert notes[0] not in rendered  # the notes' title gives way to the page's
+    page = types.SimpleNamespace(file=types.SimpleNamespace(src_uri="backends/x.md"))
+    with pytest.raises(Exception, match="unknown backend"):
+        hooks.on_page_markdown("<!-- dsa-ref:backend-notes nope -->", page, None, None)
