@@ -41,6 +41,15 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _slot_count(p_topk_length, query, topk, HAS_TOPK_LENGTH: tl.constexpr):
+    """The slots of ``query`` that count: ``topk``, or its ``topk_length`` clamped into ``[0, topk]``."""
+    n_slots = topk
+    if HAS_TOPK_LENGTH:
+        n_slots = tl.minimum(tl.maximum(tl.load(p_topk_length + query), 0), topk)
+    return n_slots
+
+
+@triton.jit
 def _load_rows(p_kv, b_row, m_valid, d_v, d_qk, stride_kv,
                o_dv, o_dr, KV_FP8: tl.constexpr, BLOCK_T: tl.constexpr, D_V: tl.constexpr, D_R: tl.constexpr,
                SCALE_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
@@ -95,9 +104,7 @@ def _sparse_mla_kernel(
     b_q_value = b_q_value.to(COMPUTE_DTYPE)
     b_q_rest = b_q_rest.to(COMPUTE_DTYPE)
 
-    n_slots = topk
-    if HAS_TOPK_LENGTH:
-        n_slots = tl.minimum(tl.maximum(tl.load(p_topk_length + query), 0), topk)
+    n_slots = _slot_count(p_topk_length, query, topk, HAS_TOPK_LENGTH)
     slot_begin = tl.program_id(2) * slots_per_split
     slot_end = tl.minimum(slot_begin + slots_per_split, n_slots)
 

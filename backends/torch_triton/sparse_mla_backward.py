@@ -42,7 +42,7 @@ import triton.language as tl
 from dsa_ref.reference.formats import KV_LATENT_DIM, KV_ROPE_DIM, KV_SCALE_BLOCK
 
 from .precision import dot_precision
-from .sparse_mla import _COMPUTE_DTYPES, LOG2E, _load_rows
+from .sparse_mla import _COMPUTE_DTYPES, LOG2E, _load_rows, _slot_count
 
 #: Bytes of float32 row contributions the deterministic mode buffers at a time (chunks of queries).
 CONTRIBUTION_BUFFER_BYTES = 512 * 1024 * 1024
@@ -99,9 +99,7 @@ def _dq_kernel(
     b_lse, b_delta, b_share, b_d_lse = _load_head_stats(p_lse, p_delta, p_share, p_d_lse, query.to(tl.int64) * h,
                                                         o_h, m_h, HAS_D_LSE)
 
-    n_slots = topk
-    if HAS_TOPK_LENGTH:
-        n_slots = tl.minimum(tl.maximum(tl.load(p_topk_length + query), 0), topk)
+    n_slots = _slot_count(p_topk_length, query, topk, HAS_TOPK_LENGTH)
     b_dq_value = tl.zeros((BLOCK_H, D_V), tl.float32)
     b_dq_rest = tl.zeros((BLOCK_H, D_R), tl.float32)
     p_index_row = p_indices + query.to(tl.int64) * stride_i_m
@@ -143,9 +141,7 @@ def _dkv_kernel(
     o_dr = tl.arange(0, D_R)
     m_dv = o_dv < d_v
     m_dr = o_dr < d_qk - d_v
-    n_slots = topk
-    if HAS_TOPK_LENGTH:
-        n_slots = tl.minimum(tl.maximum(tl.load(p_topk_length + query), 0), topk)
+    n_slots = _slot_count(p_topk_length, query, topk, HAS_TOPK_LENGTH)
     # A block past topk_length has no valid slot: its buffer entries are never read.
     if tl.program_id(1) * BLOCK_T < n_slots:
         b_index = tl.load(p_indices + query.to(tl.int64) * stride_i_m + o_t, mask=o_t < n_slots, other=-1)
@@ -390,9 +386,7 @@ def _head_sum_kernel(
     o_dr = tl.arange(0, D_R)
     m_dv = o_dv < d_v
     m_dr = o_dr < d_qk - d_v
-    n_slots = topk
-    if HAS_TOPK_LENGTH:
-        n_slots = tl.minimum(tl.maximum(tl.load(p_topk_length + query), 0), topk)
+    n_slots = _slot_count(p_topk_length, query, topk, HAS_TOPK_LENGTH)
     b_index = tl.load(p_indices + query.to(tl.int64) * stride_i_m + o_t, mask=o_t < n_slots, other=-1)
     m_valid = (b_index >= 0) & (b_index < s_kv)
     b_row = tl.where(m_valid, b_index, 0)

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .precision import dot_precision
-from .sparse_mla import _COMPUTE_DTYPES, LOG2E, _load_rows
+from .sparse_mla import _COMPUTE_DTYPES, LOG2E, _load_rows, _slot_count
 from .sparse_mla_backward import _head_stats, _load_head_stats, _prepare, _probabilities, segment_sum
 
 #: Bytes of float32 row contributions the deterministic mode buffers at a time (chunks of queries).
@@ -88,9 +88,7 @@ def _fused_backward_kernel(
     b_lse, b_delta, b_share, b_d_lse = _load_head_stats(p_lse, p_delta, p_share, p_d_lse, query.to(tl.int64) * h,
                                                         o_h, m_h, HAS_D_LSE)
 
-    n_slots = topk
-    if HAS_TOPK_LENGTH:
-        n_slots = tl.minimum(tl.maximum(tl.load(p_topk_length + query), 0), topk)
+    n_slots = _slot_count(p_topk_length, query, topk, HAS_TOPK_LENGTH)
     b_dq_value = tl.zeros((BLOCK_H, D_V), tl.float32)
     b_dq_rest = tl.zeros((BLOCK_H, D_R), tl.float32)
     p_index_row = p_indices + query.to(tl.int64) * stride_i_m
