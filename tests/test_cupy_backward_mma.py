@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 import pytest
+from cupy_launches import record_launches
 
 import dsa_ref
 from dsa_ref import interop, reference
@@ -199,22 +200,10 @@ def _problem(seed: int, *, s_q, s_kv, h, topk, empty_query=None, **features):
     return problems.Problem("sparse_mla_backward", inputs, dict(forward.params), "bfloat16")
 
 
-def _launched(monkeypatch) -> list[str]:
-    """Records the name of every kernel the backend asks for."""
-    names: list[str] = []
-    original = kernels.kernel
-
-    def recording(source, name, *args, **kwargs):
-        names.append(name)
-        return original(source, name, *args, **kwargs)
-
-    monkeypatch.setattr(kernels, "kernel", recording)
-    return names
-
 
 def _check(problem, monkeypatch, *, deterministic=False):
     backend = _backend()
-    launched = _launched(monkeypatch)
+    launched = record_launches(monkeypatch)
     inputs = problem.inputs
     expected = reference.sparse_mla_backward(**inputs)
     with dsa_ref.use_deterministic(deterministic):

@@ -19,6 +19,7 @@ import types
 
 import numpy as np
 import pytest
+from cupy_launches import record_launches
 
 import dsa_ref
 from dsa_ref import interop, reference
@@ -191,17 +192,6 @@ def _backend():
     return backend
 
 
-def _launched(monkeypatch) -> list[str]:
-    names: list[str] = []
-    original = kernels.kernel
-
-    def recording(source, name, *args, **kwargs):
-        names.append(name)
-        return original(source, name, *args, **kwargs)
-
-    monkeypatch.setattr(kernels, "kernel", recording)
-    return names
-
 
 def _problem(seed: int, *, s_q, s_kv, h, topk, empty_query=None, topk_lengths=None, **features):
     """A bf16 V3.2 forward problem; ``empty_query`` gets no valid slot at all; ``topk_lengths``
@@ -230,7 +220,7 @@ def _run(problem, backend):
 
 def _check(problem, monkeypatch):
     backend = _backend()
-    launched = _launched(monkeypatch)
+    launched = record_launches(monkeypatch)
     out, lse = _run(problem, backend)
     assert launched == ["sparse_mla_fwd_wgmma"], launched
     expected_out, expected_lse = reference.sparse_mla(**problem.inputs)
@@ -277,7 +267,7 @@ def test_wgmma_forward_follows_the_environment_variable(monkeypatch):
     backend = _backend()
     backend.hopper_forward = False
     monkeypatch.setenv("DSA_REF_CUPY_WGMMA", "1")
-    launched = _launched(monkeypatch)
+    launched = record_launches(monkeypatch)
     _run(_problem(2, s_q=2, s_kv=100, h=64, topk=64), backend)
     assert launched == ["sparse_mla_fwd_wgmma"], launched
 
