@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from peers_training import relative, steady_ms  # the same steady-state timing and cross-check
+
 ROWS: list[dict] = []
 
 
@@ -33,30 +35,11 @@ def report(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def steady_ms(torch, fn, warm: int = 2, repeats: int = 10) -> float:
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
-def relative(torch, a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    finite = torch.isfinite(a) & torch.isfinite(b)
-    return float((a[finite] - b[finite]).norm() / (b[finite].norm() + 1e-30))
-
-
 def timed(torch, name: str, shape: str, flop: float, fn, reference=None, repeats: int = 10):
     """Run ``fn`` (returns a tuple of tensors), time it, report it against ``reference``'s outputs."""
     try:
         outputs = fn()
-        ms = steady_ms(torch, fn, repeats=repeats)
+        ms = steady_ms(torch, fn, warm=2, repeats=repeats)
         row = dict(name=name, shape=shape, ms=round(ms, 3), tflops=round(flop / ms / 1e9, 1))
         if reference is not None:
             row["relative_difference"] = [relative(torch, a, b) for a, b in zip(outputs, reference)]
