@@ -74,6 +74,19 @@ def _load_head_stats(p_lse, p_delta, p_share, p_d_lse, row, o_h, m_h, HAS_D_LSE:
 
 
 @triton.jit
+def _query_tiles(p_q, p_d_out, query, o_h, m_h, o_dv, o_dr, m_dv, m_dr, d_v,
+                 stride_q_m, stride_q_h, stride_do_m, stride_do_h, COMPUTE_DTYPE: tl.constexpr):
+    """One query's q (value and rest columns) and dout for heads ``o_h``, in the compute dtype;
+    masked heads and columns load 0."""
+    p_q_rows = p_q + query.to(tl.int64) * stride_q_m + o_h[:, None] * stride_q_h
+    b_q_value = tl.load(p_q_rows + o_dv[None, :], mask=m_h[:, None] & m_dv[None, :], other=0.0).to(COMPUTE_DTYPE)
+    b_q_rest = tl.load(p_q_rows + d_v + o_dr[None, :], mask=m_h[:, None] & m_dr[None, :], other=0.0).to(COMPUTE_DTYPE)
+    p_d_out_rows = p_d_out + query.to(tl.int64) * stride_do_m + o_h[:, None] * stride_do_h
+    b_d_out = tl.load(p_d_out_rows + o_dv[None, :], mask=m_h[:, None] & m_dv[None, :], other=0.0).to(COMPUTE_DTYPE)
+    return b_q_value, b_q_rest, b_d_out
+
+
+@triton.jit
 def _dq_kernel(
     p_q, p_kv, p_indices, p_topk_length, p_lse, p_delta, p_share, p_d_lse, p_d_out, p_dq,
     h, s_kv, topk, d_v, d_qk, scale_log2, sm_scale,
@@ -91,11 +104,8 @@ def _dq_kernel(
     m_dv = o_dv < d_v
     m_dr = o_dr < d_qk - d_v
 
-    p_q_rows = p_q + query.to(tl.int64) * stride_q_m + o_h[:, None] * stride_q_h
-    b_q_value = tl.load(p_q_rows + o_dv[None, :], mask=m_h[:, None] & m_dv[None, :], other=0.0).to(COMPUTE_DTYPE)
-    b_q_rest = tl.load(p_q_rows + d_v + o_dr[None, :], mask=m_h[:, None] & m_dr[None, :], other=0.0).to(COMPUTE_DTYPE)
-    p_d_out_rows = p_d_out + query.to(tl.int64) * stride_do_m + o_h[:, None] * stride_do_h
-    b_d_out = tl.load(p_d_out_rows + o_dv[None, :], mask=m_h[:, None] & m_dv[None, :], other=0.0).to(COMPUTE_DTYPE)
+    b_q_value, b_q_rest, b_d_out = _query_tiles(p_q, p_d_out, query, o_h, m_h, o_dv, o_dr, m_dv, m_dr, d_v,
+                                                 stride_q_m, stride_q_h, stride_do_m, stride_do_h, COMPUTE_DTYPE)
     b_lse, b_delta, b_share, b_d_lse = _load_head_stats(p_lse, p_delta, p_share, p_d_lse, query.to(tl.int64) * h,
                                                         o_h, m_h, HAS_D_LSE)
 
@@ -154,14 +164,9 @@ def _dkv_kernel(
         for head_begin in range(0, h, BLOCK_H):
             o_h = head_begin + tl.arange(0, BLOCK_H)
             m_h = o_h < h
-            p_q_rows = p_q + query.to(tl.int64) * stride_q_m + o_h[:, None] * stride_q_h
-            b_q_value = tl.load(p_q_rows + o_dv[None, :], mask=m_h[:, None] & m_dv[None, :], other=0.0)
-            b_q_value = b_q_value.to(COMPUTE_DTYPE)
-            b_q_rest = tl.load(p_q_rows + d_v + o_dr[None, :], mask=m_h[:, None] & m_dr[None, :], other=0.0)
-            b_q_rest = b_q_rest.to(COMPUTE_DTYPE)
-            p_d_out_rows = p_d_out + query.to(tl.int64) * stride_do_m + o_h[:, None] * stride_do_h
-            b_d_out = tl.load(p_d_out_rows + o_dv[None, :], mask=m_h[:, None] & m_dv[None, :], other=0.0)
-            b_d_out = b_d_out.to(COMPUTE_DTYPE)
+            b_q_value, b_q_rest, b_d_out = _query_tiles(p_q, p_d_out, query, o_h, m_h, o_dv, o_dr, m_dv, m_dr, d_v,
+                                                         stride_q_m, stride_q_h, stride_do_m, stride_do_h,
+                                                         COMPUTE_DTYPE)
             b_lse, b_delta, b_share, b_d_lse = _load_head_stats(p_lse, p_delta, p_share, p_d_lse,
                                                                 query.to(tl.int64) * h, o_h, m_h, HAS_D_LSE)
             b_prob = _probabilities(b_q_value, b_q_rest, b_value, b_rest, b_lse, m_valid, scale_log2,
