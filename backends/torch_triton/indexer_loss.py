@@ -58,6 +58,16 @@ def _gate(b_q, p_k, b_key, m_key, m_d, o_d, stride_k, DOT_PRECISION: tl.constexp
 
 
 @triton.jit
+def _query_and_weights(p_q, p_weights, query, o_h, m_h, o_d, m_d, stride_q_m, stride_q_h, stride_w_m):
+    """One query's index vectors ``[HEADS, BLOCK_D]`` and float32 head weights ``[HEADS]``; masked
+    heads and dims load 0."""
+    b_q = tl.load(p_q + query.to(tl.int64) * stride_q_m + o_h[:, None] * stride_q_h + o_d[None, :],
+                  mask=m_h[:, None] & m_d[None, :], other=0.0)
+    b_w = tl.load(p_weights + query.to(tl.int64) * stride_w_m + o_h, mask=m_h, other=0.0).to(tl.float32)
+    return b_q, b_w
+
+
+@triton.jit
 def _sparse_scores_kernel(
     p_q, p_weights, p_k, p_k_scale, p_indices, p_scores,
     h_i, d_i, s_kv, topk,
@@ -71,9 +81,7 @@ def _sparse_scores_kernel(
     m_h = o_h < h_i
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < d_i
-    b_q = tl.load(p_q + query.to(tl.int64) * stride_q_m + o_h[:, None] * stride_q_h + o_d[None, :],
-                  mask=m_h[:, None] & m_d[None, :], other=0.0)
-    b_w = tl.load(p_weights + query.to(tl.int64) * stride_w_m + o_h, mask=m_h, other=0.0).to(tl.float32)
+    b_q, b_w = _query_and_weights(p_q, p_weights, query, o_h, m_h, o_d, m_d, stride_q_m, stride_q_h, stride_w_m)
     for t in range(0, topk, BLOCK_T):
         o_t = t + tl.arange(0, BLOCK_T)
         b_index = tl.load(p_indices + query.to(tl.int64) * stride_i_m + o_t, mask=o_t < topk, other=-1)
@@ -168,9 +176,7 @@ def _sparse_backward_kernel(
     m_h = o_h < h_i
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < d_i
-    b_q = tl.load(p_q + query.to(tl.int64) * stride_q_m + o_h[:, None] * stride_q_h + o_d[None, :],
-                  mask=m_h[:, None] & m_d[None, :], other=0.0)
-    b_w = tl.load(p_weights + query.to(tl.int64) * stride_w_m + o_h, mask=m_h, other=0.0).to(tl.float32)
+    b_q, b_w = _query_and_weights(p_q, p_weights, query, o_h, m_h, o_d, m_d, stride_q_m, stride_q_h, stride_w_m)
     b_dq = tl.zeros((HEADS, BLOCK_D), tl.float32)
     b_dw = tl.zeros((HEADS,), tl.float32)
     for t in range(0, topk, BLOCK_T):
