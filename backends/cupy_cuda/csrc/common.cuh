@@ -143,4 +143,18 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // ReLU that keeps NaN (fmaxf(NaN, 0) would return 0 and hide it): the spec lets NaN propagate.
 __device__ __forceinline__ float relu_keep_nan(float x) { return x < 0.0f ? 0.0f : x; }
 
+// The end of a base-2 online softmax for one head: from its running max (log2 units) and its
+// denominator, the natural-log lse (-inf for a row with no valid slot) and the factor that
+// normalizes the output, the attention sink's share included (sink may be null).
+__device__ __forceinline__ void finish_softmax_row(float row_max, float denominator, const float* attn_sink, int head,
+                                                   float& row_lse, float& factor) {
+    row_lse = DSA_NEG_INF;
+    factor = 0.0f;
+    if (denominator > 0.0f) {
+        row_lse = (row_max + log2f(denominator)) * DSA_LN2;
+        factor = 1.0f / denominator;
+        if (attn_sink != nullptr) factor *= 1.0f / (1.0f + expf(attn_sink[head] - row_lse));
+    }
+}
+
 }  // namespace dsa

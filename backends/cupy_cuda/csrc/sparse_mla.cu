@@ -313,12 +313,8 @@ sparse_mla_fwd_mma(const u16* __restrict__ q,            // [s_q, h, 576] bf16 b
         const int head = head0 + row;
         if (head >= h) continue;
         const float denominator = red_sum[row] + red_sum[BLOCK_H + row];
-        float row_lse = DSA_NEG_INF, factor = 0.0f;
-        if (denominator > 0.0f) {
-            row_lse = (row_max[r] + log2f(denominator)) * DSA_LN2;
-            factor = 1.0f / denominator;
-            if (attn_sink != nullptr) factor *= 1.0f / (1.0f + expf(attn_sink[head] - row_lse));
-        }
+        float row_lse, factor;
+        finish_softmax_row(row_max[r], denominator, attn_sink, head, row_lse, factor);
         float* out_row = out + ((u64)query * h + head) * D_V + half * 256 + lane_in_group * 2;
 #pragma unroll
         for (int j = 0; j < 32; ++j) {
