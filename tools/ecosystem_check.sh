@@ -3,6 +3,11 @@
 #   sh tools/ecosystem_check.sh OUT_DIR PHASES
 # PHASES is a comma-separated subset of:
 #   install       pip install of this checkout (no dependencies, no build isolation)
+#   unpack        the peers from .peers/packed/ (carry .peers/packed and .peers/scripts): z3tl.tar.xz holds the
+#                 z3 and TileLang wheels unzipped (folders z3/ and tl/, laid out as site-packages), sgk.tar.xz
+#                 the folder sgk/; xz fits all of them into one call's 64 MiB, where the wheels take 114 MiB:
+#                   (cd DIR && for w in .peers/z3/*.whl; do unzip -qo -d z3 $w; done; same for tl/; \
+#                    tar -cf - z3 tl | xz -9 > z3tl.tar.xz); tar -C .peers -cf - sgk | xz -9 > sgk.tar.xz
 #   peers-sgk     the kit on FlashMLA's sparse kernels and sglang's fast_topk, from sglang-kernel's
 #                 compiled libraries in .peers/sgk (carry .peers/sgk)
 #   z3            TileLang's z3 wheel into /tmp/site (carry .peers/z3; a call of its own: 64 MiB a call)
@@ -24,6 +29,21 @@ if has install; then
   step "install"
   python3 -m pip install -q --no-deps --no-build-isolation . >>"$LOG" 2>&1 || echo "install failed" | tee -a "$LOG"
 fi
+if has unpack; then
+  step "the peers from .peers/packed"
+  python3 - >>"$LOG" 2>&1 <<'PY'
+import os, shutil, tarfile
+os.makedirs("/tmp/site", exist_ok=True)
+with tarfile.open(".peers/packed/z3tl.tar.xz") as archive:
+    archive.extractall("/tmp/unpacked")
+for part in ("z3", "tl"):
+    shutil.copytree(f"/tmp/unpacked/{part}", "/tmp/site", dirs_exist_ok=True)
+with tarfile.open(".peers/packed/sgk.tar.xz") as archive:
+    archive.extractall(".peers")
+print("unpacked:", sorted(os.listdir("/tmp/site"))[:20], sorted(os.listdir(".peers/sgk")))
+PY
+  echo "rc=$?" | tee -a "$LOG"
+fi
 if has peers-sgk; then
   step "FlashMLA and sglang through the kit"
   timeout 240 python3 tools/peers_check.py --profile ci --sgl-kernel-libs .peers/sgk --adapters FlashMLA,SglangTopK \
@@ -37,7 +57,9 @@ if has z3; then
 fi
 if has peers-tilelang; then
   step "TileLang's example kernels through the kit"
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .peers/tl/*.whl >>"$LOG" 2>&1
+  if ls .peers/tl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .peers/tl/*.whl >>"$LOG" 2>&1
+  fi
   PYTHONPATH=/tmp/site TL_EXAMPLES=.peers/scripts/tilelang_examples timeout 400 python3 tools/peers_check.py \
     --profile ci --adapters TileLangSparseMLA,TileLangIndexer,TileLangTopK --merge --out "$OUT/peers.json" >>"$LOG" 2>&1
   echo "rc=$?" | tee -a "$LOG"

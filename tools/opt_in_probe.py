@@ -1,0 +1,179 @@
+"""First runs of the opt-in kernels, each in a child process of its own with a time limit, so a kernel
+that hangs (a barrier waited on forever) or faults costs its own limit and not the others'.
+
+For each kernel, on one small problem with no awkward input (all slots valid, no sink, no topk_length)
+and then on the awkward problem of its GPU tests, the child reports how far the outputs are from the
+float64 reference and *where*: the largest error per head, per block of 64 columns and per 64 slots of
+the key rows, the NaN count, and for each output column the reference column it matches best (a wrong
+fragment layout shows up as a permutation there). The kernels:
+
+* ``gluon``      Triton's Gluon sparse MLA forward (``kernel="gluon"``);
+* ``wgmma``      CuPy's wgmma sparse MLA forward (``CupyBackend.hopper_forward``);
+* ``det_mma``    CuPy's deterministic tensor-core sparse MLA backward
+                 (``CupyBackend.deterministic_tensor_cores`` under ``dsa_ref.use_deterministic(True)``).
+
+On a GPU machine, from a checkout::
+
+    python tools/opt_in_probe.py --out probe.json [--kernels gluon,wgmma,det_mma] [--timeout 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+KERNELS = ("gluon", "wgmma", "det_mma")
+
+
+def error_pattern(name: str, got: np.ndarray, expected: np.ndarray, *, row_axis_name: str) -> dict:
+    """Where ``got`` differs from ``expected`` (same shape, last axis = columns)."""
+    got = np.asarray(got, np.float64)
+    expected = np.asarray(expected, np.float64)
+    finite = np.isfinite(expected)
+    error = np.where(finite, np.abs(np.nan_to_num(got, nan=np.inf) - expected), 0.0)
+    scale = float(np.abs(expected[finite]).max()) if finite.any() else 1.0
+    columns = got.reshape(-1, got.shape[-1])
+    reference_columns = np.nan_to_num(expected.reshape(-1, expected.shape[-1]))
+    row = dict(output=name, shape=list(got.shape), scale=scale, max_error=float(error.max()),
+               nan_count=int(np.isnan(got).sum()), relative_max_error=float(error.max() / (scale + 1e-30)))
+    if got.ndim >= 2:
+        per_column_block = error.reshape(-1, got.shape[-1])
+        blocks = [float(per_column_block[:, c:c + 64].max()) for c in range(0, got.shape[-1], 64)]
+        row["max_error_per_64_columns"] = blocks
+        # the reference column each output column is closest to (mean absolute difference)
+        if columns.shape[0] <= 4096:
+            distance = np.abs(np.nan_to_num(columns)[:, :, None] - reference_columns[:, None, :]).mean(axis=0)
+            best = distance.argmin(axis=1)
+            wrong = np.nonzero(best != np.arange(best.size))[0]
+            row["columns_matching_another_column"] = [[int(c), int(best[c])] for c in wrong[:64]]
+    if got.ndim == 3:
+        row[f"max_error_per_{row_axis_name}"] = [float(x) for x in error.max(axis=(0, 2))]
+    if got.ndim >= 2:
+        per_leading = error.reshape(got.shape[0], -1).max(axis=1)
+        row["max_error_per_64_leading"] = [float(per_leading[i:i + 64].max()) for i in range(0, got.shape[0], 64)]
+    return row
+
+
+def _forward_problem(small: bool):
+    from dsa_ref.testing import problems
+
+    rng = np.random.default_rng(3 if small else 4)
+    if small:
+        problem = problems.sparse_mla_problem(rng, s_q=4, s_kv=600, h=64, d_qk=576, d_v=512, topk=128,
+                                              dtype="bfloat16")
+    else:
+        problem = problems.sparse_mla_problem(rng, s_q=4, s_kv=600, h=128, d_qk=576, d_v=512, topk=320,
+                                              dtype="bfloat16", invalid_fraction=0.2, duplicate_fraction=0.25,
+                                              attn_sink=True, topk_length=True)
+    return problem
+
+
+def probe_forward(kernel: str, small: bool) -> list[dict]:
+    import dsa_ref
+    from dsa_ref import interop, reference
+
+    problem = _forward_problem(small)
+    inputs = problem.inputs
+    if kernel == "gluon":
+        import torch
+
+        from dsa_ref_backends.torch_triton import sparse_mla as triton_forward
+
+        def cuda(x):
+            return None if x is None else torch.from_numpy(np.ascontiguousarray(x)).cuda()
+
+        q = cuda(inputs["q"].astype(np.float32)).to(torch.bfloat16)
+        kv = cuda(inputs["kv"].astype(np.float32)).to(torch.bfloat16)
+        out, lse = triton_forward.sparse_mla(q, kv, cuda(inputs["indices"]), 576**-0.5, 512,
+                                             cuda(inputs.get("topk_length")), cuda(inputs.get("attn_sink")),
+                                             kernel="gluon")
+        torch.cuda.synchronize()
+    else:
+        from dsa_ref_backends.cupy_cuda.backend import CupyBackend
+
+        backend = CupyBackend()
+        backend.hopper_forward = True
+        backend.poison_outputs = True
+        out, lse = dsa_ref.sparse_mla(**problem.native_inputs(backend), backend=backend)
+    out, lse = interop.to_numpy(out), interop.to_numpy(lse)
+    expected_out, expected_lse = reference.sparse_mla(**inputs)
+    return [error_pattern("out", out, expected_out, row_axis_name="head"),
+            error_pattern("lse", lse, expected_lse, row_axis_name="head")]
+
+
+def probe_deterministic_backward(small: bool) -> list[dict]:
+    import dsa_ref
+    from dsa_ref import interop, reference
+    from dsa_ref_backends.cupy_cuda.backend import CupyBackend
+
+    problem = _forward_problem(small)
+    inputs = dict(problem.inputs)
+    out, lse = reference.sparse_mla(**inputs)
+    rng = np.random.default_rng(9)
+    d_out = rng.standard_normal(out.shape).astype(np.float32)
+    backend = CupyBackend()
+    backend.deterministic_tensor_cores = True
+    arguments = dict(q=inputs["q"], kv=inputs["kv"], indices=inputs["indices"], out=out.astype(np.float32),
+                     lse=lse.astype(np.float32), d_out=d_out, topk_length=inputs.get("topk_length"),
+                     attn_sink=inputs.get("attn_sink"))
+    native = {name: (backend.to_native(value) if isinstance(value, np.ndarray) else value)
+              for name, value in arguments.items()}
+    with dsa_ref.use_deterministic(True):
+        got = dsa_ref.sparse_mla_backward(**native, backend=backend)
+        again = dsa_ref.sparse_mla_backward(**native, backend=backend)
+    expected = reference.sparse_mla_backward(**arguments)
+    rows = [error_pattern(name, interop.to_numpy(g), e, row_axis_name="head")
+            for name, g, e in zip(("dq", "dkv", "d_attn_sink"), got, expected)]
+    rows.append(dict(output="dkv bitwise equal on a rerun",
+                     equal=bool(np.array_equal(interop.to_numpy(got[1]), interop.to_numpy(again[1])))))
+    return rows
+
+
+def child(kernel: str) -> int:
+    for small in (True, False):
+        start = time.perf_counter()
+        try:
+            rows = probe_deterministic_backward(small) if kernel == "det_mma" else probe_forward(kernel, small)
+            result = dict(kernel=kernel, problem="small" if small else "awkward", rows=rows)
+        except Exception as error:  # noqa: BLE001 - the parent records what went wrong
+            result = dict(kernel=kernel, problem="small" if small else "awkward",
+                          error=f"{type(error).__name__}: {error}"[:2000])
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        print("PROBE " + json.dumps(result), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("probe.json"))
+    parser.add_argument("--kernels", default=",".join(KERNELS))
+    parser.add_argument("--timeout", type=float, default=90.0)
+    parser.add_argument("--child", choices=KERNELS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child)
+    results = []
+    for kernel in args.kernels.split(","):
+        try:
+            run = subprocess.run([sys.executable, __file__, "--child", kernel], capture_output=True, text=True,
+                                 timeout=args.timeout)
+            stdout, stderr, status = run.stdout, run.stderr, run.returncode
+        except subprocess.TimeoutExpired as expired:
+            stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+            stderr = expired.stderr.decode() if isinstance(expired.stderr, bytes) else (expired.stderr or "")
+            status = f"timed out after {args.timeout} s"
+        found = [json.loads(line[6:]) for line in stdout.splitlines() if line.startswith("PROBE ")]
+        results.append(dict(kernel=kernel, status=status, results=found, stderr_tail=stderr[-3000:]))
+        print(json.dumps(results[-1])[:3000], flush=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
