@@ -183,3 +183,40 @@ def test_dynamic_shared_memory_limit_only_grows(monkeypatch):
     assert compiled.max_dynamic_shared_size_bytes == 65536
     with pytest.raises(KeyError, match="not listed"):
         kernels.kernel("topk.cu", "topk_radix", 0)
+
+
+def test_dynamic_shared_memory_limit_of_a_loaded_cubin_goes_through_the_driver(monkeypatch):
+    """A function of a cubin module (the sm_90a sources) has no RawKernel property: the limit is the
+    driver's function attribute, raised only when a launch needs more."""
+    import sys
+    import types
+
+    from dsa_ref_backends.cupy_cuda import kernels
+
+    attributes = {}
+    driver = types.SimpleNamespace(
+        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8,
+        funcGetAttribute=lambda attribute, pointer: attributes.get((attribute, pointer), 0),
+        funcSetAttribute=lambda pointer, attribute, value: attributes.__setitem__((attribute, pointer), value))
+    cuda = types.SimpleNamespace(driver=driver)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.driver", driver)
+    compiled = types.SimpleNamespace(ptr=1234)
+    monkeypatch.setattr(kernels, "_function", lambda source, name, device_id: compiled)
+    kernels.kernel("sparse_mla_wgmma.cu", "sparse_mla_fwd_wgmma", 0, 231968)
+    assert attributes == {(8, 1234): 231968}
+    kernels.kernel("sparse_mla_wgmma.cu", "sparse_mla_fwd_wgmma", 0, 1000)
+    assert attributes == {(8, 1234): 231968}
+
+
+@pytest.mark.parametrize(("chosen", "setting", "expected"), [
+    (True, None, True), (False, None, False), (True, "0", False), (False, "1", True), (True, "yes", True)])
+def test_kernel_switch_follows_the_attribute_unless_the_variable_says_0_or_1(monkeypatch, chosen, setting, expected):
+    from dsa_ref_backends import kernel_switch
+
+    if setting is None:
+        monkeypatch.delenv("DSA_REF_SOME_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("DSA_REF_SOME_KERNEL", setting)
+    assert kernel_switch(chosen, "DSA_REF_SOME_KERNEL") is expected

@@ -18,8 +18,8 @@ Which kernel runs (all compute the same function; see csrc/*.cu):
 * sparse MLA backward: tensor cores (csrc/sparse_mla_backward_mma.cu) for bf16 queries and rows at
   d_qk = 576, d_v = 512 on a device with 219 KiB of shared memory per block (sm_90), row gradients
   added with fp32 atomics; float32 CUDA cores (csrc/sparse_mla_backward.cu) for every other input
-  and for deterministic mode, where the row gradients are summed per row in a sorted order (a
-  tensor-core deterministic path is opt-in: ``CupyBackend.deterministic_tensor_cores``).
+  and for deterministic mode, the same tensor cores with the row gradients stored and then summed
+  per row in a sorted order (``CupyBackend.deterministic_tensor_cores``; float32 CUDA cores without).
 * attention target, indexer loss and its backward: float32 CUDA cores for every dtype
   (csrc/sparse_mla_backward.cu, csrc/indexer_loss.cu).
 """
@@ -35,6 +35,7 @@ import numpy as np
 
 from dsa_ref import interop
 from dsa_ref.backend import OPS, Backend
+from dsa_ref_backends import kernel_switch
 
 from . import kernels
 
@@ -73,14 +74,14 @@ class CupyBackend(Backend):
 
     #: Deterministic mode's sparse-MLA backward on the tensor-core kernels (row gradients stored, then
     #: summed per row in a sorted order) instead of the float32 kernels, for the inputs the default's
-    #: tensor-core kernel takes. Off until it has passed the conformance kit on a GPU (backends/cupy_cuda/
-    #: NOTES.md); set this, or DSA_REF_CUPY_DETERMINISTIC_MMA=1, to run it.
-    deterministic_tensor_cores: bool = False
+    #: tensor-core kernel takes: 21x the float32 kernels on the H200 (backends/cupy_cuda/NOTES.md). Set
+    #: this to False, or DSA_REF_CUPY_DETERMINISTIC_MMA=0, to run the float32 kernels.
+    deterministic_tensor_cores: bool = True
 
     #: The bf16 V3.2-width sparse-MLA forward (d_qk 576, d_v 512, bf16 rows, h a multiple of 64) on
     #: Hopper's wgmma kernel (csrc/sparse_mla_wgmma.cu, compute capability 9.0 only) instead of the
     #: mma.sync kernel. Off until it has passed the conformance kit on a GPU (backends/cupy_cuda/
-    #: NOTES.md); set this, or DSA_REF_CUPY_WGMMA=1, to run it.
+    #: NOTES.md); set this, or DSA_REF_CUPY_WGMMA=1, to run it (DSA_REF_CUPY_WGMMA=0 turns it off).
     hopper_forward: bool = False
 
     #: Candidate keys top-k keeps in shared memory (8 bytes each, with the index): about 1.5 k are
@@ -255,7 +256,7 @@ class CupyBackend(Backend):
             return out, lse
         device_id = q.device.id
         packed = kv_dtype == "uint8"
-        hopper = self.hopper_forward or os.environ.get("DSA_REF_CUPY_WGMMA") == "1"
+        hopper = kernel_switch(self.hopper_forward, "DSA_REF_CUPY_WGMMA")
         kernel_path = forward_kernel_path(q_dtype, kv_dtype, d_qk=d_qk, kv_width=int(kv.shape[1]), d_v=d_v, h=h,
                                           compute_capability=_compute_capability() if hopper else 0,
                                           smem_limit=_smem_optin(), hopper_forward=hopper)
@@ -305,7 +306,7 @@ class CupyBackend(Backend):
         s_kv, d_v = int(kv.shape[0]), int(d_v)
         kernel_path = "simt"
         if s_q > 0 and h > 0:
-            tensor_cores = self.deterministic_tensor_cores or os.environ.get("DSA_REF_CUPY_DETERMINISTIC_MMA") == "1"
+            tensor_cores = kernel_switch(self.deterministic_tensor_cores, "DSA_REF_CUPY_DETERMINISTIC_MMA")
             kernel_path = backward_kernel_path(q_dtype, kv_dtype, d_qk=d_qk, kv_width=int(kv.shape[1]), d_v=d_v,
                                                deterministic=deterministic, smem_limit=_smem_optin(),
                                                deterministic_tensor_cores=tensor_cores)

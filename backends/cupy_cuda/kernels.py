@@ -147,8 +147,15 @@ def kernel(source: str, name: str, device_id: int, dynamic_smem: int = 0):
     if name not in KERNELS[source]:
         raise KeyError(f"{name!r} is not listed in KERNELS[{source!r}]; add it so CI compiles it")
     function = _function(source, name, device_id)
-    if dynamic_smem > function.max_dynamic_shared_size_bytes:
-        function.max_dynamic_shared_size_bytes = dynamic_smem
+    if hasattr(function, "max_dynamic_shared_size_bytes"):  # a cupy.RawKernel
+        if dynamic_smem > function.max_dynamic_shared_size_bytes:
+            function.max_dynamic_shared_size_bytes = dynamic_smem
+    elif dynamic_smem > 0:  # a cupy.cuda.function.Function of a loaded cubin: the driver holds its limit
+        from cupy.cuda import driver
+
+        attribute = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
+        if dynamic_smem > driver.funcGetAttribute(attribute, function.ptr):
+            driver.funcSetAttribute(function.ptr, attribute, dynamic_smem)
     return function
 
 

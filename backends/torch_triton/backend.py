@@ -8,6 +8,7 @@ from typing import Any
 
 from dsa_ref import interop
 from dsa_ref.backend import Backend
+from dsa_ref_backends import kernel_switch
 
 _INDEXER_DTYPES = frozenset({"float32", "float16", "bfloat16", "float8_e4m3fn"})
 _TOPK_DTYPES = frozenset({"float32", "float16", "bfloat16"})  # widened to float32 exactly
@@ -40,10 +41,10 @@ class TritonBackend(Backend):
     ci_max_examples = {"sparse_mla_backward": 12, "attention_target": 12, "indexer_loss": 12,
                        "indexer_loss_backward": 12, "lightning_indexer_paged": 12}
     #: The sparse MLA forward on the Gluon Hopper kernel (:mod:`.sparse_mla_gluon`) for the inputs it
-    #: covers (bf16, d_qk 576, d_v 512, h a multiple of 64, dense rows, sm_90), the ``tl.dot`` kernel for
-    #: the rest. Off until it has passed the conformance kit on a GPU (NOTES.md, version 6); set this,
-    #: or DSA_REF_TRITON_GLUON=1, to run it.
-    hopper_forward: bool = False
+    #: covers (bf16, d_qk 576, d_v 512, h a multiple of 64, dense rows, sm_90, the Triton release its
+    #: API is written for), the ``tl.dot`` kernel for the rest: 1.26x its speed on the H200 (NOTES.md,
+    #: version 6). Set this to False, or DSA_REF_TRITON_GLUON=0, to run the ``tl.dot`` kernel everywhere.
+    hopper_forward: bool = True
     supported_dtypes = {
         "lightning_indexer": _INDEXER_DTYPES,
         "topk_indices": _TOPK_DTYPES,
@@ -154,7 +155,7 @@ class TritonBackend(Backend):
         from . import sparse_mla
 
         q, kv = _sparse_mla_operands(q, kv)
-        kernel = forward_kernel(self.hopper_forward or os.environ.get("DSA_REF_TRITON_GLUON") == "1",
+        kernel = forward_kernel(kernel_switch(self.hopper_forward, "DSA_REF_TRITON_GLUON"),
                                 q, kv, int(d_v), indices, topk_length, attn_sink)
         return sparse_mla.sparse_mla(q, kv, indices, float(sm_scale), int(d_v), topk_length, attn_sink,
                                      kernel=kernel)
