@@ -1,20 +1,20 @@
-"""The kernels that are written but not yet the default, timed beside the default they would replace.
+"""The alternative kernels of each backend, timed beside each other on the same inputs.
 
 Each pair runs on the same inputs, in the same process (S 4096, SKV 8192, topk 2048, bf16, d_qk 576,
 d_v 512, h 64 and 128, random causal indices): the time, the TFLOP/s and the relative difference of the
 candidate's outputs from the default's. The pairs:
 
-* triton sparse MLA forward: the ``tl.dot`` kernel against the Gluon kernel (``kernel="gluon"``);
+* triton sparse MLA forward: the ``tl.dot`` kernel against the Gluon kernel (``kernel="gluon"``, the
+  default on Hopper);
 * triton sparse MLA backward: the split kernels against the fused one (``kernel="fused"``), both modes;
-* cupy sparse MLA backward, deterministic: the float32 path against the tensor-core one
-  (``CupyBackend.deterministic_tensor_cores``), and the default (atomic) tensor-core kernel beside them;
-* cupy sparse MLA forward: the mma.sync kernel against the wgmma one (``CupyBackend.hopper_forward``),
-  where the backend has it.
+* cupy sparse MLA backward: the default (atomic) tensor-core kernel, deterministic mode's tensor-core
+  kernels (the default there) and its float32 path (``CupyBackend.deterministic_tensor_cores=False``);
+* cupy sparse MLA forward: the mma.sync kernel against the wgmma one (``CupyBackend.hopper_forward``).
 
 FLOP: forward 2·S·h·topk·(d_qk + d_v), backward 2·S·h·topk·(3·d_qk + 2·d_v). A candidate that fails is
 recorded with its error; it never stops the others. On a GPU machine, from a checkout::
 
-    python tools/opt_in_bench.py --out opt_in_bench.json
+    python tools/opt_in_bench.py --out opt_in_bench.json [--groups cupy-forward,...] [--heads 64,128]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 from peers_training import relative, steady_ms  # the same steady-state timing and cross-check
 
 ROWS: list[dict] = []
+GROUPS = ("triton-forward", "cupy-forward", "triton-backward", "cupy-backward")
 
 
 def report(**row) -> None:
@@ -61,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("opt_in_bench.json"))
     parser.add_argument("--heads", default="64,128")
+    parser.add_argument("--groups", default=",".join(GROUPS),
+                        help=f"comma-separated subset of {', '.join(GROUPS)}")
     args = parser.parse_args(argv)
+    groups = set(args.groups.split(","))
+    if groups - set(GROUPS):
+        parser.error(f"--groups: unknown {sorted(groups - set(GROUPS))}; known: {', '.join(GROUPS)}")
     import torch
 
     import dsa_ref
@@ -82,25 +88,26 @@ def main(argv: list[str] | None = None) -> int:
         backward_flop = 2 * s * h * topk * (3 * d_qk + 2 * d_v)
         scale = d_qk**-0.5
 
-        default = timed(torch, "triton forward, tl.dot (default)", shape, forward_flop,
-                        lambda: triton_forward.sparse_mla(q, kv, indices, scale, d_v))
-        timed(torch, "triton forward, gluon", shape, forward_flop,
-              lambda: triton_forward.sparse_mla(q, kv, indices, scale, d_v, kernel="gluon"), default)
+        if "triton-forward" in groups:
+            tl_dot = timed(torch, "triton forward, tl.dot", shape, forward_flop,
+                           lambda: triton_forward.sparse_mla(q, kv, indices, scale, d_v, kernel="tl"))
+            timed(torch, "triton forward, gluon (default on Hopper)", shape, forward_flop,
+                  lambda: triton_forward.sparse_mla(q, kv, indices, scale, d_v, kernel="gluon"), tl_dot)
 
-        cupy_default, cupy_hopper = CupyBackend(), CupyBackend()
-        if hasattr(cupy_hopper, "hopper_forward"):
-            cupy_hopper.hopper_forward = True
-        reference = timed(torch, "cupy forward, mma.sync (default)", shape, forward_flop,
-                          lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_default))
-        if hasattr(cupy_hopper, "hopper_forward"):
+        cupy_default, cupy_hopper, cupy_float32 = CupyBackend(), CupyBackend(), CupyBackend()
+        cupy_hopper.hopper_forward = True
+        cupy_float32.deterministic_tensor_cores = False
+        if "cupy-forward" in groups:
+            reference = timed(torch, "cupy forward, mma.sync (default)", shape, forward_flop,
+                              lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_default))
             timed(torch, "cupy forward, wgmma", shape, forward_flop,
                   lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_hopper), reference)
 
-        if default is None:
+        if not groups & {"triton-backward", "cupy-backward"}:
             continue
-        out, lse = default
+        out, lse = triton_forward.sparse_mla(q, kv, indices, scale, d_v, kernel="tl")
         d_out = torch.randn(s, h, d_v, dtype=torch.float32, device="cuda")
-        for deterministic in (False, True):
+        for deterministic in ((False, True) if "triton-backward" in groups else ()):
             mode = "deterministic" if deterministic else "default mode"
             split = timed(torch, f"triton backward, split (default), {mode}", shape, backward_flop,
                           lambda: triton_backward.sparse_mla_backward(q, kv, indices, out, lse, d_out, scale, d_v,
@@ -108,18 +115,18 @@ def main(argv: list[str] | None = None) -> int:
             timed(torch, f"triton backward, fused, {mode}", shape, backward_flop,
                   lambda: triton_backward.sparse_mla_backward(q, kv, indices, out, lse, d_out, scale, d_v,
                                                               deterministic=deterministic, kernel="fused"), split)
-        cupy_tensor_cores = CupyBackend()
-        cupy_tensor_cores.deterministic_tensor_cores = True
+        if "cupy-backward" not in groups:
+            continue
         with dsa_ref.use_deterministic(False):
             atomic = timed(torch, "cupy backward, mma.sync (default mode)", shape, backward_flop,
                            lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out, backend=cupy_default))
         with dsa_ref.use_deterministic(True):
-            timed(torch, "cupy backward, float32 (deterministic default)", shape, backward_flop,
-                  lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out, backend=cupy_default), atomic,
+            timed(torch, "cupy backward, tensor cores (deterministic default)", shape, backward_flop,
+                  lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out, backend=cupy_default), atomic)
+            timed(torch, "cupy backward, float32 (deterministic, deterministic_tensor_cores=False)", shape,
+                  backward_flop,
+                  lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out, backend=cupy_float32), atomic,
                   repeats=2)
-            timed(torch, "cupy backward, tensor cores (deterministic, opt-in)", shape, backward_flop,
-                  lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out, backend=cupy_tensor_cores),
-                  atomic)
         del q, kv, indices, out, lse, d_out
         torch.cuda.empty_cache()
     args.out.write_text(json.dumps(ROWS, indent=1) + "\n")
