@@ -4,7 +4,7 @@ CPU part: which inputs the wrapper routes to the wgmma kernel (only when chosen,
 capability 9.0, only bf16 rows of 576 with h a multiple of 64), that the host's shared memory and
 thread count are the kernel's, and that NVRTC is asked for the sm_90a architecture for this source
 alone (the options inspected through a stand-in NVRTC binding). GPU part (``@pytest.mark.gpu``,
-opting in through ``CupyBackend.hopper_forward``): against the float64 reference with the kit's
+with ``CupyBackend.hopper_forward`` set, as by default): against the float64 reference with the kit's
 bf16 tolerance on invalid indices of every kind, duplicates, topk_length with 0 and cuts inside a
 tile, attn_sink, a query without a valid slot, unread rows filled with NaN, h 64 and 128, topk 64 to
 2048, outputs poisoned with NaN; bitwise-equal reruns; one V3.2-size case; each test checks that
@@ -45,8 +45,11 @@ def test_chosen_v32_bf16_forward_on_hopper_routes_to_the_wgmma_kernel():
     assert _path(h=64) == "wgmma"
 
 
-def test_wgmma_forward_is_opt_in():
+def test_wgmma_forward_is_the_backends_default_and_can_be_turned_off(monkeypatch):
+    assert cupy_backend.CupyBackend.hopper_forward is True
     assert _path(hopper_forward=False) == "mma"
+    monkeypatch.setenv("DSA_REF_CUPY_WGMMA", "0")
+    assert cupy_backend.kernel_switch(True, "DSA_REF_CUPY_WGMMA") is False
 
 
 @pytest.mark.parametrize("changes", [
@@ -188,7 +191,7 @@ def _backend():
     if cupy_backend._compute_capability() != 90:
         pytest.skip("the wgmma forward runs on compute capability 9.0 only")
     backend.poison_outputs = True  # an element the kernel forgets to write is NaN and fails the comparison
-    backend.hopper_forward = True  # the opt-in kernel is under test here
+    backend.hopper_forward = True  # the default on Hopper; set here so the tests hold whatever the environment says
     return backend
 
 

@@ -14,7 +14,9 @@ Which kernel runs (all compute the same function; see csrc/*.cu):
   fp8, at most 256); float32 CUDA cores for float32 and for every other shape.
 * top-k: radix select, one block per row.
 * sparse MLA: tensor cores for bf16 queries with bf16 rows or the packed FP8 cache at
-  d_qk = 576, d_v = 512; float32 CUDA cores for every other shape and dtype.
+  d_qk = 576, d_v = 512 (on sm_90, bf16 rows and h a multiple of 64: Hopper's wgmma with a producer
+  warpgroup, csrc/sparse_mla_wgmma.cu; otherwise mma.sync, csrc/sparse_mla.cu); float32 CUDA cores
+  for every other shape and dtype.
 * sparse MLA backward: tensor cores (csrc/sparse_mla_backward_mma.cu) for bf16 queries and rows at
   d_qk = 576, d_v = 512 on a device with 219 KiB of shared memory per block (sm_90), row gradients
   added with fp32 atomics; float32 CUDA cores (csrc/sparse_mla_backward.cu) for every other input
@@ -80,9 +82,9 @@ class CupyBackend(Backend):
 
     #: The bf16 V3.2-width sparse-MLA forward (d_qk 576, d_v 512, bf16 rows, h a multiple of 64) on
     #: Hopper's wgmma kernel (csrc/sparse_mla_wgmma.cu, compute capability 9.0 only) instead of the
-    #: mma.sync kernel. Off until it has passed the conformance kit on a GPU (backends/cupy_cuda/
-    #: NOTES.md); set this, or DSA_REF_CUPY_WGMMA=1, to run it (DSA_REF_CUPY_WGMMA=0 turns it off).
-    hopper_forward: bool = False
+    #: mma.sync kernel: 1.09x its speed on the H200 (backends/cupy_cuda/NOTES.md). Set this to False,
+    #: or DSA_REF_CUPY_WGMMA=0, to run the mma.sync kernel on Hopper too.
+    hopper_forward: bool = True
 
     #: Candidate keys top-k keeps in shared memory (8 bytes each, with the index): about 1.5 k are
     #: taken from one read of a row; rows the sample misjudges take slower paths (see topk.cu).

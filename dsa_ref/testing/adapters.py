@@ -189,7 +189,8 @@ class FlashMLA(PeerBackend):
       log, and the peer's ``empty_lse`` (``+inf``) for a row with no valid slot becomes dsa-ref's
       ``-inf``. The defaults are what sglang-kernel 0.4.3's SM90 build returned on the H200
       (prefill base 2, decode natural log); FlashMLA's own README of 2026-09 says natural log for both;
-    * ``topk`` is padded with ``-1`` slots to a multiple of :attr:`topk_block`; invalid indices of
+    * ``topk`` is padded with ``-1`` slots to a multiple of :attr:`topk_block` (decode) or
+      :attr:`prefill_topk_block` (prefill); invalid indices of
       any value are passed as ``-1``; ``topk_length`` is passed to the prefill and applied to the
       decode as ``-1`` slots;
     * shapes: see the module's ``pad_to_kernel_shapes``.
@@ -212,6 +213,9 @@ class FlashMLA(PeerBackend):
     head_multiple: ClassVar[int] = 64
     #: Index slots per block the kernels read (FlashMLA's ``B_TOPK``).
     topk_block: ClassVar[int] = 64
+    #: The prefill kernel's topk multiple: its first phase takes two blocks at a time (sglang-kernel
+    #: 0.4.3 asserts ``params.topk % (2*B_TOPK) == 0``; measured on the H200, 2026-12-02).
+    prefill_topk_block: ClassVar[int] = 128
     #: Tokens per page of FlashMLA's decode cache.
     page_size: ClassVar[int] = 64
 
@@ -234,8 +238,11 @@ class FlashMLA(PeerBackend):
         reasons += _mla_shape_reasons(q, kv, inputs.get("d_v") or q.shape[-1], self.head_multiple,
                                       self.pad_to_kernel_shapes, "FlashMLA")
         indices = inputs.get("indices")
-        if not self.pad_to_kernel_shapes and indices is not None and indices.shape[1] % self.topk_block:
-            reasons.append(f"topk={indices.shape[1]} (FlashMLA reads indices in blocks of {self.topk_block})")
+        if not self.pad_to_kernel_shapes and indices is not None:
+            block = self.topk_block if interop.dtype_name(kv) == "uint8" else self.prefill_topk_block
+            if indices.shape[1] % block:
+                reasons.append(f"topk={indices.shape[1]} (FlashMLA's {'decode' if block == self.topk_block else 'prefill'}"
+                               f" reads indices in multiples of {block})")
         if interop.dtype_name(kv) == "uint8" and inputs.get("attn_sink") is not None:
             reasons.append("attn_sink with the FP8 decode cache (checked through the prefill only)")
         return reasons
@@ -246,11 +253,12 @@ class FlashMLA(PeerBackend):
         s_q, h, _ = q.shape
         s_kv = kv.shape[0]
         heads = _round_up(h, self.head_multiple)
+        decode = interop.dtype_name(kv) == "uint8"
         valid = _valid_slots(indices, s_kv, None)  # [s_q, topk]
-        topk = _round_up(max(indices.shape[1], 1), self.topk_block)
+        topk = _round_up(max(indices.shape[1], 1), self.topk_block if decode else self.prefill_topk_block)
         slots = torch.full((s_q, topk), -1, dtype=torch.int32, device=q.device)  # [s_q, topk]   -1: invalid
         slots[:, :indices.shape[1]] = torch.where(valid, indices, -1).to(torch.int32)
-        if interop.dtype_name(kv) == "uint8":
+        if decode:
             out, lse = self._decode(q, kv, slots, topk_length, sm_scale, heads)
             base = self.decode_lse_base
         else:
