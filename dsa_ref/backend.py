@@ -187,6 +187,13 @@ class Backend:
                                    topk_length=None, attn_sink=None)
         return out, lse, indices
 
+    def reads_pages_in_place(self, q, k_cache) -> bool:
+        """Whether :meth:`lightning_indexer_paged` runs a kernel of this backend that reads the pages
+        in place for these inputs (one launch for the batch), rather than the composed op below. A
+        decode step (:func:`dsa_ref.sparse_decode_step`) takes the paged op then; else it gathers the
+        pages itself with device indexing."""
+        return False
+
     def lightning_indexer_paged(self, q, weights, k_cache, block_table, context_lens, *, next_n: int,
                                 max_context_len: int):
         """float32 ``[b · next_n, max_context_len]``; see :func:`dsa_ref.lightning_indexer_paged`.

@@ -22,7 +22,7 @@ cost. On other arrays (NumPy: the reference path) it runs the public ops, which 
 
 from __future__ import annotations
 
-from . import _checks, interop, modes, ops
+from . import _checks, interop, modes, ops, registry
 from .backend import Backend
 from .reference.formats import KV_CACHE_FP8_BYTES, KV_LATENT_DIM, KV_ROPE_DIM
 from .reference.paged import INDEXER_SCALE_BYTES
@@ -171,16 +171,42 @@ def _torch_step(q, kv_cache, q_index, weights, index_cache, block_table, context
 def _torch_step_without_grad(torch, dsa_torch, q, kv_cache, q_index, weights, index_cache, block_table, context_lens, *,
                          topk: int, next_n: int, sm_scale: float, block_size: int, backend):
     batch, max_blocks = block_table.shape
+    table = block_table.long()  # [b, max_blocks]
+    # Score columns: every position the table can address, L = max_blocks · block_size.
+    if registry.get_backend(backend).reads_pages_in_place(q_index, index_cache):
+        scores = dsa_torch.lightning_indexer_paged(q_index, weights, index_cache, block_table, context_lens,
+                                                   next_n=next_n, backend=backend)  # [b · next_n, L]
+    else:
+        scores = _gathered_scores(torch, dsa_torch, q_index, weights, index_cache, table, context_lens,
+                                  next_n=next_n, block_size=block_size, backend=backend)  # [b · next_n, L]
+    tokens = dsa_torch.topk_indices(scores, topk, backend=backend).long()  # [b · next_n, topk]   -1 padding
+
+    # Token positions to cache slots (dsa_ref.slot_indices' rule, on the device).
+    row_table = table[:, None, :].expand(batch, next_n, max_blocks).reshape(batch * next_n, max_blocks)
+    logical_block = tokens.div(block_size, rounding_mode="floor")  # [b · next_n, topk]
+    in_table = (tokens >= 0) & (logical_block < max_blocks)  # [b · next_n, topk]
+    physical = row_table.gather(1, torch.where(in_table, logical_block, 0))  # [b · next_n, topk]
+    valid = in_table & (physical >= 0)  # [b · next_n, topk]
+    slots = torch.where(valid, physical * block_size + tokens % block_size, -1).to(torch.int32)  # [b · next_n, topk]
+
+    out, lse = dsa_torch.sparse_mla(q, kv_cache, slots, sm_scale=sm_scale, d_v=KV_LATENT_DIM, backend=backend)
+    return out, lse, slots
+
+
+def _gathered_scores(torch, dsa_torch, q_index, weights, index_cache, table, context_lens, *, next_n: int,
+                     block_size: int, backend):
+    """The step's indexer scores ``[b · next_n, L]`` for a backend whose paged op is composed: the keys
+    gathered out of the pages with torch indexing, one dense indexer call per sequence (device work
+    only: nothing is read on the host, so a CUDA graph can capture it)."""
+    batch, max_blocks = table.shape
     num_blocks, d_i = index_cache.shape[0], q_index.shape[2]
-    length = max_blocks * block_size  # score columns: every position the table can address
+    length = max_blocks * block_size
     device = q_index.device
     context_lens = context_lens.long().clamp(next_n, max(next_n, length))  # [b]   clamped, not checked
-
-    # The indexer keys of every sequence, gathered out of the pages: slot (block, offset) of a block's
-    # values is bytes [offset · d_i, (offset + 1) · d_i), of its float32 scale block_size · d_i + 4 · offset.
+    # Slot (block, offset) of a block's values is bytes [offset · d_i, (offset + 1) · d_i), of its
+    # float32 scale block_size · d_i + 4 · offset.
     position = torch.arange(length, device=device)  # [L]
     offset = position % block_size  # [L]
-    table = block_table.long()  # [b, max_blocks]
     block = table[:, position // block_size]  # [b, L]
     present = (block >= 0) & (block < num_blocks)  # [b, L]   a block of the cache
     block = torch.where(present, block, 0)  # [b, L]   absent tokens read block 0, then score -inf
@@ -199,19 +225,7 @@ def _torch_step_without_grad(torch, dsa_torch, q, kv_cache, q_index, weights, in
                                     backend=backend)  # [next_n, L]
         for sequence in range(batch)])  # [b · next_n, L]
     row_present = present[:, None, :].expand(batch, next_n, length).reshape(batch * next_n, length)  # [b · next_n, L]
-    scores = scores.masked_fill(~row_present, float("-inf"))
-    tokens = dsa_torch.topk_indices(scores, topk, backend=backend).long()  # [b · next_n, topk]   -1 padding
-
-    # Token positions to cache slots (dsa_ref.slot_indices' rule, on the device).
-    row_table = table[:, None, :].expand(batch, next_n, max_blocks).reshape(batch * next_n, max_blocks)
-    logical_block = tokens.div(block_size, rounding_mode="floor")  # [b · next_n, topk]
-    in_table = (tokens >= 0) & (logical_block < max_blocks)  # [b · next_n, topk]
-    physical = row_table.gather(1, torch.where(in_table, logical_block, 0))  # [b · next_n, topk]
-    valid = in_table & (physical >= 0)  # [b · next_n, topk]
-    slots = torch.where(valid, physical * block_size + tokens % block_size, -1).to(torch.int32)  # [b · next_n, topk]
-
-    out, lse = dsa_torch.sparse_mla(q, kv_cache, slots, sm_scale=sm_scale, d_v=KV_LATENT_DIM, backend=backend)
-    return out, lse, slots
+    return scores.masked_fill(~row_present, float("-inf"))
 
 
 __all__ = ["sparse_decode_step"]

@@ -76,7 +76,7 @@ class CupyBackend(Backend):
 
     #: Deterministic mode's sparse-MLA backward on the tensor-core kernels (row gradients stored, then
     #: summed per row in a sorted order) instead of the float32 kernels, for the inputs the default's
-    #: tensor-core kernel takes: 21x the float32 kernels on the H200 (backends/cupy_cuda/NOTES.md). Set
+    #: tensor-core kernel takes: 43-45x the float32 kernels on the H200 (backends/cupy_cuda/NOTES.md). Set
     #: this to False, or DSA_REF_CUPY_DETERMINISTIC_MMA=0, to run the float32 kernels.
     deterministic_tensor_cores: bool = True
 

@@ -146,6 +146,23 @@ class TritonBackend(Backend):
         q, k = _common_dot_dtype(q, k)
         return indexer.lightning_indexer(q, weights, k, _ranges(key_start), _ranges(key_end), _scale(k_scale))
 
+    def reads_pages_in_place(self, q, k_cache) -> bool:
+        from . import indexer_paged
+
+        return not indexer_paged.paged_indexer_reasons(q, k_cache)
+
+    def lightning_indexer_paged(self, q, weights, k_cache, block_table, context_lens, *, next_n: int,
+                                max_context_len: int):
+        """The paged kernel (:mod:`.indexer_paged`: one launch for the batch, pages read in place) for
+        e4m3 queries; the composed op (a dense indexer launch per sequence) for the other dtypes."""
+        from . import indexer_paged
+
+        if self.reads_pages_in_place(q, k_cache):
+            return indexer_paged.lightning_indexer_paged(q, weights, k_cache, block_table, context_lens,
+                                                         int(next_n), int(max_context_len))
+        return super().lightning_indexer_paged(q, weights, k_cache, block_table, context_lens, next_n=next_n,
+                                               max_context_len=max_context_len)
+
     def topk_indices(self, scores, topk: int):
         from . import topk as topk_kernel
 

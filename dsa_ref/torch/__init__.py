@@ -6,7 +6,8 @@
 * :func:`indexer_loss` — eqs. (3)-(4), differentiable with respect to the indexer's ``q_index``,
   ``weights`` and ``k_index``; the target is a constant;
 * :func:`attention_target` — the paper's target ``p`` (no gradient: it is a constant of the loss);
-* :func:`lightning_indexer`, :func:`topk_indices` — the selection itself (no gradient).
+* :func:`lightning_indexer`, :func:`topk_indices` — the selection itself (no gradient);
+  :func:`lightning_indexer_paged` — the decode step's scores over a paged fp8 key cache.
 * :class:`DSAAttention` — the whole DeepSeek-V3.2 attention layer as an ``nn.Module`` on these ops
   (prefill and training: the indexer's loss beside the output).
 
@@ -23,7 +24,8 @@ imports torch.
 """
 
 from .layer import DSAAttention
-from .ops import attention_target, dsa_attention, indexer_loss, lightning_indexer, sparse_mla, topk_indices
+from .ops import (attention_target, dsa_attention, indexer_loss, lightning_indexer, lightning_indexer_paged, sparse_mla,
+                  topk_indices)
 
-__all__ = ["DSAAttention", "attention_target", "dsa_attention", "indexer_loss", "lightning_indexer", "sparse_mla",
-           "topk_indices"]
+__all__ = ["DSAAttention", "attention_target", "dsa_attention", "indexer_loss", "lightning_indexer",
+           "lightning_indexer_paged", "sparse_mla", "topk_indices"]

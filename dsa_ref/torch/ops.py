@@ -361,6 +361,52 @@ def topk_indices(scores: Tensor, topk: int, *, backend=None) -> Tensor:
     return _topk_indices(scores.detach(), int(topk), _backend_name(backend))
 
 
+def _lightning_indexer_paged_forward(q, weights, k_cache, block_table, context_lens, next_n: int,
+                                     max_context_len: int, backend_name: str):
+    inputs = dict(q=q, weights=weights, k_cache=k_cache, block_table=block_table, context_lens=context_lens,
+                  next_n=next_n, max_context_len=max_context_len)
+
+    def check():
+        with modes.use_data_checks(False):
+            checked._check_paged_indexer_inputs(q, weights, k_cache, block_table, context_lens, next_n,
+                                                max_context_len)
+        _run_checks(backend_name, "lightning_indexer_paged", inputs)
+
+    backend, seen = _accepted("lightning_indexer_paged", backend_name, inputs, check)
+    # Context lengths clamped on the device, never read (as the checks do with data checks off).
+    capacity = block_table.shape[1] * (k_cache.shape[1] // (q.shape[-1] + 4))
+    inputs["context_lens"] = context_lens.clamp(next_n, max(next_n, min(capacity, max_context_len)))
+    return _fresh(_run(backend, "lightning_indexer_paged", q, checked_signature=seen, **inputs), q)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::lightning_indexer_paged", mutates_args=())
+def _lightning_indexer_paged(q: Tensor, weights: Tensor, k_cache: Tensor, block_table: Tensor,
+                             context_lens: Tensor, next_n: int, max_context_len: int, backend: str) -> Tensor:
+    return _lightning_indexer_paged_forward(q, weights, k_cache, block_table, context_lens, next_n,
+                                            max_context_len, backend)
+
+
+@_lightning_indexer_paged.register_fake
+def _(q, weights, k_cache, block_table, context_lens, next_n, max_context_len, backend):
+    with modes.use_data_checks(False):
+        checked._check_paged_indexer_inputs(q, weights, k_cache, block_table, context_lens, next_n, max_context_len)
+    return q.new_empty((q.shape[0], max_context_len), dtype=_result_dtype(q))
+
+
+def lightning_indexer_paged(q: Tensor, weights: Tensor, k_cache: Tensor, block_table: Tensor, context_lens: Tensor,
+                            *, next_n: int = 1, max_context_len: Optional[int] = None, backend=None) -> Tensor:
+    """Index scores of a decode step over a paged fp8 key cache, :func:`dsa_ref.lightning_indexer_paged`
+    as a torch op (no gradient; no host synchronization: ``context_lens`` are clamped on the device
+    into ``[next_n, max_blocks * block_size]``, never read)."""
+    if max_context_len is None:
+        max_context_len = block_table.shape[1] * (k_cache.shape[1] // (q.shape[-1] + 4))
+    args = (q.detach(), weights.detach(), k_cache, block_table, context_lens, int(next_n), int(max_context_len),
+            _backend_name(backend))
+    if _eager(*args[:5]):
+        return _lightning_indexer_paged_forward(*args)
+    return _lightning_indexer_paged(*args)
+
+
 # ---------------------------------------------------------------------------- DSA attention
 @torch.library.custom_op(f"{_NAMESPACE}::dsa_attention", mutates_args=())
 def _dsa_attention(q: Tensor, kv: Tensor, q_index: Tensor, weights: Tensor, k_index: Tensor, key_start: Tensor,
