@@ -267,7 +267,7 @@ class FlashMLA(PeerBackend):
             if attn_sink is not None:
                 sink = torch.zeros(heads, dtype=torch.float32, device=q.device)
                 sink[:h] = attn_sink.float()
-            length = None if topk_length is None else topk_length.to(torch.int32)
+            length = None if topk_length is None else topk_length.to(torch.int32).contiguous()  # the peer asserts it
             out, _max_logits, lse = self._function("flash_mla_sparse_fwd")(
                 q_wide, kv_wide[:, None, :], slots[:, None, :], sm_scale, LATENT_DIM, sink, length)
             base = self.prefill_lse_base
