@@ -222,7 +222,11 @@ class TritonBackend(Backend):
 
 def forward_kernel(hopper_forward: bool, q, kv, d_v: int, indices, topk_length, attn_sink) -> str:
     """``"gluon"`` when the Hopper forward is chosen and covers these inputs, else ``"tl"``."""
-    if not hopper_forward:
+    import torch
+
+    # The dtypes first: they rule out the FP8 decode cache and the other dtypes in two attribute reads,
+    # where the full list of reasons costs tens of microseconds a call.
+    if not hopper_forward or q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
         return "tl"
     from .sparse_mla_gluon import gluon_applies
 
