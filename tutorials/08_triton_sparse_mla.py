@@ -225,6 +225,95 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
+# ## What the Hopper kernel adds
+#
+# The kernel read above runs on every GPU and on the interpreter. On Hopper (sm_90), for the
+# V3.2 shape, the backend runs a second one by default: `sparse_mla_gluon.py`, written in Gluon
+# (`triton.experimental.gluon`, Triton's lower-level dialect, against the API of Triton 3.6). In
+# Gluon a kernel states where each tile lives (registers or shared memory, in which layout) and
+# which instruction multiplies it; with `tl.dot` the compiler decides.
+#
+# **What limits the `tl.dot` kernel.** Each program keeps the `[64, 512]` float32 accumulator,
+# the q tile and the gathered rows in registers. Compiled for sm_90 it uses 255 registers, the
+# most a thread can have, and spills the rest to local memory, which every tile writes and reads
+# again (`backends/torch_triton/NOTES.md`, version 1). The other `tl.dot` tilings that were tried
+# spilled more or ran slower.
+#
+# **What the Gluon kernel does instead.** A program is still one query and 64 heads, on 8 warps
+# = two warpgroups, but every operand the tensor cores read lives in shared memory:
+#
+# - Q (`[64, 512]` + `[64, 64]` bf16) is loaded once into shared memory: 72 KiB.
+# - The gathered rows go to two shared-memory buffers, filled with 16-byte `cp.async` copies
+#   issued by every thread (an invalid slot is masked: its copy reads nothing and fills zeros).
+#   The copies of the next tile travel while this one is computed.
+# - $S = QK^\top$ runs on `warpgroup_mma` (wgmma) with both operands in shared memory. The two
+#   warpgroups split the tile's 64 slots (32 each), so S is computed once.
+# - P (bf16) is exchanged through 8 KiB of shared memory: each warpgroup writes its half of the
+#   columns, and both read all of P as the A operand of $O \mathrel{+}= PV$.
+# - For $O \mathrel{+}= PV$ the two warpgroups split d_v: each owns 256 columns of O, 128 float32
+#   accumulator registers a thread. Only this accumulator and the score tile stay in registers.
+#
+# In all: 224 KiB of shared memory, 255 registers, and no spills.
+#
+# **Measured** on one H200 (2026-12-02, torch 2.11.0+cu130, triton 3.6.0; S 4096, SKV 8192,
+# top-k 2048, bf16, FLOP $= 2 \cdot S \cdot h \cdot \mathrm{topk} \cdot (576 + 512)$), in TFLOP/s:
+#
+# | run | h | `tl.dot` kernel | Gluon kernel | FlashMLA (SM90, sglang-kernel 0.4.3) |
+# | --- | ---: | ---: | ---: | ---: |
+# | SKV 8192 | 64 | 258.4 | 325.4 (1.26x) | |
+# | SKV 8192 | 128 | 263.9 | 334.5 (1.27x) | |
+# | another process, beside FlashMLA, SKV 8192 | 128 | | 333.2 (0.52x FlashMLA) | 641.2 |
+# | the same, SKV 32768 | 128 | | 332.6 (0.54x FlashMLA) | 619.0 |
+#
+# So the kernel is faster than the `tl.dot` one by a quarter, and about half as fast as
+# FlashMLA. What FlashMLA's kernel does that this one does not yet, as listed among the next
+# steps of `NOTES.md` (version 6): producer warps that gather the rows with mbarrier-completed
+# copies, instead of every thread issuing `cp.async` and the CTA-wide barriers that follow; more
+# pipeline stages (a third buffer of rows does not fit beside Q in 224 KiB); and P kept in
+# registers instead of the round trip through shared memory. Which of these limits the kernel
+# has not been profiled yet.
+#
+# **When it runs.** The `triton` backend runs the Gluon kernel for the inputs it covers (bf16 q
+# and rows, d_qk 576, d_v 512, h a multiple of 64, an sm_90 GPU, Triton 3.6) and the `tl.dot`
+# kernel everywhere else, the interpreter included. `TritonBackend.hopper_forward = False`, or
+# `DSA_REF_TRITON_GLUON=0` in the environment, selects the `tl.dot` kernel everywhere. At the
+# module level, `sparse_mla(..., kernel="gluon")` or `kernel="tl"` picks one (`"tl"` by default;
+# `"gluon"` raises `ValueError` with the reasons when it does not apply). Gluon kernels do not
+# run on the interpreter, so here `gluon_applies` only lists why the kernel does not apply, for
+# the tutorial's inputs and for bf16 inputs with 64 heads; on a Hopper GPU the cell runs the
+# kernel against the reference.
+
+# %%
+from dsa_ref_backends import kernel_switch
+from dsa_ref_backends.torch_triton import sparse_mla_gluon
+from dsa_ref_backends.torch_triton.backend import forward_kernel
+
+q_h64 = rng.standard_normal((s_q, 64, d_qk)).astype(np.float32).astype(ml_dtypes.bfloat16)
+from_bf16 = lambda array: torch.from_numpy(array.astype(np.float32)).to(device, torch.bfloat16)  # noqa: E731 (exact)
+indices_t = to_torch(indices)
+hopper_forward = kernel_switch(TritonBackend.hopper_forward, "DSA_REF_TRITON_GLUON")  # as the backend reads it
+cases = {"the tutorial's float32 inputs, 16 heads": (to_torch(q), to_torch(kv)),
+         "bf16 inputs, 64 heads": (from_bf16(q_h64), from_bf16(kv_bf16))}
+for label, (q_t, kv_t) in cases.items():
+    reasons = sparse_mla_gluon.gluon_applies(q_t, kv_t, d_v, indices_t)
+    chosen = forward_kernel(hopper_forward, q_t, kv_t, d_v, indices_t, None, None)
+    print(f"{label}: the backend runs the {chosen!r} kernel")
+    for reason in reasons:
+        print("   not Gluon:", reason)
+    assert (chosen == "gluon") == (hopper_forward and not reasons)
+
+q_gluon, kv_gluon = cases["bf16 inputs, 64 heads"]
+reasons = sparse_mla_gluon.gluon_applies(q_gluon, kv_gluon, d_v, indices_t)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    assert any("TRITON_INTERPRET" in reason for reason in reasons)
+if torch.cuda.is_available() and not reasons:  # a Hopper GPU: run it
+    gluon_out, gluon_lse = kernels.sparse_mla(q_gluon, kv_gluon, indices_t, sm_scale, d_v, kernel="gluon")
+    h64_reference, _ = dsa_ref.reference.sparse_mla(q_h64, kv_bf16, indices, sm_scale=sm_scale, d_v=d_v)
+    print(assert_close(gluon_out.cpu().numpy(), h64_reference, tolerance_for("bfloat16"),
+                       name="Gluon kernel vs reference"))
+    assert np.all(gluon_out[2].cpu().numpy() == 0) and bool(torch.isneginf(gluon_lse[2]).all())  # the empty row
+
+# %% [markdown]
 # On a GPU the same cells run the compiled kernel. To see how fast it is, and against what
 # ceilings, read the [benchmarks](../../results/benchmarks/). Next:
 # [when DSA pays](09_cost_model.py).
