@@ -7,8 +7,8 @@
 #   sanitize     compute-sanitizer memcheck and racecheck on small cases of the training kernels
 #   bench        dsa-ref bench --cases training,host on both backends
 #   peers        TileLang's sparse MLA backward beside ours (needs tilelang installed, TL_EXAMPLES)
-#   opt-in       the kernels written but not yet the default (Gluon forward, cupy deterministic tensor-core
-#                backward, cupy wgmma forward): their GPU tests, compute-sanitizer on them, and
+#   opt-in       the kernels newest on the GPU (Gluon forward, cupy deterministic tensor-core
+#                backward, cupy wgmma forward, both paged indexers): their GPU tests, compute-sanitizer on them, and
 #                tools/opt_in_bench.py beside the defaults they would replace
 # Writes OUT_DIR/training_check.log, junit XML files, bench/ and peers_training.json.
 # Run "tests" and "conformance" in calls of their own: each takes most of a call's ten minutes, and
@@ -76,7 +76,7 @@ if has peers; then
 fi
 if has opt-in; then
   step "opt-in kernels: GPU tests, sanitizers, timings beside the defaults"
-  OPT_IN_TESTS=$(ls tests/test_triton_gluon.py tests/test_cupy_backward_mma.py tests/test_cupy_wgmma.py 2>/dev/null)
+  OPT_IN_TESTS=$(ls tests/test_triton_gluon.py tests/test_cupy_backward_mma.py tests/test_cupy_wgmma.py tests/test_cupy_paged_indexer.py tests/test_triton_paged_indexer.py 2>/dev/null)
   # shellcheck disable=SC2086
   timeout 240 python3 -m pytest -v -p no:cacheprovider -n 4 -m gpu -rfE --tb=short $OPT_IN_TESTS \
     >"$OUT/opt_in_tests.log" 2>&1

@@ -86,6 +86,12 @@ class CupyBackend(Backend):
     #: or DSA_REF_CUPY_WGMMA=0, to run the mma.sync kernel on Hopper too.
     hopper_forward: bool = True
 
+    #: The decode step's indexer over a paged fp8 key cache on one launch for the batch
+    #: (``indexer_paged_mma`` in csrc/indexer.cu: the keys read out of their pages in place) instead
+    #: of one dense launch per sequence. Off until it has run on a GPU (backends/cupy_cuda/NOTES.md);
+    #: set this, or DSA_REF_CUPY_PAGED_INDEXER=1, to run it.
+    paged_indexer_kernel: bool = False
+
     #: Candidate keys top-k keeps in shared memory (8 bytes each, with the index): about 1.5 k are
     #: taken from one read of a row; rows the sample misjudges take slower paths (see topk.cu).
     #: Tests lower it to run those paths.
@@ -194,17 +200,10 @@ class CupyBackend(Backend):
         dims_multiple = 32 if q_dtype == "float8_e4m3fn" else 16
         if elem is not None and q_dtype == k_dtype and 0 < h_i <= 64 and d_i % dims_multiple == 0 and d_i <= 256:
             m_tiles = (h_i + 15) // 16
-            if elem == kernels.ELEM_E4M3:  # widened to f16 with permuted dims (indexer.cu)
-                table = _on_device("e4m3_to_f16", device_id)
-                order = _permutation_on_device(d_i, device_id)
-                q = table[q.view(cupy.uint8)[..., order]]
-            k_bytes = 1 if elem == kernels.ELEM_E4M3 else 2
-            smem = 2 * m_tiles * 16 * (2 * d_i + 16) + 2 * 128 * (k_bytes * d_i + 16) + 2 * m_tiles * 16 * 4
-            n_tiles = (s_kv + 127) // 128
-            groups = (s_q + 1) // 2
-            target_blocks = 8 * _multiprocessors()
-            tiles_per_block = min(n_tiles, max(1, min(16, math.ceil(n_tiles * groups / target_blocks))))
-            grid = (groups, (n_tiles + tiles_per_block - 1) // tiles_per_block)
+            if elem == kernels.ELEM_E4M3:
+                q = _widened_e4m3_queries(q, d_i, device_id)
+            smem, grid, tiles_per_block = _indexer_mma_plan(m_tiles, d_i, 1 if elem == kernels.ELEM_E4M3 else 2,
+                                                            s_kv, (s_q + 1) // 2)
             function = kernels.kernel("indexer.cu", f"indexer_mma<{elem}, {m_tiles}>", device_id, smem)
             function(grid, (256,), (q, weights, k, _nullable(k_scale), key_start, key_end, scores, np.int32(s_q),
                                     np.int32(h_i), np.int32(s_kv), np.int32(d_i), np.int32(tiles_per_block)),
@@ -215,6 +214,46 @@ class CupyBackend(Backend):
         function = kernels.kernel("indexer.cu", "indexer_simt", device_id, smem)
         function((s_q, (s_kv + 127) // 128), (128,), (q32, weights, k32, _nullable(k_scale), key_start, key_end, scores,
                                                       np.int32(h_i), np.int32(s_kv), np.int32(d_i)),
+                 shared_mem=smem)
+        return scores
+
+    def reads_pages_in_place(self, q, k_cache) -> bool:
+        if not kernel_switch(self.paged_indexer_kernel, "DSA_REF_CUPY_PAGED_INDEXER"):
+            return False
+        h_i, d_i = int(q.shape[1]), int(q.shape[2])
+        return logical_dtype(q) == "float8_e4m3fn" and 0 < h_i <= 64 and d_i % 32 == 0 and d_i <= 256
+
+    def lightning_indexer_paged(self, q, weights, k_cache, block_table, context_lens, *, next_n: int,
+                                max_context_len: int):
+        """``indexer_paged_mma`` (one launch for the batch) where :meth:`reads_pages_in_place`; the
+        composed op (a dense launch per sequence) otherwise."""
+        if not self.reads_pages_in_place(q, k_cache):
+            return super().lightning_indexer_paged(q, weights, k_cache, block_table, context_lens, next_n=next_n,
+                                                   max_context_len=max_context_len)
+        import cupy
+
+        q, k_cache = self._native(q), cupy.ascontiguousarray(self._native(k_cache))
+        weights = cupy.ascontiguousarray(_to_float32(self._native(weights), logical_dtype(self._native(weights))))
+        rows, h_i, d_i = (int(n) for n in q.shape)
+        num_blocks, batch, next_n = int(k_cache.shape[0]), int(context_lens.shape[0]), int(next_n)
+        block_size = int(k_cache.shape[1]) // (d_i + 4)
+        table = self._native(block_table)
+        # Entries outside the cache hold no key; narrowed to int32 only after that (a wide entry must
+        # not wrap onto a real block).
+        table = cupy.ascontiguousarray(cupy.where((table < 0) | (table >= num_blocks), -1, table).astype(cupy.int32))
+        lens = cupy.ascontiguousarray(self._native(context_lens).astype(cupy.int32))
+        scores = self._empty((rows, int(max_context_len)), cupy.float32)
+        if rows == 0 or max_context_len == 0:
+            return scores
+        device_id = q.device.id
+        m_tiles = (h_i + 15) // 16
+        parts = (next_n + 1) // 2  # two queries of a sequence per block
+        smem, grid, tiles_per_block = _indexer_mma_plan(m_tiles, d_i, 1, int(max_context_len), batch * parts)
+        function = kernels.kernel("indexer.cu", f"indexer_paged_mma<{m_tiles}>", device_id, smem)
+        function(grid, (256,), (_widened_e4m3_queries(q, d_i, device_id), weights, k_cache, table, lens, scores,
+                                np.int32(num_blocks), np.int32(table.shape[1]), np.int32(block_size),
+                                np.int32(next_n), np.int32(max_context_len), np.int32(h_i), np.int32(d_i),
+                                np.int32(tiles_per_block)),
                  shared_mem=smem)
         return scores
 
@@ -591,6 +630,23 @@ def _permutation_on_device(d_i: int, device_id: int):
 
     with cupy.cuda.Device(device_id):
         return cupy.asarray(kernels.query_permutation(d_i))
+
+
+def _widened_e4m3_queries(q, d_i: int, device_id: int):
+    """e4m3 indexer queries as f16 with their dims permuted as indexer.cu's fp8 B fragments hold them."""
+    import cupy
+
+    return _on_device("e4m3_to_f16", device_id)[q.view(cupy.uint8)[..., _permutation_on_device(d_i, device_id)]]
+
+
+def _indexer_mma_plan(m_tiles: int, d_i: int, key_bytes: int, columns: int, groups: int):
+    """``(shared memory, grid, tiles_per_block)`` of the tensor-core indexer kernels: the block's two
+    queries' head rows and a double-buffered tile of 128 keys in shared memory, and runs of key tiles
+    long enough that the grid holds about 8 blocks per SM (at most 16 tiles a block)."""
+    smem = 2 * m_tiles * 16 * (2 * d_i + 16) + 2 * 128 * (key_bytes * d_i + 16) + 2 * m_tiles * 16 * 4
+    n_tiles = (columns + 127) // 128
+    tiles_per_block = min(n_tiles, max(1, min(16, math.ceil(n_tiles * groups / (8 * _multiprocessors())))))
+    return smem, (groups, (n_tiles + tiles_per_block - 1) // tiles_per_block), tiles_per_block
 
 
 def _nullable(x):

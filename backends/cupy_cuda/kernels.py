@@ -25,7 +25,8 @@ ELEM_BF16, ELEM_F16, ELEM_E4M3 = 0, 1, 2
 #: name expressions NVRTC is given; names without ``<`` are ``extern "C"`` kernels.
 KERNELS: dict[str, tuple[str, ...]] = {
     "indexer.cu": tuple(f"indexer_mma<{elem}, {m_tiles}>" for elem in (ELEM_BF16, ELEM_F16, ELEM_E4M3)
-                        for m_tiles in (1, 2, 3, 4)) + ("indexer_simt",),
+                        for m_tiles in (1, 2, 3, 4))
+                  + tuple(f"indexer_paged_mma<{m_tiles}>" for m_tiles in (1, 2, 3, 4)) + ("indexer_simt",),
     "topk.cu": ("topk_select",),
     "sparse_mla.cu": ("sparse_mla_fwd_mma<false>", "sparse_mla_fwd_mma<true>", "sparse_mla_fwd_simt"),
     "sparse_mla_backward.cu": ("sparse_mla_bwd_query_simt", "sparse_mla_bwd_dkv_simt", "attention_probs_simt"),

@@ -16,7 +16,14 @@
 // 2t+9 hold dims 4t, 4t+1, 4t+2, 4t+3. The queries are widened to f16 on the host with their
 // dims permuted the same way (see QUERY_PERMUTATION in kernels.py), so that A and B agree on
 // which dim sits in which slot: a dot product does not care about the order of its terms.
+// * indexer_paged_mma<M_TILES>: the same tiles for a decode step over a paged fp8 key cache
+//   (DeepGEMM's layout: per block, block_size keys of d_I e4m3 bytes, then their float32 scales),
+//   one launch for the batch: block x = two queries of one sequence, the keys read out
+//   of their pages in place, query j of sequence b seeing positions [0, context_lens[b] - next_n + j].
 // * indexer_simt: float32, any shape (other dtypes are converted to float32 first).
+//
+// The two tensor-core kernels share one body (indexer_mma_tiles) and differ only in where a key
+// row, its scale and a query's visible range come from: DenseKeys and PagedKeys below.
 #include "common.cuh"
 
 using namespace dsa;
@@ -38,16 +45,57 @@ constexpr int THREADS = 256;   // 8 warps = 2 queries x 4 slices of 32 keys
 // Shared memory holds the block's queries (loaded once) and a double-buffered key tile; rows are
 // padded by 16 bytes so that the 8 rows one ldmatrix reads fall in 8 different bank groups
 // (row_bytes / 16 is even, so (row_bytes + 16) / 16 is odd).
-template <int ELEM, int M_TILES>
-__global__ void __launch_bounds__(indexer::THREADS, 2)
-indexer_mma(const u8* __restrict__ q,             // [s_q, h_i, d_i] elements of 1 or 2 bytes
-            const float* __restrict__ weights,    // [s_q, h_i]
-            const u8* __restrict__ k,             // [s_kv, d_i]
-            const float* __restrict__ k_scale,    // [s_kv] or null
-            const int* __restrict__ key_start,    // [s_q]
-            const int* __restrict__ key_end,      // [s_q]
-            float* __restrict__ scores,           // [s_q, s_kv]
-            int s_q, int h_i, int s_kv, int d_i, int tiles_per_block) {
+//
+// A key source answers, for the block's queries and for key positions: which query rows the block
+// holds, how many score columns there are, each query's visible range, where a key's row starts
+// (null: not a key, read as zeros), and the factor its score is multiplied by (0 marks no key: -inf).
+struct DenseKeys {  // keys [s_kv, d_i], ranges per query, optional per-key scales
+    const u8* k; const float* k_scale; const int* key_start; const int* key_end; int s_q, s_kv, row_bytes;
+    __device__ int first_row() const { return blockIdx.x * indexer::QUERIES; }
+    __device__ bool row_valid(int row) const { return row < s_q; }
+    __device__ int columns() const { return s_kv; }
+    __device__ int start(int row) const { return key_start[row]; }
+    __device__ int end(int row) const { return key_end[row]; }
+    __device__ const u8* key_row(int key) const { return key < s_kv ? k + (u64)key * row_bytes : nullptr; }
+    __device__ bool present(int) const { return true; }
+    __device__ float scale(int key) const { return k_scale != nullptr ? k_scale[key] : 1.0f; }
+};
+
+struct PagedKeys {  // up to QUERIES queries of one sequence of a paged fp8 cache [num_blocks, block_size * (d_i + 4)]
+    const u8* cache; const int* block_table; const int* context_lens;
+    int num_blocks, max_blocks, block_size, next_n, max_context_len, d_i;
+    // Block x = (sequence, part): the sequence's next_n queries in parts of QUERIES.
+    __device__ int parts() const { return (next_n + indexer::QUERIES - 1) / indexer::QUERIES; }
+    __device__ int sequence() const { return blockIdx.x / parts(); }
+    __device__ int first_row() const { return sequence() * next_n + (blockIdx.x % parts()) * indexer::QUERIES; }
+    __device__ bool row_valid(int row) const { return row - sequence() * next_n < next_n; }
+    __device__ int columns() const { return max_context_len; }
+    __device__ int length() const { return context_lens[sequence()]; }
+    __device__ int start(int) const { return 0; }
+    __device__ int end(int row) const { return length() - next_n + (row - sequence() * next_n) + 1; }
+    __device__ const u8* page(int key) const {  // null where the position holds no key of the cache
+        const int logical = key / block_size;
+        if (key >= length() || logical >= max_blocks) return nullptr;
+        const int block = block_table[(u64)sequence() * max_blocks + logical];
+        return block >= 0 && block < num_blocks ? cache + (u64)block * block_size * (d_i + 4) : nullptr;
+    }
+    __device__ const u8* key_row(int key) const {
+        const u8* p = page(key);
+        return p != nullptr ? p + (u64)(key % block_size) * d_i : nullptr;
+    }
+    __device__ bool present(int key) const { return page(key) != nullptr; }
+    __device__ float scale(int key) const {
+        return reinterpret_cast<const float*>(page(key) + (u64)block_size * d_i)[key % block_size];
+    }
+};
+
+template <int ELEM, int M_TILES, typename Keys>
+__device__ __forceinline__ void
+indexer_mma_tiles(const Keys& keys,
+                  const u8* __restrict__ q,             // [rows, h_i, d_i] elements of 1 or 2 bytes
+                  const float* __restrict__ weights,    // [rows, h_i]
+                  float* __restrict__ scores,           // [rows, keys.columns()]
+                  int h_i, int d_i, int tiles_per_block) {
     using namespace indexer;
     constexpr int HEAD_ROWS = M_TILES * 16;
     constexpr int K_BYTES = ELEM == ELEM_E4M3 ? 1 : 2;   // queries are always 2 bytes (fp8 ones widened)
@@ -63,15 +111,16 @@ indexer_mma(const u8* __restrict__ q,             // [s_q, h_i, d_i] elements of
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int group_id = lane >> 2, lane_in_group = lane & 3;
     const int query_in_block = warp >> 2, key_slice = warp & 3;
-    const int query0 = blockIdx.x * QUERIES;
+    const int query0 = keys.first_row();
     const int query = query0 + query_in_block;
+    const int s_kv = keys.columns();
 
     // Keys any query of the block can see; tiles outside get -inf without any loads.
     int block_start = 0x7fffffff, block_end = 0;
     for (int i = 0; i < QUERIES; ++i) {
-        if (query0 + i < s_q) {
-            block_start = min(block_start, key_start[query0 + i]);
-            block_end = max(block_end, key_end[query0 + i]);
+        if (keys.row_valid(query0 + i)) {
+            block_start = min(block_start, keys.start(query0 + i));
+            block_end = max(block_end, keys.end(query0 + i));
         }
     }
     const int n_tiles = (s_kv + BLOCK_N - 1) / BLOCK_N;
@@ -82,9 +131,9 @@ indexer_mma(const u8* __restrict__ q,             // [s_q, h_i, d_i] elements of
         const u32 dst = smem_u32(k_tiles + buffer * BLOCK_N * stride);
         for (int c = tid; c < BLOCK_N * chunks; c += THREADS) {
             const int row = c / chunks, chunk = c - row * chunks;
-            const int key = tile * BLOCK_N + row;
-            const bool valid = key < s_kv;
-            cp_async_16(dst + row * stride + chunk * 16, k + (valid ? (u64)key * row_bytes + chunk * 16 : 0), valid);
+            const u8* key_row = keys.key_row(tile * BLOCK_N + row);
+            const bool valid = key_row != nullptr;
+            cp_async_16(dst + row * stride + chunk * 16, valid ? key_row + chunk * 16 : q, valid);
         }
     };
 
@@ -92,19 +141,20 @@ indexer_mma(const u8* __restrict__ q,             // [s_q, h_i, d_i] elements of
     for (int c = tid; c < QUERIES * HEAD_ROWS * q_chunks; c += THREADS) {
         const int row = c / q_chunks, chunk = c - row * q_chunks;
         const int i = row / HEAD_ROWS, head = row - i * HEAD_ROWS;
-        const bool valid = query0 + i < s_q && head < h_i;
+        const bool valid = keys.row_valid(query0 + i) && head < h_i;
         const u8* src = q + (valid ? ((u64)(query0 + i) * h_i + head) * q_row_bytes + chunk * 16 : 0);
         cp_async_16(smem_u32(q_tile + row * q_stride + chunk * 16), src, valid);
     }
     for (int r = tid; r < QUERIES * HEAD_ROWS; r += THREADS) {
         const int i = r / HEAD_ROWS, head = r - i * HEAD_ROWS;
-        w_tile[r] = (query0 + i < s_q && head < h_i) ? weights[(u64)(query0 + i) * h_i + head] : 0.0f;
+        w_tile[r] = (keys.row_valid(query0 + i) && head < h_i) ? weights[(u64)(query0 + i) * h_i + head] : 0.0f;
     }
     if (first_tile < last_tile && tile_active(first_tile)) load_keys(first_tile, 0);
     cp_async_commit();
 
-    const int my_start = query < s_q ? key_start[query] : 0;
-    const int my_end = query < s_q ? key_end[query] : 0;
+    const bool my_row_valid = keys.row_valid(query);
+    const int my_start = my_row_valid ? keys.start(query) : 0;
+    const int my_end = my_row_valid ? keys.end(query) : 0;
     // ldmatrix lane addressing: A = this warp's query rows, B = this warp's 32 keys.
     const int a_row = query_in_block * HEAD_ROWS + (lane & 7) + (((lane >> 3) & 1) << 3);
     const int a_chunk = lane >> 4;
@@ -200,14 +250,46 @@ indexer_mma(const u8* __restrict__ q,             // [s_q, h_i, d_i] elements of
                 if (v == group_id) my_score = head_sum[v];  // a select chain, no dynamic register index
         }
         const int key = key_base + 8 * (group_id >> 1) + 2 * lane_in_group + (group_id & 1);
-        if (query < s_q && key < s_kv) {
+        if (my_row_valid && key < s_kv) {
             float value = DSA_NEG_INF;
-            if (key >= my_start && key < my_end) value = k_scale != nullptr ? my_score * k_scale[key] : my_score;
+            if (key >= my_start && key < my_end && keys.present(key)) value = my_score * keys.scale(key);
             scores[(u64)query * s_kv + key] = value;
         }
         __syncthreads();  // the key buffer just read is refilled next iteration
     }
     cp_async_wait<0>();
+}
+
+template <int ELEM, int M_TILES>
+__global__ void __launch_bounds__(indexer::THREADS, 2)
+indexer_mma(const u8* __restrict__ q,             // [s_q, h_i, d_i] elements of 1 or 2 bytes
+            const float* __restrict__ weights,    // [s_q, h_i]
+            const u8* __restrict__ k,             // [s_kv, d_i]
+            const float* __restrict__ k_scale,    // [s_kv] or null
+            const int* __restrict__ key_start,    // [s_q]
+            const int* __restrict__ key_end,      // [s_q]
+            float* __restrict__ scores,           // [s_q, s_kv]
+            int s_q, int h_i, int s_kv, int d_i, int tiles_per_block) {
+    const int row_bytes = d_i * (ELEM == ELEM_E4M3 ? 1 : 2);
+    const DenseKeys keys{k, k_scale, key_start, key_end, s_q, s_kv, row_bytes};
+    indexer_mma_tiles<ELEM, M_TILES>(keys, q, weights, scores, h_i, d_i, tiles_per_block);
+}
+
+// Grid: x = sequences x ceil(next_n / QUERIES) parts, y = runs of `tiles_per_block` tiles of 128
+// positions of max_context_len. q: the f16-widened e4m3 queries, as for indexer_mma<ELEM_E4M3, .>.
+template <int M_TILES>
+__global__ void __launch_bounds__(indexer::THREADS, 2)
+indexer_paged_mma(const u8* __restrict__ q,              // [b * next_n, h_i, d_i] f16 (widened e4m3)
+                  const float* __restrict__ weights,     // [b * next_n, h_i]
+                  const u8* __restrict__ cache,          // [num_blocks, block_size * (d_i + 4)]
+                  const int* __restrict__ block_table,   // [b, max_blocks]
+                  const int* __restrict__ context_lens,  // [b], in [next_n, max_blocks * block_size]
+                  float* __restrict__ scores,            // [b * next_n, max_context_len]
+                  int num_blocks, int max_blocks, int block_size, int next_n, int max_context_len,
+                  int h_i, int d_i, int tiles_per_block) {
+    const PagedKeys keys{cache, block_table, context_lens, num_blocks, max_blocks, block_size, next_n,
+                         max_context_len, d_i};
+    indexer_mma_tiles<ELEM_E4M3, M_TILES>(keys, q, weights, scores, h_i, d_i, tiles_per_block);
 }
 
 // float32 path. Grid: x = queries, y = blocks of 128 keys; one thread per key. The query's
