@@ -1,0 +1,59 @@
+#!/bin/sh
+# Nsight Compute profiles of the Hopper kernels at the V3.2 prefill shape (S 4096, SKV 8192, h 128,
+# topk 2048, bf16), one launch each, for the limits the NOTES.md files name but have not measured:
+#   sh tools/ncu_kernels.sh OUT_DIR [KERNELS]
+# KERNELS: comma-separated subset of gluon (Triton's Gluon forward), wgmma (CuPy's wgmma forward),
+# mma (CuPy's mma.sync forward, for comparison), paged (Triton's paged indexer at b 64, T 128K).
+# Sections: speed of light, compute and memory workload, occupancy, warp state (stall reasons), launch
+# statistics; written as OUT_DIR/ncu_<kernel>.txt (ncu's text report); the launch profiled is the
+# second (the first compiles and warms up).
+set -u
+OUT=$1
+KERNELS=${2:-gluon,wgmma,mma,paged}
+mkdir -p "$OUT"
+SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+  --section Occupancy --section WarpStateStats --section LaunchStats --section SchedulerStats"
+
+run_one() {  # name, kernel-name regex, python snippet that launches it (after one warm-up call)
+  timeout 240 ncu --target-processes all -k "regex:$2" -s 1 -c 1 $SECTIONS python3 -c "$3" \
+    > "$OUT/ncu_$1.txt" 2>&1
+  echo "$1 rc=$?"
+  grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Stall|Issue Slot|No Eligible" \
+    "$OUT/ncu_$1.txt" | head -n 30
+}
+
+PREFILL='
+import torch, dsa_ref
+torch.manual_seed(0)
+s, s_kv, h, topk = 4096, 8192, 128, 2048
+q = torch.randn(s, h, 576, dtype=torch.bfloat16, device="cuda") / 10
+kv = torch.randn(s_kv, 576, dtype=torch.bfloat16, device="cuda") / 10
+indices = torch.randint(0, s_kv, (s, topk), dtype=torch.int32, device="cuda")
+'
+has() { case ",$KERNELS," in *",$1,"*) return 0 ;; esac; return 1; }
+if has gluon; then
+  run_one gluon "sparse_mla_gluon" "$PREFILL
+from dsa_ref_backends.torch_triton import sparse_mla
+for _ in range(2): sparse_mla.sparse_mla(q, kv, indices, 576**-0.5, 512, kernel='gluon')
+torch.cuda.synchronize()"
+fi
+if has wgmma; then
+  run_one wgmma "sparse_mla_fwd_wgmma" "$PREFILL
+for _ in range(2): dsa_ref.sparse_mla(q, kv, indices, backend='cupy')
+torch.cuda.synchronize()"
+fi
+if has mma; then
+  DSA_REF_CUPY_WGMMA=0 run_one mma "sparse_mla_fwd_mma" "$PREFILL
+for _ in range(2): dsa_ref.sparse_mla(q, kv, indices, backend='cupy')
+torch.cuda.synchronize()"
+fi
+if has paged; then
+  run_one paged "_paged_indexer_kernel" "
+import torch, dsa_ref.torch as dsa_torch
+from dsa_ref_backends.bench import decode_step_inputs
+x = decode_step_inputs(torch, 64, 131072)
+for _ in range(2):
+    dsa_torch.lightning_indexer_paged(x['q_index'], x['weights'], x['index_cache'], x['block_table'],
+                                      x['context_lens'], backend='triton')
+torch.cuda.synchronize()"
+fi
