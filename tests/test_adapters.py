@@ -43,7 +43,10 @@ def fake_flash_mla(prefill_lse_base=2, empty_lse=math.inf):
     def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk_length=None):
         assert q.dtype == torch.bfloat16 and kv.dtype == torch.bfloat16
         assert q.shape[1] % 64 == 0 and q.shape[2] == 576 and d_v == 512
-        assert kv.shape[1] == 1 and indices.shape[1] == 1 and indices.shape[2] % 64 == 0
+        # As sglang-kernel 0.4.3's SM90 build asserts (found on the H200): the prefill's topk in
+        # multiples of 2 * B_TOPK = 128, and a contiguous topk_length.
+        assert kv.shape[1] == 1 and indices.shape[1] == 1 and indices.shape[2] % 128 == 0
+        assert topk_length is None or topk_length.is_contiguous(), "topk_length must have contiguous last dimension"
         s_kv = kv.shape[0]
         selected = indices[:, 0].long()  # [s_q, topk]
         valid = (selected >= 0) & (selected < s_kv)
