@@ -230,7 +230,8 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
     ``kv`` is ``[s_kv, d_qk]`` (same dtype as ``q``) or the packed FP8 cache, uint8 ``[s_kv, 656]``.
     ``num_splits`` and ``config`` override the launch choices of :func:`sparse_mla_config` (for tuning).
     ``kernel="gluon"`` runs the Hopper kernel of :mod:`.sparse_mla_gluon` instead of this module's
-    ``tl.dot`` one (opt-in: it raises ValueError with the reasons when it does not apply).
+    ``tl.dot`` one (the backend's default on Hopper where it applies; called here directly, it raises
+    ValueError with the reasons when it does not apply).
     """
     if kernel not in SPARSE_MLA_KERNELS:
         raise ValueError(f"kernel={kernel!r} is not a valid sparse MLA kernel; available: {list(SPARSE_MLA_KERNELS)}")

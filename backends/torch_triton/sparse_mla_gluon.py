@@ -2,9 +2,10 @@
 
 Same contract as :func:`.sparse_mla.sparse_mla` (see :func:`dsa_ref.sparse_mla` for the math,
 paper eq. 2 in MQA mode), for exactly one shape family: q bf16 ``[s_q, h, 576]`` with ``h`` a
-multiple of 64, dense latent rows kv bf16 ``[s_kv, 576]``, ``d_v = 512``. It is opt-in
-(``sparse_mla.sparse_mla(..., kernel="gluon")``) and runs only on a Hopper GPU, never on the
-interpreter; :func:`gluon_applies` says why it does not apply to given inputs.
+multiple of 64, dense latent rows kv bf16 ``[s_kv, 576]``, ``d_v = 512``. The triton backend runs
+it by default for those inputs on a Hopper GPU (``TritonBackend.hopper_forward``; at the module
+level, ``sparse_mla.sparse_mla(..., kernel="gluon")``); never on the interpreter.
+:func:`gluon_applies` says why it does not apply to given inputs.
 
 Why a second kernel. The ``tl.dot`` kernel keeps the ``[64, 512]`` float32 accumulator, the q
 tile and the gathered rows in registers and spills (255 registers, ~930 bytes of stack: NOTES.md,
