@@ -143,6 +143,28 @@ def test_opcheck_every_op():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_the_paged_indexer_op_is_the_reference_and_passes_opcheck():
+    from dsa_ref.testing import problems
+
+    problem = problems.paged_indexer_problem(np.random.default_rng(2), batch=3, next_n=2, h_i=4, d_i=16,
+                                             block_size=4, max_blocks=5, unallocated_fraction=0.2,
+                                             max_context_len=True)
+    inputs = {name: torch.from_numpy(np.ascontiguousarray(value.view(np.uint8))).view(torch.float8_e4m3fn)
+              if isinstance(value, np.ndarray) and value.dtype.itemsize == 1 and value.dtype != np.uint8
+              else torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+              for name, value in problem.inputs.items()}
+    got = dt.lightning_indexer_paged(**inputs, backend="numpy")
+    np.testing.assert_array_equal(got.numpy(), reference.lightning_indexer_paged(**problem.inputs))
+    # A context length past the table's positions is clamped on the device, not read (no sync).
+    longer = dict(inputs, context_lens=inputs["context_lens"] + 1000)
+    assert dt.lightning_indexer_paged(**longer, backend="numpy").shape == got.shape
+    # (opcheck's schema test compares with arithmetic torch has no float8 kernel for: float32 queries)
+    torch.library.opcheck(torch.ops.dsa_ref.lightning_indexer_paged,
+                          (inputs["q"].float(), inputs["weights"], inputs["k_cache"], inputs["block_table"],
+                           inputs["context_lens"], 2, inputs["max_context_len"], "numpy"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_a_training_step_compiles_with_no_graph_break():
     q, kv, indices = _sparse_inputs(torch.float32)
     q.requires_grad_(True)
