@@ -232,8 +232,8 @@ class CupyBackend(Backend):
                                                    max_context_len=max_context_len)
         import cupy
 
-        q, k_cache = self._native(q), cupy.ascontiguousarray(self._native(k_cache))
-        weights = cupy.ascontiguousarray(_to_float32(self._native(weights), logical_dtype(self._native(weights))))
+        q, weights, k_cache = self._native(q), self._native(weights), cupy.ascontiguousarray(self._native(k_cache))
+        weights = cupy.ascontiguousarray(_to_float32(weights, logical_dtype(weights)))
         rows, h_i, d_i = (int(n) for n in q.shape)
         num_blocks, batch, next_n = int(k_cache.shape[0]), int(context_lens.shape[0]), int(next_n)
         block_size = int(k_cache.shape[1]) // (d_i + 4)
