@@ -38,6 +38,7 @@ CASES = {
     "three-queries-wide-result": dict(batch=2, next_n=3, h_i=8, d_i=32, block_size=8, max_blocks=4,
                                       max_context_len=True),
     "one-block": dict(batch=1, next_n=1, h_i=4, d_i=128, block_size=64, max_blocks=1),
+    "three-queries-in-two-groups": dict(batch=2, next_n=3, h_i=64, d_i=32, block_size=16, max_blocks=3),
     "many-blocks-chunks": dict(batch=2, next_n=1, h_i=32, d_i=128, block_size=64, max_blocks=20,
                                unallocated_fraction=0.1),
 }
@@ -100,11 +101,13 @@ def test_reasons_name_the_dtype_and_the_head_count():
     assert "h_i=200" in indexer_paged.paged_indexer_reasons(wide, cache)[0]
 
 
-@pytest.mark.parametrize(("h_i", "next_n", "rows"), [(64, 1, 64), (64, 2, 128), (4, 1, 16), (3, 3, 16)])
-def test_config_stacks_next_n_times_heads_rows_of_at_least_16(h_i, next_n, rows):
+@pytest.mark.parametrize(("h_i", "next_n", "rows", "groups"),
+                         [(64, 1, 64, 1), (64, 2, 128, 1), (4, 1, 16, 1), (3, 3, 16, 1), (64, 3, 128, 2),
+                          (128, 2, 128, 2)])
+def test_config_stacks_at_least_16_and_at_most_128_rows(h_i, next_n, rows, groups):
     config = indexer_paged.paged_indexer_config(h_i, 128, next_n)
     assert config["NEXT_N"] * config["HEADS"] == rows
-    assert config["NEXT_N"] >= next_n and config["HEADS"] >= h_i
+    assert config["HEADS"] >= h_i and -(-next_n // config["NEXT_N"]) == groups
 
 
 def test_the_decode_step_on_triton_scores_through_the_paged_kernel(monkeypatch):

@@ -42,9 +42,10 @@ def _paged_indexer_kernel(
 ):
     sequence = tl.program_id(0)
     chunk = tl.program_id(1)
-    # Rows of the stacked operand: row r is head (r % HEADS) of query (r // HEADS) of this sequence.
+    group = tl.program_id(2)  # queries [group * NEXT_N, (group + 1) * NEXT_N) of the sequence
+    # Rows of the stacked operand: row r is head (r % HEADS) of query group * NEXT_N + r // HEADS.
     o_r = tl.arange(0, NEXT_N * HEADS)
-    o_query = o_r // HEADS
+    o_query = group * NEXT_N + o_r // HEADS
     o_head = o_r % HEADS
     m_r = (o_query < next_n) & (o_head < h_i)
     o_row = (sequence * next_n + o_query).to(tl.int64)
@@ -56,7 +57,7 @@ def _paged_indexer_kernel(
     b_w = tl.load(p_weights + o_row * stride_w_m + o_head, mask=m_r, other=0.0).to(tl.float32)
 
     length = tl.load(p_lens + sequence).to(tl.int32)  # tokens of this sequence, this step's included
-    o_j = tl.arange(0, NEXT_N)
+    o_j = group * NEXT_N + tl.arange(0, NEXT_N)
     m_j = o_j < next_n
     last_visible = length - next_n + o_j  # [NEXT_N]   query j sees positions <= this
     p_scores_rows = p_scores + (sequence * next_n + o_j).to(tl.int64)[:, None] * stride_s_m
@@ -94,13 +95,15 @@ def _paged_indexer_kernel(
 
 
 def paged_indexer_config(h_i: int, d_i: int, next_n: int) -> dict:
-    """Block sizes: the sequence's ``next_n * H_I`` rows stacked (64 for one V3.2 query, 128 for two),
+    """Block sizes: the sequence's ``next_n * H_I`` rows stacked, at most 128 (64 for one V3.2 query,
+    128 for two; more queries are split over the grid's third axis),
     64 key positions a step, 16 steps (1024 positions) a program: at b 64 and a 128K context that is
     8192 programs, and each loads its query rows once for 16 tensor-core products. 8 warps: with 4,
     the gathered key tile's addresses push the kernel to 255 registers and spills (sm_90 compile,
     tests/test_triton_paged_indexer.py); with 8 it takes 194 (next_n 1) and 222 (next_n 2)."""
     heads = triton.next_power_of_2(max(h_i, 1))
-    next_n_padded = triton.next_power_of_2(max(next_n, 1))
+    # Queries a program stacks: all of the sequence's, up to 128 rows (more take a third grid axis).
+    next_n_padded = min(triton.next_power_of_2(max(next_n, 1)), max(1, 128 // heads))
     while next_n_padded * heads < 16:  # tl.dot takes at least 16 rows
         heads *= 2
     block_d = max(32, triton.next_power_of_2(max(d_i, 1)))  # fp8 tl.dot takes K >= 32; padding is masked
@@ -138,9 +141,8 @@ def lightning_indexer_paged(q, weights, k_cache, block_table, context_lens, next
     block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     context_lens = context_lens.contiguous()
     config = {**paged_indexer_config(h_i, d_i, next_n), **(config or {})}
-    if next_n > config["NEXT_N"]:
-        raise ValueError(f"config NEXT_N={config['NEXT_N']} must be >= next_n={next_n}")
-    grid = (batch, triton.cdiv(max_context_len, config["STEPS"] * config["BLOCK_N"]))
+    grid = (batch, triton.cdiv(max_context_len, config["STEPS"] * config["BLOCK_N"]),
+            triton.cdiv(next_n, config["NEXT_N"]))
     _paged_indexer_kernel[grid](
         q, weights, k_cache, block_table, context_lens, out,
         num_blocks, block_table.shape[1], max_context_len, h_i, d_i, next_n, block_size,
