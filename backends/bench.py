@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated case groups: ceilings,sparse_mla,indexer,topk,fused,dsa,decode,"
                              "training,host,decode_step")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    parser.add_argument("--sgl-kernel-libs", metavar="DIR", default=None,
+                        help="a folder with sglang-kernel's compiled libraries (flashmla_ops.abi3.so): FlashMLA's "
+                             "decode kernel for the decode_step group where neither flash_mla nor sgl_kernel imports")
 
 
 def _log(message: str) -> None:
@@ -667,10 +670,11 @@ def _naive_decode_step(torch, q, kv_cache, q_index, weights, index_cache, block_
     return _naive_decode(torch, q, kv_cache, torch.cat(slots), sm_scale)
 
 
-def flash_mla_sparse_decode(torch):
-    """FlashMLA's sparse FP8 decode kernel, from ``flash_mla`` or from ``sgl_kernel`` (which vendors it):
-    ``(make, name)`` with ``make(q, kv_cache, slots, block_table, context_lens, next_n)`` returning a call, or
-    ``(None, reason)`` when neither can be imported."""
+def flash_mla_sparse_decode(torch, sgl_kernel_libs: str | None = None):
+    """FlashMLA's sparse FP8 decode kernel, from ``flash_mla`` or from ``sgl_kernel`` (which vendors it), or
+    from sglang-kernel's compiled ``flashmla_ops`` library in the folder ``sgl_kernel_libs`` (loaded with
+    ``torch.ops.load_library``): ``(make, name)`` with ``make(q, kv_cache, slots, block_table, context_lens,
+    next_n)`` returning a call, or ``(None, reason)`` when none can be had."""
     reasons = []
     try:
         import flash_mla
@@ -692,7 +696,13 @@ def flash_mla_sparse_decode(torch):
     except ImportError as error:
         reasons.append(f"flash_mla not importable ({error})")
     try:
-        import sgl_kernel  # noqa: F401 - registers torch.ops.sgl_kernel
+        if sgl_kernel_libs is not None:
+            from pathlib import Path
+
+            torch.ops.load_library(str(Path(sgl_kernel_libs) / "flashmla_ops.abi3.so"))
+            sgl_kernel = None
+        else:
+            import sgl_kernel  # noqa: F401 - registers torch.ops.sgl_kernel
 
         kernel = torch.ops.sgl_kernel.sparse_decode_fwd.default
 
@@ -711,8 +721,10 @@ def flash_mla_sparse_decode(torch):
 
             return call
 
-        return make, f"FlashMLA sparse_decode_fwd (sgl_kernel {getattr(sgl_kernel, '__version__', '')})"
-    except (ImportError, AttributeError, RuntimeError) as error:
+        origin = (f"sglang-kernel's flashmla_ops from {sgl_kernel_libs}" if sgl_kernel is None
+                  else f"sgl_kernel {getattr(sgl_kernel, '__version__', '')}")
+        return make, f"FlashMLA sparse_decode_fwd ({origin})"
+    except (ImportError, AttributeError, RuntimeError, OSError) as error:
         reasons.append(f"sgl_kernel not importable or without sparse_decode_fwd ({error})")
     return None, "; ".join(reasons)
 
@@ -722,7 +734,7 @@ def _skipped(b: Bench, group: str, case: str, impl: str, reason: str) -> None:
     _log(f"  {case:<46} {impl:<28} skipped: {reason}")
 
 
-def bench_decode_step(b: Bench, backends) -> None:
+def bench_decode_step(b: Bench, backends, sgl_kernel_libs: str | None = None) -> None:
     """The whole DSA decode step (b 64, s_q 1, T 128K, h 128, topk 2048, H_I 64, d_I 128): eager through
     dsa_ref.torch and as a CUDA-graph replay, the naive PyTorch step, FlashMLA's decode kernel alone."""
     import dsa_ref
@@ -764,7 +776,7 @@ def bench_decode_step(b: Bench, backends) -> None:
     except Exception as error:  # noqa: BLE001
         b.failed("decode_step", case, "naive PyTorch step", error)
     torch.cuda.empty_cache()
-    make, name = flash_mla_sparse_decode(torch)
+    make, name = flash_mla_sparse_decode(torch, sgl_kernel_libs)
     impl = "FlashMLA sparse FP8 decode kernel alone"
     if make is None:
         _skipped(b, "decode_step", case, impl, name)
@@ -948,7 +960,7 @@ def run(args: argparse.Namespace) -> int:
                    indexer=lambda: bench_indexer(b, backends), topk=lambda: bench_topk(b, backends),
                    fused=lambda: bench_fused(b), dsa=lambda: bench_dsa(b, backends),
                    decode=lambda: bench_decode(b, backends), training=lambda: bench_training(b, backends),
-                   host=lambda: bench_host(b, backends), decode_step=lambda: bench_decode_step(b, backends))
+                   host=lambda: bench_host(b, backends), decode_step=lambda: bench_decode_step(b, backends, args.sgl_kernel_libs))
     for group in groups:
         try:
             runners[group]()

@@ -85,6 +85,34 @@ def test_the_naive_decode_step_is_the_reference_step_when_every_token_is_kept():
     assert (slots[2:4] >= 0).sum(dim=1).tolist() == [2, 3]  # the short context's queries see 2 and 3 tokens
 
 
+def test_flash_mla_decode_from_sglang_kernels_library_folder(tmp_path, monkeypatch):
+    """--sgl-kernel-libs loads flashmla_ops.abi3.so from the folder and takes its sparse_decode_fwd op; a
+    folder without it gives the reason instead of an error."""
+    make, reason = bench.flash_mla_sparse_decode(torch, str(tmp_path))
+    if make is None:
+        assert "sgl_kernel" in reason and "flashmla_ops.abi3.so" in reason
+    loaded = []
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    calls = []
+
+    def sparse_decode_fwd(q4, cache4, indices, *rest):
+        calls.append((tuple(q4.shape), tuple(cache4.shape), tuple(indices.shape), rest[-2], rest[-1]))
+        return torch.zeros(1), torch.zeros(1), "meta", "splits"
+
+    fake_ops = type("Ops", (), {"sparse_decode_fwd": type("Op", (), {"default": staticmethod(sparse_decode_fwd)})})
+    monkeypatch.setattr(torch.ops, "sgl_kernel", fake_ops, raising=False)
+    make, name = bench.flash_mla_sparse_decode(torch, str(tmp_path))
+    if make is None:  # flash_mla itself is importable here: it comes first
+        pytest.skip(name)
+    assert loaded == [str(tmp_path / "flashmla_ops.abi3.so")] and str(tmp_path) in name
+    q = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
+    call = make(q, torch.zeros(128, 656, dtype=torch.uint8), torch.zeros(4, 2048, dtype=torch.int32), None,
+                torch.full((2,), 100, dtype=torch.int32), 2)
+    call()
+    call()
+    assert calls[0] == ((2, 2, 64, 576), (2, 64, 1, 656), (2, 2, 2048), 512, 576**-0.5)
+
+
 def test_flash_mla_is_skipped_with_a_reason_when_it_cannot_be_imported(tmp_path):
     make, reason = bench.flash_mla_sparse_decode(torch)
     if make is not None:

@@ -13,7 +13,7 @@
 #   z3            TileLang's z3 wheel into /tmp/site (carry .peers/z3; a call of its own: 64 MiB a call)
 #   peers-tilelang  the kit on TileLang's example kernels (carry .peers/tl and .peers/scripts, after z3)
 #   transformers  tools/transformers_bench.py: transformers' DeepSeek-V3.2 layers, sdpa against dsa-ref
-#   decode        dsa-ref bench --cases decode_step,host on both backends
+#   decode        dsa-ref bench --cases decode_step,host on both backends, FlashMLA's decode kernel from .peers/sgk
 # Every peers phase merges its adapters into OUT_DIR/peers.json (tools/peers_check.py --merge): copy it
 # to docs/pages/results/peers.json, where the docs' peers page renders it.
 set -u
@@ -72,7 +72,8 @@ if has transformers; then
 fi
 if has decode; then
   step "the decode step and the host cost"
-  timeout 300 python3 -m dsa_ref bench --backend triton,cupy --cases decode_step,host --out "$OUT/bench" 2>&1 \
+  timeout 300 python3 -m dsa_ref bench --backend triton,cupy --cases decode_step,host --sgl-kernel-libs .peers/sgk \
+    --out "$OUT/bench" 2>&1 \
     | tail -n 40 >>"$LOG"
 fi
 step "done"
