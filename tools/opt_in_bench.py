@@ -9,7 +9,9 @@ candidate's outputs from the default's. The pairs:
 * triton sparse MLA backward: the split kernels against the fused one (``kernel="fused"``), both modes;
 * cupy sparse MLA backward: the default (atomic) tensor-core kernel, deterministic mode's tensor-core
   kernels (the default there) and its float32 path (``CupyBackend.deterministic_tensor_cores=False``);
-* cupy sparse MLA forward: the mma.sync kernel against the wgmma one (``CupyBackend.hopper_forward``).
+* cupy sparse MLA forward: the mma.sync kernel against the wgmma one (``CupyBackend.hopper_forward``);
+* triton top-k at the decode step's shape (64 rows of 128K): one pass against two
+  (``TritonBackend.chunked_topk``); their outputs compared sorted.
 
 FLOP: forward 2·S·h·topk·(d_qk + d_v), backward 2·S·h·topk·(3·d_qk + 2·d_v). A candidate that fails is
 recorded with its error; it never stops the others. On a GPU machine, from a checkout::
@@ -28,7 +30,7 @@ from pathlib import Path
 from peers_training import relative, steady_ms  # the same steady-state timing and cross-check
 
 ROWS: list[dict] = []
-GROUPS = ("triton-forward", "cupy-forward", "triton-backward", "cupy-backward")
+GROUPS = ("triton-forward", "cupy-forward", "triton-backward", "cupy-backward", "triton-topk")
 
 
 def report(**row) -> None:
@@ -129,6 +131,21 @@ def main(argv: list[str] | None = None) -> int:
                   repeats=2)
         del q, kv, indices, out, lse, d_out
         torch.cuda.empty_cache()
+    if "triton-topk" in groups:
+        from dsa_ref_backends.torch_triton import topk as triton_topk
+
+        # The decode step's top-k: 64 rows of 128K scores (the paged indexer's output shape), k 2048.
+        scores = torch.randn(64, 131072, device="cuda")
+        scores[:, 100000:] = float("-inf")  # a shorter context in a longer table
+        one_pass = timed(torch, "triton top-k, one pass", "rows=64 len=131072 k=2048", 0.0,
+                         lambda: (triton_topk.topk_indices(scores, 2048),))
+        chunk = triton_topk.chunked_topk_plan(64, 131072, 2048, torch.cuda.get_device_properties(0).multi_processor_count)
+        two_passes = timed(torch, f"triton top-k, two passes (chunks of {chunk})", "rows=64 len=131072 k=2048",
+                           0.0, lambda: (triton_topk.topk_indices_in_chunks(scores, 2048, chunk),))
+        if one_pass is not None and two_passes is not None:
+            report(name="triton top-k, the two results' sets are equal",
+                   equal=bool(torch.equal(torch.sort(one_pass[0], dim=1).values,
+                                          torch.sort(two_passes[0], dim=1).values)))
     args.out.write_text(json.dumps(ROWS, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Any
@@ -45,6 +46,11 @@ class TritonBackend(Backend):
     #: API is written for), the ``tl.dot`` kernel for the rest: 1.26x its speed on the H200 (NOTES.md,
     #: version 6). Set this to False, or DSA_REF_TRITON_GLUON=0, to run the ``tl.dot`` kernel everywhere.
     hopper_forward: bool = True
+    #: Top-k in two passes (:func:`.topk.topk_indices_in_chunks`) for rows too few to fill the GPU and
+    #: long enough to split (the decode step: 64 rows of 128K scores), where the one-pass kernel's one
+    #: program per row leaves SMs idle. Off until it is measured on a GPU (NOTES.md, version 8); set
+    #: this, or DSA_REF_TRITON_CHUNKED_TOPK=1, to run it.
+    chunked_topk: bool = False
     supported_dtypes = {
         "lightning_indexer": _INDEXER_DTYPES,
         "topk_indices": _TOPK_DTYPES,
@@ -166,6 +172,11 @@ class TritonBackend(Backend):
     def topk_indices(self, scores, topk: int):
         from . import topk as topk_kernel
 
+        if kernel_switch(self.chunked_topk, "DSA_REF_TRITON_CHUNKED_TOPK"):
+            chunk = topk_kernel.chunked_topk_plan(int(scores.shape[0]), int(scores.shape[1]), int(topk),
+                                                  _multiprocessors(scores.device))
+            if chunk is not None:
+                return topk_kernel.topk_indices_in_chunks(scores, int(topk), chunk)
         return topk_kernel.topk_indices(scores, int(topk))
 
     def sparse_mla(self, q, kv, indices, *, sm_scale: float, d_v: int, topk_length, attn_sink):
@@ -231,6 +242,23 @@ def forward_kernel(hopper_forward: bool, q, kv, d_v: int, indices, topk_length, 
     from .sparse_mla_gluon import gluon_applies
 
     return "tl" if gluon_applies(q, kv, d_v, indices, topk_length, attn_sink) else "gluon"
+
+
+def _multiprocessors(device) -> int:
+    """SMs of a CUDA device (the programs one wave of a one-program-per-row kernel fills); 132 (an H100 /
+    H200) elsewhere, so that the interpreter takes the paths the GPU would."""
+    import torch
+
+    if device.type != "cuda":
+        return 132
+    return _device_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_multiprocessors(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _ranges(x):

@@ -253,3 +253,42 @@ def topk_indices(scores, topk: int, key_start=None, key_end=None, *, out=None, c
         HAS_RANGES=has_ranges, **config,
     )
     return out
+
+
+def chunked_topk_plan(rows: int, s_kv: int, topk: int, programs: int) -> int | None:
+    """The chunk length of :func:`topk_indices_in_chunks` for these rows, or None for the one-pass
+    kernel. The kernel runs one program per row, so rows fewer than the GPU's ``programs`` (its SMs)
+    leave SMs idle while each program walks its whole row: the decode step's 64 rows of 128K scores
+    use half an H200. Chunks are powers of two of at least 8192 and 4·topk, so that the first pass
+    keeps at most a quarter of each chunk, and a row must hold at least four of them."""
+    chunk = triton.next_power_of_2(max(8192, 4 * topk))
+    if rows >= programs or s_kv < 4 * chunk:
+        return None
+    return chunk
+
+
+def topk_indices_in_chunks(scores, topk: int, chunk: int):
+    """:func:`topk_indices` in two passes, for few long rows: the top-k of every ``chunk`` of a row (one
+    program each), then the top-k of those ``ceil(s_kv / chunk) * topk`` candidates.
+
+    Exact: a key of the row's top-k is beaten by fewer than ``topk`` keys of the row, so by fewer than
+    ``topk`` keys of its chunk, and is among its chunk's candidates. Ties keep the lower index: each
+    chunk's candidates are sorted by index and the chunks laid out in order, so the second pass's
+    lower candidate position is the lower key index. Device work only (no host synchronization).
+    """
+    rows, s_kv = scores.shape
+    chunks = triton.cdiv(s_kv, chunk)
+    if scores.dtype != torch.float32:
+        scores = scores.float()
+    if s_kv != chunks * chunk or scores.stride(0) != s_kv or scores.stride(1) != 1:
+        padded = torch.full((rows, chunks * chunk), float("-inf"), dtype=torch.float32, device=scores.device)
+        padded[:, :s_kv] = scores  # [rows, chunks * chunk]   -inf past the row: never selected
+        scores = padded
+    local = topk_indices(scores.view(rows * chunks, chunk), topk)  # [rows * chunks, topk]   -1 padding
+    local = torch.sort(local, dim=1).values.view(rows, chunks, topk)  # -1 first, then ascending
+    offset = torch.arange(chunks, device=scores.device, dtype=torch.int32).mul_(chunk)[None, :, None]
+    candidates = torch.where(local >= 0, local + offset, -1).view(rows, chunks * topk)  # [rows, C]   key indices
+    candidate_scores = torch.where(candidates >= 0, scores.gather(1, candidates.clamp(min=0).long()),
+                                   float("-inf"))  # [rows, C]
+    chosen = topk_indices(candidate_scores, topk)  # [rows, topk]   candidate positions, -1 padding
+    return torch.where(chosen >= 0, candidates.gather(1, chosen.clamp(min=0).long()), -1).to(torch.int32)
