@@ -43,7 +43,9 @@ def timed(torch, name: str, shape: str, flop: float, fn, reference=None, repeats
     try:
         outputs = fn()
         ms = steady_ms(torch, fn, warm=2, repeats=repeats)
-        row = dict(name=name, shape=shape, ms=round(ms, 3), tflops=round(flop / ms / 1e9, 1))
+        row = dict(name=name, shape=shape, ms=round(ms, 3))
+        if flop:
+            row["tflops"] = round(flop / ms / 1e9, 1)
         if reference is not None:
             row["relative_difference"] = [relative(torch, a, b) for a, b in zip(outputs, reference)]
         report(**row)
