@@ -136,7 +136,9 @@ def test_the_decode_step_on_triton_scores_through_the_paged_kernel(monkeypatch):
 
 
 # --------------------------------------------------------------------------- sm_90 compile
-COMPILE_CASES = [(64, 1), (64, 2)]  # (h_i, next_n) of V3.2's decode, with and without MTP
+# (h_i, next_n, block_size): V3.2's decode with and without MTP on pages of 64 (a step's keys in one
+# page), and pages smaller than a step (every position looks its page up).
+COMPILE_CASES = [(64, 1, 64), (64, 2, 64), (64, 1, 16)]
 
 
 def _compile() -> dict[str, dict[str, int]]:
@@ -146,8 +148,8 @@ def _compile() -> dict[str, dict[str, int]]:
 
     kernel = indexer_paged._paged_indexer_kernel
     used = {}
-    for h_i, next_n in COMPILE_CASES:
-        config = indexer_paged.paged_indexer_config(h_i, 128, next_n)
+    for h_i, next_n, block_size in COMPILE_CASES:
+        config = indexer_paged.paged_indexer_config(h_i, 128, next_n, block_size)
         warps, stages = config.pop("num_warps"), config.pop("num_stages")
         signature = {name: "constexpr" if name in config else "i32" for name in kernel.arg_names}
         signature.update(p_q="*fp8e4nv", p_weights="*fp32", p_cache="*u8", p_table="*i32", p_lens="*i32",
@@ -156,7 +158,7 @@ def _compile() -> dict[str, dict[str, int]]:
                            constexprs={(kernel.arg_names.index(k),): v for k, v in config.items()})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=warps, num_stages=stages))
-        used[f"{h_i}-{next_n}"] = dict(shared=compiled.metadata.shared, **ptxas_usage(compiled.asm["ptx"]))
+        used[f"{h_i}-{next_n}-{block_size}"] = dict(shared=compiled.metadata.shared, **ptxas_usage(compiled.asm["ptx"]))
     return used
 
 
@@ -169,7 +171,7 @@ def compiled() -> dict[str, dict[str, int]]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", [f"{h}-{n}" for h, n in COMPILE_CASES])
+@pytest.mark.parametrize("case", [f"{h}-{n}-{b}" for h, n, b in COMPILE_CASES])
 def test_paged_kernel_compiles_for_sm90_without_spills(compiled, case):
     usage = compiled[case]
     assert usage["shared"] <= H100_SHARED_MEMORY_PER_BLOCK, usage

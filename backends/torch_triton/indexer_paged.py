@@ -38,7 +38,7 @@ def _paged_indexer_kernel(
     num_blocks, max_blocks, max_context_len, h_i, d_i, next_n, block_size,
     stride_q_m, stride_q_h, stride_w_m, stride_cache_block, stride_table_b, stride_s_m,
     NEXT_N: tl.constexpr, HEADS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    STEPS: tl.constexpr,
+    STEPS: tl.constexpr, ONE_PAGE: tl.constexpr,
 ):
     sequence = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -68,13 +68,25 @@ def _paged_indexer_kernel(
         o_t = begin + step * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]   key positions
         m_t = o_t < max_context_len
         if begin + step * BLOCK_N < length:
-            logical = o_t // block_size
-            page = tl.load(p_table_row + logical, mask=m_t & (logical < max_blocks), other=-1).to(tl.int64)
-            present = m_t & (o_t < length) & (page >= 0) & (page < num_blocks)  # [BLOCK_N]
-            p_page = p_cache + tl.where(present, page, 0) * stride_cache_block
-            offset = (o_t % block_size).to(tl.int64)
-            b_k = tl.load(p_page[:, None] + offset[:, None] * d_i + o_d[None, :],
-                          mask=present[:, None] & m_d[None, :], other=0)  # [BLOCK_N, BLOCK_D] uint8
+            if ONE_PAGE:
+                # block_size is a multiple of BLOCK_N: the step's positions lie in one page, whose
+                # address is a scalar and whose keys are contiguous (32-bit offsets from it).
+                logical = (begin + step * BLOCK_N) // block_size
+                page = tl.load(p_table_row + logical, mask=logical < max_blocks, other=-1).to(tl.int64)
+                page_ok = (page >= 0) & (page < num_blocks)
+                present = m_t & (o_t < length) & page_ok  # [BLOCK_N]
+                p_page = p_cache + tl.where(page_ok, page, 0) * stride_cache_block
+                offset = o_t - logical * block_size  # [BLOCK_N]   slots of the page
+                b_k = tl.load(p_page + offset[:, None] * d_i + o_d[None, :],
+                              mask=present[:, None] & m_d[None, :], other=0)  # [BLOCK_N, BLOCK_D] uint8
+            else:
+                logical = o_t // block_size
+                page = tl.load(p_table_row + logical, mask=m_t & (logical < max_blocks), other=-1).to(tl.int64)
+                present = m_t & (o_t < length) & (page >= 0) & (page < num_blocks)  # [BLOCK_N]
+                p_page = p_cache + tl.where(present, page, 0) * stride_cache_block
+                offset = (o_t % block_size).to(tl.int64)
+                b_k = tl.load(p_page[:, None] + offset[:, None] * d_i + o_d[None, :],
+                              mask=present[:, None] & m_d[None, :], other=0)  # [BLOCK_N, BLOCK_D] uint8
             b_k = b_k.to(tl.float8e4nv, bitcast=True)
             p_scale = p_page + block_size * d_i + offset * SCALE_BYTES
             bits = tl.load(p_scale, mask=present, other=0).to(tl.uint32)
@@ -94,21 +106,23 @@ def _paged_indexer_kernel(
         tl.store(p_scores_rows + o_t[None, :], b_scores, mask=m_j[:, None] & m_t[None, :])
 
 
-def paged_indexer_config(h_i: int, d_i: int, next_n: int) -> dict:
+def paged_indexer_config(h_i: int, d_i: int, next_n: int, block_size: int = 64) -> dict:
     """Block sizes: the sequence's ``next_n * H_I`` rows stacked, at most 128 (64 for one V3.2 query,
     128 for two; more queries are split over the grid's third axis),
     64 key positions a step, 16 steps (1024 positions) a program: at b 64 and a 128K context that is
-    8192 programs, and each loads its query rows once for 16 tensor-core products. 8 warps: with 4,
-    the gathered key tile's addresses push the kernel to 255 registers and spills (sm_90 compile,
-    tests/test_triton_paged_indexer.py); with 8 it takes 194 (next_n 1) and 222 (next_n 2)."""
+    8192 programs, and each loads its query rows once for 16 tensor-core products. 8 warps. Pages of a
+    multiple of 64 tokens (``ONE_PAGE``) put a step's keys in one page: one scalar page address and
+    32-bit offsets, 80 registers at next_n 1 and 173 at next_n 2 (sm_90 compile,
+    tests/test_triton_paged_indexer.py); a page looked up per position takes 194-222, and with 4 warps
+    255 and spills."""
     heads = triton.next_power_of_2(max(h_i, 1))
     # Queries a program stacks: all of the sequence's, up to 128 rows (more take a third grid axis).
     next_n_padded = min(triton.next_power_of_2(max(next_n, 1)), max(1, 128 // heads))
     while next_n_padded * heads < 16:  # tl.dot takes at least 16 rows
         heads *= 2
     block_d = max(32, triton.next_power_of_2(max(d_i, 1)))  # fp8 tl.dot takes K >= 32; padding is masked
-    return dict(NEXT_N=next_n_padded, HEADS=heads, BLOCK_D=block_d, BLOCK_N=64, STEPS=16, num_warps=8,
-                num_stages=2)
+    return dict(NEXT_N=next_n_padded, HEADS=heads, BLOCK_D=block_d, BLOCK_N=64, STEPS=16,
+                ONE_PAGE=block_size % 64 == 0, num_warps=8, num_stages=2)
 
 
 def paged_indexer_reasons(q, k_cache) -> list[str]:
@@ -140,7 +154,8 @@ def lightning_indexer_paged(q, weights, k_cache, block_table, context_lens, next
     k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
     block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     context_lens = context_lens.contiguous()
-    config = {**paged_indexer_config(h_i, d_i, next_n), **(config or {})}
+    config = {**paged_indexer_config(h_i, d_i, next_n, block_size), **(config or {})}
+    config["ONE_PAGE"] = block_size % config["BLOCK_N"] == 0
     grid = (batch, triton.cdiv(max_context_len, config["STEPS"] * config["BLOCK_N"]),
             triton.cdiv(next_n, config["NEXT_N"]))
     _paged_indexer_kernel[grid](
