@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 #: The scale of a key takes this many bytes after the block's values (a float32).
-SCALE_BYTES = tl.constexpr(4)
+KEY_SCALE_BYTES = 4
+SCALE_BYTES = tl.constexpr(KEY_SCALE_BYTES)  # the same, for the kernel
 
 
 @triton.jit
@@ -130,8 +131,7 @@ def paged_indexer_reasons(q, k_cache) -> list[str]:
     reasons = []
     if q.dtype != torch.float8_e4m3fn:
         reasons.append(f"q dtype={q.dtype} (the paged kernel multiplies e4m3 queries with the cache's e4m3 keys)")
-    rows_times_heads = triton.next_power_of_2(max(q.shape[1], 1))
-    if rows_times_heads > 128:
+    if triton.next_power_of_2(max(q.shape[1], 1)) > 128:
         reasons.append(f"h_i={q.shape[1]} (the paged kernel stacks at most 128 heads)")
     return reasons
 
@@ -145,7 +145,7 @@ def lightning_indexer_paged(q, weights, k_cache, block_table, context_lens, next
     rows, h_i, d_i = q.shape
     batch = context_lens.shape[0]
     num_blocks, block_bytes = k_cache.shape
-    block_size = block_bytes // (d_i + SCALE_BYTES)
+    block_size = block_bytes // (d_i + KEY_SCALE_BYTES)
     out = torch.empty((rows, max_context_len), dtype=torch.float32, device=q.device)
     if rows == 0 or max_context_len == 0:
         return out
