@@ -73,10 +73,15 @@ def _paged_indexer_kernel(
                 # block_size is a multiple of BLOCK_N: the step's positions lie in one page, whose
                 # address is a scalar and whose keys are contiguous (32-bit offsets from it).
                 logical = (begin + step * BLOCK_N) // block_size
-                page = tl.load(p_table_row + logical, mask=logical < max_blocks, other=-1).to(tl.int64)
-                page_ok = (page >= 0) & (page < num_blocks)
-                present = m_t & (o_t < length) & page_ok  # [BLOCK_N]
-                p_page = p_cache + tl.where(page_ok, page, 0) * stride_cache_block
+                # Read in range (max_blocks >= 1: the launcher returns early otherwise), then judged:
+                # a scalar load takes no mask on every Triton release's interpreter.
+                page = tl.load(p_table_row + tl.minimum(logical, max_blocks - 1)).to(tl.int64)
+                # The page's verdict broadcast as an integer: a mask built from a scalar bool has no
+                # dtype the newest interpreter loads with.
+                page_ok = ((logical < max_blocks) & (page >= 0) & (page < num_blocks)).to(tl.int32)
+                present = m_t & (o_t < length) & ((tl.zeros((BLOCK_N,), tl.int32) + page_ok) != 0)  # [BLOCK_N]
+                # Any page of the cache for the address: the loads of an absent page are masked.
+                p_page = p_cache + tl.maximum(tl.minimum(page, num_blocks - 1), 0) * stride_cache_block
                 offset = o_t - logical * block_size  # [BLOCK_N]   slots of the page
                 b_k = tl.load(p_page + offset[:, None] * d_i + o_d[None, :],
                               mask=present[:, None] & m_d[None, :], other=0)  # [BLOCK_N, BLOCK_D] uint8
@@ -113,7 +118,7 @@ def paged_indexer_config(h_i: int, d_i: int, next_n: int, block_size: int = 64) 
     64 key positions a step, 16 steps (1024 positions) a program: at b 64 and a 128K context that is
     8192 programs, and each loads its query rows once for 16 tensor-core products. 8 warps. Pages of a
     multiple of 64 tokens (``ONE_PAGE``) put a step's keys in one page: one scalar page address and
-    32-bit offsets, 80 registers at next_n 1 and 173 at next_n 2 (sm_90 compile,
+    32-bit offsets, 90 registers at next_n 1 and 174 at next_n 2 (sm_90 compile,
     tests/test_triton_paged_indexer.py); a page looked up per position takes 194-222, and with 4 warps
     255 and spills."""
     heads = triton.next_power_of_2(max(h_i, 1))
@@ -149,6 +154,8 @@ def lightning_indexer_paged(q, weights, k_cache, block_table, context_lens, next
     out = torch.empty((rows, max_context_len), dtype=torch.float32, device=q.device)
     if rows == 0 or max_context_len == 0:
         return out
+    if block_table.shape[1] == 0:  # a table of no blocks holds no key
+        return out.fill_(float("-inf"))
     q = q if q.stride(-1) == 1 else q.contiguous()
     weights = weights if weights.stride(-1) == 1 else weights.contiguous()
     k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
