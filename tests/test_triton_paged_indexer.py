@@ -92,6 +92,14 @@ def test_other_query_dtypes_take_the_composed_op(monkeypatch):
     _check(problem, _backend(), monkeypatch, expect_kernel=False)
 
 
+def test_a_table_of_no_blocks_scores_every_position_minus_inf():
+    q = torch.zeros((2, 4, 32), dtype=torch.float8_e4m3fn)
+    scores = indexer_paged.lightning_indexer_paged(q, torch.ones((2, 4)), torch.zeros((3, 8 * 36), dtype=torch.uint8),
+                                                   torch.zeros((2, 0), dtype=torch.int32),
+                                                   torch.ones(2, dtype=torch.int32), 1, 16)
+    assert scores.shape == (2, 16) and torch.isneginf(scores).all()
+
+
 def test_reasons_name_the_dtype_and_the_head_count():
     q = torch.zeros((2, 64, 128), dtype=torch.bfloat16)
     cache = torch.zeros((4, 64 * 132), dtype=torch.uint8)
