@@ -60,9 +60,15 @@ if has peers-tilelang; then
   if ls .peers/tl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .peers/tl/*.whl >>"$LOG" 2>&1
   fi
-  PYTHONPATH=/tmp/site TL_EXAMPLES=.peers/scripts/tilelang_examples timeout 400 python3 tools/peers_check.py \
-    --profile ci --adapters TileLangSparseMLA,TileLangIndexer,TileLangTopK --merge --out "$OUT/peers.json" >>"$LOG" 2>&1
-  echo "rc=$?" | tee -a "$LOG"
+  # One adapter a process, each merged as it ends, so a limit reached by one keeps the others' results.
+  # TileLang compiles a kernel per shape (10-20 s each): its top-k ran out of 100 s at the ci profile's
+  # 30 examples on 2026-12-02, hence ${TL_EXAMPLES_PER_OP:-10} examples per op and 200 s each.
+  for adapter in TileLangSparseMLA TileLangIndexer TileLangTopK; do
+    PYTHONPATH=/tmp/site TL_EXAMPLES=.peers/scripts/tilelang_examples timeout 200 python3 tools/peers_check.py \
+      --profile ci --max-examples "${TL_EXAMPLES_PER_OP:-10}" --adapters $adapter --merge --out "$OUT/peers.json" \
+      >>"$LOG" 2>&1
+    echo "$adapter rc=$?" | tee -a "$LOG"
+  done
 fi
 if has transformers; then
   step "transformers' DeepSeek-V3.2 on dsa-ref against its sdpa path"
