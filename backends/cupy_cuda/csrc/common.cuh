@@ -143,6 +143,20 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // ReLU that keeps NaN (fmaxf(NaN, 0) would return 0 and hide it): the spec lets NaN propagate.
 __device__ __forceinline__ float relu_keep_nan(float x) { return x < 0.0f ? 0.0f : x; }
 
+// One tile of the online softmax (base 2) for a row: the running maximum becomes the larger of it
+// and `tile_max` (this tile's maximum over every warp that shares the row), the running sum is rescaled
+// to it, and the result is the factor the output accumulator is rescaled by (0 when the row had no
+// valid slot before). `exp_base` is what the tile's exponentials subtract: the new maximum, or 0
+// while every slot so far is masked, so that they stay finite.
+__device__ __forceinline__ float rescale_softmax_row(float& row_max, float& row_sum, float tile_max, float& exp_base) {
+    const float new_max = fmaxf(row_max, tile_max);
+    exp_base = new_max == DSA_NEG_INF ? 0.0f : new_max;
+    const float alpha = fast_exp2(row_max - exp_base);
+    row_max = new_max;
+    row_sum *= alpha;
+    return alpha;
+}
+
 // The end of a base-2 online softmax for one head: from its running max (log2 units) and its
 // denominator, the natural-log lse (-inf for a row with no valid slot) and the factor that
 // normalizes the output, the attention sink's share included (sink may be null).

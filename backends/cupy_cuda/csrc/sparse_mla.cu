@@ -253,11 +253,7 @@ sparse_mla_fwd_mma(const u16* __restrict__ q,            // [s_q, h, 576] bf16 b
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float partner = red_max[(half ^ 1) * BLOCK_H + head_group * 16 + group_id + 8 * r];
-            const float new_max = fmaxf(row_max[r], fmaxf(tile_max[r], partner));
-            exp_base[r] = new_max == DSA_NEG_INF ? 0.0f : new_max;  // all masked so far: stay finite
-            alpha[r] = fast_exp2(row_max[r] - exp_base[r]);       // 0 when row_max was -inf
-            row_max[r] = new_max;
-            row_sum[r] *= alpha[r];
+            alpha[r] = rescale_softmax_row(row_max[r], row_sum[r], fmaxf(tile_max[r], partner), exp_base[r]);
         }
         // P = exp2(S - max) as bf16 into shared memory, where the O warps of both halves read it.
 #pragma unroll

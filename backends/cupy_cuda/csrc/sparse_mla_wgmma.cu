@@ -212,11 +212,8 @@ sparse_mla_fwd_wgmma(const u16* __restrict__ q,            // [s_q, h, 576] bf16
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const float partner = red_max[(consumer ^ 1) * BLOCK_H + row0 + 8 * half];
-            const float new_max = fmaxf(row_max[half], fmaxf(tile_max[half], partner));
-            exp_base[half] = new_max == DSA_NEG_INF ? 0.0f : new_max;  // all masked so far: stay finite
-            alpha[half] = fast_exp2(row_max[half] - exp_base[half]);  // 0 when row_max was -inf
-            row_max[half] = new_max;
-            row_sum[half] *= alpha[half];
+            alpha[half] = rescale_softmax_row(row_max[half], row_sum[half], fmaxf(tile_max[half], partner),
+                                              exp_base[half]);
         }
         // P = exp2(S - max) as bf16 into the swizzled P tile (A operand of P V, K-major).
 #pragma unroll
