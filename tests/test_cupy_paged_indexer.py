@@ -4,8 +4,8 @@ it has run on a GPU.
 CPU part: which inputs the backend says it reads in place (only when chosen, only e4m3 queries with
 the tensor-core kernel's head counts and widths), that the kernel is listed for the CI compile, and
 that the dense kernel's launch plan is the one the paged kernel shares. GPU part
-(``@pytest.mark.gpu``): against the float64 reference on ragged batches, holes in the block table,
-next_n 1-3, a wide result, strided inputs, outputs poisoned with NaN, and the decode step through it.
+(``@pytest.mark.gpu``): against the float64 reference on the problems of paged_indexer_cases.py and
+strided inputs, outputs poisoned with NaN, and the decode step through it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 
 from dsa_ref_backends.cupy_cuda import backend as cupy_backend
 from dsa_ref_backends.cupy_cuda import kernels
+from paged_indexer_cases import PAGED_INDEXER_CASES
 
 torch = pytest.importorskip("torch")
 
@@ -62,17 +63,6 @@ def test_the_launch_plan_keeps_about_eight_blocks_per_sm(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- GPU
-CASES = {
-    "v32-one-query": dict(batch=3, next_n=1, h_i=64, d_i=128, block_size=64, max_blocks=3),
-    "two-queries-holes": dict(batch=3, next_n=2, h_i=16, d_i=64, block_size=16, max_blocks=5,
-                              unallocated_fraction=0.3, spare_blocks=2),
-    "three-queries-wide-result": dict(batch=2, next_n=3, h_i=8, d_i=32, block_size=8, max_blocks=4,
-                                      max_context_len=True),
-    "long-contexts": dict(batch=4, next_n=2, h_i=64, d_i=128, block_size=64, max_blocks=40,
-                          unallocated_fraction=0.02),
-}
-
-
 def _gpu_backend(monkeypatch):
     pytest.importorskip("cupy")
     backend = _chosen_backend()
@@ -91,7 +81,7 @@ def _gpu_backend(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(PAGED_INDEXER_CASES))
 @pytest.mark.parametrize("strided", [False, True])
 def test_paged_kernel_matches_the_reference(name, strided, monkeypatch):
     import dsa_ref
@@ -101,10 +91,11 @@ def test_paged_kernel_matches_the_reference(name, strided, monkeypatch):
     from dsa_ref.testing.tolerances import tolerance_for
 
     backend, launched = _gpu_backend(monkeypatch)
-    problem = problems.paged_indexer_problem(np.random.default_rng(len(name)), strided=strided, **CASES[name])
+    case = PAGED_INDEXER_CASES[name]
+    problem = problems.paged_indexer_problem(np.random.default_rng(len(name)), strided=strided, **case)
     got = interop.to_numpy(dsa_ref.lightning_indexer_paged(**problem.native_inputs(backend), backend=backend))
     expected = reference.lightning_indexer_paged(**problem.inputs)
-    assert [n for n in launched if "indexer" in n] == [f"indexer_paged_mma<{(CASES[name]['h_i'] + 15) // 16}>"]
+    assert [n for n in launched if "indexer" in n] == [f"indexer_paged_mma<{(case['h_i'] + 15) // 16}>"]
     assert np.array_equal(np.isneginf(got), np.isneginf(expected)), "the -inf pattern differs"
     assert_close(got, expected, tolerance_for(problem.dtype, backend), name="scores")
 

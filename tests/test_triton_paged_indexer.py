@@ -27,22 +27,10 @@ from dsa_ref.testing.assertions import assert_close  # noqa: E402
 from dsa_ref.testing.tolerances import tolerance_for  # noqa: E402
 from dsa_ref_backends.torch_triton import indexer_paged  # noqa: E402
 from dsa_ref_backends.torch_triton._interpreter import interpreter_enabled  # noqa: E402
+from paged_indexer_cases import PAGED_INDEXER_CASES  # noqa: E402
 from triton_ptxas import ptxas_usage  # noqa: E402
 
 H100_SHARED_MEMORY_PER_BLOCK = 232448
-
-CASES = {
-    "v32-one-query": dict(batch=3, next_n=1, h_i=64, d_i=128, block_size=64, max_blocks=3),
-    "two-queries-holes": dict(batch=3, next_n=2, h_i=16, d_i=64, block_size=16, max_blocks=5,
-                              unallocated_fraction=0.3, spare_blocks=2),
-    "three-queries-wide-result": dict(batch=2, next_n=3, h_i=8, d_i=32, block_size=8, max_blocks=4,
-                                      max_context_len=True),
-    "one-block": dict(batch=1, next_n=1, h_i=4, d_i=128, block_size=64, max_blocks=1),
-    "three-queries-in-two-groups": dict(batch=2, next_n=3, h_i=64, d_i=32, block_size=16, max_blocks=3),
-    "many-blocks-chunks": dict(batch=2, next_n=1, h_i=32, d_i=128, block_size=64, max_blocks=20,
-                               unallocated_fraction=0.1),
-}
-
 
 def _backend():
     from dsa_ref_backends.torch_triton.backend import TritonBackend
@@ -75,12 +63,13 @@ def _check(problem, backend, monkeypatch, *, expect_kernel: bool):
     assert_close(got, expected, tolerance_for(problem.dtype, backend), name="scores")
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(PAGED_INDEXER_CASES))
 @pytest.mark.parametrize("strided", [False, True])
 def test_paged_kernel_matches_the_reference(name, strided, monkeypatch):
     if not interpreter_enabled() and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1) or a CUDA GPU")
-    problem = problems.paged_indexer_problem(np.random.default_rng(len(name)), strided=strided, **CASES[name])
+    case = PAGED_INDEXER_CASES[name]
+    problem = problems.paged_indexer_problem(np.random.default_rng(len(name)), strided=strided, **case)
     _check(problem, _backend(), monkeypatch, expect_kernel=True)
 
 
