@@ -15,7 +15,7 @@ SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section Mem
   --section Occupancy --section WarpStateStats --section LaunchStats --section SchedulerStats"
 
 run_one() {  # name, kernel-name regex, python snippet that launches it (after one warm-up call)
-  timeout 240 ncu --target-processes all -k "regex:$2" -s 1 -c 1 $SECTIONS python3 -c "$3" \
+  timeout "${NCU_TIMEOUT:-240}" ncu --target-processes all -k "regex:$2" -s 1 -c 1 $SECTIONS python3 -c "$3" \
     > "$OUT/ncu_$1.txt" 2>&1
   echo "$1 rc=$?"
   grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Stall|Issue Slot|No Eligible" \
