@@ -26,13 +26,16 @@ def _chosen_backend():
     return backend
 
 
-def test_the_paged_kernel_is_opt_in(monkeypatch):
+def test_the_paged_kernel_is_the_default_and_can_be_turned_off(monkeypatch):
     monkeypatch.delenv("DSA_REF_CUPY_PAGED_INDEXER", raising=False)
     q = torch.zeros((2, 64, 128), dtype=torch.float8_e4m3fn)
     cache = torch.zeros((4, 64 * 132), dtype=torch.uint8)
-    assert cupy_backend.CupyBackend().reads_pages_in_place(q, cache) is False
-    monkeypatch.setenv("DSA_REF_CUPY_PAGED_INDEXER", "1")
     assert cupy_backend.CupyBackend().reads_pages_in_place(q, cache) is True
+    off = cupy_backend.CupyBackend()
+    off.paged_indexer_kernel = False
+    assert off.reads_pages_in_place(q, cache) is False
+    monkeypatch.setenv("DSA_REF_CUPY_PAGED_INDEXER", "0")
+    assert cupy_backend.CupyBackend().reads_pages_in_place(q, cache) is False
 
 
 @pytest.mark.parametrize(("shape", "dtype", "expected"), [
@@ -109,7 +112,8 @@ def test_the_decode_step_scores_through_the_paged_kernel(monkeypatch):
 
     backend, launched = _gpu_backend(monkeypatch)
     monkeypatch.setenv("DSA_REF_CUPY_PAGED_INDEXER", "1")  # the step looks the backend up by name
-    step = make_decode_step([70, 130, 5], 2, num_blocks=60, seed=4)
+    # d_I 32: the kernel's smallest width (the decode tests' 16 takes the per-sequence path).
+    step = make_decode_step([70, 130, 5], 2, num_blocks=60, seed=4, d_i=32)
     expected = sparse_decode_step(**step, topk=16, next_n=2, sm_scale=SM_SCALE, backend="numpy")
     tensors = {name: torch.from_numpy(np.ascontiguousarray(value.view(np.uint8))).view(torch.float8_e4m3fn).cuda()
                if value.dtype.itemsize == 1 and value.dtype != np.uint8 else torch.from_numpy(value).cuda()

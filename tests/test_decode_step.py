@@ -16,7 +16,7 @@ D_I, H_I, HEADS, BLOCK = 16, 4, 3, 4
 SM_SCALE = 0.07
 
 
-def make_decode_step(context_lens, next_n, *, num_blocks=14, max_blocks=None, seed=0):
+def make_decode_step(context_lens, next_n, *, num_blocks=14, max_blocks=None, seed=0, d_i=D_I):
     """A decode step over both paged caches: blocks handed out in shuffled order, -1 table entries past
     each context, float keys and latent rows in slot order, packed to their fp8 layouts."""
     rng = np.random.default_rng(seed)
@@ -24,12 +24,12 @@ def make_decode_step(context_lens, next_n, *, num_blocks=14, max_blocks=None, se
     table = shuffled_block_table(rng, context_lens, BLOCK, num_blocks, max_blocks)
     rows = len(context_lens) * next_n
     latent = rng.standard_normal((num_blocks * BLOCK, 576))  # [slots, 576]
-    q_index, _ = reference.quantize_fp8(rng.standard_normal((rows, H_I, D_I)), block=D_I)
+    q_index, _ = reference.quantize_fp8(rng.standard_normal((rows, H_I, d_i)), block=d_i)
     return dict(q=rng.standard_normal((rows, HEADS, 576)).astype(np.float32),
                 kv_cache=reference.pack_kv_cache_fp8(latent),
                 q_index=q_index,
                 weights=rng.standard_normal((rows, H_I)).astype(np.float32),
-                index_cache=reference.pack_indexer_cache_fp8(rng.standard_normal((num_blocks * BLOCK, D_I)), BLOCK),
+                index_cache=reference.pack_indexer_cache_fp8(rng.standard_normal((num_blocks * BLOCK, d_i)), BLOCK),
                 block_table=table, context_lens=context_lens)
 
 

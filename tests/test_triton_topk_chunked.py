@@ -73,7 +73,7 @@ def test_the_plan(rows, s_kv, topk, expected):
     assert topk_kernel.chunked_topk_plan(rows, s_kv, topk, programs=132) == expected
 
 
-def test_the_backend_takes_two_passes_only_when_chosen(monkeypatch):
+def test_the_backend_takes_two_passes_by_default_for_few_long_rows(monkeypatch):
     from dsa_ref_backends.torch_triton import backend as triton_backend
 
     taken = []
@@ -82,8 +82,12 @@ def test_the_backend_takes_two_passes_only_when_chosen(monkeypatch):
     monkeypatch.delenv("DSA_REF_TRITON_CHUNKED_TOPK", raising=False)
     backend = triton_backend.TritonBackend()
     scores = torch.zeros((2, 40000))
+    backend.chunked_topk = False
     assert backend.topk_indices(scores, 16) == "one pass" and taken == []
     backend.chunked_topk = True
-    backend.topk_indices(scores, 16)
+    monkeypatch.setenv("DSA_REF_TRITON_CHUNKED_TOPK", "0")
+    assert backend.topk_indices(scores, 16) == "one pass" and taken == []
+    monkeypatch.delenv("DSA_REF_TRITON_CHUNKED_TOPK")
+    triton_backend.TritonBackend().topk_indices(scores, 16)
     assert taken == [8192]
     assert backend.topk_indices(torch.zeros((2, 1000)), 16) == "one pass"  # too short: one pass

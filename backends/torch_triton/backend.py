@@ -48,9 +48,9 @@ class TritonBackend(Backend):
     hopper_forward: bool = True
     #: Top-k in two passes (:func:`.topk.topk_indices_in_chunks`) for rows too few to fill the GPU and
     #: long enough to split (the decode step: 64 rows of 128K scores), where the one-pass kernel's one
-    #: program per row leaves SMs idle. Off until it is measured on a GPU (NOTES.md, version 8); set
-    #: this, or DSA_REF_TRITON_CHUNKED_TOPK=1, to run it.
-    chunked_topk: bool = False
+    #: program per row leaves SMs idle: 1.07 -> 0.60 ms on the decode step's scores on the H200
+    #: (NOTES.md, version 8). Set this to False, or DSA_REF_TRITON_CHUNKED_TOPK=0, for one pass.
+    chunked_topk: bool = True
     supported_dtypes = {
         "lightning_indexer": _INDEXER_DTYPES,
         "topk_indices": _TOPK_DTYPES,
