@@ -73,6 +73,24 @@ def test_paged_kernel_matches_the_reference(name, strided, monkeypatch):
     _check(problem, _backend(), monkeypatch, expect_kernel=True)
 
 
+@pytest.mark.parametrize("name", ["v32-one-query", "two-queries-holes"])
+def test_scales_read_as_bytes_where_blocks_do_not_start_on_a_word(name, monkeypatch):
+    """The kernel reads a key's scale as one float32 word where every block starts on a word; the
+    four-byte path it takes otherwise must give the same scores."""
+    if not interpreter_enabled() and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1) or a CUDA GPU")
+    monkeypatch.setattr(indexer_paged, "_as_words", lambda k_cache: None)
+    problem = problems.paged_indexer_problem(np.random.default_rng(len(name)), **PAGED_INDEXER_CASES[name])
+    _check(problem, _backend(), monkeypatch, expect_kernel=True)
+
+
+def test_the_cache_is_viewed_as_words_only_where_every_block_starts_on_one():
+    assert indexer_paged._as_words(torch.zeros((3, 8 * 36), dtype=torch.uint8)).shape == (3, 8 * 9)
+    assert indexer_paged._as_words(torch.zeros((3, 63), dtype=torch.uint8)) is None  # rows of 63 bytes
+    assert indexer_paged._as_words(torch.zeros((3, 65), dtype=torch.uint8)[:, :64]) is None  # a row stride of 65
+    assert indexer_paged._as_words(torch.zeros((3 * 64 + 1,), dtype=torch.uint8)[1:].view(3, 64)) is None  # offset
+
+
 def test_other_query_dtypes_take_the_composed_op(monkeypatch):
     if not interpreter_enabled() and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1) or a CUDA GPU")
@@ -148,10 +166,16 @@ def _compile() -> dict[str, dict[str, int]]:
     for h_i, next_n, block_size in COMPILE_CASES:
         config = indexer_paged.paged_indexer_config(h_i, 128, next_n, block_size)
         warps, stages = config.pop("num_warps"), config.pop("num_stages")
+        config["WORD_SCALES"] = True
+        if next_n == 1:  # Triton specializes an integer argument equal to 1 as a constant
+            config["next_n"] = 1
         signature = {name: "constexpr" if name in config else "i32" for name in kernel.arg_names}
-        signature.update(p_q="*fp8e4nv", p_weights="*fp32", p_cache="*u8", p_table="*i32", p_lens="*i32",
-                         p_scores="*fp32")
-        source = ASTSource(fn=kernel, signature=signature,
+        signature.update(p_q="*fp8e4nv", p_weights="*fp32", p_cache="*u8", p_cache_words="*fp32", p_table="*i32",
+                         p_lens="*i32", p_scores="*fp32")
+        # As a launch at V3.2's sizes specializes them: every pointer and integer a multiple of 16.
+        divisible = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+                     for name, kind in signature.items() if kind != "constexpr"}
+        source = ASTSource(fn=kernel, signature=signature, attrs=divisible,
                            constexprs={(kernel.arg_names.index(k),): v for k, v in config.items()})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=warps, num_stages=stages))

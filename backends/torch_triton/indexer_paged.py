@@ -13,13 +13,19 @@ over query blocks. Here one launch covers the batch: a program takes one sequenc
 ``STEPS * BLOCK_N`` key positions, loads the sequence's ``next_n * H_I`` query rows once, and walks
 its chunk ``BLOCK_N`` positions at a time: the block table gives each position's page, the keys
 (``e4m3``) and their float32 scales are read straight out of the page, one tensor-core product
-``[next_n * H_I, d_I] x [d_I, BLOCK_N]`` gives the logits, and the epilogue (ReLU, head weights, the
+``[BLOCK_N, d_I] x [d_I, next_n * H_I]`` gives the logits, and the epilogue (ReLU, head weights, the
 sum over heads, the scale, the causal bound and absent pages) is the dense kernel's. Positions past
 a sequence's context are written ``-inf`` without being computed.
 
-The scales are float32 values stored as bytes inside the uint8 cache at offsets that are multiples of
-4: they are read as four bytes and reassembled (little-endian, as the GPU stores them), so the kernel
-needs no pointer cast and runs on Triton's interpreter too.
+Keys are the product's rows and heads its columns (the transpose of the dense kernel's product):
+the sum over heads is then a sum along an accumulator row, which the wgmma layout keeps in the four
+threads of a quad (two shuffles), where heads on the rows spread it over every warp (shuffles and a
+shared-memory exchange a step; NOTES.md, version 9).
+
+The scales are float32 values stored inside the uint8 cache at offsets that are multiples of 4:
+where every block starts on a 4-byte boundary, the cache is also passed viewed as float32 words and
+a scale is one load; otherwise its four bytes are read and reassembled (little-endian, as the GPU
+stores them). Neither needs a pointer cast, so the kernel runs on Triton's interpreter too.
 """
 
 from __future__ import annotations
@@ -35,11 +41,11 @@ SCALE_BYTES = tl.constexpr(KEY_SCALE_BYTES)  # the same, for the kernel
 
 @triton.jit
 def _paged_indexer_kernel(
-    p_q, p_weights, p_cache, p_table, p_lens, p_scores,
+    p_q, p_weights, p_cache, p_cache_words, p_table, p_lens, p_scores,
     num_blocks, max_blocks, max_context_len, h_i, d_i, next_n, block_size,
-    stride_q_m, stride_q_h, stride_w_m, stride_cache_block, stride_table_b, stride_s_m,
+    stride_q_m, stride_q_h, stride_w_m, stride_cache_block, stride_cache_words, stride_table_b, stride_s_m,
     NEXT_N: tl.constexpr, HEADS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    STEPS: tl.constexpr, ONE_PAGE: tl.constexpr,
+    STEPS: tl.constexpr, ONE_PAGE: tl.constexpr, WORD_SCALES: tl.constexpr,
 ):
     sequence = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -61,39 +67,51 @@ def _paged_indexer_kernel(
     o_j = group * NEXT_N + tl.arange(0, NEXT_N)
     m_j = o_j < next_n
     last_visible = length - next_n + o_j  # [NEXT_N]   query j sees positions <= this
-    p_scores_rows = p_scores + (sequence * next_n + o_j).to(tl.int64)[:, None] * stride_s_m
+    p_scores_cols = p_scores + (sequence * next_n + o_j).to(tl.int64) * stride_s_m  # [NEXT_N]
     p_table_row = p_table + sequence.to(tl.int64) * stride_table_b
 
     begin = chunk * (STEPS * BLOCK_N)
-    for step in range(STEPS):
+    # Steps that hold a position of the context, then steps wholly past it: two loops with no branch
+    # in their bodies, so that the first one's loads are software-pipelined.
+    live = tl.minimum(tl.maximum(tl.cdiv(length - begin, BLOCK_N), 0), STEPS)
+    for step in range(0, live):
         o_t = begin + step * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]   key positions
         m_t = o_t < max_context_len
-        if begin + step * BLOCK_N < length:
-            if ONE_PAGE:
-                # block_size is a multiple of BLOCK_N: the step's positions lie in one page, whose
-                # address is a scalar and whose keys are contiguous (32-bit offsets from it).
-                logical = (begin + step * BLOCK_N) // block_size
-                # Read in range (max_blocks >= 1: the launcher returns early otherwise), then judged:
-                # a scalar load takes no mask on every Triton release's interpreter.
-                page = tl.load(p_table_row + tl.minimum(logical, max_blocks - 1)).to(tl.int64)
-                # The page's verdict broadcast as an integer: a mask built from a scalar bool has no
-                # dtype the newest interpreter loads with.
-                page_ok = ((logical < max_blocks) & (page >= 0) & (page < num_blocks)).to(tl.int32)
-                present = m_t & (o_t < length) & ((tl.zeros((BLOCK_N,), tl.int32) + page_ok) != 0)  # [BLOCK_N]
-                # Any page of the cache for the address: the loads of an absent page are masked.
-                p_page = p_cache + tl.maximum(tl.minimum(page, num_blocks - 1), 0) * stride_cache_block
-                offset = o_t - logical * block_size  # [BLOCK_N]   slots of the page
-                b_k = tl.load(p_page + offset[:, None] * d_i + o_d[None, :],
-                              mask=present[:, None] & m_d[None, :], other=0)  # [BLOCK_N, BLOCK_D] uint8
-            else:
-                logical = o_t // block_size
-                page = tl.load(p_table_row + logical, mask=m_t & (logical < max_blocks), other=-1).to(tl.int64)
-                present = m_t & (o_t < length) & (page >= 0) & (page < num_blocks)  # [BLOCK_N]
-                p_page = p_cache + tl.where(present, page, 0) * stride_cache_block
-                offset = (o_t % block_size).to(tl.int64)
-                b_k = tl.load(p_page[:, None] + offset[:, None] * d_i + o_d[None, :],
-                              mask=present[:, None] & m_d[None, :], other=0)  # [BLOCK_N, BLOCK_D] uint8
-            b_k = b_k.to(tl.float8e4nv, bitcast=True)
+        if ONE_PAGE:
+            # block_size is a multiple of BLOCK_N: the step's positions lie in one page, whose
+            # address is a scalar and whose keys are contiguous (32-bit offsets from it).
+            logical = (begin + step * BLOCK_N) // block_size
+            # Read in range (max_blocks >= 1: the launcher returns early otherwise), then judged:
+            # a scalar load takes no mask on every Triton release's interpreter.
+            page = tl.load(p_table_row + tl.minimum(logical, max_blocks - 1))
+            page = page.to(tl.int64)
+            # The page's verdict broadcast as an integer: a mask built from a scalar bool has no
+            # dtype the newest interpreter loads with.
+            page_ok = ((logical < max_blocks) & (page >= 0) & (page < num_blocks)).to(tl.int32)
+            present = m_t & (o_t < length) & ((tl.zeros((BLOCK_N,), tl.int32) + page_ok) != 0)  # [BLOCK_N]
+            # Any page of the cache for the address: the loads of an absent page are masked.
+            safe_page = tl.maximum(tl.minimum(page, num_blocks - 1), 0)
+            offset = o_t - logical * block_size  # [BLOCK_N]   slots of the page
+        else:
+            logical = o_t // block_size
+            page = tl.load(p_table_row + logical,
+                           mask=m_t & (logical < max_blocks), other=-1).to(tl.int64)
+            present = m_t & (o_t < length) & (page >= 0) & (page < num_blocks)  # [BLOCK_N]
+            safe_page = tl.where(present, page, 0)  # [BLOCK_N]
+            offset = (o_t % block_size).to(tl.int64)
+        p_page = p_cache + safe_page * stride_cache_block  # the page's first byte (per position or not)
+        if ONE_PAGE:
+            b_k = tl.load(p_page + offset[:, None] * d_i + o_d[None, :],
+                          mask=present[:, None] & m_d[None, :], other=0)  # [BLOCK_N, BLOCK_D] uint8
+        else:
+            b_k = tl.load(p_page[:, None] + offset[:, None] * d_i + o_d[None, :],
+                          mask=present[:, None] & m_d[None, :], other=0)  # [BLOCK_N, BLOCK_D] uint8
+        b_k = b_k.to(tl.float8e4nv, bitcast=True)
+        if WORD_SCALES:
+            # The same cache viewed as float32 words: a block's scales start at word block_size * d_i / 4.
+            p_scale = p_cache_words + safe_page * stride_cache_words + (block_size * d_i) // SCALE_BYTES + offset
+            b_scale = tl.load(p_scale, mask=present, other=0.0)  # [BLOCK_N]
+        else:
             p_scale = p_page + block_size * d_i + offset * SCALE_BYTES
             bits = tl.load(p_scale, mask=present, other=0).to(tl.uint32)
             bits |= tl.load(p_scale + 1, mask=present, other=0).to(tl.uint32) << 8
@@ -101,26 +119,31 @@ def _paged_indexer_kernel(
             bits |= tl.load(p_scale + 3, mask=present, other=0).to(tl.uint32) << 24
             b_scale = bits.to(tl.float32, bitcast=True)  # [BLOCK_N]
 
-            b_logits = tl.dot(b_q, tl.trans(b_k))  # [NEXT_N*HEADS, BLOCK_N]   q . k, fp32
-            # ReLU that keeps NaN (the reference's np.maximum does), then the head weight.
-            b_gated = tl.maximum(b_logits, 0.0, propagate_nan=tl.PropagateNan.ALL) * b_w[:, None]
-            b_scores = tl.sum(tl.reshape(b_gated, (NEXT_N, HEADS, BLOCK_N)), axis=1) * b_scale[None, :]
-            m_visible = present[None, :] & (o_t[None, :] <= last_visible[:, None])
-            b_scores = tl.where(m_visible, b_scores, float("-inf"))  # [NEXT_N, BLOCK_N]
-        else:
-            b_scores = tl.full((NEXT_N, BLOCK_N), float("-inf"), tl.float32)
-        tl.store(p_scores_rows + o_t[None, :], b_scores, mask=m_j[:, None] & m_t[None, :])
+        # Keys on the rows of the product, heads on its columns: the sum over heads stays within
+        # the threads that hold a row of the accumulator.
+        b_logits = tl.dot(b_k, tl.trans(b_q))  # [BLOCK_N, NEXT_N*HEADS]   k . q, fp32
+        # ReLU that keeps NaN (the reference's np.maximum does), then the head weight.
+        b_gated = tl.maximum(b_logits, 0.0, propagate_nan=tl.PropagateNan.ALL) * b_w[None, :]
+        b_scores = tl.sum(tl.reshape(b_gated, (BLOCK_N, NEXT_N, HEADS)), axis=2) * b_scale[:, None]
+        m_visible = present[:, None] & (o_t[:, None] <= last_visible[None, :])
+        b_scores = tl.where(m_visible, b_scores, float("-inf"))  # [BLOCK_N, NEXT_N]
+        tl.store(p_scores_cols[None, :] + o_t[:, None], b_scores, mask=m_t[:, None] & m_j[None, :])
+    for step in range(live, STEPS):
+        o_t = begin + step * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]   past the context: no key
+        b_scores = tl.full((BLOCK_N, NEXT_N), float("-inf"), tl.float32)
+        tl.store(p_scores_cols[None, :] + o_t[:, None], b_scores,
+                 mask=(o_t < max_context_len)[:, None] & m_j[None, :])
 
 
 def paged_indexer_config(h_i: int, d_i: int, next_n: int, block_size: int = 64) -> dict:
-    """Block sizes: the sequence's ``next_n * H_I`` rows stacked, at most 128 (64 for one V3.2 query,
-    128 for two; more queries are split over the grid's third axis),
-    64 key positions a step, 16 steps (1024 positions) a program: at b 64 and a 128K context that is
-    8192 programs, and each loads its query rows once for 16 tensor-core products. 8 warps. Pages of a
-    multiple of 64 tokens (``ONE_PAGE``) put a step's keys in one page: one scalar page address and
-    32-bit offsets, 90 registers at next_n 1 and 174 at next_n 2 (sm_90 compile,
-    tests/test_triton_paged_indexer.py); a page looked up per position takes 194-222, and with 4 warps
-    255 and spills."""
+    """Block sizes: the sequence's ``next_n * H_I`` query rows stacked, at most 128 (64 for one V3.2
+    query, 128 for two; more queries are split over the grid's third axis), 64 key positions a step
+    (the rows of one m64 tensor-core product, the stacked queries its columns), 16 steps (1024
+    positions) a program: at b 64 and a 128K context that is 8192 programs, and each loads its query
+    rows once for 16 products. One warpgroup, three stages of keys in flight. Pages of a multiple of
+    64 tokens (``ONE_PAGE``) put a step's keys in one page: one scalar page address and 32-bit
+    offsets. sm_90 compile at V3.2's sizes (tests/test_triton_paged_indexer.py): 89 registers at
+    next_n 1, 157 at next_n 2, 96 with a page looked up per position; no spills."""
     heads = triton.next_power_of_2(max(h_i, 1))
     # Queries a program stacks: all of the sequence's, up to 128 rows (more take a third grid axis).
     next_n_padded = min(triton.next_power_of_2(max(next_n, 1)), max(1, 128 // heads))
@@ -128,7 +151,15 @@ def paged_indexer_config(h_i: int, d_i: int, next_n: int, block_size: int = 64) 
         heads *= 2
     block_d = max(32, triton.next_power_of_2(max(d_i, 1)))  # fp8 tl.dot takes K >= 32; padding is masked
     return dict(NEXT_N=next_n_padded, HEADS=heads, BLOCK_D=block_d, BLOCK_N=64, STEPS=16,
-                ONE_PAGE=block_size % 64 == 0, num_warps=8, num_stages=2)
+                ONE_PAGE=block_size % 64 == 0, num_warps=4, num_stages=3)
+
+
+def _as_words(k_cache):
+    """The uint8 cache viewed as float32 words, or None where a block does not start on a word."""
+    if (k_cache.shape[1] % KEY_SCALE_BYTES or k_cache.stride(0) % KEY_SCALE_BYTES
+            or k_cache.storage_offset() % KEY_SCALE_BYTES or k_cache.data_ptr() % KEY_SCALE_BYTES):
+        return None
+    return k_cache.view(torch.float32)
 
 
 def paged_indexer_reasons(q, k_cache) -> list[str]:
@@ -163,12 +194,17 @@ def lightning_indexer_paged(q, weights, k_cache, block_table, context_lens, next
     context_lens = context_lens.contiguous()
     config = {**paged_indexer_config(h_i, d_i, next_n, block_size), **(config or {})}
     config["ONE_PAGE"] = block_size % config["BLOCK_N"] == 0
+    # The scales as float32 words where the cache's layout allows (every block starts on a word):
+    # one load a key instead of four bytes reassembled.
+    words = _as_words(k_cache)
+    config["WORD_SCALES"] = words is not None
     grid = (batch, triton.cdiv(max_context_len, config["STEPS"] * config["BLOCK_N"]),
             triton.cdiv(next_n, config["NEXT_N"]))
     _paged_indexer_kernel[grid](
-        q, weights, k_cache, block_table, context_lens, out,
+        q, weights, k_cache, k_cache if words is None else words, block_table, context_lens, out,
         num_blocks, block_table.shape[1], max_context_len, h_i, d_i, next_n, block_size,
-        q.stride(0), q.stride(1), weights.stride(0), k_cache.stride(0), block_table.stride(0), out.stride(0),
+        q.stride(0), q.stride(1), weights.stride(0), k_cache.stride(0), k_cache.stride(0) // KEY_SCALE_BYTES,
+        block_table.stride(0), out.stride(0),
         **config,
     )
     return out
