@@ -10,8 +10,9 @@ candidate's outputs from the default's. The pairs:
 * cupy sparse MLA backward: the default (atomic) tensor-core kernel, deterministic mode's tensor-core
   kernels (the default there) and its float32 path (``CupyBackend.deterministic_tensor_cores=False``);
 * cupy sparse MLA forward: the mma.sync kernel against the wgmma one (``CupyBackend.hopper_forward``);
-* triton top-k at the decode step's shape (64 rows of 128K): one pass against two
-  (``TritonBackend.chunked_topk``); their outputs compared sorted.
+* triton top-k at the decode step's shape (64 rows of 128K, the paged indexer's scores and normal
+  ones): one pass against two (``TritonBackend.chunked_topk``) at three chunk lengths, the first
+  pass and its sort alone; the sets compared.
 
 FLOP: forward 2·S·h·topk·(d_qk + d_v), backward 2·S·h·topk·(3·d_qk + 2·d_v). A candidate that fails is
 recorded with its error; it never stops the others. On a GPU machine, from a checkout::
@@ -134,20 +135,39 @@ def main(argv: list[str] | None = None) -> int:
         del q, kv, indices, out, lse, d_out
         torch.cuda.empty_cache()
     if "triton-topk" in groups:
+        import dsa_ref.torch as dsa_torch
+        from dsa_ref_backends.bench import decode_step_inputs
         from dsa_ref_backends.torch_triton import topk as triton_topk
 
-        # The decode step's top-k: 64 rows of 128K scores (the paged indexer's output shape), k 2048.
-        scores = torch.randn(64, 131072, device="cuda")
-        scores[:, 100000:] = float("-inf")  # a shorter context in a longer table
-        one_pass = timed(torch, "triton top-k, one pass", "rows=64 len=131072 k=2048", 0.0,
-                         lambda: (triton_topk.topk_indices(scores, 2048),))
-        chunk = triton_topk.chunked_topk_plan(64, 131072, 2048, torch.cuda.get_device_properties(0).multi_processor_count)
-        two_passes = timed(torch, f"triton top-k, two passes (chunks of {chunk})", "rows=64 len=131072 k=2048",
-                           0.0, lambda: (triton_topk.topk_indices_in_chunks(scores, 2048, chunk),))
-        if one_pass is not None and two_passes is not None:
-            report(name="triton top-k, the two results' sets are equal",
-                   equal=bool(torch.equal(torch.sort(one_pass[0], dim=1).values,
-                                          torch.sort(two_passes[0], dim=1).values)))
+        # The decode step's top-k: 64 rows of 128K scores (the paged indexer's output shape), k 2048,
+        # on the indexer's own scores (weighted ReLU sums: their distribution decides how many keys
+        # share the threshold's bin) and on normal ones with a shorter context.
+        step = decode_step_inputs(torch, 64, 131072)
+        indexer_scores = dsa_torch.lightning_indexer_paged(step["q_index"], step["weights"], step["index_cache"],
+                                                           step["block_table"], step["context_lens"],
+                                                           backend="triton")
+        del step
+        normal_scores = torch.randn(64, 131072, device="cuda")
+        normal_scores[:, 100000:] = float("-inf")  # a shorter context in a longer table
+        programs = torch.cuda.get_device_properties(0).multi_processor_count
+        for label, scores in (("indexer scores", indexer_scores), ("normal scores", normal_scores)):
+            shape = f"rows=64 len=131072 k=2048, {label}"
+            one_pass = timed(torch, "triton top-k, one pass", shape, 0.0,
+                             lambda: (triton_topk.topk_indices(scores, 2048),))
+            planned = triton_topk.chunked_topk_plan(64, 131072, 2048, programs)
+            for chunk in (8192, 16384, 32768):
+                name = f"triton top-k, two passes (chunks of {chunk}{', the plan' if chunk == planned else ''})"
+                two_passes = timed(torch, name, shape, 0.0,
+                                   lambda: (triton_topk.topk_indices_in_chunks(scores, 2048, chunk),))
+                if one_pass is not None and two_passes is not None:
+                    report(name=f"{name}: its set equals one pass's",
+                           equal=bool(torch.equal(torch.sort(one_pass[0], dim=1).values,
+                                                  torch.sort(two_passes[0], dim=1).values)))
+            first = timed(torch, "triton top-k, first pass alone (chunks of 8192)", shape, 0.0,
+                          lambda: (triton_topk.topk_indices(scores.view(64 * 16, 8192), 2048),))
+            if first is not None:
+                timed(torch, "the first pass's torch.sort of the chunks' candidates", shape, 0.0,
+                      lambda: (torch.sort(first[0], dim=1).values,))
     args.out.write_text(json.dumps(ROWS, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
