@@ -63,10 +63,11 @@ def test_a_strided_score_buffer_is_read_as_its_rows():
 
 
 @pytest.mark.parametrize(("rows", "s_kv", "topk", "expected"), [
-    (64, 131072, 2048, 8192),   # the decode step: 16 chunks of 8192
-    (64, 131072, 4096, 16384),  # chunks of 4 * topk
+    (64, 131072, 2048, 16384),  # the decode step: 8 chunks of 8 * topk
+    (64, 131072, 4096, 32768),
     (4096, 32768, 2048, None),  # rows fill the GPU: one pass
-    (64, 16384, 2048, None),    # too short for four chunks
+    (64, 32768, 2048, 16384),   # two chunks
+    (64, 30000, 2048, None),    # too short for two chunks
     (1, 40000, 16, 8192),
 ])
 def test_the_plan(rows, s_kv, topk, expected):
@@ -89,5 +90,5 @@ def test_the_backend_takes_two_passes_by_default_for_few_long_rows(monkeypatch):
     assert backend.topk_indices(scores, 16) == "one pass" and taken == []
     monkeypatch.delenv("DSA_REF_TRITON_CHUNKED_TOPK")
     triton_backend.TritonBackend().topk_indices(scores, 16)
-    assert taken == [8192]
+    assert taken == [8192]  # 40000 keys: chunks of the 8192 floor
     assert backend.topk_indices(torch.zeros((2, 1000)), 16) == "one pass"  # too short: one pass
