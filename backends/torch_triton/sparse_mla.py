@@ -35,6 +35,7 @@ import triton.language as tl
 
 from dsa_ref.reference.formats import KV_LATENT_DIM, KV_ROPE_DIM, KV_SCALE_BLOCK
 
+from .launch import CachedLauncher
 from .precision import dot_precision
 
 LOG2E = 1.4426950408889634
@@ -180,6 +181,10 @@ def _combine_kernel(p_part_out, p_part_lse, p_sink, p_out, p_lse, h, d_v, num_sp
     tl.store(p_lse + query.to(tl.int64) * stride_l_m + o_h, b_lse, mask=m_h)
 
 
+# The launches of every call: after a signature's first call they skip Triton's argument processing.
+_sparse_mla_launch = CachedLauncher(_sparse_mla_kernel)
+_combine_launch = CachedLauncher(_combine_kernel)
+
 _COMPUTE_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -245,15 +250,24 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
     s_kv = kv.shape[0]
     topk = indices.shape[1]
     kv_fp8 = kv.dtype == torch.uint8
-    if q.stride(-1) != 1:
+    device = q.device
+    # Each stride read once: a decode call is a few microseconds of GPU work, and every Python call
+    # on the host counts against it.
+    q_stride = q.stride()
+    if q_stride[-1] != 1:
         q = q.contiguous()
-    if kv.stride(-1) != 1:
+        q_stride = q.stride()
+    kv_stride = kv.stride()
+    if kv_stride[-1] != 1:
         kv = kv.contiguous()
-    if indices.stride(-1) != 1 or indices.dtype not in (torch.int32, torch.int64):
+        kv_stride = kv.stride()
+    index_stride = indices.stride()
+    if index_stride[-1] != 1 or indices.dtype not in (torch.int32, torch.int64):
         indices = indices.contiguous()
+        index_stride = indices.stride()
     compute_dtype = q.dtype  # with the FP8 cache: bf16 or float32 (the cache dequantizes exactly into either)
-    out = torch.empty((s_q, h, d_v), dtype=torch.float32, device=q.device)
-    lse = torch.empty((s_q, h), dtype=torch.float32, device=q.device)
+    out = torch.empty((s_q, h, d_v), dtype=torch.float32, device=device)
+    lse = torch.empty((s_q, h), dtype=torch.float32, device=device)
     if s_q == 0 or h == 0:
         return out, lse
     if topk_length is not None:
@@ -261,36 +275,38 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
     if attn_sink is not None:
         attn_sink = attn_sink.to(torch.float32).contiguous()
     if config is None and num_splits is None:  # every decode step: the same launch, computed once
-        splits, slots_per_split, common = _launch_plan(s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, q.device,
+        splits, slots_per_split, common = _launch_plan(s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, device,
                                                        topk_length is not None, attn_sink is not None)
     else:
-        splits, slots_per_split, common = _plan(s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, q.device,
+        splits, slots_per_split, common = _plan(s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, device,
                                                 topk_length is not None, attn_sink is not None, num_splits, config)
-    grid = (s_q, triton.cdiv(h, common["BLOCK_H"]), splits)
+    block_h = common["BLOCK_H"]
+    grid = (s_q, (h + block_h - 1) // block_h, splits)  # not triton.cdiv: a constexpr function, ~3 us a call
     scale_log2 = sm_scale * LOG2E
-    dummy = lse
+    dummy = lse  # for the pointers the kernel does not read
+    lengths = dummy if topk_length is None else topk_length
+    sink = dummy if attn_sink is None else attn_sink
+    out_stride = out.stride()
     if splits == 1:
-        _sparse_mla_kernel[grid](
-            q, kv, indices, topk_length if topk_length is not None else dummy,
-            attn_sink if attn_sink is not None else dummy, out, lse,
+        _sparse_mla_launch(
+            grid, q, kv, indices, lengths, sink, out, lse,
             s_q, h, s_kv, topk, d_v, d_qk, slots_per_split, scale_log2,
-            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), 0, out.stride(0), out.stride(1), 0, lse.stride(0),
+            q_stride[0], q_stride[1], kv_stride[0], index_stride[0], 0, out_stride[0], out_stride[1], 0, lse.stride(0),
             SPLIT=False, **common)
         return out, lse
-    part_out = torch.empty((splits, s_q, h, d_v), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((splits, s_q, h), dtype=torch.float32, device=q.device)
-    _sparse_mla_kernel[grid](
-        q, kv, indices, topk_length if topk_length is not None else dummy,
-        attn_sink if attn_sink is not None else dummy, part_out, part_lse,
+    part_out = torch.empty((splits, s_q, h, d_v), dtype=torch.float32, device=device)
+    part_lse = torch.empty((splits, s_q, h), dtype=torch.float32, device=device)
+    part_out_stride, part_lse_stride = part_out.stride(), part_lse.stride()
+    _sparse_mla_launch(
+        grid, q, kv, indices, lengths, sink, part_out, part_lse,
         s_q, h, s_kv, topk, d_v, d_qk, slots_per_split, scale_log2,
-        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+        q_stride[0], q_stride[1], kv_stride[0], index_stride[0],
+        part_out_stride[0], part_out_stride[1], part_out_stride[2], part_lse_stride[0], part_lse_stride[1],
         SPLIT=True, **common)
-    block_h = common["BLOCK_H"]
-    _combine_kernel[(s_q, triton.cdiv(h, block_h))](
-        part_out, part_lse, attn_sink if attn_sink is not None else dummy, out, lse, h, d_v, splits,
-        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
+    _combine_launch(
+        grid[:2], part_out, part_lse, sink, out, lse, h, d_v, splits,
+        part_out_stride[0], part_out_stride[1], part_out_stride[2], part_lse_stride[0], part_lse_stride[1],
+        out_stride[0], out_stride[1], lse.stride(0),
         HAS_SINK=attn_sink is not None, BLOCK_H=block_h, D_V=common["D_V"], num_warps=4)
     return out, lse
 

@@ -43,6 +43,8 @@ softmax of tile ``i``, and the FP8 cache.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -50,6 +52,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
                                                                    warpgroup_mma_wait)
 
 from ._interpreter import interpreter_enabled
+from .launch import CachedLauncher
 
 LOG2E = 1.4426950408889634
 BLOCK_H = 64  # heads a program: the M of one warpgroup's wgmma
@@ -201,44 +204,72 @@ def _sparse_mla_gluon_kernel(
     gl.store(p_out_rows + o_dv[None, :], b_out)
 
 
+# After a signature's first call, the launch skips Triton's argument processing (see .launch).
+_gluon_launch = CachedLauncher(_sparse_mla_gluon_kernel)
+
+
 def gluon_applies(q, kv, d_v: int, indices=None, topk_length=None, attn_sink=None) -> list[str]:
     """Why :func:`sparse_mla_gluon` cannot run these inputs: short reasons with their values, empty when it can."""
-    reasons = []
-    if q.dtype != torch.bfloat16:
-        reasons.append(f"q dtype={q.dtype} (supported: torch.bfloat16)")
-    if kv.dtype == torch.uint8:
-        reasons.append("kv is the packed FP8 cache (supported: dense bfloat16 rows)")
-    elif kv.dtype != torch.bfloat16:
-        reasons.append(f"kv dtype={kv.dtype} (supported: torch.bfloat16)")
-    if q.dim() != 3 or q.shape[-1] != D_QK:
-        reasons.append(f"q shape={tuple(q.shape)} (supported: [s_q, h, {D_QK}])")
-    elif q.shape[1] % BLOCK_H != 0:
-        reasons.append(f"h={q.shape[1]} (supported: a multiple of {BLOCK_H})")
-    if kv.dtype != torch.uint8 and (kv.dim() != 2 or kv.shape[-1] != D_QK):  # the cache's width is its own
-        reasons.append(f"kv shape={tuple(kv.shape)} (supported: [s_kv, {D_QK}])")
-    if d_v != D_V:
-        reasons.append(f"d_v={d_v} (supported: {D_V})")
-    if indices is not None:
-        if indices.dtype not in (torch.int32, torch.int64):
-            reasons.append(f"indices dtype={indices.dtype} (supported: torch.int32, torch.int64)")
-        if indices.dim() != 2 or (q.dim() == 3 and indices.shape[0] != q.shape[0]):
-            reasons.append(f"indices shape={tuple(indices.shape)} (supported: [s_q, topk])")
-    if topk_length is not None and (topk_length.dim() != 1 or (q.dim() == 3 and topk_length.shape[0] != q.shape[0])):
-        reasons.append(f"topk_length shape={tuple(topk_length.shape)} (supported: [s_q])")
-    if attn_sink is not None and (attn_sink.dim() != 1 or (q.dim() == 3 and attn_sink.shape[0] != q.shape[1])):
-        reasons.append(f"attn_sink shape={tuple(attn_sink.shape)} (supported: [h])")
+    # The inputs' reasons depend on shapes and dtypes alone, and a bf16 call asks twice (the backend's
+    # kernel choice, then the launch): listing them took ~27 us of a call's host time on the H200
+    # (under cProfile). The machine's
+    # reasons are read every call (the environment, and the installed Triton, may change between calls).
+    reasons = list(_input_reasons(q.dim(), q.shape, q.dtype, kv.dim(), kv.shape, kv.dtype, d_v,
+                                  None if indices is None else (indices.dim(), indices.shape, indices.dtype),
+                                  None if topk_length is None else (topk_length.dim(), topk_length.shape),
+                                  None if attn_sink is None else (attn_sink.dim(), attn_sink.shape)))
     reasons += gluon_release_reasons()
     if interpreter_enabled():
         reasons.append("TRITON_INTERPRET=1 (Gluon kernels do not run on Triton's interpreter)")
-    if q.device.type != "cuda":
-        reasons.append(f"device={q.device} (needs a CUDA GPU)")
-    else:
-        major, minor = torch.cuda.get_device_capability(q.device)
-        if major != 9:
-            reasons.append(f"compute capability {major}.{minor} (needs Hopper, sm_90: wgmma)")
-    if kv.device != q.device:
-        reasons.append(f"kv device={kv.device}, q device={q.device} (must be the same)")
+    q_device, kv_device = q.device, kv.device
+    reasons += _device_reasons(q_device)
+    if kv_device != q_device:
+        reasons.append(f"kv device={kv_device}, q device={q_device} (must be the same)")
     return reasons
+
+
+@functools.lru_cache(maxsize=1024)
+def _input_reasons(q_dim, q_shape, q_dtype, kv_dim, kv_shape, kv_dtype, d_v, indices, topk_length,
+                   attn_sink) -> tuple[str, ...]:
+    """The reasons of :func:`gluon_applies` that the inputs' shapes and dtypes decide (``indices``:
+    ``(dim, shape, dtype)``, ``topk_length`` and ``attn_sink``: ``(dim, shape)``, or None)."""
+    reasons = []
+    if q_dtype != torch.bfloat16:
+        reasons.append(f"q dtype={q_dtype} (supported: torch.bfloat16)")
+    if kv_dtype == torch.uint8:
+        reasons.append("kv is the packed FP8 cache (supported: dense bfloat16 rows)")
+    elif kv_dtype != torch.bfloat16:
+        reasons.append(f"kv dtype={kv_dtype} (supported: torch.bfloat16)")
+    if q_dim != 3 or q_shape[-1] != D_QK:
+        reasons.append(f"q shape={tuple(q_shape)} (supported: [s_q, h, {D_QK}])")
+    elif q_shape[1] % BLOCK_H != 0:
+        reasons.append(f"h={q_shape[1]} (supported: a multiple of {BLOCK_H})")
+    if kv_dtype != torch.uint8 and (kv_dim != 2 or kv_shape[-1] != D_QK):  # the cache's width is its own
+        reasons.append(f"kv shape={tuple(kv_shape)} (supported: [s_kv, {D_QK}])")
+    if d_v != D_V:
+        reasons.append(f"d_v={d_v} (supported: {D_V})")
+    if indices is not None:
+        indices_dim, indices_shape, indices_dtype = indices
+        if indices_dtype not in (torch.int32, torch.int64):
+            reasons.append(f"indices dtype={indices_dtype} (supported: torch.int32, torch.int64)")
+        if indices_dim != 2 or (q_dim == 3 and indices_shape[0] != q_shape[0]):
+            reasons.append(f"indices shape={tuple(indices_shape)} (supported: [s_q, topk])")
+    if topk_length is not None and (topk_length[0] != 1 or (q_dim == 3 and topk_length[1][0] != q_shape[0])):
+        reasons.append(f"topk_length shape={tuple(topk_length[1])} (supported: [s_q])")
+    if attn_sink is not None and (attn_sink[0] != 1 or (q_dim == 3 and attn_sink[1][0] != q_shape[1])):
+        reasons.append(f"attn_sink shape={tuple(attn_sink[1])} (supported: [h])")
+    return tuple(reasons)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reasons(device) -> tuple[str, ...]:
+    """The device's reasons of :func:`gluon_applies` (a device's compute capability does not change)."""
+    if device.type != "cuda":
+        return (f"device={device} (needs a CUDA GPU)",)
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return (f"compute capability {major}.{minor} (needs Hopper, sm_90: wgmma)",)
+    return ()
 
 
 def _aligned(x):
@@ -264,18 +295,21 @@ def sparse_mla_gluon(q, kv, indices, sm_scale: float, topk_length=None, attn_sin
         # An int64 index past int32 would wrap into a valid row; it is invalid, so it becomes -1 first.
         indices = torch.where((indices < 0) | (indices >= s_kv), -1, indices)
     indices = indices.to(torch.int32).contiguous()
-    out = torch.empty((s_q, h, D_V), dtype=torch.float32, device=q.device)
-    lse = torch.empty((s_q, h), dtype=torch.float32, device=q.device)
+    device = q.device
+    out = torch.empty((s_q, h, D_V), dtype=torch.float32, device=device)
+    lse = torch.empty((s_q, h), dtype=torch.float32, device=device)
     if s_q == 0 or h == 0:
         return out, lse
     if topk_length is not None:
-        topk_length = topk_length.to(device=q.device, dtype=torch.int32).contiguous()
+        topk_length = topk_length.to(device=device, dtype=torch.int32).contiguous()
     if attn_sink is not None:
-        attn_sink = attn_sink.to(device=q.device, dtype=torch.float32).contiguous()
-    _sparse_mla_gluon_kernel[(s_q, h // BLOCK_H)](
-        q, kv, indices, topk_length if topk_length is not None else lse, attn_sink if attn_sink is not None else lse,
-        out, lse, h, s_kv, topk, float(sm_scale) * LOG2E,
-        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        attn_sink = attn_sink.to(device=device, dtype=torch.float32).contiguous()
+    q_stride, out_stride = q.stride(), out.stride()
+    _gluon_launch(
+        (s_q, h // BLOCK_H), q, kv, indices, lse if topk_length is None else topk_length,
+        lse if attn_sink is None else attn_sink, out, lse, h, s_kv, topk, float(sm_scale) * LOG2E,
+        q_stride[0], q_stride[1], kv.stride(0), indices.stride(0), out_stride[0], out_stride[1], lse.stride(0),
         HAS_TOPK_LENGTH=topk_length is not None, HAS_SINK=attn_sink is not None,
         BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T, D_V=D_V, D_R=D_R, num_warps=NUM_WARPS.value)
     return out, lse
+

@@ -1,0 +1,197 @@
+"""Launch a Triton kernel again without Triton's per-call argument processing.
+
+Why. ``kernel[grid](...)`` runs :meth:`triton.runtime.jit.JITFunction.run` every call: it binds the
+arguments through a generated function, specializes each one (``native_specialize_impl``), turns
+the specialization and the options into a string key, finds the compiled kernel under it, builds
+the launch metadata and only then launches. One FP8 decode call through ``dsa_ref.torch.sparse_mla``
+(two launches: the split kernel and its combine) cost ~118 us of host time on the H200 (torch 2.11,
+triton 3.6.0); under cProfile, ``JITFunction.run`` was ~100 us of it (cumulative, 40
+``native_specialize_impl`` calls among them).
+
+What. :class:`CachedLauncher` wraps one ``@triton.jit`` (or ``@gluon.jit``) kernel. The first call of
+a *specialization signature* goes through the plain ``kernel[grid](...)``, which compiles (or finds)
+the kernel and returns its ``CompiledKernel``; later calls of the same signature hand the arguments
+straight to that kernel's launcher, as the last lines of ``JITFunction.run`` do (triton 3.6.0,
+``runtime/jit.py`` lines 743-745)::
+
+    kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata,
+               launch_metadata, launch_enter_hook, launch_exit_hook, *bound_args.values())
+
+``bound_args`` holds every parameter in order, constexprs and defaults included: the launcher's
+argument format takes a constexpr as an object and drops it (``backends/nvidia/driver.py``,
+``make_launcher``). The launch metadata is only read by the launch hooks, so with none set the
+fast path passes None for it and for the hooks (the launcher then calls nothing, as it calls
+nothing through an empty chain). The device and stream are Triton's own:
+``driver.active.get_current_device()`` and ``driver.active.get_current_stream(device)`` (torch's
+current device and raw stream; inside a CUDA-graph capture, the capturing stream).
+
+The signature (what Triton 3.6.0 compiles a kernel apart for), from :func:`argument_key` and the call:
+
+- a tensor: its dtype, and whether its ``data_ptr()`` is a multiple of 16 (``tt.divisibility``);
+- an int: the constant 1 (Triton makes it a constexpr), else its type by magnitude (i32 in
+  ``[-2**31, 2**31)``, i64 in ``[-2**63, 2**63)``, u64 up to ``2**64 - 1``) and whether it is a
+  multiple of 16;
+- a float (always fp32), a bool (u1), ``None`` (a constexpr): the type alone;
+- the keyword arguments (constexprs and options such as ``num_warps``): names, types and values;
+- the current device, and the kernel's and the runtime's ``debug`` and instrumentation mode (the
+  options ``JITFunction.run`` adds).
+
+That is what Triton's own in-memory cache keys on (the specialization and the raw options), so a
+kernel found here is the one ``kernel[grid]`` would launch.
+
+Where the plain ``kernel[grid](...)`` runs instead, every call: another Triton release than 3.6
+(whose ``run`` this repeats); a kernel that is not a ``JITFunction`` with the stock ``run`` (under
+``TRITON_INTERPRET=1`` it is an ``InterpretedFunction``); parameters annotated or marked
+``do_not_specialize``; pre-run hooks or launch enter/exit hooks (a profiler such as proton); a
+grid that is not a tuple (a callable); an argument of another type than those above (a tensor
+subclass, a numpy scalar); positional arguments reaching a constexpr parameter, or a keyword
+argument naming a runtime one; unhashable keyword values; a global the kernel reads that has
+changed since the compile (Triton raises then).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+#: The Triton release whose ``JITFunction.run`` and launcher arguments the fast path repeats.
+FAST_PATH_TRITON_RELEASE = "3.6"
+
+# Codes of an int argument by Triton's specialization (ints, so that no code equals another kind's
+# marker; the literals in argument_key are these ranges: i32 [-2**31, 2**31), i64 [-2**63, 2**63), u64).
+_INT_CODES = {("i32", ""): 0, ("i32", "D"): 1, ("i64", ""): 2, ("i64", "D"): 3, ("u64", ""): 4, ("u64", "D"): 5}
+_ONE = 6  # Triton passes the int 1 as a constexpr
+_MISSING = object()
+#: Signatures kept a kernel before the cache starts over (a bound; a decode loop uses a handful).
+CACHE_LIMIT = 1024
+
+
+def argument_key(args) -> tuple | None:
+    """The specialization signature of positional runtime arguments, or None when one has a type the
+    fast path does not know (the plain launch then specializes it).
+
+    A tensor gives two entries (its dtype, then whether it is 16-byte aligned); every other argument
+    one, never a dtype, so the entries of different argument lists cannot line up alike.
+    """
+    key = []
+    append = key.append
+    tensor = torch.Tensor
+    for arg in args:
+        cls = arg.__class__
+        if cls is int:
+            if -0x80000000 <= arg <= 0x7FFFFFFF:
+                append(_ONE if arg == 1 else 0 if arg & 15 else 1)
+            elif -0x8000000000000000 <= arg <= 0x7FFFFFFFFFFFFFFF:
+                append(2 if arg & 15 else 3)
+            elif 0 < arg <= 0xFFFFFFFFFFFFFFFF:
+                append(4 if arg & 15 else 5)
+            else:
+                return None  # Triton refuses it; let it say so
+        elif cls is tensor:
+            append(arg.dtype)
+            append(arg.data_ptr() & 15 == 0)
+        elif cls is float:
+            append(float)
+        elif cls is bool:
+            append(bool)
+        elif arg is None:
+            append(None)
+        else:
+            return None
+    return tuple(key)
+
+
+def _plain_only_reason(fn) -> str | None:
+    """Why ``fn`` always takes the plain launch (None when the fast path may serve it)."""
+    from triton.runtime.jit import JITFunction
+
+    if not triton.__version__.startswith(FAST_PATH_TRITON_RELEASE + "."):
+        return f"triton {triton.__version__} (the fast path repeats Triton {FAST_PATH_TRITON_RELEASE}'s launch)"
+    if not isinstance(fn, JITFunction) or type(fn).run is not JITFunction.run:
+        return f"{type(fn).__name__} (the interpreter, or another launch than JITFunction.run)"
+    for param in fn.params:
+        if param.is_constexpr:
+            continue
+        if param.annotation or param.do_not_specialize or param.do_not_specialize_on_alignment:
+            return f"parameter {param.name} is annotated or not specialized"
+    return None
+
+
+def _hooks_idle(runtime) -> bool:
+    """No launch hook is set: triton 3.6 keeps them as (usually empty) chains of callables."""
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+class CachedLauncher:
+    """``launcher(grid, *args, **kwargs)`` launches ``fn`` as ``fn[grid](*args, **kwargs)`` does, with
+    the compiled kernel of a signature seen before launched directly (see the module docstring)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.plain_only = _plain_only_reason(fn)
+        self._kernels: dict = {}
+        if self.plain_only is None:
+            params = fn.params
+            constexpr = [p.num for p in params if p.is_constexpr]
+            #: Positional arguments beyond this reach a constexpr parameter, which the key would not tell apart.
+            self._runtime_prefix = constexpr[0] if constexpr else len(params)
+            self._runtime_names = frozenset(p.name for p in params if not p.is_constexpr)
+            from triton import knobs
+            from triton.runtime.driver import driver
+
+            self._knobs, self._driver = knobs, driver
+
+    def __call__(self, grid, *args, **kwargs):
+        if self.plain_only is not None:
+            return self.fn[grid](*args, **kwargs)
+        fn, knobs = self.fn, self._knobs
+        runtime = knobs.runtime
+        if fn.pre_run_hooks or not _hooks_idle(runtime) or grid.__class__ is not tuple:
+            return fn[grid](*args, **kwargs)
+        positional = argument_key(args)
+        if positional is None:
+            return fn[grid](*args, **kwargs)
+        active = self._driver.active
+        device = active.get_current_device()
+        key = (device, positional, tuple(kwargs), tuple(map(type, kwargs.values())), tuple(kwargs.values()),
+               fn.debug, runtime.debug, knobs.compilation.instrumentation_mode)
+        try:
+            entry = self._kernels.get(key)
+        except TypeError:  # an unhashable keyword value
+            return fn[grid](*args, **kwargs)
+        if entry is None:
+            return self._first_launch(key, grid, args, kwargs)
+        if entry is False:
+            return fn[grid](*args, **kwargs)
+        kernel, tail = entry
+        for (name, _), (value, namespace) in fn.used_global_vals.items():
+            if namespace.get(name, _MISSING) != value:
+                return fn[grid](*args, **kwargs)  # Triton raises: the global changed since the compile
+        size = len(grid)
+        kernel.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, active.get_current_stream(device),
+                   kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+        return kernel
+
+    def _first_launch(self, key, grid, args, kwargs):
+        """The plain launch, and what later calls of ``key`` need: the kernel it launched and the
+        parameters after the positional ones (defaults filled in), or False for "plain again"."""
+        from triton.compiler import CompiledKernel
+
+        kernel = self.fn[grid](*args, **kwargs)
+        entry = False
+        if (isinstance(kernel, CompiledKernel) and kernel.function is not None and len(args) <= self._runtime_prefix
+                and self._runtime_names.isdisjoint(kwargs)):
+            tail = []
+            for param in self.fn.params[len(args):]:
+                value = kwargs.get(param.name, _MISSING)
+                if value is _MISSING:
+                    value = param.default
+                tail.append(value)
+            entry = (kernel, tuple(tail))
+        if len(self._kernels) >= CACHE_LIMIT:
+            self._kernels.clear()
+        self._kernels[key] = entry
+        return kernel
