@@ -5,10 +5,11 @@ NumPy has no native bfloat16 or float8 types: dsa-ref uses :mod:`ml_dtypes` for 
 when an array of theirs is seen or a backend of theirs asks for one, so
 ``import dsa_ref`` stays light.
 
-Conversions use DLPack where a copy can be avoided (torch <-> cupy on the same GPU,
-torch CPU <-> numpy share memory through ``from_numpy``). bfloat16 and float8 travel as
-same-width integer views, because neither NumPy's DLPack nor ``torch.from_numpy`` knows
-the ml_dtypes types.
+Conversions share memory where a copy can be avoided: a torch CUDA tensor becomes a CuPy array
+over its memory directly where CuPy would run on torch's current stream anyway (DLPack
+otherwise), cupy -> torch goes through DLPack, and torch CPU <-> numpy share memory through
+``from_numpy``. bfloat16 and float8 travel as same-width integer views, because neither NumPy's
+DLPack nor ``torch.from_numpy`` knows the ml_dtypes types.
 """
 
 from __future__ import annotations
@@ -42,15 +43,30 @@ FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn")
 INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 
+#: The kinds of the three exact array types, learnt as each is first seen: one dict lookup per call
+#: on the hot path (an op converts and inspects every argument several times). Only exact types are
+#: learnt, for which the checks below always give that answer; a subclass always takes the checks.
+_EXACT_KINDS: dict[type, str] = {np.ndarray: "numpy"}
+
+
 def array_kind(x: Any) -> str | None:
     """``"numpy"``, ``"torch"`` or ``"cupy"`` for an array of that library, else ``None``."""
+    cls = type(x)
+    kind = _EXACT_KINDS.get(cls)
+    if kind is not None:
+        return kind
     if isinstance(x, np.ndarray):
         return "numpy"
     torch = sys.modules.get("torch")  # a torch tensor exists only once torch is imported
     if torch is not None and isinstance(x, torch.Tensor):  # subclasses too: Parameter, FakeTensor under compile
+        if cls is torch.Tensor:
+            _EXACT_KINDS[cls] = "torch"
         return "torch"
-    root = type(x).__module__.split(".", 1)[0]
-    if root == "cupy" and type(x).__name__ == "ndarray":
+    root = cls.__module__.split(".", 1)[0]
+    if root == "cupy" and cls.__name__ == "ndarray":
+        cupy = sys.modules.get("cupy")
+        if cupy is not None and cls is getattr(cupy, "ndarray", None):
+            _EXACT_KINDS[cls] = "cupy"
         return "cupy"
     return None
 
@@ -59,10 +75,25 @@ def is_array(x: Any) -> bool:
     return array_kind(x) is not None
 
 
+#: Names of torch's dtypes, each made once: ``str()`` of a torch dtype and its slicing, per call, were
+#: a visible part of an op's host time.
+_TORCH_DTYPE_NAMES: dict[Any, str] = {}
+
+
 def dtype_name(x: Any) -> str:
     """The dtype of an array as a plain name: ``"bfloat16"``, ``"float8_e4m3fn"``, ``"int32"``."""
-    name = str(x.dtype)
-    return name[len("torch."):] if name.startswith("torch.") else name
+    dtype = x.dtype
+    torch_dtype = type(dtype).__module__ == "torch"
+    if torch_dtype:
+        name = _TORCH_DTYPE_NAMES.get(dtype)
+        if name is not None:
+            return name
+    name = str(dtype)
+    if name.startswith("torch."):
+        name = name[len("torch."):]
+        if torch_dtype:
+            _TORCH_DTYPE_NAMES[dtype] = name
+    return name
 
 
 #: CuPy has no bfloat16 or float8 dtype: dsa-ref carries them in cupy arrays as same-width
@@ -137,12 +168,48 @@ def _to_torch(x: Any, device: Any):
     if kind == "numpy":
         return _numpy_to_torch(x, device)
     if kind == "cupy":
-        import torch
-
-        tensor = torch.from_dlpack(x)
-        name = logical_dtype_name(x, packed_kv=True)
-        return tensor.view(getattr(torch, name)) if name != dtype_name(x) else tensor
+        return _cupy_to_torch(x)
     raise TypeError(f"expected a numpy, torch or cupy array, got {type(x).__name__}")
+
+
+def _cupy_to_torch(x: Any):
+    """A torch tensor over a CuPy array's memory, in the dtype the array carries
+    (:func:`logical_dtype_name` with ``packed_kv``)."""
+    import torch
+
+    tensor = _torch_from_dlpack(torch, x)
+    name = dtype_name(x)
+    carried = CUPY_CARRIERS.get(name)
+    if carried is None or (name == "uint8" and x.shape[-1:] == (KV_CACHE_FP8_BYTES,)):
+        return tensor
+    return tensor.view(getattr(torch, carried))
+
+
+_DLPACK_CUDA = 2  # DLDeviceType kDLCUDA
+
+
+def _torch_from_dlpack(torch, x: Any):
+    """``torch.from_dlpack(x)``, with the consumer's half of the exchange done here for a CUDA array:
+    the same stream is handed to CuPy (torch's current stream on the array's device; 1, DLPack's
+    legacy default stream, for torch's default stream 0), so CuPy orders its stream before it
+    exactly as it would for ``torch.from_dlpack``, which only adds Python around these calls (device
+    objects, a ``torch.cuda.Stream``, retries of ``__dlpack__`` with fewer arguments)."""
+    device_type, device = x.__dlpack_device__()
+    if device_type != _DLPACK_CUDA or torch.version.hip:  # managed memory, ROCm: torch's own rules
+        return torch.from_dlpack(x)
+    stream = torch_stream_pointer(device)
+    return torch.from_dlpack(x.__dlpack__(stream=stream or 1))
+
+
+def torch_stream_pointer(device: int) -> int:
+    """The ``cudaStream_t`` of torch's current stream on CUDA device ``device`` (an index), read
+    without making a ``torch.cuda.Stream``."""
+    import torch
+
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def _torch_device(device: Any):
@@ -152,6 +219,65 @@ def _torch_device(device: Any):
 
 
 # ---------------------------------------------------------------------------- to cupy
+#: Torch dtypes a CUDA tensor of which CuPy wraps in place, with the CuPy dtype of the array: the
+#: one DLPack gives, or for bf16 / fp8 their carriers (:data:`_CARRIER`). Any other dtype goes
+#: through DLPack.
+_WRAPPED_TORCH_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "int64", "int32", "int16",
+                         "int8", "uint8", "bool")
+_CUPY_DTYPE_OF_TORCH: dict[Any, np.dtype] = {}
+
+
+def _cupy_dtype_of_torch(torch, dtype) -> np.dtype | None:
+    if not _CUPY_DTYPE_OF_TORCH:
+        for name in _WRAPPED_TORCH_DTYPES:
+            _CUPY_DTYPE_OF_TORCH[getattr(torch, name)] = np.dtype(_CARRIER.get(name, name))
+    return _CUPY_DTYPE_OF_TORCH.get(dtype)
+
+
+def _wrapped_cuda_tensor(cupy, x: Any):
+    """A CuPy array over the memory of torch CUDA tensor ``x``, without DLPack; ``None`` where DLPack
+    must decide (a CPU tensor, a subclass, an unusual dtype or layout, another stream).
+
+    DLPack's exchange is mostly Python (a stream handshake on both sides: most of the host time of a
+    decode call), and here it would do nothing: it synchronizes only where CuPy's current stream on
+    the tensor's device is not torch's current stream there. This wraps only where the two are the
+    same stream (as in dsa_ref.torch's ops, which run CuPy on torch's stream), so nothing needs
+    synchronizing either: torch orders the tensor's producers on that stream, and CuPy queues the
+    reads and writes of the array behind them on it.
+    """
+    torch = sys.modules["torch"]
+    if not x.is_cuda:
+        return None
+    if x.requires_grad or type(x) is not torch.Tensor:
+        x = x.detach()  # a Parameter becomes a plain tensor over the same memory
+        if type(x) is not torch.Tensor:
+            return None
+    dtype = _cupy_dtype_of_torch(torch, x.dtype)
+    if dtype is None or x.layout is not torch.strided or x.is_nested or x.is_neg() or x.is_conj():
+        return None
+    device = x.get_device()
+    if cupy.cuda.get_current_stream(device).ptr != torch_stream_pointer(device):
+        return None
+    return _cupy_array_over(cupy, x, dtype, device)
+
+
+def _cupy_array_over(cupy, x: Any, dtype: np.dtype, device: int):
+    """``cupy.ndarray`` over tensor ``x``'s elements: ``data_ptr()`` includes the storage offset, and
+    strides become bytes (torch's are never negative). The memory's owner is the tensor, so the
+    array keeps it alive."""
+    itemsize = dtype.itemsize
+    shape = tuple(x.shape)
+    if x.is_contiguous():  # also every empty tensor
+        strides, nbytes = None, x.numel() * itemsize
+    else:
+        stride = x.stride()
+        strides = tuple(s * itemsize for s in stride)
+        nbytes = itemsize * (1 + sum((n - 1) * s for n, s in zip(shape, stride))) if x.numel() else 0
+    # The device given, CuPy does not look the pointer up (an empty tensor's may be 0).
+    memory = cupy.cuda.UnownedMemory(x.data_ptr(), nbytes, x, device)
+    return cupy.ndarray(shape, dtype, memptr=cupy.cuda.MemoryPointer(memory, 0), strides=strides)
+
+
 def _to_cupy(x: Any, device: Any):
     import cupy
 
@@ -159,6 +285,9 @@ def _to_cupy(x: Any, device: Any):
     if kind == "cupy":
         return x
     if kind == "torch":
+        wrapped = _wrapped_cuda_tensor(cupy, x)
+        if wrapped is not None:
+            return wrapped
         # DLPack refuses a tensor that requires grad; detach() shares its memory (no copy), and the
         # differentiable ops of dsa_ref.torch record the gradient themselves.
         x = x.detach()
@@ -208,12 +337,13 @@ def convert_like(x: Any, like: Any) -> Any:
     if x is None:
         return None
     kind = array_kind(like)
-    if kind == array_kind(x):
+    x_kind = array_kind(x)
+    if kind == x_kind:
         return x
     if kind in (None, "numpy"):
         return to_numpy(x)
     if kind == "torch":
-        return _to_torch(x, like.device)
+        return _cupy_to_torch(x) if x_kind == "cupy" else _to_torch(x, like.device)
     return _to_cupy(x, like.device.id)
 
 

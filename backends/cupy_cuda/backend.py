@@ -164,12 +164,14 @@ class CupyBackend(Backend):
         return None
 
     def _native(self, x: Any):
-        """A C-contiguous CuPy array (DLPack for torch; one copy for strided input)."""
+        """A C-contiguous CuPy array (a torch CUDA tensor's memory wrapped in place, see
+        :mod:`dsa_ref.interop`; one copy for strided input)."""
         import cupy
 
         if x is None:
             return None
-        x = interop.convert(x, "cupy", self.device())
+        if type(x) is not cupy.ndarray:  # the ops pass arrays converted already: skip the lookups
+            x = interop.convert(x, "cupy", self.device())
         return cupy.ascontiguousarray(x)
 
     def _empty(self, shape, dtype):

@@ -99,35 +99,85 @@ def _run(backend_name, op: str, like: Tensor, *, checked_signature: bool = False
     if reasons:
         raise registry.UnsupportedInputError(f"backend {backend.name!r} does not support these {op} inputs: "
                                              + "; ".join(reasons))
-    # The conversions too run on torch's stream: DLPack then has no other stream to synchronize with
-    # (which a CUDA graph capture would refuse).
+    # The conversions too run on torch's stream: a CUDA tensor then becomes a CuPy array over its
+    # memory with no stream to synchronize with (which a CUDA graph capture would refuse), and the
+    # results go back through DLPack with none either.
     with _on_torch_stream(backend, like):
-        native = {key: backend.to_native(value) if isinstance(value, Tensor) else value
-                  for key, value in inputs.items()}
+        to_native = backend.to_native
+        native = {key: to_native(value) if isinstance(value, Tensor) else value for key, value in inputs.items()}
         result = getattr(backend, op)(**native)
         if isinstance(result, tuple):
             return tuple(interop.convert_like(part, like) for part in result)
         return interop.convert_like(result, like)
 
 
-@contextlib.contextmanager
 def _on_torch_stream(backend, like: Tensor):
-    """CuPy kernels on torch's current stream, ordered with the torch work around them. Inside a CUDA
-    graph capture that is the capturing stream, and CuPy's memory comes from torch's caching
-    allocator, which gives the graph's pool (CuPy's own pool would call cudaMalloc, which a capture
-    forbids); outside, CuPy's pool is cheaper per call."""
-    if backend.array_kind != "cupy" or like.device.type != "cuda":
-        yield
-        return
+    """A context manager: CuPy kernels on torch's current stream on ``like``'s device (made CuPy's
+    current device too), ordered with the torch work around them. Inside a CUDA graph capture that
+    is the capturing stream, and CuPy's memory comes from torch's caching allocator, which gives the
+    graph's pool (CuPy's own pool would call cudaMalloc, which a capture forbids); outside, CuPy's
+    pool is cheaper per call. The usual call (the current device, no capture) enters only the
+    cached CuPy stream (a generator-based context manager around it adds about a microsecond per call)."""
+    if backend.array_kind != "cupy" or not like.is_cuda:
+        return contextlib.nullcontext()
     import cupy
 
-    stream = torch.cuda.current_stream(like.device)
-    with cupy.cuda.ExternalStream(stream.cuda_stream):
-        if torch.cuda.is_current_stream_capturing():
-            with cupy.cuda.using_allocator(_torch_allocation):
-                yield
-        else:
+    device = like.get_device()
+    stream = _cupy_stream(cupy, device, interop.torch_stream_pointer(device))
+    if device != cupy.cuda.runtime.getDevice():
+        return _on_device(cupy, device, stream)
+    if torch.cuda.is_current_stream_capturing():
+        return _capturing(cupy, stream)
+    return stream
+
+
+@contextlib.contextmanager
+def _on_device(cupy, device: int, stream):
+    # The stream is made current on the device it belongs to, and the kernels run there; the
+    # capture check reads that device's current stream.
+    with cupy.cuda.Device(device):
+        with _capturing(cupy, stream) if torch.cuda.is_current_stream_capturing() else stream:
             yield
+
+
+@contextlib.contextmanager
+def _capturing(cupy, stream):
+    with stream, cupy.cuda.using_allocator(_torch_allocation):
+        yield
+
+
+class _StreamPointer:
+    """A ``cudaStream_t`` offered through the CUDA stream protocol (``cupy.cuda.Stream.from_external``)."""
+
+    __slots__ = ("pointer",)
+
+    def __init__(self, pointer: int):
+        self.pointer = pointer
+
+    def __cuda_stream__(self):
+        return 0, self.pointer
+
+
+#: CuPy's stream objects for torch's streams, by (device, stream pointer). One is reused for every
+#: call on that stream: it is only the pointer (CuPy neither creates nor destroys an external
+#: stream, and entering one only pushes it on a per-thread stack), while making one per call cost
+#: host time, and CuPy 14 deprecates ``ExternalStream``. A pointer that torch reuses for a new
+#: stream names that stream, so its entry stays right.
+_CUPY_STREAMS: dict = {}
+_CUPY_STREAMS_LIMIT = 64
+
+
+def _cupy_stream(cupy, device: int, pointer: int):
+    key = (device, pointer)
+    stream = _CUPY_STREAMS.get(key)
+    if stream is None:
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)  # CuPy >= 14
+        stream = (from_external(_StreamPointer(pointer)) if from_external is not None
+                  else cupy.cuda.ExternalStream(pointer))
+        if len(_CUPY_STREAMS) >= _CUPY_STREAMS_LIMIT:
+            _CUPY_STREAMS.clear()
+        _CUPY_STREAMS[key] = stream
+    return stream
 
 
 class _TorchBlock:
