@@ -212,8 +212,8 @@ def gluon_applies(q, kv, d_v: int, indices=None, topk_length=None, attn_sink=Non
     """Why :func:`sparse_mla_gluon` cannot run these inputs: short reasons with their values, empty when it can."""
     # The inputs' reasons depend on shapes and dtypes alone, and a bf16 call asks twice (the backend's
     # kernel choice, then the launch): listing them took ~27 us of a call's host time on the H200
-    # (under cProfile). The machine's
-    # reasons are read every call (the environment, and the installed Triton, may change between calls).
+    # (under cProfile), so they are cached. The machine's reasons are read every call: the
+    # environment, and the installed Triton, may change between calls.
     reasons = list(_input_reasons(q.dim(), q.shape, q.dtype, kv.dim(), kv.shape, kv.dtype, d_v,
                                   None if indices is None else (indices.dim(), indices.shape, indices.dtype),
                                   None if topk_length is None else (topk_length.dim(), topk_length.shape),
