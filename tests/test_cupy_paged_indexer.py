@@ -52,6 +52,13 @@ def test_inputs_the_paged_kernel_takes(shape, dtype, expected):
     assert _chosen_backend().reads_pages_in_place(q, cache) is expected
 
 
+@pytest.mark.parametrize(("block_size", "expected"), [(64, True), (4, True), (1, False), (2, False), (6, False)])
+def test_blocks_must_keep_key_rows_on_16_bytes(block_size, expected):
+    q = torch.zeros((2, 64, 32), dtype=torch.float8_e4m3fn)
+    cache = torch.zeros((4, block_size * 36), dtype=torch.uint8)
+    assert _chosen_backend().reads_pages_in_place(q, cache) is expected
+
+
 def test_the_paged_kernel_instances_are_listed_for_the_compile():
     assert {f"indexer_paged_mma<{m}>" for m in (1, 2, 3, 4)} <= set(kernels.KERNELS["indexer.cu"])
 

@@ -224,7 +224,11 @@ class CupyBackend(Backend):
         if not kernel_switch(self.paged_indexer_kernel, "DSA_REF_CUPY_PAGED_INDEXER"):
             return False
         h_i, d_i = int(q.shape[1]), int(q.shape[2])
-        return logical_dtype(q) == "float8_e4m3fn" and 0 < h_i <= 64 and d_i % 32 == 0 and d_i <= 256
+        # The kernel copies key rows 16 bytes at a time from each block's start: a block of a number
+        # of bytes that is not a multiple of 16 (block_size not a multiple of 4) would misalign them.
+        block_bytes = int(k_cache.shape[1]) if len(k_cache.shape) == 2 else 0
+        return (logical_dtype(q) == "float8_e4m3fn" and 0 < h_i <= 64 and d_i % 32 == 0 and d_i <= 256
+                and block_bytes % 16 == 0)
 
     def lightning_indexer_paged(self, q, weights, k_cache, block_table, context_lens, *, next_n: int,
                                 max_context_len: int):
@@ -236,6 +240,8 @@ class CupyBackend(Backend):
         import cupy
 
         q, weights, k_cache = self._native(q), self._native(weights), cupy.ascontiguousarray(self._native(k_cache))
+        if k_cache.data.ptr % 16:  # a view that starts inside a block: the kernel's copies need 16 bytes
+            k_cache = k_cache.copy()
         weights = cupy.ascontiguousarray(_to_float32(weights, logical_dtype(weights)))
         rows, h_i, d_i = (int(n) for n in q.shape)
         num_blocks, batch, next_n = int(k_cache.shape[0]), int(context_lens.shape[0]), int(next_n)
