@@ -104,9 +104,10 @@ def test_dot_matches_float64_product(dtype):
 
 
 # --------------------------------------------------------------------------- indexer
+@pytest.mark.parametrize("keys_on_rows", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float8_e4m3fn"])
 @pytest.mark.parametrize("h_i, d_i", [(4, 32), (3, 20)])
-def test_indexer_matches_reference(dtype, h_i, d_i):
+def test_indexer_matches_reference(dtype, h_i, d_i, keys_on_rows):
     generator = torch.Generator().manual_seed(h_i * 100 + d_i)
     s_q, s_kv = 19, 150
     q = _randn(generator, (s_q, h_i, d_i), dtype)
@@ -116,14 +117,36 @@ def test_indexer_matches_reference(dtype, h_i, d_i):
     key_end = torch.minimum(key_start + torch.randint(0, 120, (s_q,), generator=generator, dtype=torch.int32),
                             torch.tensor(s_kv, dtype=torch.int32))
     k_scale = (torch.rand(s_kv, generator=generator) + 0.5).to(DEVICE) if dtype == "float8_e4m3fn" else None
-    scores = indexer.lightning_indexer(q, weights, k, key_start.to(DEVICE), key_end.to(DEVICE), k_scale)
+    scores = indexer.lightning_indexer(q, weights, k, key_start.to(DEVICE), key_end.to(DEVICE), k_scale,
+                                       config={"KEYS_ON_ROWS": keys_on_rows})
     expected = reference.lightning_indexer(_np(q), _np(weights), _np(k), key_start=key_start.numpy(),
                                            key_end=key_end.numpy(),
                                            k_scale=None if k_scale is None else _np(k_scale))
     assert_close(_np(scores), expected, tolerance_for(dtype), name=f"scores {dtype}")
 
 
-def test_indexer_propagates_nan_and_keeps_inf_positions():
+@pytest.mark.parametrize("keys_on_rows", [False, True])
+def test_indexer_leaves_the_row_outside_the_ranges_unwritten_on_the_fused_path(keys_on_rows):
+    """fill_masked=False (the fused indexer -> top-k path) writes each block's ranges and nothing else."""
+    generator = torch.Generator().manual_seed(5)
+    q = _randn(generator, (6, 4, 32), "bfloat16")
+    k = _randn(generator, (300, 32), "bfloat16")
+    weights = _randn(generator, (6, 4), torch.float32)
+    key_start = torch.tensor([140, 150, 160, 170, 180, 190], dtype=torch.int32)
+    key_end = key_start + 20
+    out = torch.full((6, 300), 7.0, device=DEVICE)
+    indexer.lightning_indexer(q, weights, k, key_start.to(DEVICE), key_end.to(DEVICE), out=out, fill_masked=False,
+                              config={"KEYS_ON_ROWS": keys_on_rows})
+    expected = reference.lightning_indexer(_np(q), _np(weights), _np(k), key_start=key_start.numpy(),
+                                           key_end=key_end.numpy())
+    got = _np(out)
+    inside = np.isfinite(expected)
+    assert_close(np.where(inside, got, 0.0), np.where(inside, expected, 0.0), tolerance_for("bfloat16"), name="ranges")
+    assert (got[:, :128] == 7.0).all() and (got[:, 256:] == 7.0).all(), "written outside every block's tiles"
+
+
+@pytest.mark.parametrize("keys_on_rows", [False, True])
+def test_indexer_propagates_nan_and_keeps_inf_positions(keys_on_rows):
     generator = torch.Generator().manual_seed(3)
     q = _randn(generator, (5, 2, 16), torch.float32)
     k = _randn(generator, (40, 16), torch.float32)
@@ -132,7 +155,8 @@ def test_indexer_propagates_nan_and_keeps_inf_positions():
     weights = torch.ones(5, 2, device=DEVICE)
     key_start = torch.tensor([0, 0, 3, 39, 20], dtype=torch.int32)
     key_end = torch.tensor([40, 10, 3, 40, 25], dtype=torch.int32)
-    scores = indexer.lightning_indexer(q, weights, k, key_start.to(DEVICE), key_end.to(DEVICE))
+    scores = indexer.lightning_indexer(q, weights, k, key_start.to(DEVICE), key_end.to(DEVICE),
+                                       config={"KEYS_ON_ROWS": keys_on_rows})
     expected = reference.lightning_indexer(_np(q), _np(weights), _np(k), key_start=key_start.numpy(),
                                            key_end=key_end.numpy())
     assert_close(_np(scores), expected, tolerance_for("float32"), name="scores with NaN")

@@ -54,6 +54,10 @@ def _compile_all() -> dict[str, int]:
                         p_key_start="*i32", p_key_end="*i32", p_scores="*fp32")
         constants = dict(HAS_K_SCALE=True, FILL_MASKED=True, DOT_PRECISION=dot_precision(dtype), **config)
         used[f"indexer-{dtype_name}-{heads}"] = shared_memory(indexer._indexer_kernel, pointers, constants, warps, stages)
+        if dtype_name != "float32":  # the keys-on-rows product (indexer.KEYS_ON_ROWS), 16-bit and fp8 only
+            constants["KEYS_ON_ROWS"] = True
+            used[f"indexer-keys-on-rows-{dtype_name}-{heads}"] = shared_memory(indexer._indexer_kernel, pointers,
+                                                                             constants, warps, stages)
     for dtype_name, kv_fp8, heads, d_v, d_qk in SPARSE_MLA_CASES:
         dtype = getattr(torch, dtype_name)
         config = sparse_mla.sparse_mla_config(4096, heads, 2048, d_v, d_qk, kv_fp8, dtype, torch.device("cpu"))
@@ -88,6 +92,7 @@ def compiled() -> dict[str, int]:
 
 
 @pytest.mark.parametrize("case", [f"indexer-{d}-{h}" for d, h in INDEXER_CASES]
+                         + [f"indexer-keys-on-rows-{d}-{h}" for d, h in INDEXER_CASES if d != "float32"]
                          + ["sparse_mla-{}-{}-{}-{}-{}".format(*case) for case in SPARSE_MLA_CASES]
                          + [f"topk-{has_ranges}" for has_ranges in TOPK_CASES])
 def test_kernel_fits_in_h100_shared_memory(compiled, case):

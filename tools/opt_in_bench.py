@@ -12,7 +12,9 @@ candidate's outputs from the default's. The pairs:
 * cupy sparse MLA forward: the mma.sync kernel against the wgmma one (``CupyBackend.hopper_forward``);
 * triton top-k at the decode step's shape (64 rows of 128K, the paged indexer's scores and normal
   ones): one pass against two (``TritonBackend.chunked_topk``) at three chunk lengths, the first
-  pass and its sort alone; the sets compared.
+  pass and its sort alone; the sets compared;
+* triton dense indexer (4096 x 32K causal-end, fp8 and bf16): heads on the product's rows against keys
+  on them (``indexer.KEYS_ON_ROWS``).
 
 FLOP: forward 2·S·h·topk·(d_qk + d_v), backward 2·S·h·topk·(3·d_qk + 2·d_v). A candidate that fails is
 recorded with its error; it never stops the others. On a GPU machine, from a checkout::
@@ -31,7 +33,7 @@ from pathlib import Path
 from peers_training import relative, steady_ms  # the same steady-state timing and cross-check
 
 ROWS: list[dict] = []
-GROUPS = ("triton-forward", "cupy-forward", "triton-backward", "cupy-backward", "triton-topk")
+GROUPS = ("triton-forward", "cupy-forward", "triton-backward", "cupy-backward", "triton-topk", "triton-indexer")
 
 
 def report(**row) -> None:
@@ -168,6 +170,31 @@ def main(argv: list[str] | None = None) -> int:
             if first is not None:
                 timed(torch, "the first pass's torch.sort of the chunks' candidates", shape, 0.0,
                       lambda: (torch.sort(first[0], dim=1).values,))
+    if "triton-indexer" in groups:
+        from dsa_ref_backends.torch_triton import indexer as triton_indexer
+
+        # The dense indexer at the speed issue's case: 4096 queries at the end of a 32K causal context
+        # (query t sees keys [0, 32768 - 4096 + t]), H_I 64, d_I 128, heads on the product's rows
+        # against keys on them (indexer.KEYS_ON_ROWS).
+        s_q, s_kv, h_i, d_i = 4096, 32768, 64, 128
+        key_start = torch.zeros(s_q, dtype=torch.int32, device="cuda")
+        key_end = torch.arange(s_kv - s_q + 1, s_kv + 1, dtype=torch.int32, device="cuda")
+        pairs = int(key_end.sum())
+        weights = torch.randn(s_q, h_i, device="cuda") * h_i**-0.5
+        for dtype in (torch.float8_e4m3fn, torch.bfloat16):
+            q = torch.randn(s_q, h_i, d_i, device="cuda").to(dtype)
+            k = torch.randn(s_kv, d_i, device="cuda").to(dtype)
+            k_scale = torch.rand(s_kv, device="cuda") + 0.5 if dtype == torch.float8_e4m3fn else None
+            shape = f"{str(dtype).split('.')[-1]} s_q={s_q} s_kv={s_kv} causal-end H_I={h_i} d_I={d_i}"
+            flop = 2 * pairs * h_i * d_i
+            rows = {}
+            for keys_on_rows in (False, True):
+                rows[keys_on_rows] = timed(
+                    torch, f"triton indexer, {'keys' if keys_on_rows else 'heads'} on the product's rows", shape, flop,
+                    lambda: (triton_indexer.lightning_indexer(q, weights, k, key_start, key_end, k_scale,
+                                                              config={"KEYS_ON_ROWS": keys_on_rows}),),
+                    reference=None if not keys_on_rows else rows.get(False))
+            del q, k
     args.out.write_text(json.dumps(ROWS, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -24,7 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
+from dsa_ref_backends import kernel_switch
+
 from .precision import dot_precision
+
+#: Keys on the rows of the product and the stacked heads on its columns (``KEYS_ON_ROWS``) for the
+#: 16-bit and fp8 operands: the head sum stays inside a quad of threads, as in the paged kernel
+#: (indexer_paged.py), whose same change took it from 0.92 to 0.39 ms on the H200 (NOTES.md, version
+#: 9). Off until the dense kernel's version is measured on a GPU (NOTES.md, version 10); set this,
+#: or DSA_REF_TRITON_INDEXER_KEYS_ON_ROWS=1, to run it.
+KEYS_ON_ROWS = False
 
 
 @triton.jit
@@ -34,6 +43,7 @@ def _indexer_kernel(
     stride_q_m, stride_q_h, stride_w_m, stride_k_n, stride_s_m,
     HAS_K_SCALE: tl.constexpr, FILL_MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, HEADS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    KEYS_ON_ROWS: tl.constexpr = False,
 ):
     """Scores of queries ``row_begin + [pid*BLOCK_M, (pid+1)*BLOCK_M)`` against all their keys.
 
@@ -62,23 +72,38 @@ def _indexer_kernel(
     hi = tl.max(b_end, axis=0)
     tile_lo = (lo // BLOCK_N) * BLOCK_N
     tile_hi = tl.where(hi > lo, hi, tile_lo)
-    p_scores_rows = p_scores + o_m.to(tl.int64)[:, None] * stride_s_m
+    p_scores_rows = p_scores + o_m.to(tl.int64)[:, None] * stride_s_m  # [BLOCK_M, 1]
+    p_scores_cols = p_scores + o_m.to(tl.int64)[None, :] * stride_s_m  # [1, BLOCK_M]
 
     for n in range(tile_lo, tile_hi, BLOCK_N):
         o_n = n + tl.arange(0, BLOCK_N)
         m_n = o_n < s_kv
         b_k = tl.load(p_k + o_n.to(tl.int64)[:, None] * stride_k_n + o_d[None, :],
                       mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        b_logits = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BLOCK_M*HEADS, BLOCK_N]   q_{i,h} . k_j, fp32
-        # ReLU that keeps NaN (the reference's np.maximum does), then the head weight.
-        b_gated = tl.maximum(b_logits, 0.0, propagate_nan=tl.PropagateNan.ALL) * b_w[:, None]
-        b_scores = tl.sum(tl.reshape(b_gated, (BLOCK_M, HEADS, BLOCK_N)), axis=1)  # [BLOCK_M, BLOCK_N]
-        if HAS_K_SCALE:
-            b_scale = tl.load(p_k_scale + o_n, mask=m_n, other=0.0).to(tl.float32)
-            b_scores = b_scores * b_scale[None, :]
-        m_visible = (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None])
-        b_scores = tl.where(m_visible, b_scores, float("-inf"))
-        tl.store(p_scores_rows + o_n[None, :], b_scores, mask=m_m[:, None] & m_n[None, :])
+        if KEYS_ON_ROWS:
+            # Keys on the product's rows, the stacked heads on its columns: the sum over a query's
+            # heads runs along an accumulator row, inside the four threads of a quad, instead of
+            # across the warps that hold the rows of one query's heads (NOTES.md, version 10).
+            b_logits = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M*HEADS]   k_j . q_{i,h}
+            b_gated = tl.maximum(b_logits, 0.0, propagate_nan=tl.PropagateNan.ALL) * b_w[None, :]
+            b_scores = tl.sum(tl.reshape(b_gated, (BLOCK_N, BLOCK_M, HEADS)), axis=2)  # [BLOCK_N, BLOCK_M]
+            if HAS_K_SCALE:
+                b_scale = tl.load(p_k_scale + o_n, mask=m_n, other=0.0).to(tl.float32)
+                b_scores = b_scores * b_scale[:, None]
+            m_visible = (o_n[:, None] >= b_start[None, :]) & (o_n[:, None] < b_end[None, :])
+            b_scores = tl.where(m_visible, b_scores, float("-inf"))
+            tl.store(p_scores_cols + o_n[:, None], b_scores, mask=m_n[:, None] & m_m[None, :])
+        else:
+            b_logits = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BLOCK_M*HEADS, BLOCK_N]   q_{i,h} . k_j, fp32
+            # ReLU that keeps NaN (the reference's np.maximum does), then the head weight.
+            b_gated = tl.maximum(b_logits, 0.0, propagate_nan=tl.PropagateNan.ALL) * b_w[:, None]
+            b_scores = tl.sum(tl.reshape(b_gated, (BLOCK_M, HEADS, BLOCK_N)), axis=1)  # [BLOCK_M, BLOCK_N]
+            if HAS_K_SCALE:
+                b_scale = tl.load(p_k_scale + o_n, mask=m_n, other=0.0).to(tl.float32)
+                b_scores = b_scores * b_scale[None, :]
+            m_visible = (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None])
+            b_scores = tl.where(m_visible, b_scores, float("-inf"))
+            tl.store(p_scores_rows + o_n[None, :], b_scores, mask=m_m[:, None] & m_n[None, :])
 
     if FILL_MASKED:
         # Keys outside every range of the block: -inf without computing anything.
@@ -108,7 +133,10 @@ def indexer_config(h_i: int, d_i: int, s_kv: int, dtype) -> dict:
     block_d = max(32 if fp8 else 16, triton.next_power_of_2(max(d_i, 1)))
     widest_n = 32 if dtype == torch.float32 else 64
     block_n = max(16, min(widest_n, triton.next_power_of_2(max(s_kv, 1))))
-    return dict(BLOCK_M=block_m, HEADS=heads, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=3)
+    # float32 keeps the heads on the rows: its 32-key tiles are too short for a warpgroup's 64 rows.
+    keys_on_rows = dtype != torch.float32 and kernel_switch(KEYS_ON_ROWS, "DSA_REF_TRITON_INDEXER_KEYS_ON_ROWS")
+    return dict(BLOCK_M=block_m, HEADS=heads, BLOCK_N=block_n, BLOCK_D=block_d, KEYS_ON_ROWS=keys_on_rows,
+                num_warps=4, num_stages=3)
 
 
 def lightning_indexer(q, weights, k, key_start, key_end, k_scale=None, *, out=None,
