@@ -14,7 +14,9 @@ candidate's outputs from the default's. The pairs:
   ones): one pass against two (``TritonBackend.chunked_topk``) at three chunk lengths, the first
   pass and its sort alone; the sets compared;
 * triton dense indexer (4096 x 32K causal-end, fp8 and bf16): heads on the product's rows against keys
-  on them (``indexer.KEYS_ON_ROWS``).
+  on them (``indexer.KEYS_ON_ROWS``);
+* cupy paged indexer at the decode step's shape (b 64, T 128K, next_n 1 and 2): mma.sync against
+  wgmma (``CupyBackend.paged_indexer_wgmma``).
 
 FLOP: forward 2·S·h·topk·(d_qk + d_v), backward 2·S·h·topk·(3·d_qk + 2·d_v). A candidate that fails is
 recorded with its error; it never stops the others. On a GPU machine, from a checkout::
@@ -33,7 +35,8 @@ from pathlib import Path
 from peers_training import relative, steady_ms  # the same steady-state timing and cross-check
 
 ROWS: list[dict] = []
-GROUPS = ("triton-forward", "cupy-forward", "triton-backward", "cupy-backward", "triton-topk", "triton-indexer")
+GROUPS = ("triton-forward", "cupy-forward", "triton-backward", "cupy-backward", "triton-topk", "triton-indexer",
+          "cupy-paged-indexer")
 
 
 def report(**row) -> None:
@@ -195,6 +198,28 @@ def main(argv: list[str] | None = None) -> int:
                                                               config={"KEYS_ON_ROWS": keys_on_rows}),),
                     reference=None if not keys_on_rows else rows.get(False))
             del q, k
+    if "cupy-paged-indexer" in groups:
+        import dsa_ref
+        from dsa_ref_backends.bench import decode_step_inputs
+        from dsa_ref_backends.cupy_cuda.backend import CupyBackend
+
+        # The decode step's indexer: b 64, T 128K, H_I 64, d_I 128, pages of 64 (next_n 1 and 2):
+        # indexer_paged_mma (mma.sync) against indexer_paged_wgmma (CupyBackend.paged_indexer_wgmma).
+        for next_n in (1, 2):
+            step = decode_step_inputs(torch, 64, 131072, next_n=next_n)
+            arguments = (step["q_index"], step["weights"], step["index_cache"], step["block_table"],
+                         step["context_lens"])
+            flop = 2.0 * 64 * next_n * 131072 * 64 * 128
+            shape = f"b=64 next_n={next_n} T=131072 H_I=64 d_I=128 block=64"
+            outputs = {}
+            for wgmma in (False, True):
+                backend = CupyBackend()
+                backend.paged_indexer_wgmma = wgmma
+                outputs[wgmma] = timed(
+                    torch, f"cupy paged indexer, {'wgmma' if wgmma else 'mma.sync'}", shape, flop,
+                    lambda: (dsa_ref.lightning_indexer_paged(*arguments, next_n=next_n, backend=backend),),
+                    reference=None if not wgmma else outputs.get(False))
+            del step, arguments
     args.out.write_text(json.dumps(ROWS, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

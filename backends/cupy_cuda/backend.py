@@ -93,6 +93,12 @@ class CupyBackend(Backend):
     #: DSA_REF_CUPY_PAGED_INDEXER=0, for the per-sequence launches.
     paged_indexer_kernel: bool = True
 
+    #: The paged indexer on Hopper's fp8 wgmma (``indexer_paged_wgmma`` in csrc/indexer_wgmma.cu: keys
+    #: on the product's rows, the heads of one or two queries on its columns) instead of
+    #: ``indexer_paged_mma``, for the inputs it covers (:func:`paged_indexer_path`). Off until it has run
+    #: on a GPU (backends/cupy_cuda/NOTES.md); set this, or DSA_REF_CUPY_PAGED_INDEXER_WGMMA=1, to run it.
+    paged_indexer_wgmma: bool = False
+
     #: Candidate keys top-k keeps in shared memory (8 bytes each, with the index): about 1.5 k are
     #: taken from one read of a row; rows the sample misjudges take slower paths (see topk.cu).
     #: Tests lower it to run those paths.
@@ -255,6 +261,18 @@ class CupyBackend(Backend):
         if rows == 0 or max_context_len == 0:
             return scores
         device_id = q.device.id
+        path = paged_indexer_path(h_i, d_i, block_size, _compute_capability(),
+                                  kernel_switch(self.paged_indexer_wgmma, "DSA_REF_CUPY_PAGED_INDEXER_WGMMA"))
+        if path == "wgmma":
+            queries = 1 if next_n == 1 else 2
+            smem = PAGED_INDEXER_WGMMA_SMEM[queries]
+            function = kernels.kernel("indexer_wgmma.cu", f"indexer_paged_wgmma<{queries}>", device_id, smem)
+            grid = (batch, -(-int(max_context_len) // PAGED_INDEXER_WGMMA_POSITIONS), -(-next_n // queries))
+            function(grid, (128,), (cupy.ascontiguousarray(q), weights, k_cache, table, lens, scores,
+                                    np.int32(num_blocks), np.int32(table.shape[1]), np.int32(block_size),
+                                    np.int32(next_n), np.int32(max_context_len), np.int32(h_i)),
+                     shared_mem=smem)
+            return scores
         m_tiles = (h_i + 15) // 16
         parts = (next_n + 1) // 2  # two queries of a sequence per block
         smem, grid, tiles_per_block = _indexer_mma_plan(m_tiles, d_i, 1, int(max_context_len), batch * parts)
@@ -606,6 +624,23 @@ def _device_attributes(device_id: int) -> dict:
     import cupy
 
     return {name: int(value) for name, value in cupy.cuda.Device(device_id).attributes.items()}
+
+
+#: Dynamic shared memory of indexer_paged_wgmma<QUERIES> (indexer_wgmma::Layout<QUERIES>::TOTAL: the
+#: queries' heads, four stages of 64 keys and their scales, and 1024 bytes to align the start).
+PAGED_INDEXER_WGMMA_SMEM = {1: 64 * 128 + 4 * (64 * 128 + 64 * 4) + 1024,
+                            2: 128 * 128 + 4 * (64 * 128 + 64 * 4) + 1024}
+#: Key positions a block of indexer_paged_wgmma covers (STEPS x KEYS in indexer_wgmma.cu).
+PAGED_INDEXER_WGMMA_POSITIONS = 16 * 64
+
+
+def paged_indexer_path(h_i: int, d_i: int, block_size: int, compute_capability: int, wgmma: bool) -> str:
+    """Which kernel scores a paged e4m3 cache that ``reads_pages_in_place`` took: ``"wgmma"`` (Hopper's
+    fp8 tensor cores; sm_90 only, one 128-byte row a key, at most 64 heads, a step's 64 positions in
+    one page) where chosen and possible, else ``"mma"``."""
+    if wgmma and compute_capability == 90 and d_i == 128 and 0 < h_i <= 64 and block_size % 64 == 0:
+        return "wgmma"
+    return "mma"
 
 
 def _compute_capability() -> int:

@@ -36,6 +36,7 @@ REPORT_DIR = Path(__file__).resolve().parent / "resource_usage"
 #: really runs on wgmma (HGMMA), with both of its shapes, rather than on a fallback.
 REQUIRED_SASS: dict[tuple[str, str], tuple[str, ...]] = {
     ("sparse_mla_wgmma.cu", "sm_90a"): ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16"),
+    ("indexer_wgmma.cu", "sm_90a"): ("QGMMA.64x64x32.F32.E4M3.E4M3", "QGMMA.64x128x32.F32.E4M3.E4M3"),
 }
 
 

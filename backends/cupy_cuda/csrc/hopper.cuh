@@ -99,6 +99,51 @@ __device__ __forceinline__ void wgmma_m64n256k16_bf16_b_mn_major(float (&d)[128]
         : "l"(a_descriptor), "l"(b_descriptor));
 }
 
+// D[64 x 64] += A[64 x 32] B[32 x 64], e4m3 in, fp32 accumulate (QGMMA); A and B in shared memory,
+// both K-major (fp8 wgmma reads K-major operands only: the instruction has no transpose flags).
+// Register layout as wgmma_m64n32k16_bf16's: d[4 j + 2 half + e] is (row + 8 half, 8 j + 2 (t % 4) + e).
+__device__ __forceinline__ void wgmma_m64n64k32_e4m3(float (&d)[32], u64 a_descriptor, u64 b_descriptor) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, 1, 1, 1;\n"
+        : DSA_ACC16(d, 0), DSA_ACC16(d, 16)
+        : "l"(a_descriptor), "l"(b_descriptor));
+}
+
+// D[64 x 128] += A[64 x 32] B[32 x 128], e4m3, as wgmma_m64n64k32_e4m3 with 16 column groups.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], u64 a_descriptor, u64 b_descriptor) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, 1, 1, 1;\n"
+        : DSA_ACC16(d, 0), DSA_ACC16(d, 16), DSA_ACC16(d, 32), DSA_ACC16(d, 48)
+        : "l"(a_descriptor), "l"(b_descriptor));
+}
+
+// The product of one 64-row A tile and an N-column B tile over K = 128 bytes of e4m3 (four k32
+// steps, each 32 bytes further along the 128-byte swizzled rows), into a zeroed accumulator.
+template <int N>
+__device__ __forceinline__ void wgmma_e4m3_k128(float (&d)[N / 2], u32 a_tile, u32 b_tile) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) d[i] = 0.0f;
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const u64 a = matrix_descriptor(a_tile + 32 * k, 16, 1024);
+        const u64 b = matrix_descriptor(b_tile + 32 * k, 16, 1024);
+        if constexpr (N == 64) wgmma_m64n64k32_e4m3(d, a, b);
+        else wgmma_m64n128k32_e4m3(d, a, b);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(d);
+}
+
 #undef DSA_ACC16
 #undef DSA_ACC4
 

@@ -1,0 +1,191 @@
+// Lightning indexer over a paged fp8 key cache on Hopper's fp8 tensor cores (wgmma; QGMMA in SASS):
+// the decode step's scores, as indexer_paged_mma in indexer.cu computes them,
+//   scores[b n + j, t] = scale(s(b, t)) sum_h w[b n + j, h] ReLU(q[b n + j, h] . k[s(b, t)])
+//                        for t <= context_lens[b] - n + j, -inf elsewhere,
+// with s(b, t) slot t % block_size of block block_table[b, t / block_size] and n = next_n.
+//
+// Why a second kernel. indexer_paged_mma runs on mma.sync, which has no fp8 rate on Hopper (its keys
+// are widened to f16 in registers), puts the heads on the product's rows (the sum over heads then
+// crosses lanes), and at next_n 1 leaves half of its warps on an empty query slot. Here:
+//
+// * The product is [64 keys, 128] x [128, 64 QUERIES]: the keys of a step are its rows (A) and the
+//   heads of the block's queries its columns (B), both e4m3 in shared memory, K-major with the
+//   128-byte swizzle (fp8 wgmma reads K-major operands only; a key is exactly one 128-byte row).
+//   In the accumulator a thread holds two key rows and, of each, columns 8 j + 2 (lane % 4) + {0, 1}:
+//   a key's sum over the heads of one query is the thread's own 16 (or 32) terms, then two shuffles
+//   inside its quad. The same layout took Triton's paged kernel from 0.92 to 0.39 ms on the H200
+//   (backends/torch_triton/NOTES.md, version 9).
+// * One warpgroup per block, every thread a copier: cp.async brings STAGES steps of keys (64 x 128
+//   bytes) and their scales ahead of the tensor cores; a step's 64 positions lie in one page
+//   (block_size a multiple of 64, DeepGEMM's and V3.2's layout), so the page is looked up once.
+// * Steps wholly past a sequence's context are written -inf without a load.
+//
+// Grid: x = sequences, y = runs of STEPS steps of 64 positions of max_context_len, z = groups of
+// QUERIES queries of a sequence (next_n > QUERIES). Taken by the host (CupyBackend.paged_indexer_wgmma)
+// for e4m3 queries with h_i <= 64 and d_I = 128, blocks of a multiple of 64 keys, on sm_90a.
+#include "hopper.cuh"
+
+using namespace dsa;
+
+namespace indexer_wgmma {
+constexpr int THREADS = 128;  // one warpgroup
+constexpr int KEYS = 64;      // key positions a step: the product's 64 rows
+constexpr int ROW = 128;      // bytes of a key or query head row: d_I e4m3 values, one swizzled row
+constexpr int STAGES = 4;     // steps of keys in flight
+constexpr int STEPS = 16;     // steps a block: 1024 positions
+constexpr int KEY_TILE = KEYS * ROW;           // 8 KiB, a multiple of the 1024-byte swizzle atom
+constexpr int SCALE_TILE = KEYS * 4;           // the step's float32 scales
+template <int QUERIES>
+struct Layout {  // offsets from the 1024-byte-aligned start of dynamic shared memory
+    static constexpr int Q = 0;                                // [64 QUERIES][ROW], swizzled
+    static constexpr int K = Q + 64 * QUERIES * ROW;           // [STAGES][KEYS][ROW], swizzled
+    static constexpr int SCALES = K + STAGES * KEY_TILE;       // [STAGES][KEYS] float
+    static constexpr int USED = SCALES + STAGES * SCALE_TILE;
+    static constexpr int TOTAL = USED + 1024;                  // what the launch asks for: room to align
+};
+}  // namespace indexer_wgmma
+
+template <int QUERIES>
+__global__ void __launch_bounds__(indexer_wgmma::THREADS)
+indexer_paged_wgmma(const u8* __restrict__ q,              // [b * next_n, h_i, 128] e4m3
+                    const float* __restrict__ weights,     // [b * next_n, h_i]
+                    const u8* __restrict__ cache,          // [num_blocks, block_size * 132]
+                    const int* __restrict__ block_table,   // [b, max_blocks]
+                    const int* __restrict__ context_lens,  // [b], in [next_n, max_blocks * block_size]
+                    float* __restrict__ scores,            // [b * next_n, max_context_len]
+                    int num_blocks, int max_blocks, int block_size, int next_n, int max_context_len, int h_i) {
+    using namespace indexer_wgmma;
+    using namespace hopper;
+    constexpr int N = 64 * QUERIES;  // the product's columns: QUERIES queries of 64 head slots
+    using L = Layout<QUERIES>;
+    extern __shared__ __align__(1024) u8 dynamic_smem[];
+    const u32 raw_base = smem_u32(dynamic_smem);
+    const u32 base = (raw_base + 1023u) & ~1023u;
+    u8* smem = dynamic_smem + (base - raw_base);
+    const float* scale_tiles = reinterpret_cast<const float*>(smem + L::SCALES);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int sequence = blockIdx.x;
+    const int first_query = blockIdx.z * QUERIES;  // of the sequence's next_n
+    const int first_position = blockIdx.y * STEPS * KEYS;
+    const int length = context_lens[sequence];
+    const u64 block_bytes = (u64)block_size * (ROW + 4);
+    // Steps holding a position of the context, and steps holding a column of the result at all.
+    const int live = max(0, min(STEPS, (length - first_position + KEYS - 1) / KEYS));
+    const int columns = max(0, min(STEPS, (max_context_len - first_position + KEYS - 1) / KEYS));
+
+    // The queries' heads, row j * 64 + h of the B tile; rows of absent heads or queries are zero.
+    for (int c = tid; c < N * (ROW / 16); c += THREADS) {
+        const int row = c / (ROW / 16), chunk = c % (ROW / 16);
+        const int j = row / 64, head = row % 64;
+        const bool valid = first_query + j < next_n && head < h_i;
+        const u8* src = q + (valid ? ((u64)(sequence * next_n + first_query + j) * h_i + head) * ROW + chunk * 16 : 0);
+        cp_async_16(base + L::Q + swizzle_128b(row, chunk), src, valid);
+    }
+    // The head weights of this thread's accumulator columns 8 jj + 2 (lane % 4) + e; 0 for absent
+    // heads, which the epilogue skips anyway (a NaN key times a zero query would still be NaN).
+    float w[N / 4];
+#pragma unroll
+    for (int jj = 0; jj < N / 8; ++jj)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int column = 8 * jj + 2 * (lane & 3) + e, j = column / 64, head = column % 64;
+            const bool valid = first_query + j < next_n && head < h_i;
+            w[2 * jj + e] = valid ? weights[(u64)(sequence * next_n + first_query + j) * h_i + head] : 0.0f;
+        }
+
+    // Step `step`'s keys and scales into stage `stage`: one page holds its 64 positions.
+    auto load_step = [&](int step, int stage) {
+        const int position = first_position + step * KEYS;
+        const int logical = position / block_size;
+        const int block = logical < max_blocks ? block_table[(u64)sequence * max_blocks + logical] : -1;
+        const bool present = block >= 0 && block < num_blocks;
+        const u8* page = cache + (present ? (u64)block * block_bytes : 0);
+        const int slot = position - logical * block_size;  // of the step's first position, a multiple of 64
+        for (int c = tid; c < KEYS * (ROW / 16); c += THREADS) {
+            const int row = c / (ROW / 16), chunk = c % (ROW / 16);
+            const bool valid = present && position + row < length;
+            cp_async_16(base + L::K + stage * KEY_TILE + swizzle_128b(row, chunk),
+                        page + (u64)(slot + row) * ROW + chunk * 16, valid);
+        }
+        if (tid < SCALE_TILE / 16)
+            cp_async_16(base + L::SCALES + stage * SCALE_TILE + tid * 16,
+                        page + (u64)block_size * ROW + (u64)(slot + 4 * tid) * 4, present);
+    };
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < live) load_step(s, s);
+        cp_async_commit();  // one group a step, empty or not, so that the waits below count steps
+    }
+
+    const int rows[2] = {warp * 16 + (lane >> 2), warp * 16 + (lane >> 2) + 8};  // this thread's key rows
+    for (int step = 0; step < live; ++step) {
+        const int stage = step % STAGES;
+        cp_async_wait<STAGES - 2>();  // this thread's copies of step `step` (and the queries) landed
+        fence_proxy_async_shared();   // ... and are visible to the tensor cores' (async) reads
+        __syncthreads();              // everyone's; and the stage refilled below is no longer read
+        if (step + STAGES - 1 < live) load_step(step + STAGES - 1, (step + STAGES - 1) % STAGES);
+        cp_async_commit();
+
+        float acc[N / 2];
+        wgmma_e4m3_k128<N>(acc, base + L::K + stage * KEY_TILE, base + L::Q);
+
+        const int position = first_position + step * KEYS;
+        const int logical = position / block_size;
+        const int block = logical < max_blocks ? block_table[(u64)sequence * max_blocks + logical] : -1;
+        const bool present = block >= 0 && block < num_blocks;
+        // A key's sum over each query's heads: the thread's own terms, then its quad's (all the
+        // shuffles before any store, so that no branch separates them).
+        float sums[2][QUERIES];
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int j = 0; j < QUERIES; ++j) {
+                float sum = 0.0f;
+#pragma unroll
+                for (int jj = j * 8; jj < j * 8 + 8; ++jj)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int head = 8 * (jj - j * 8) + 2 * (lane & 3) + e;
+                        const float term = w[2 * jj + e] * relu_keep_nan(acc[4 * jj + 2 * half + e]);
+                        sum += head < h_i ? term : 0.0f;  // a select: absent heads add nothing, not even NaN
+                    }
+                sums[half][j] = sum;
+            }
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int j = 0; j < QUERIES; ++j) {
+                sums[half][j] += __shfl_xor_sync(0xffffffffu, sums[half][j], 1);
+                sums[half][j] += __shfl_xor_sync(0xffffffffu, sums[half][j], 2);
+            }
+        if ((lane & 3) == 0) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int t = position + rows[half];
+                const float scale = scale_tiles[stage * KEYS + rows[half]];
+#pragma unroll
+                for (int j = 0; j < QUERIES; ++j) {
+                    const int query = first_query + j;
+                    if (query < next_n && t < max_context_len) {
+                        const bool visible = present && t < length && t <= length - next_n + query;
+                        scores[(u64)(sequence * next_n + query) * max_context_len + t] =
+                            visible ? sums[half][j] * scale : DSA_NEG_INF;
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // Steps past the context: no key, nothing loaded.
+    for (int step = live; step < columns; ++step) {
+        const int position = first_position + step * KEYS;
+        for (int i = tid; i < KEYS * QUERIES; i += THREADS) {
+            const int t = position + i % KEYS, query = first_query + i / KEYS;
+            if (query < next_n && t < max_context_len)
+                scores[(u64)(sequence * next_n + query) * max_context_len + t] = DSA_NEG_INF;
+        }
+    }
+}
