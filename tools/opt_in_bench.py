@@ -15,8 +15,9 @@ candidate's outputs from the default's. The pairs:
   pass and its sort alone; the sets compared;
 * triton dense indexer (4096 x 32K causal-end, fp8 and bf16): heads on the product's rows against keys
   on them (``indexer.KEYS_ON_ROWS``);
-* cupy paged indexer at the decode step's shape (b 64, T 128K, next_n 1 and 2): mma.sync against
-  wgmma (``CupyBackend.paged_indexer_wgmma``).
+* cupy indexers: the paged one at the decode step's shape (b 64, T 128K, next_n 1 and 2) and the
+  dense fp8 one at 4096 x 32K causal-end, mma.sync against wgmma (``CupyBackend.paged_indexer_wgmma``,
+  ``CupyBackend.indexer_wgmma``).
 
 FLOP: forward 2·S·h·topk·(d_qk + d_v), backward 2·S·h·topk·(3·d_qk + 2·d_v). A candidate that fails is
 recorded with its error; it never stops the others. On a GPU machine, from a checkout::
@@ -36,7 +37,7 @@ from peers_training import relative, steady_ms  # the same steady-state timing a
 
 ROWS: list[dict] = []
 GROUPS = ("triton-forward", "cupy-forward", "triton-backward", "cupy-backward", "triton-topk", "triton-indexer",
-          "cupy-paged-indexer")
+          "cupy-indexer")
 
 
 def report(**row) -> None:
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                                                               config={"KEYS_ON_ROWS": keys_on_rows}),),
                     reference=None if not keys_on_rows else rows.get(False))
             del q, k
-    if "cupy-paged-indexer" in groups:
+    if "cupy-indexer" in groups:
         import dsa_ref
         from dsa_ref_backends.bench import decode_step_inputs
         from dsa_ref_backends.cupy_cuda.backend import CupyBackend
@@ -220,6 +221,27 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: (dsa_ref.lightning_indexer_paged(*arguments, next_n=next_n, backend=backend),),
                     reference=None if not wgmma else outputs.get(False))
             del step, arguments
+        # The dense fp8 indexer at the speed issue's case (4096 queries at the end of a 32K causal
+        # context): indexer_mma against indexer_dense_wgmma (CupyBackend.indexer_wgmma).
+        s_q, s_kv = 4096, 32768
+        key_start = torch.zeros(s_q, dtype=torch.int32, device="cuda")
+        key_end = torch.arange(s_kv - s_q + 1, s_kv + 1, dtype=torch.int32, device="cuda")
+        q = torch.randn(s_q, 64, 128, device="cuda").to(torch.float8_e4m3fn)
+        k = torch.randn(s_kv, 128, device="cuda").to(torch.float8_e4m3fn)
+        weights = torch.randn(s_q, 64, device="cuda") / 8
+        k_scale = torch.rand(s_kv, device="cuda") + 0.5
+        flop = 2.0 * int(key_end.sum()) * 64 * 128
+        outputs = {}
+        for wgmma in (False, True):
+            backend = CupyBackend()
+            backend.indexer_wgmma = wgmma
+            outputs[wgmma] = timed(
+                torch, f"cupy dense fp8 indexer, {'wgmma' if wgmma else 'mma.sync'}",
+                f"s_q={s_q} s_kv={s_kv} causal-end H_I=64 d_I=128", flop,
+                lambda: (dsa_ref.lightning_indexer(q, weights, k, key_start=key_start, key_end=key_end,
+                                                   k_scale=k_scale, backend=backend),),
+                reference=None if not wgmma else outputs.get(False))
+        del q, k
     args.out.write_text(json.dumps(ROWS, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -76,7 +76,7 @@ if has peers; then
 fi
 if has opt-in; then
   step "opt-in kernels: GPU tests, sanitizers, timings beside the defaults"
-  OPT_IN_TESTS=$(ls tests/test_triton_gluon.py tests/test_cupy_backward_mma.py tests/test_cupy_wgmma.py tests/test_cupy_paged_indexer.py tests/test_triton_paged_indexer.py tests/test_cupy_paged_indexer_wgmma.py tests/test_triton_topk_chunked.py 2>/dev/null)
+  OPT_IN_TESTS=$(ls tests/test_triton_gluon.py tests/test_cupy_backward_mma.py tests/test_cupy_wgmma.py tests/test_cupy_paged_indexer.py tests/test_triton_paged_indexer.py tests/test_cupy_indexer_wgmma.py tests/test_triton_topk_chunked.py 2>/dev/null)
   # shellcheck disable=SC2086
   timeout 240 python3 -m pytest -v -p no:cacheprovider -n 4 -m gpu -rfE --tb=short $OPT_IN_TESTS \
     >"$OUT/opt_in_tests.log" 2>&1

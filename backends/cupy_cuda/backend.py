@@ -99,6 +99,12 @@ class CupyBackend(Backend):
     #: on a GPU (backends/cupy_cuda/NOTES.md); set this, or DSA_REF_CUPY_PAGED_INDEXER_WGMMA=1, to run it.
     paged_indexer_wgmma: bool = False
 
+    #: The dense indexer for fp8 queries and keys on Hopper's fp8 wgmma (``indexer_dense_wgmma`` in
+    #: csrc/indexer_wgmma.cu: the paged kernel's tiles over a contiguous ``k``) instead of
+    #: ``indexer_mma``, for the inputs :func:`dense_indexer_path` gives it. Off until it has run on a GPU;
+    #: set this, or DSA_REF_CUPY_INDEXER_WGMMA=1, to run it.
+    indexer_wgmma: bool = False
+
     #: Candidate keys top-k keeps in shared memory (8 bytes each, with the index): about 1.5 k are
     #: taken from one read of a row; rows the sample misjudges take slower paths (see topk.cu).
     #: Tests lower it to run those paths.
@@ -207,6 +213,16 @@ class CupyBackend(Backend):
         elem = {"bfloat16": kernels.ELEM_BF16, "float16": kernels.ELEM_F16,
                 "float8_e4m3fn": kernels.ELEM_E4M3}.get(q_dtype)
         dims_multiple = 32 if q_dtype == "float8_e4m3fn" else 16
+        wgmma = kernel_switch(self.indexer_wgmma, "DSA_REF_CUPY_INDEXER_WGMMA")
+        path = dense_indexer_path(q_dtype, k_dtype, h_i, d_i, _compute_capability() if wgmma else 0, wgmma)
+        if path == "wgmma":
+            k = k if k.data.ptr % 16 == 0 else k.copy()  # the kernel copies key rows 16 bytes at a time
+            function = kernels.kernel("indexer_wgmma.cu", "indexer_dense_wgmma<2>", device_id, INDEXER_WGMMA_SMEM[2])
+            grid = (-(-s_q // 2), -(-s_kv // INDEXER_WGMMA_POSITIONS))
+            function(grid, (128,), (q, weights, k, _nullable(k_scale), key_start, key_end, scores, np.int32(s_q),
+                                    np.int32(h_i), np.int32(s_kv)),
+                     shared_mem=INDEXER_WGMMA_SMEM[2])
+            return scores
         if elem is not None and q_dtype == k_dtype and 0 < h_i <= 64 and d_i % dims_multiple == 0 and d_i <= 256:
             m_tiles = (h_i + 15) // 16
             if elem == kernels.ELEM_E4M3:
@@ -261,13 +277,13 @@ class CupyBackend(Backend):
         if rows == 0 or max_context_len == 0:
             return scores
         device_id = q.device.id
-        path = paged_indexer_path(h_i, d_i, block_size, _compute_capability(),
-                                  kernel_switch(self.paged_indexer_wgmma, "DSA_REF_CUPY_PAGED_INDEXER_WGMMA"))
+        wgmma = kernel_switch(self.paged_indexer_wgmma, "DSA_REF_CUPY_PAGED_INDEXER_WGMMA")
+        path = paged_indexer_path(h_i, d_i, block_size, _compute_capability() if wgmma else 0, wgmma)
         if path == "wgmma":
             queries = 1 if next_n == 1 else 2
-            smem = PAGED_INDEXER_WGMMA_SMEM[queries]
+            smem = INDEXER_WGMMA_SMEM[queries]
             function = kernels.kernel("indexer_wgmma.cu", f"indexer_paged_wgmma<{queries}>", device_id, smem)
-            grid = (batch, -(-int(max_context_len) // PAGED_INDEXER_WGMMA_POSITIONS), -(-next_n // queries))
+            grid = (batch, -(-int(max_context_len) // INDEXER_WGMMA_POSITIONS), -(-next_n // queries))
             function(grid, (128,), (cupy.ascontiguousarray(q), weights, k_cache, table, lens, scores,
                                     np.int32(num_blocks), np.int32(table.shape[1]), np.int32(block_size),
                                     np.int32(next_n), np.int32(max_context_len), np.int32(h_i)),
@@ -626,12 +642,12 @@ def _device_attributes(device_id: int) -> dict:
     return {name: int(value) for name, value in cupy.cuda.Device(device_id).attributes.items()}
 
 
-#: Dynamic shared memory of indexer_paged_wgmma<QUERIES> (indexer_wgmma::Layout<QUERIES>::TOTAL: the
-#: queries' heads, four stages of 64 keys and their scales, and 1024 bytes to align the start).
-PAGED_INDEXER_WGMMA_SMEM = {1: 64 * 128 + 4 * (64 * 128 + 64 * 4) + 1024,
+#: Dynamic shared memory of the wgmma indexers for QUERIES stacked queries (indexer_wgmma::Layout<QUERIES>::TOTAL:
+#: the queries' heads, four stages of 64 keys and their scales, and 1024 bytes to align the start).
+INDEXER_WGMMA_SMEM = {1: 64 * 128 + 4 * (64 * 128 + 64 * 4) + 1024,
                             2: 128 * 128 + 4 * (64 * 128 + 64 * 4) + 1024}
-#: Key positions a block of indexer_paged_wgmma covers (STEPS x KEYS in indexer_wgmma.cu).
-PAGED_INDEXER_WGMMA_POSITIONS = 16 * 64
+#: Key positions a block of the wgmma indexers covers (STEPS x KEYS in indexer_wgmma.cu).
+INDEXER_WGMMA_POSITIONS = 16 * 64
 
 
 def paged_indexer_path(h_i: int, d_i: int, block_size: int, compute_capability: int, wgmma: bool) -> str:
@@ -641,6 +657,16 @@ def paged_indexer_path(h_i: int, d_i: int, block_size: int, compute_capability: 
     if wgmma and compute_capability == 90 and d_i == 128 and 0 < h_i <= 64 and block_size % 64 == 0:
         return "wgmma"
     return "mma"
+
+
+def dense_indexer_path(q_dtype: str, k_dtype: str, h_i: int, d_i: int, compute_capability: int, wgmma: bool) -> str:
+    """``"wgmma"`` where the dense indexer runs on ``indexer_dense_wgmma`` (chosen; sm_90; e4m3 queries and
+    keys of 128 dims, one 128-byte row each; at most 64 heads), else ``"other"`` (the mma.sync or
+    float32 kernels, as :meth:`CupyBackend.lightning_indexer` picks)."""
+    if (wgmma and compute_capability == 90 and q_dtype == k_dtype == "float8_e4m3fn" and d_i == 128
+            and 0 < h_i <= 64):
+        return "wgmma"
+    return "other"
 
 
 def _compute_capability() -> int:

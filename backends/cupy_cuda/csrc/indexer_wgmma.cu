@@ -45,6 +45,75 @@ struct Layout {  // offsets from the 1024-byte-aligned start of dynamic shared m
 };
 }  // namespace indexer_wgmma
 
+namespace indexer_wgmma {
+// The block's queries' heads into the B tile: row j * 64 + h holds head h of the block's query j
+// (global row first_row + j); rows of absent heads or queries are zero. Part of the first cp.async group.
+template <int QUERIES>
+__device__ __forceinline__ void load_query_tile(u32 q_tile, const u8* __restrict__ q, int first_row, int rows_valid,
+                                                int h_i) {
+    for (int c = threadIdx.x; c < 64 * QUERIES * (ROW / 16); c += THREADS) {
+        const int row = c / (ROW / 16), chunk = c % (ROW / 16);
+        const int j = row / 64, head = row % 64;
+        const bool valid = j < rows_valid && head < h_i;
+        const u8* src = q + (valid ? ((u64)(first_row + j) * h_i + head) * ROW + chunk * 16 : 0);
+        cp_async_16(q_tile + hopper::swizzle_128b(row, chunk), src, valid);
+    }
+}
+
+// The head weights of this thread's accumulator columns 8 jj + 2 (lane % 4) + e (w[2 jj + e]); 0 for
+// absent heads and queries.
+template <int QUERIES>
+__device__ __forceinline__ void load_head_weights(float (&w)[16 * QUERIES], const float* __restrict__ weights,
+                                                  int first_row, int rows_valid, int h_i) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int jj = 0; jj < 8 * QUERIES; ++jj)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int column = 8 * jj + 2 * (lane & 3) + e, j = column / 64, head = column % 64;
+            const bool valid = j < rows_valid && head < h_i;
+            w[2 * jj + e] = valid ? weights[(u64)(first_row + j) * h_i + head] : 0.0f;
+        }
+}
+
+// For this thread's two key rows (half 0, 1) and each query j: sum_h w ReLU(q . k), the thread's own
+// terms then its quad's. Absent heads are skipped by a select (a NaN key times a zero query must not
+// reach the sum), and every shuffle comes before any store so that no branch separates them.
+template <int QUERIES>
+__device__ __forceinline__ void quad_head_sums(float (&sums)[2][QUERIES], const float (&acc)[32 * QUERIES],
+                                               const float (&w)[16 * QUERIES], int h_i) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int j = 0; j < QUERIES; ++j) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int jj = j * 8; jj < j * 8 + 8; ++jj)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int head = 8 * (jj - j * 8) + 2 * (lane & 3) + e;
+                    const float term = w[2 * jj + e] * relu_keep_nan(acc[4 * jj + 2 * half + e]);
+                    sum += head < h_i ? term : 0.0f;
+                }
+            sums[half][j] = sum;
+        }
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int j = 0; j < QUERIES; ++j) {
+            sums[half][j] += __shfl_xor_sync(0xffffffffu, sums[half][j], 1);
+            sums[half][j] += __shfl_xor_sync(0xffffffffu, sums[half][j], 2);
+        }
+}
+
+// 1024-byte-aligned start of dynamic shared memory (the swizzle atoms must be aligned).
+__device__ __forceinline__ u32 aligned_smem_base(u8* dynamic_smem) {
+    const u32 raw_base = smem_u32(dynamic_smem);
+    return (raw_base + 1023u) & ~1023u;
+}
+}  // namespace indexer_wgmma
+
 template <int QUERIES>
 __global__ void __launch_bounds__(indexer_wgmma::THREADS)
 indexer_paged_wgmma(const u8* __restrict__ q,              // [b * next_n, h_i, 128] e4m3
@@ -59,10 +128,8 @@ indexer_paged_wgmma(const u8* __restrict__ q,              // [b * next_n, h_i, 
     constexpr int N = 64 * QUERIES;  // the product's columns: QUERIES queries of 64 head slots
     using L = Layout<QUERIES>;
     extern __shared__ __align__(1024) u8 dynamic_smem[];
-    const u32 raw_base = smem_u32(dynamic_smem);
-    const u32 base = (raw_base + 1023u) & ~1023u;
-    u8* smem = dynamic_smem + (base - raw_base);
-    const float* scale_tiles = reinterpret_cast<const float*>(smem + L::SCALES);
+    const u32 base = aligned_smem_base(dynamic_smem);
+    const float* scale_tiles = reinterpret_cast<const float*>(dynamic_smem + (base - smem_u32(dynamic_smem)) + L::SCALES);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int sequence = blockIdx.x;
@@ -74,25 +141,10 @@ indexer_paged_wgmma(const u8* __restrict__ q,              // [b * next_n, h_i, 
     const int live = max(0, min(STEPS, (length - first_position + KEYS - 1) / KEYS));
     const int columns = max(0, min(STEPS, (max_context_len - first_position + KEYS - 1) / KEYS));
 
-    // The queries' heads, row j * 64 + h of the B tile; rows of absent heads or queries are zero.
-    for (int c = tid; c < N * (ROW / 16); c += THREADS) {
-        const int row = c / (ROW / 16), chunk = c % (ROW / 16);
-        const int j = row / 64, head = row % 64;
-        const bool valid = first_query + j < next_n && head < h_i;
-        const u8* src = q + (valid ? ((u64)(sequence * next_n + first_query + j) * h_i + head) * ROW + chunk * 16 : 0);
-        cp_async_16(base + L::Q + swizzle_128b(row, chunk), src, valid);
-    }
-    // The head weights of this thread's accumulator columns 8 jj + 2 (lane % 4) + e; 0 for absent
-    // heads, which the epilogue skips anyway (a NaN key times a zero query would still be NaN).
+    const int first_row = sequence * next_n + first_query, rows_valid = min(QUERIES, next_n - first_query);
+    load_query_tile<QUERIES>(base + L::Q, q, first_row, rows_valid, h_i);
     float w[N / 4];
-#pragma unroll
-    for (int jj = 0; jj < N / 8; ++jj)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int column = 8 * jj + 2 * (lane & 3) + e, j = column / 64, head = column % 64;
-            const bool valid = first_query + j < next_n && head < h_i;
-            w[2 * jj + e] = valid ? weights[(u64)(sequence * next_n + first_query + j) * h_i + head] : 0.0f;
-        }
+    load_head_weights<QUERIES>(w, weights, first_row, rows_valid, h_i);
 
     // Step `step`'s keys and scales into stage `stage`: one page holds its 64 positions.
     auto load_step = [&](int step, int stage) {
@@ -135,31 +187,8 @@ indexer_paged_wgmma(const u8* __restrict__ q,              // [b * next_n, h_i, 
         const int logical = position / block_size;
         const int block = logical < max_blocks ? block_table[(u64)sequence * max_blocks + logical] : -1;
         const bool present = block >= 0 && block < num_blocks;
-        // A key's sum over each query's heads: the thread's own terms, then its quad's (all the
-        // shuffles before any store, so that no branch separates them).
         float sums[2][QUERIES];
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-#pragma unroll
-            for (int j = 0; j < QUERIES; ++j) {
-                float sum = 0.0f;
-#pragma unroll
-                for (int jj = j * 8; jj < j * 8 + 8; ++jj)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int head = 8 * (jj - j * 8) + 2 * (lane & 3) + e;
-                        const float term = w[2 * jj + e] * relu_keep_nan(acc[4 * jj + 2 * half + e]);
-                        sum += head < h_i ? term : 0.0f;  // a select: absent heads add nothing, not even NaN
-                    }
-                sums[half][j] = sum;
-            }
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-#pragma unroll
-            for (int j = 0; j < QUERIES; ++j) {
-                sums[half][j] += __shfl_xor_sync(0xffffffffu, sums[half][j], 1);
-                sums[half][j] += __shfl_xor_sync(0xffffffffu, sums[half][j], 2);
-            }
+        quad_head_sums<QUERIES>(sums, acc, w, h_i);
         if ((lane & 3) == 0) {
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
@@ -186,6 +215,112 @@ indexer_paged_wgmma(const u8* __restrict__ q,              // [b * next_n, h_i, 
             const int t = position + i % KEYS, query = first_query + i / KEYS;
             if (query < next_n && t < max_context_len)
                 scores[(u64)(sequence * next_n + query) * max_context_len + t] = DSA_NEG_INF;
+        }
+    }
+}
+
+// The dense indexer on the same tiles (what indexer_mma<ELEM_E4M3, .> computes for fp8 queries and
+// keys): scores[i, t] for t in [key_start[i], key_end[i]), -inf elsewhere in the row, k's rows 128 bytes
+// apart, k_scale [s_kv] or null (1). Grid: x = groups of QUERIES consecutive queries, y = runs of STEPS
+// steps of 64 keys; a run's steps outside the union of its queries' ranges are written -inf unread.
+// Scales are read from global memory before each product (the copies of the paged kernel's scale
+// tiles need a 16-byte-aligned run of 64, which the end of k does not give).
+template <int QUERIES>
+__global__ void __launch_bounds__(indexer_wgmma::THREADS)
+indexer_dense_wgmma(const u8* __restrict__ q,            // [s_q, h_i, 128] e4m3
+                    const float* __restrict__ weights,   // [s_q, h_i]
+                    const u8* __restrict__ k,            // [s_kv, 128] e4m3
+                    const float* __restrict__ k_scale,   // [s_kv] or null
+                    const int* __restrict__ key_start,   // [s_q]
+                    const int* __restrict__ key_end,     // [s_q]
+                    float* __restrict__ scores,          // [s_q, s_kv]
+                    int s_q, int h_i, int s_kv) {
+    using namespace indexer_wgmma;
+    using namespace hopper;
+    constexpr int N = 64 * QUERIES;
+    using L = Layout<QUERIES>;
+    extern __shared__ __align__(1024) u8 dynamic_smem[];
+    const u32 base = aligned_smem_base(dynamic_smem);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int first_row = blockIdx.x * QUERIES, rows_valid = min(QUERIES, s_q - first_row);
+    const int first_position = blockIdx.y * STEPS * KEYS;
+    int start[QUERIES], end[QUERIES];
+    int lo = 0x7fffffff, hi = 0;  // the union of the block's ranges
+#pragma unroll
+    for (int j = 0; j < QUERIES; ++j) {
+        start[j] = j < rows_valid ? key_start[first_row + j] : 0;
+        end[j] = j < rows_valid ? key_end[first_row + j] : 0;
+        if (start[j] < end[j]) {
+            lo = min(lo, start[j]);
+            hi = max(hi, end[j]);
+        }
+    }
+    // The run's steps that meet [lo, hi), and the steps that hold a column of the row at all.
+    const int first_step = hi > lo ? min(STEPS, max(0, (lo - first_position) / KEYS)) : STEPS;
+    const int last_step = hi > lo ? min(STEPS, max(0, (hi - first_position + KEYS - 1) / KEYS)) : 0;
+    const int columns = max(0, min(STEPS, (s_kv - first_position + KEYS - 1) / KEYS));
+
+    load_query_tile<QUERIES>(base + L::Q, q, first_row, rows_valid, h_i);
+    float w[N / 4];
+    load_head_weights<QUERIES>(w, weights, first_row, rows_valid, h_i);
+
+    auto load_step = [&](int step, int stage) {
+        const int position = first_position + step * KEYS;
+        for (int c = tid; c < KEYS * (ROW / 16); c += THREADS) {
+            const int row = c / (ROW / 16), chunk = c % (ROW / 16);
+            const bool valid = position + row < s_kv;
+            cp_async_16(base + L::K + stage * KEY_TILE + swizzle_128b(row, chunk),
+                        k + (u64)(position + row) * ROW + chunk * 16, valid);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (first_step + s < last_step) load_step(first_step + s, s);
+        cp_async_commit();  // one group a step, empty or not
+    }
+
+    const int rows[2] = {warp * 16 + (lane >> 2), warp * 16 + (lane >> 2) + 8};
+    for (int step = first_step; step < last_step; ++step) {
+        const int stage = (step - first_step) % STAGES;
+        cp_async_wait<STAGES - 2>();
+        fence_proxy_async_shared();
+        __syncthreads();
+        if (step + STAGES - 1 < last_step) load_step(step + STAGES - 1, (step - first_step + STAGES - 1) % STAGES);
+        cp_async_commit();
+
+        const int position = first_position + step * KEYS;
+        float scale[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {  // issued before the product, so that it hides them
+            const int t = position + rows[half];
+            scale[half] = k_scale != nullptr && t < s_kv ? k_scale[t] : 1.0f;
+        }
+        float acc[N / 2];
+        wgmma_e4m3_k128<N>(acc, base + L::K + stage * KEY_TILE, base + L::Q);
+        float sums[2][QUERIES];
+        quad_head_sums<QUERIES>(sums, acc, w, h_i);
+        if ((lane & 3) == 0) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int t = position + rows[half];
+#pragma unroll
+                for (int j = 0; j < QUERIES; ++j)
+                    if (j < rows_valid && t < s_kv)
+                        scores[(u64)(first_row + j) * s_kv + t] =
+                            t >= start[j] && t < end[j] ? sums[half][j] * scale[half] : DSA_NEG_INF;
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // The run's steps outside the union: -inf, nothing loaded.
+    for (int step = 0; step < columns; ++step) {
+        if (step >= first_step && step < last_step) continue;
+        const int position = first_position + step * KEYS;
+        for (int i = tid; i < KEYS * QUERIES; i += THREADS) {
+            const int t = position + i % KEYS, j = i / KEYS;
+            if (j < rows_valid && t < s_kv) scores[(u64)(first_row + j) * s_kv + t] = DSA_NEG_INF;
         }
     }
 }
