@@ -253,6 +253,20 @@ def test_topk_adapters_with_a_faithful_peer_pass_the_ci_run(kind):
     _passes(adapter(fake_topk(kind), device="cpu"), "topk_indices")
 
 
+def test_tilelang_topk_is_asked_for_powers_of_two_and_keeps_the_best():
+    asked = []
+
+    def tl_topk(scores, starts, ends, k):
+        asked.append(k)
+        return torch.topk(scores, k, dim=1).indices.flip(1).to(torch.int32)
+
+    adapter = adapters.TileLangTopK(types.SimpleNamespace(tl_topk=tl_topk, __name__="fake_tl"), device="cpu")
+    scores = torch.tensor([[0.5, 3.0, -1.0, 2.0, 2.0, 7.0, float("-inf"), 1.0]])
+    got = adapter.topk_indices(scores, 3)
+    assert asked == [16] and sorted(got[0].tolist()) == [1, 3, 5]  # 2.0 twice: the lower index, 3
+    assert adapter._kernel_k(17) == 32 and adapter._kernel_k(2048) == 2048 and adapter._kernel_k(1) == 16
+
+
 def test_topk_adapter_fails_a_peer_that_selects_masked_keys():
     def selects_anything(scores, starts, ends, k):  # ranks every key, -inf included, and keeps out-of-row ones
         return torch.arange(k, dtype=torch.int32).repeat(scores.shape[0], 1)
