@@ -256,9 +256,19 @@ def _wrapped_cuda_tensor(cupy, x: Any):
     if dtype is None or x.layout is not torch.strided or x.is_nested or x.is_neg() or x.is_conj():
         return None
     device = x.get_device()
-    if cupy.cuda.get_current_stream(device).ptr != torch_stream_pointer(device):
+    if _cupy_current_stream_pointer(cupy, device) != torch_stream_pointer(device):
         return None
     return _cupy_array_over(cupy, x, dtype, device)
+
+
+def _cupy_current_stream_pointer(cupy, device: int) -> int:
+    """CuPy's current stream on ``device``: ``get_current_stream`` takes a device from CuPy 13 on;
+    before, only the current device's stream can be asked for."""
+    try:
+        return cupy.cuda.get_current_stream(device).ptr
+    except TypeError:
+        with cupy.cuda.Device(device):
+            return cupy.cuda.get_current_stream().ptr
 
 
 def _cupy_array_over(cupy, x: Any, dtype: np.dtype, device: int):

@@ -507,3 +507,28 @@ def test_a_tensor_on_another_device():
     assert out.device == q.device
     torch.testing.assert_close(out.cpu().double(), ref_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("takes_a_device", [True, False])
+def test_cupys_current_stream_is_read_on_the_tensors_device_on_every_cupy(takes_a_device):
+    """CuPy 13+ takes the device; CuPy 12's get_current_stream takes none (the device is made current)."""
+    entered = []
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            return False
+
+    def get_current_stream(*device):
+        if device and not takes_a_device:
+            raise TypeError("get_current_stream() takes no arguments (1 given)")
+        return types.SimpleNamespace(ptr=1000 + (device[0] if device else entered[-1]))
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(get_current_stream=get_current_stream, Device=Device))
+    assert interop._cupy_current_stream_pointer(fake, 3) == 1003
+    assert entered == ([] if takes_a_device else [3])
