@@ -53,6 +53,18 @@ def test_two_passes_give_the_references_set(kind, s_kv, chunk):
         assert sorted(got_row.tolist()) == sorted(expected_row.tolist()), f"row {row}: ties must keep the lower index"
 
 
+def test_ties_keep_the_lower_index_when_the_first_pass_refines_over_its_rows(monkeypatch):
+    """With a scratch row of 16 candidates, each chunk's threshold bin overflows it and the first pass
+    takes its row-refining path: its keys of one score must come out in index order there too."""
+    device = _runs_here()
+    monkeypatch.setattr(topk_kernel, "CANDIDATES", 16)
+    scores = _scores("ties", 2, 256, seed=9)
+    got = topk_kernel.topk_indices_in_chunks(torch.from_numpy(scores).to(device), 24, 64).cpu().numpy()
+    expected = reference.topk_indices(scores, 24)
+    for row, (got_row, expected_row) in enumerate(zip(got, expected)):
+        assert sorted(got_row.tolist()) == sorted(expected_row.tolist()), f"row {row}"
+
+
 def test_a_strided_score_buffer_is_read_as_its_rows():
     device = _runs_here()
     wide = torch.from_numpy(_scores("ties", 2, 512, seed=3)).to(device)

@@ -273,9 +273,11 @@ def topk_indices_in_chunks(scores, topk: int, chunk: int):
     program each), then the top-k of those ``ceil(s_kv / chunk) * topk`` candidates.
 
     Exact: a key of the row's top-k is beaten by fewer than ``topk`` keys of the row, so by fewer than
-    ``topk`` keys of its chunk, and is among its chunk's candidates. Ties keep the lower index: each
-    chunk's candidates are sorted by index and the chunks laid out in order, so the second pass's
-    lower candidate position is the lower key index. Device work only (no host synchronization).
+    ``topk`` keys of its chunk, and is among its chunk's candidates. Ties keep the lower index: the first
+    pass writes a chunk's keys of one score in index order (they share a coarse bin, and each bin's keys
+    are written in index order), padding last, and the chunks are laid out in order, so among equal
+    scores the second pass's lower candidate position is the lower key index; no sort is needed. Device
+    work only (no host synchronization).
     """
     rows, s_kv = scores.shape
     chunks = triton.cdiv(s_kv, chunk)
@@ -285,8 +287,7 @@ def topk_indices_in_chunks(scores, topk: int, chunk: int):
         padded = torch.full((rows, chunks * chunk), float("-inf"), dtype=torch.float32, device=scores.device)
         padded[:, :s_kv] = scores  # [rows, chunks * chunk]   -inf past the row: never selected
         scores = padded
-    local = topk_indices(scores.view(rows * chunks, chunk), topk)  # [rows * chunks, topk]   -1 padding
-    local = torch.sort(local, dim=1).values.view(rows, chunks, topk)  # -1 first, then ascending
+    local = topk_indices(scores.view(rows * chunks, chunk), topk).view(rows, chunks, topk)  # -1 padding last
     offset = torch.arange(chunks, device=scores.device, dtype=torch.int32).mul_(chunk)[None, :, None]
     candidates = torch.where(local >= 0, local + offset, -1).view(rows, chunks * topk)  # [rows, C]   key indices
     candidate_scores = torch.where(candidates >= 0, scores.gather(1, candidates.clamp(min=0).long()),
