@@ -135,8 +135,8 @@ class Backend:
         return None
 
     def to_native(self, x: Any) -> Any:
-        """Convert an array of any supported kind to this backend's array type (no copy
-        when it already is one, DLPack where a copy can be avoided)."""
+        """Convert an array of any supported kind to this backend's array type (no copy when it
+        already is one, nor between GPU libraries: :func:`dsa_ref.interop.convert`)."""
         return interop.convert(x, self.array_kind, self.device())
 
     # ------------------------------------------------------------------ the ops

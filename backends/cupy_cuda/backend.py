@@ -6,7 +6,8 @@ Arrays are CuPy arrays. CuPy has no bfloat16 or float8 dtype, so, as everywhere 
 KV of :meth:`sparse_mla`, where ``uint8 [s_kv, 656]`` is the packed FP8 cache. No other meaning
 of those integer dtypes is valid for the float inputs of these ops, so the carrier dtype alone
 says what the data is; nothing needs to travel beside the array. The methods also accept NumPy
-and PyTorch arrays (PyTorch CUDA tensors are taken through DLPack, without a copy).
+and PyTorch arrays (a PyTorch CUDA tensor's memory is wrapped in place where CuPy runs on torch's
+stream, through DLPack otherwise; without a copy either way: :mod:`dsa_ref.interop`).
 
 Which kernel runs (all compute the same function; see csrc/*.cu):
 
@@ -645,7 +646,7 @@ def _device_attributes(device_id: int) -> dict:
 #: Dynamic shared memory of the wgmma indexers for QUERIES stacked queries (indexer_wgmma::Layout<QUERIES>::TOTAL:
 #: the queries' heads, four stages of 64 keys and their scales, and 1024 bytes to align the start).
 INDEXER_WGMMA_SMEM = {1: 64 * 128 + 4 * (64 * 128 + 64 * 4) + 1024,
-                            2: 128 * 128 + 4 * (64 * 128 + 64 * 4) + 1024}
+                      2: 128 * 128 + 4 * (64 * 128 + 64 * 4) + 1024}
 #: Key positions a block of the wgmma indexers covers (STEPS x KEYS in indexer_wgmma.cu).
 INDEXER_WGMMA_POSITIONS = 16 * 64
 
