@@ -255,6 +255,80 @@ def test_hooks_callable_grids_and_constexprs_by_position_take_the_plain_launch(t
     assert len(direct) == 2
 
 
+# --------------------------------------------------------------------------- options made once
+def test_equal_keyword_arguments_give_one_options_object_and_types_tell_them_apart():
+    a = launch.launch_options(BLOCK=32, FLAG=True, num_warps=4)
+    assert launch.launch_options(BLOCK=32, FLAG=True, num_warps=4) is a
+    assert launch.launch_options(BLOCK=32, FLAG=1, num_warps=4) is not a  # == True, another constexpr
+    assert launch.launch_options(BLOCK=64, FLAG=True, num_warps=4) is not a
+    assert launch.launch_options(FLAG=True, BLOCK=32, num_warps=4) is not a  # another order: a key of its own
+    assert dict(a.kwargs) == dict(BLOCK=32, FLAG=True, num_warps=4) and a.cacheable
+    with pytest.raises(TypeError):
+        a.kwargs["BLOCK"] = 64  # the cache keys on what it was made with
+    unhashable = launch.launch_options(BLOCK=[32])
+    assert not unhashable.cacheable and launch.launch_options(BLOCK=[32]) is not unhashable
+
+
+@needs_release
+def test_launch_with_options_is_the_keyword_call(toy):
+    launcher, plain, direct = toy
+    x, misaligned = _aligned_pair()
+    options = launch.launch_options(BLOCK=32, num_warps=4)
+    launcher.launch(options, (3, 2), x, 64, 0.5)
+    assert len(plain) == 1 and not direct
+    assert plain[0][1] == (x, 64, 0.5) and plain[0][2] == dict(BLOCK=32, num_warps=4)
+    launcher.launch(options, (5, 2), x, 80, 0.25)
+    assert direct == [(5, 2, 1, 7000, 1234, (4, 1, 0), None, None, None, x, 80, 0.25, 32, True)]
+    launcher((5, 2), x, 80, 0.25, BLOCK=32, num_warps=4)  # the same options: the same cached kernel
+    assert len(plain) == 1 and len(direct) == 2
+    launcher.launch(options, (5, 2), misaligned, 80, 0.25)  # a new signature
+    assert len(plain) == 2 and len(direct) == 2
+    launcher.launch(launch.launch_options(BLOCK=64, num_warps=4), (5, 2), x, 80, 0.25)
+    assert len(plain) == 3 and len(direct) == 2
+
+
+@needs_release
+def test_unhashable_options_always_take_the_plain_launch(toy):
+    launcher, plain, direct = toy
+    x, _ = _aligned_pair()
+    options = launch.launch_options(BLOCK=32, FLAG=[1])
+    for _ in range(3):
+        launcher.launch(options, (1,), x, 64, 0.5)
+    launcher((1,), x, 64, 0.5, BLOCK=32, FLAG=[1])
+    assert len(plain) == 4 and not direct
+
+
+@needs_release
+def test_options_made_before_the_table_starts_over_stay_cached(toy, monkeypatch):
+    launcher, plain, direct = toy
+    x, _ = _aligned_pair()
+    monkeypatch.setattr(launch, "OPTIONS_LIMIT", 2)
+    monkeypatch.setattr(launch, "_OPTIONS", {})
+    old = launch.launch_options(BLOCK=32)
+    launcher.launch(old, (1,), x, 64, 0.5)
+    launch.launch_options(BLOCK=16)
+    launch.launch_options(BLOCK=8)  # the table is full: it starts over
+    new = launch.launch_options(BLOCK=32)
+    assert new is not old
+    launcher.launch(old, (1,), x, 64, 0.5)
+    assert len(plain) == 1 and len(direct) == 1
+    launcher.launch(new, (1,), x, 64, 0.5)  # a new object: a new entry, found by the plain launch once
+    launcher.launch(new, (1,), x, 64, 0.5)
+    assert len(plain) == 2 and len(direct) == 2
+
+
+def test_the_forward_binds_its_launch_options_with_its_plan():
+    plan = sparse_mla._launch_plan(1, 64, 2048, 512, 576, True, torch.bfloat16, torch.device("cpu"), False, True)
+    splits, _, common, options, combine = plan
+    assert splits > 1
+    assert dict(options.kwargs) == dict(SPLIT=True, **common)
+    assert dict(combine.kwargs) == dict(HAS_SINK=True, BLOCK_H=common["BLOCK_H"], D_V=common["D_V"], num_warps=4)
+    one = sparse_mla._launch_plan(128, 128, 2048, 512, 576, True, torch.bfloat16, torch.device("cpu"), False, False)
+    assert one[0] == 1 and dict(one[3].kwargs) == dict(SPLIT=False, **one[2]) and one[4] is None
+    # The tuning path makes its options per call: equal ones are the same object, so it stays cached.
+    assert sparse_mla._launch_options(splits, dict(common), True)[0] is options
+
+
 def test_other_releases_and_the_interpreter_always_take_the_plain_launch(monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 

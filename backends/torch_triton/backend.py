@@ -76,11 +76,14 @@ class TritonBackend(Backend):
         return []
 
     def device(self) -> Any:
-        import torch
+        # Read every call (the interpreter is chosen by the environment); the device objects are made once.
+        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        device = _DEVICES.get(interpret)
+        if device is None:
+            import torch
 
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            return torch.device("cpu")
-        return torch.device("cuda")
+            device = _DEVICES[interpret] = torch.device("cpu" if interpret else "cuda")
+        return device
 
     def not_supported_reasons(self, op: str, **inputs: Any) -> list[str]:
         reasons = super().not_supported_reasons(op, **inputs)
@@ -180,13 +183,18 @@ class TritonBackend(Backend):
         return topk_kernel.topk_indices(scores, int(topk))
 
     def sparse_mla(self, q, kv, indices, *, sm_scale: float, d_v: int, topk_length, attn_sink):
-        from . import sparse_mla
+        import torch
 
+        kernels = _sparse_mla_module or _load_sparse_mla_module()
         q, kv = _sparse_mla_operands(q, kv)
-        kernel = forward_kernel(kernel_switch(self.hopper_forward, "DSA_REF_TRITON_GLUON"),
-                                q, kv, int(d_v), indices, topk_length, attn_sink)
-        return sparse_mla.sparse_mla(q, kv, indices, float(sm_scale), int(d_v), topk_length, attn_sink,
-                                     kernel=kernel)
+        d_v = int(d_v)
+        # The Gluon kernel takes bf16 rows only (forward_kernel's first test): the FP8 decode reads no
+        # switch from the environment.
+        kernel = "tl"
+        if q.dtype == kv.dtype == torch.bfloat16:
+            kernel = forward_kernel(kernel_switch(self.hopper_forward, "DSA_REF_TRITON_GLUON"),
+                                    q, kv, d_v, indices, topk_length, attn_sink)
+        return kernels.sparse_mla(q, kv, indices, float(sm_scale), d_v, topk_length, attn_sink, kernel=kernel)
 
     def sparse_mla_backward(self, q, kv, indices, out, lse, d_out, *, sm_scale: float, d_v: int, topk_length,
                             attn_sink, d_lse, deterministic: bool):
@@ -292,3 +300,18 @@ def _sparse_mla_operands(q, kv):
     if kv.dtype == torch.uint8:
         return (q if q.dtype in (torch.bfloat16, torch.float32) else q.to(torch.float32)), kv
     return _common_dot_dtype(q, kv)
+
+
+#: The devices :meth:`TritonBackend.device` returns, by "under the interpreter" (torch imported late).
+_DEVICES: dict = {}
+#: The kernel module of the sparse MLA forward, once imported: a ``from . import`` in the method would
+#: run importlib's Python code every call (this module imports no kernel module until one runs).
+_sparse_mla_module = None
+
+
+def _load_sparse_mla_module():
+    global _sparse_mla_module
+    from . import sparse_mla
+
+    _sparse_mla_module = sparse_mla
+    return sparse_mla

@@ -32,12 +32,18 @@ The signature (what Triton 3.6.0 compiles a kernel apart for), from :func:`argum
   ``[-2**31, 2**31)``, i64 in ``[-2**63, 2**63)``, u64 up to ``2**64 - 1``) and whether it is a
   multiple of 16;
 - a float (always fp32), a bool (u1), ``None`` (a constexpr): the type alone;
-- the keyword arguments (constexprs and options such as ``num_warps``): names, types and values;
+- the keyword arguments (constexprs and options such as ``num_warps``): names, types and values,
+  standing in the key as one :class:`LaunchOptions` object per distinct set (:func:`launch_options`);
 - the current device, and the kernel's and the runtime's ``debug`` and instrumentation mode (the
   options ``JITFunction.run`` adds).
 
 That is what Triton's own in-memory cache keys on (the specialization and the raw options), so a
 kernel found here is the one ``kernel[grid]`` would launch.
+
+Per call, the key's keyword part is the cost a launch site can move out of the loop: a site whose
+keyword arguments follow from a cached plan makes their :class:`LaunchOptions` with the plan and
+calls ``launcher.launch(options, grid, *args)``; ``launcher(grid, *args, **kwargs)`` finds the
+options of its keyword arguments every call.
 
 Where the plain ``kernel[grid](...)`` runs instead, every call: another Triton release than 3.6
 (whose ``run`` this repeats); a kernel that is not a ``JITFunction`` with the stock ``run`` (under
@@ -50,6 +56,8 @@ changed since the compile (Triton raises then).
 """
 
 from __future__ import annotations
+
+from types import MappingProxyType
 
 import torch
 import triton
@@ -117,17 +125,54 @@ def _plain_only_reason(fn) -> str | None:
     return None
 
 
-def _hooks_idle(runtime) -> bool:
-    """No launch hook is set: triton 3.6 keeps them as (usually empty) chains of callables."""
-    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return False
-    return True
+class LaunchOptions:
+    """The keyword arguments of a launch (constexprs, and options such as ``num_warps``), fixed:
+    ``launcher.launch(options, grid, *args)`` launches as ``launcher(grid, *args, **options.kwargs)``.
+
+    Made by :func:`launch_options`, which hands out one object per distinct set of keyword arguments
+    (their names in order, each value's type and the value: what tells launches apart for Triton), so
+    the launcher's cache keys on the object itself. A call site that makes its options once (per
+    launch plan) then pays nothing per call for its keyword arguments: no dict to build, no tuples of
+    names, types and values, and no hashing of the values (a ``tl.dtype`` hashes in Python).
+    """
+
+    __slots__ = ("kwargs", "cacheable")
+
+    def __init__(self, kwargs: dict, cacheable: bool):
+        self.kwargs = MappingProxyType(dict(kwargs))  # read-only: the cache keys on what it was made with
+        #: False when a value is unhashable: such launches always take the plain ``kernel[grid]``.
+        self.cacheable = cacheable
+
+    def __repr__(self):
+        return f"LaunchOptions({', '.join(f'{k}={v!r}' for k, v in self.kwargs.items())})"
+
+
+_OPTIONS: dict = {}
+#: Distinct keyword-argument sets kept before :func:`launch_options` starts over. Options made before
+#: then stay valid (the launcher's cache holds them); an equal set made after is a new object, whose
+#: first launch is the plain one again.
+OPTIONS_LIMIT = 1024
+
+
+def launch_options(**kwargs) -> LaunchOptions:
+    """The :class:`LaunchOptions` of these keyword arguments: the same object for equal ones."""
+    content = (tuple(kwargs), tuple(map(type, kwargs.values())), tuple(kwargs.values()))
+    try:
+        options = _OPTIONS.get(content)
+    except TypeError:  # an unhashable value
+        return LaunchOptions(kwargs, False)
+    if options is None:
+        if len(_OPTIONS) >= OPTIONS_LIMIT:
+            _OPTIONS.clear()
+        options = _OPTIONS[content] = LaunchOptions(kwargs, True)
+    return options
 
 
 class CachedLauncher:
     """``launcher(grid, *args, **kwargs)`` launches ``fn`` as ``fn[grid](*args, **kwargs)`` does, with
-    the compiled kernel of a signature seen before launched directly (see the module docstring)."""
+    the compiled kernel of a signature seen before launched directly (see the module docstring);
+    ``launcher.launch(options, grid, *args)`` does the same with the keyword arguments made once, as
+    :class:`LaunchOptions`."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -147,37 +192,56 @@ class CachedLauncher:
     def __call__(self, grid, *args, **kwargs):
         if self.plain_only is not None:
             return self.fn[grid](*args, **kwargs)
+        return self._launch(launch_options(**kwargs), kwargs, grid, args)
+
+    def launch(self, options: LaunchOptions, grid, *args):
+        """``self(grid, *args, **options.kwargs)``."""
+        if self.plain_only is not None:
+            return self.fn[grid](*args, **options.kwargs)
+        return self._launch(options, options.kwargs, grid, args)
+
+    def _launch(self, options, kwargs, grid, args):
+        """The launch of ``args`` and ``kwargs``, whose options are ``options``; ``kwargs`` is what a
+        plain launch is handed (the caller's own keyword arguments)."""
         fn, knobs = self.fn, self._knobs
         runtime = knobs.runtime
-        if fn.pre_run_hooks or not _hooks_idle(runtime) or grid.__class__ is not tuple:
+        # Triton 3.6 keeps the launch hooks as chains of callables, usually empty: any callable in one
+        # (a profiler's) must see the launch, which only the plain path reports.
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+        if (fn.pre_run_hooks or grid.__class__ is not tuple or not options.cacheable
+                or (enter is not None and getattr(enter, "calls", True))
+                or (leave is not None and getattr(leave, "calls", True))):
             return fn[grid](*args, **kwargs)
         positional = argument_key(args)
         if positional is None:
             return fn[grid](*args, **kwargs)
         active = self._driver.active
         device = active.get_current_device()
-        key = (device, positional, tuple(kwargs), tuple(map(type, kwargs.values())), tuple(kwargs.values()),
-               fn.debug, runtime.debug, knobs.compilation.instrumentation_mode)
-        try:
-            entry = self._kernels.get(key)
-        except TypeError:  # an unhashable keyword value
-            return fn[grid](*args, **kwargs)
+        # ``options`` stands for the keyword arguments' names, types and values (launch_options makes
+        # one object per distinct set), and hashes as an object: by identity, in C.
+        key = (device, positional, options, fn.debug, runtime.debug, knobs.compilation.instrumentation_mode)
+        entry = self._kernels.get(key)
         if entry is None:
             return self._first_launch(key, grid, args, kwargs)
         if entry is False:
             return fn[grid](*args, **kwargs)
-        kernel, tail = entry
+        kernel, run, function, metadata, tail = entry
         for (name, _), (value, namespace) in fn.used_global_vals.items():
             if namespace.get(name, _MISSING) != value:
                 return fn[grid](*args, **kwargs)  # Triton raises: the global changed since the compile
         size = len(grid)
-        kernel.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, active.get_current_stream(device),
-                   kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+        if size == 3:
+            grid_0, grid_1, grid_2 = grid
+        else:
+            grid_0, grid_1, grid_2 = grid[0], grid[1] if size > 1 else 1, 1
+        run(grid_0, grid_1, grid_2, active.get_current_stream(device), function, metadata, None, None, None,
+            *args, *tail)
         return kernel
 
     def _first_launch(self, key, grid, args, kwargs):
-        """The plain launch, and what later calls of ``key`` need: the kernel it launched and the
-        parameters after the positional ones (defaults filled in), or False for "plain again"."""
+        """The plain launch, and what later calls of ``key`` need: the kernel it launched, its launcher,
+        function and packed metadata, and the parameters after the positional ones (defaults filled
+        in); or False for "plain again"."""
         from triton.compiler import CompiledKernel
 
         kernel = self.fn[grid](*args, **kwargs)
@@ -190,7 +254,9 @@ class CachedLauncher:
                 if value is _MISSING:
                     value = param.default
                 tail.append(value)
-            entry = (kernel, tuple(tail))
+            # The launcher itself (``kernel.run``, a property) is set once its handles are loaded, which
+            # the plain launch did.
+            entry = (kernel, kernel.run, kernel.function, kernel.packed_metadata, tuple(tail))
         if len(self._kernels) >= CACHE_LIMIT:
             self._kernels.clear()
         self._kernels[key] = entry

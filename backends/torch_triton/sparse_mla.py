@@ -35,7 +35,7 @@ import triton.language as tl
 
 from dsa_ref.reference.formats import KV_LATENT_DIM, KV_ROPE_DIM, KV_SCALE_BLOCK
 
-from .launch import CachedLauncher
+from .launch import CachedLauncher, launch_options
 from .precision import dot_precision
 
 LOG2E = 1.4426950408889634
@@ -238,9 +238,10 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
     ``tl.dot`` one (the backend's default on Hopper where it applies; called here directly, it raises
     ValueError with the reasons when it does not apply).
     """
-    if kernel not in SPARSE_MLA_KERNELS:
-        raise ValueError(f"kernel={kernel!r} is not a valid sparse MLA kernel; available: {list(SPARSE_MLA_KERNELS)}")
-    if kernel == "gluon":
+    if kernel != "tl":
+        if kernel not in SPARSE_MLA_KERNELS:
+            raise ValueError(f"kernel={kernel!r} is not a valid sparse MLA kernel; "
+                             f"available: {list(SPARSE_MLA_KERNELS)}")
         if num_splits is not None or config is not None:
             raise ValueError("num_splits and config tune the 'tl' kernel; kernel='gluon' takes neither")
         from .sparse_mla_gluon import sparse_mla_gluon
@@ -266,6 +267,7 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
         indices = indices.contiguous()
         index_stride = indices.stride()
     compute_dtype = q.dtype  # with the FP8 cache: bf16 or float32 (the cache dequantizes exactly into either)
+    # The outputs are the caller's, one allocation each: a custom op's outputs may not share memory.
     out = torch.empty((s_q, h, d_v), dtype=torch.float32, device=device)
     lse = torch.empty((s_q, h), dtype=torch.float32, device=device)
     if s_q == 0 or h == 0:
@@ -275,39 +277,42 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
     if attn_sink is not None:
         attn_sink = attn_sink.to(torch.float32).contiguous()
     if config is None and num_splits is None:  # every decode step: the same launch, computed once
-        splits, slots_per_split, common = _launch_plan(s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, device,
-                                                       topk_length is not None, attn_sink is not None)
+        splits, slots_per_split, common, options, combine_options = _launch_plan(
+            s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, device, topk_length is not None, attn_sink is not None)
     else:
         splits, slots_per_split, common = _plan(s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, device,
                                                 topk_length is not None, attn_sink is not None, num_splits, config)
+        options, combine_options = _launch_options(splits, common, attn_sink is not None)
     block_h = common["BLOCK_H"]
     grid = (s_q, (h + block_h - 1) // block_h, splits)  # not triton.cdiv: a constexpr function, ~3 us a call
     scale_log2 = sm_scale * LOG2E
     dummy = lse  # for the pointers the kernel does not read
     lengths = dummy if topk_length is None else topk_length
     sink = dummy if attn_sink is None else attn_sink
-    out_stride = out.stride()
+    # The strides of the fresh contiguous outputs, as torch gives them (a size-0 dimension counts as 1).
+    row = max(d_v, 1)
+    head_stride, query_stride = row, h * row
     if splits == 1:
-        _sparse_mla_launch(
-            grid, q, kv, indices, lengths, sink, out, lse,
+        _sparse_mla_launch.launch(
+            options, grid, q, kv, indices, lengths, sink, out, lse,
             s_q, h, s_kv, topk, d_v, d_qk, slots_per_split, scale_log2,
-            q_stride[0], q_stride[1], kv_stride[0], index_stride[0], 0, out_stride[0], out_stride[1], 0, lse.stride(0),
-            SPLIT=False, **common)
+            q_stride[0], q_stride[1], kv_stride[0], index_stride[0], 0, query_stride, head_stride, 0, h)
         return out, lse
-    part_out = torch.empty((splits, s_q, h, d_v), dtype=torch.float32, device=device)
-    part_lse = torch.empty((splits, s_q, h), dtype=torch.float32, device=device)
-    part_out_stride, part_lse_stride = part_out.stride(), part_lse.stride()
-    _sparse_mla_launch(
-        grid, q, kv, indices, lengths, sink, part_out, part_lse,
+    # The partials are the kernels' own: one allocation, the lse after the outputs at a 16-byte
+    # boundary (so both pointers keep the alignment Triton specializes on, as two allocations had).
+    # The kernels read a partial through its pointer and the strides passed here, never its shape.
+    split_stride = s_q * query_stride
+    part_out_size = (splits * split_stride + 3) & ~3
+    part_out = torch.empty(part_out_size + splits * s_q * h, dtype=torch.float32, device=device)
+    part_lse = part_out[part_out_size:]
+    _sparse_mla_launch.launch(
+        options, grid, q, kv, indices, lengths, sink, part_out, part_lse,
         s_q, h, s_kv, topk, d_v, d_qk, slots_per_split, scale_log2,
         q_stride[0], q_stride[1], kv_stride[0], index_stride[0],
-        part_out_stride[0], part_out_stride[1], part_out_stride[2], part_lse_stride[0], part_lse_stride[1],
-        SPLIT=True, **common)
-    _combine_launch(
-        grid[:2], part_out, part_lse, sink, out, lse, h, d_v, splits,
-        part_out_stride[0], part_out_stride[1], part_out_stride[2], part_lse_stride[0], part_lse_stride[1],
-        out_stride[0], out_stride[1], lse.stride(0),
-        HAS_SINK=attn_sink is not None, BLOCK_H=block_h, D_V=common["D_V"], num_warps=4)
+        split_stride, query_stride, head_stride, s_q * h, h)
+    _combine_launch.launch(
+        combine_options, grid[:2], part_out, part_lse, sink, out, lse, h, d_v, splits,
+        split_stride, query_stride, head_stride, s_q * h, h, query_stride, head_stride, h)
     return out, lse
 
 
@@ -326,10 +331,20 @@ def _plan(s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, device, has_topk_lengt
     return splits, slots_per_split, common
 
 
+def _launch_options(splits, common, has_sink):
+    """The keyword arguments of the forward kernel's launch and of the combine's (None without splits)."""
+    options = launch_options(SPLIT=splits != 1, **common)
+    if splits == 1:
+        return options, None
+    return options, launch_options(HAS_SINK=has_sink, BLOCK_H=common["BLOCK_H"], D_V=common["D_V"], num_warps=4)
+
+
 @functools.lru_cache(maxsize=4096)
 def _launch_plan(*key):
-    """:func:`_plan` of the default launch choices, cached (callers only read it)."""
-    return _plan(*key)
+    """:func:`_plan` of the default launch choices and the launches' :func:`_launch_options`, cached
+    (callers only read them)."""
+    splits, slots_per_split, common = _plan(*key)
+    return (splits, slots_per_split, common) + _launch_options(splits, common, key[-1])
 
 
 def default_sm_scale(d_qk: int) -> float:

@@ -103,12 +103,50 @@ def _run(backend_name, op: str, like: Tensor, *, checked_signature: bool = False
     # memory with no stream to synchronize with (which a CUDA graph capture would refuse), and the
     # results go back through DLPack with none either.
     with _on_torch_stream(backend, like):
-        to_native = backend.to_native
-        native = {key: to_native(value) if isinstance(value, Tensor) else value for key, value in inputs.items()}
-        result = getattr(backend, op)(**native)
+        result = getattr(backend, op)(**_native_inputs(backend, inputs))
         if isinstance(result, tuple):
-            return tuple(interop.convert_like(part, like) for part in result)
-        return interop.convert_like(result, like)
+            return tuple([_like(part, like) for part in result])
+        return _like(result, like)
+
+
+_BASE_TO_NATIVE = Backend.to_native
+
+
+def _native_inputs(backend, inputs: dict) -> dict:
+    """``inputs`` with each tensor through ``backend.to_native``.
+
+    The base class's ``to_native`` is ``interop.convert(x, array_kind, device())``, which for a torch
+    backend keeps a tensor already on ``device`` and else returns ``x.to(device)``. Here the device is
+    looked up once for all the inputs, and a tensor that ``x.to(device)`` would hand back as it is
+    skips that call. For an index-less ``cuda`` (the Triton backend's device), which equals no
+    tensor's device, those are the tensors on the current CUDA device (``to`` reads an index-less
+    ``cuda`` as that one): a decode step's inputs no longer go through ``Tensor.to`` one by one.
+    """
+    to_native = backend.to_native
+    if getattr(to_native, "__func__", None) is not _BASE_TO_NATIVE:
+        return {key: to_native(value) if isinstance(value, Tensor) else value for key, value in inputs.items()}
+    kind, device = backend.array_kind, backend.device()
+    if kind != "torch" or device is None:
+        return {key: interop.convert(value, kind, device) if isinstance(value, Tensor) else value
+                for key, value in inputs.items()}
+    if device.__class__ is not torch.device:
+        device = torch.device(device)
+    here = device
+    if device.index is None and device.type == "cuda":
+        here = torch.device("cuda", torch.cuda.current_device())
+    native = {}
+    for key, value in inputs.items():
+        if isinstance(value, Tensor) and value.device != here:
+            value = value.to(device)
+        native[key] = value
+    return native
+
+
+def _like(x, like: Tensor):
+    """``interop.convert_like(x, like)``; a plain tensor beside a plain tensor is already that."""
+    if x.__class__ is Tensor and like.__class__ is Tensor:
+        return x
+    return interop.convert_like(x, like)
 
 
 def _on_torch_stream(backend, like: Tensor):
@@ -204,8 +242,11 @@ def _torch_allocation(size: int):
 
 def _fresh(t: Tensor, *inputs: Optional[Tensor]) -> Tensor:
     """A custom op's output may not alias an input (a backend could hand one back): copy if it does."""
+    if not t.numel():
+        return t
+    memory = t.untyped_storage().data_ptr()
     for x in inputs:
-        if x is not None and t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and t.numel():
+        if x is not None and x.untyped_storage().data_ptr() == memory:
             return t.clone()
     return t
 

@@ -1,0 +1,190 @@
+"""The per-call shortcuts of the Triton backend's FP8 decode path give what the longer way gave.
+
+On any machine: the split forward's partials share one allocation, and each kernel sees the
+pointers' alignment and the strides that two contiguous allocations gave; ``dsa_ref.torch``'s
+conversion of the inputs, with the device looked up once, returns what ``backend.to_native``
+returns; ``_fresh`` copies exactly the outputs that share an input's memory; the backend's device
+follows ``TRITON_INTERPRET`` call by call; the FP8 decode reads no kernel switch. On a GPU: CUDA
+tensors on the current device pass through the conversion as themselves, without ``Tensor.to``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from dsa_ref import interop, registry  # noqa: E402
+from dsa_ref.backend import Backend  # noqa: E402
+from dsa_ref.torch import ops  # noqa: E402
+from dsa_ref_backends.torch_triton import backend as triton_backend  # noqa: E402
+from dsa_ref_backends.torch_triton import sparse_mla  # noqa: E402
+
+
+class _Launches:
+    """A module launcher's stand-in: records ``launch(options, grid, *args)`` and launches nothing."""
+
+    def __init__(self):
+        self.calls = []
+
+    def launch(self, options, grid, *args):
+        self.calls.append((options, grid, args))
+
+
+def _recorded_forward(monkeypatch, s_q, h, d_v, d_qk, topk, kv_dtype=torch.bfloat16):
+    split, combine = _Launches(), _Launches()
+    monkeypatch.setattr(sparse_mla, "_sparse_mla_launch", split)
+    monkeypatch.setattr(sparse_mla, "_combine_launch", combine)
+    q = torch.zeros(s_q, h, d_qk, dtype=torch.bfloat16)
+    kv = torch.zeros(64, d_qk, dtype=kv_dtype)
+    indices = torch.zeros(s_q, topk, dtype=torch.int32)
+    out, lse = sparse_mla.sparse_mla(q, kv, indices, 0.1, d_v)
+    return out, lse, split.calls, combine.calls
+
+
+@pytest.mark.parametrize("d_v, d_qk", [(512, 576), (3, 20), (0, 16)])
+def test_split_partials_share_one_allocation_with_two_allocations_alignment_and_strides(monkeypatch, d_v, d_qk):
+    out, lse, split, combine = _recorded_forward(monkeypatch, 1, 16, d_v, d_qk, 2048)
+    assert len(split) == 1 and len(combine) == 1, "the problem must take the split path"
+    options, grid, args = split[0]
+    splits = grid[2]
+    assert splits > 1 and options.kwargs["SPLIT"] is True
+    part_out, part_lse = args[5], args[6]
+    assert part_lse.untyped_storage().data_ptr() == part_out.untyped_storage().data_ptr()
+    assert part_out.data_ptr() % 16 == 0 and part_lse.data_ptr() % 16 == 0
+    # What the kernels were handed with two contiguous allocations of the partials' shapes.
+    expected_out = torch.empty((splits, 1, 16, d_v)).stride()
+    expected_lse = torch.empty((splits, 1, 16)).stride()
+    assert args[-5:] == (*expected_out[:3], *expected_lse[:2])
+    assert part_lse.data_ptr() - part_out.data_ptr() >= 4 * splits * 16 * d_v  # no overlap
+    assert part_lse.numel() == splits * 16
+    _, combine_grid, combine_args = combine[0]
+    assert combine_grid == grid[:2]
+    assert all(a is b for a, b in zip(combine_args[:5], (part_out, part_lse, lse, out, lse)))
+    assert combine_args[8:] == (*expected_out[:3], *expected_lse[:2], *out.stride()[:2], lse.stride(0))
+    # The outputs are the caller's: their own memory, not shared with each other or the partials.
+    storages = {t.untyped_storage().data_ptr() for t in (out, lse, part_out)}
+    assert len(storages) == 3
+
+
+def test_one_split_passes_the_outputs_strides(monkeypatch):
+    out, lse, split, combine = _recorded_forward(monkeypatch, 8, 16, 3, 20, 64)
+    assert len(split) == 1 and not combine
+    options, grid, args = split[0]
+    assert grid[2] == 1 and options.kwargs["SPLIT"] is False
+    assert args[5] is out and args[6] is lse and args[3] is lse and args[4] is lse  # lse: the unread pointers
+    assert args[-5:] == (0, *out.stride()[:2], 0, lse.stride(0))
+
+
+# --------------------------------------------------------------------------- dsa_ref.torch's conversion
+def test_native_inputs_are_what_to_native_gives():
+    backend = registry._load("triton")
+    inputs = dict(q=torch.zeros(2, 3), kv=torch.zeros(4, 3, dtype=torch.bfloat16), scale=0.5, length=None)
+    native = ops._native_inputs(backend, inputs)
+    expected = {k: backend.to_native(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    assert native.keys() == expected.keys()
+    for key, value in native.items():
+        assert value is expected[key], key
+
+
+def test_native_inputs_copy_to_the_backends_device(monkeypatch):
+    backend = registry._load("triton")
+    monkeypatch.setattr(type(backend), "device", lambda self: "meta")
+    native = ops._native_inputs(backend, dict(q=torch.zeros(2, 3)))
+    assert native["q"].device == torch.device("meta")
+
+
+def test_native_inputs_call_an_overridden_to_native():
+    class Converting(type(registry._load("triton"))):
+        def to_native(self, x):
+            return x + 1
+
+    native = ops._native_inputs(Converting(), dict(q=torch.zeros(2), n=3))
+    assert torch.equal(native["q"], torch.ones(2)) and native["n"] == 3
+
+
+def test_native_inputs_of_a_numpy_backend_convert():
+    np = pytest.importorskip("numpy")
+
+    class NumPy(Backend):
+        name = "numpy-like"
+        array_kind = "numpy"
+
+    native = ops._native_inputs(NumPy(), dict(q=torch.arange(3.0)))
+    assert isinstance(native["q"], np.ndarray) and native["q"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_results_of_plain_tensors_come_back_as_themselves():
+    x, like = torch.zeros(2), torch.zeros(1)
+    assert ops._like(x, like) is x and ops._like(None, like) is None
+    assert ops._like(x, torch.nn.Parameter(like)) is interop.convert_like(x, torch.nn.Parameter(like))
+
+
+def test_fresh_copies_only_outputs_that_share_an_inputs_memory():
+    q = torch.zeros(4, 3)
+    other = torch.zeros(2)
+    copied = ops._fresh(q[1:], None, other, q)
+    assert copied is not q and torch.equal(copied, q[1:])
+    assert copied.untyped_storage().data_ptr() != q.untyped_storage().data_ptr()
+    own = torch.zeros(2)
+    assert ops._fresh(own, q, None, other) is own
+    empty = q[:0]
+    assert ops._fresh(empty, q) is empty  # nothing to share
+
+
+# --------------------------------------------------------------------------- the backend
+def test_the_device_follows_the_interpreter_switch_call_by_call(monkeypatch):
+    backend = registry._load("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.device() == torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backend.device() == torch.device("cuda")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert backend.device() == torch.device("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.device() == torch.device("cpu")
+
+
+def test_the_fp8_decode_reads_no_kernel_switch_and_bf16_rows_do(monkeypatch):
+    read, forwarded = [], []
+
+    def switch(chosen, variable):
+        read.append(variable)
+        return False
+
+    monkeypatch.setattr(triton_backend, "kernel_switch", switch)
+    monkeypatch.setattr(sparse_mla, "sparse_mla", lambda *args, **kwargs: forwarded.append(kwargs["kernel"]))
+    backend = registry._load("triton")
+    q = torch.zeros(2, 16, 576, dtype=torch.bfloat16)
+    indices = torch.zeros(2, 8, dtype=torch.int32)
+    backend.sparse_mla(q, torch.zeros(8, 656, dtype=torch.uint8), indices, sm_scale=0.1, d_v=512,
+                       topk_length=None, attn_sink=None)
+    assert read == [] and forwarded == ["tl"]
+    backend.sparse_mla(q, torch.zeros(8, 576, dtype=torch.bfloat16), indices, sm_scale=0.1, d_v=512,
+                       topk_length=None, attn_sink=None)
+    assert read == ["DSA_REF_TRITON_GLUON"] and forwarded == ["tl", "tl"]
+
+
+# --------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+def test_gpu_tensors_on_the_current_device_pass_through_without_tensor_to(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backend = registry._load("triton")
+    assert backend.device() == torch.device("cuda")
+    q = torch.zeros(2, 3, device="cuda")
+    assert q.to(torch.device("cuda")) is q  # what the longer way, through Tensor.to, returned
+    calls = []
+    original = torch.Tensor.to
+
+    def counting(self, *args, **kwargs):
+        calls.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting)
+    native = ops._native_inputs(backend, dict(q=q, cpu=torch.zeros(2)))
+    assert native["q"] is q and native["cpu"].is_cuda
+    assert len(calls) == 1, "only the CPU tensor goes through Tensor.to"
+    assert backend.to_native(q) is q
