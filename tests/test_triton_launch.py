@@ -228,6 +228,19 @@ def test_a_new_signature_takes_the_plain_launch(toy, change):
 
 
 @needs_release
+@needs_release
+def test_a_launch_patched_after_the_launcher_was_made_takes_the_plain_path(toy, monkeypatch):
+    launcher, plain, direct = toy
+    x, _ = _aligned_pair()
+    launcher((3, 2), x, 64, 0.5, BLOCK=32, num_warps=4)
+    launcher((3, 2), x, 64, 0.5, BLOCK=32, num_warps=4)
+    assert len(plain) == 1 and len(direct) == 1
+    patched = []
+    monkeypatch.setattr(launcher.fn, "run", lambda *args, **kwargs: patched.append(kwargs["grid"]))
+    launcher((3, 2), x, 64, 0.5, BLOCK=32, num_warps=4)
+    assert patched == [(3, 2)] and len(direct) == 1
+
+
 def test_hooks_callable_grids_and_constexprs_by_position_take_the_plain_launch(toy, monkeypatch):
     from triton import knobs
 
