@@ -143,8 +143,9 @@ def _native_inputs(backend, inputs: dict) -> dict:
 
 
 def _like(x, like: Tensor):
-    """``interop.convert_like(x, like)``; a plain tensor beside a plain tensor is already that."""
-    if x.__class__ is Tensor and like.__class__ is Tensor:
+    """``interop.convert_like(x, like)``; a plain tensor on ``like``'s device beside a plain tensor is
+    already that (one on another device, from inputs moved to the backend's, goes back)."""
+    if x.__class__ is Tensor and like.__class__ is Tensor and x.device == like.device:
         return x
     return interop.convert_like(x, like)
 
