@@ -228,7 +228,6 @@ def test_a_new_signature_takes_the_plain_launch(toy, change):
 
 
 @needs_release
-@needs_release
 def test_a_launch_patched_after_the_launcher_was_made_takes_the_plain_path(toy, monkeypatch):
     launcher, plain, direct = toy
     x, _ = _aligned_pair()
@@ -241,6 +240,7 @@ def test_a_launch_patched_after_the_launcher_was_made_takes_the_plain_path(toy, 
     assert patched == [(3, 2)] and len(direct) == 1
 
 
+@needs_release
 def test_hooks_callable_grids_and_constexprs_by_position_take_the_plain_launch(toy, monkeypatch):
     from triton import knobs
 
