@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from dsa_ref_backends.cupy_cuda import backend as cupy_backend
+from cupy_launches import record_launches
 from dsa_ref_backends.cupy_cuda import compile_check, kernels
 
 torch = pytest.importorskip("torch")
@@ -103,15 +104,7 @@ def _hopper_backend(monkeypatch):
     backend.paged_indexer_wgmma = True
     backend.indexer_wgmma = True
     backend.poison_outputs = True
-    launched = []
-    original = kernels.kernel
-
-    def recording(source, name, *args, **kwargs):
-        launched.append(name)
-        return original(source, name, *args, **kwargs)
-
-    monkeypatch.setattr(kernels, "kernel", recording)
-    return backend, launched
+    return backend, record_launches(monkeypatch)
 
 
 def _check(problem, backend, launched, queries):

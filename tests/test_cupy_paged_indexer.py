@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dsa_ref_backends.cupy_cuda import backend as cupy_backend
+from cupy_launches import record_launches
 from dsa_ref_backends.cupy_cuda import kernels
 from paged_indexer_cases import PAGED_INDEXER_CASES
 
@@ -79,15 +80,7 @@ def _gpu_backend(monkeypatch):
     if backend.unavailable_reasons():
         pytest.skip("; ".join(backend.unavailable_reasons()))
     backend.poison_outputs = True
-    launched = []
-    original = kernels.kernel
-
-    def recording(source, name, *args, **kwargs):
-        launched.append(name)
-        return original(source, name, *args, **kwargs)
-
-    monkeypatch.setattr(kernels, "kernel", recording)
-    return backend, launched
+    return backend, record_launches(monkeypatch)
 
 
 @pytest.mark.gpu
