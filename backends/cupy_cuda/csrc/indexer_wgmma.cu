@@ -146,14 +146,19 @@ indexer_paged_wgmma(const u8* __restrict__ q,              // [b * next_n, h_i, 
     float w[N / 4];
     load_head_weights<QUERIES>(w, weights, first_row, rows_valid, h_i);
 
-    // Step `step`'s keys and scales into stage `stage`: one page holds its 64 positions.
+    // The cache block holding the 64 positions of step `step` (one page holds them all), -1 for none.
+    auto step_block = [&](int step) {
+        const int logical = (first_position + step * KEYS) / block_size;
+        const int block = logical < max_blocks ? block_table[(u64)sequence * max_blocks + logical] : -1;
+        return block < num_blocks ? block : -1;
+    };
+    // Step `step`'s keys and scales into stage `stage`.
     auto load_step = [&](int step, int stage) {
         const int position = first_position + step * KEYS;
-        const int logical = position / block_size;
-        const int block = logical < max_blocks ? block_table[(u64)sequence * max_blocks + logical] : -1;
-        const bool present = block >= 0 && block < num_blocks;
+        const int block = step_block(step);
+        const bool present = block >= 0;
         const u8* page = cache + (present ? (u64)block * block_bytes : 0);
-        const int slot = position - logical * block_size;  // of the step's first position, a multiple of 64
+        const int slot = position % block_size;  // of the step's first position, a multiple of 64
         for (int c = tid; c < KEYS * (ROW / 16); c += THREADS) {
             const int row = c / (ROW / 16), chunk = c % (ROW / 16);
             const bool valid = present && position + row < length;
@@ -184,9 +189,7 @@ indexer_paged_wgmma(const u8* __restrict__ q,              // [b * next_n, h_i, 
         wgmma_e4m3_k128<N>(acc, base + L::K + stage * KEY_TILE, base + L::Q);
 
         const int position = first_position + step * KEYS;
-        const int logical = position / block_size;
-        const int block = logical < max_blocks ? block_table[(u64)sequence * max_blocks + logical] : -1;
-        const bool present = block >= 0 && block < num_blocks;
+        const bool present = step_block(step) >= 0;
         float sums[2][QUERIES];
         quad_head_sums<QUERIES>(sums, acc, w, h_i);
         if ((lane & 3) == 0) {
