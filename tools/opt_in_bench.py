@@ -62,6 +62,19 @@ def timed(torch, name: str, shape: str, flop: float, fn, reference=None, repeats
         return None
 
 
+def causal_end_indexer_inputs(torch, dtype, s_q: int = 4096, s_kv: int = 32768, h_i: int = 64, d_i: int = 128):
+    """The indexer speed issues' case: ``s_q`` queries at the end of an ``s_kv`` causal context (query t
+    sees keys [0, s_kv - s_q + t]); ``lightning_indexer``'s arguments (scales for fp8 keys) and the FLOP."""
+    key_end = torch.arange(s_kv - s_q + 1, s_kv + 1, dtype=torch.int32, device="cuda")
+    inputs = dict(q=torch.randn(s_q, h_i, d_i, device="cuda").to(dtype),
+                  weights=torch.randn(s_q, h_i, device="cuda") * h_i**-0.5,
+                  k=torch.randn(s_kv, d_i, device="cuda").to(dtype),
+                  key_start=torch.zeros(s_q, dtype=torch.int32, device="cuda"), key_end=key_end,
+                  k_scale=torch.rand(s_kv, device="cuda") + 0.5 if dtype == torch.float8_e4m3fn else None)
+    shape = f"{str(dtype).split('.')[-1]} s_q={s_q} s_kv={s_kv} causal-end H_I={h_i} d_I={d_i}"
+    return inputs, shape, 2.0 * int(key_end.sum()) * h_i * d_i
+
+
 def causal_indices(torch, s: int, s_kv: int, topk: int):
     """Query t (at key position s_kv - s + t) takes topk random keys at or before it."""
     position = torch.arange(s, device="cuda")[:, None] + (s_kv - s)
@@ -177,28 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     if "triton-indexer" in groups:
         from dsa_ref_backends.torch_triton import indexer as triton_indexer
 
-        # The dense indexer at the speed issue's case: 4096 queries at the end of a 32K causal context
-        # (query t sees keys [0, 32768 - 4096 + t]), H_I 64, d_I 128, heads on the product's rows
-        # against keys on them (indexer.KEYS_ON_ROWS).
-        s_q, s_kv, h_i, d_i = 4096, 32768, 64, 128
-        key_start = torch.zeros(s_q, dtype=torch.int32, device="cuda")
-        key_end = torch.arange(s_kv - s_q + 1, s_kv + 1, dtype=torch.int32, device="cuda")
-        pairs = int(key_end.sum())
-        weights = torch.randn(s_q, h_i, device="cuda") * h_i**-0.5
+        # The dense indexer at the speed issue's case, heads on the product's rows against keys on
+        # them (indexer.KEYS_ON_ROWS).
         for dtype in (torch.float8_e4m3fn, torch.bfloat16):
-            q = torch.randn(s_q, h_i, d_i, device="cuda").to(dtype)
-            k = torch.randn(s_kv, d_i, device="cuda").to(dtype)
-            k_scale = torch.rand(s_kv, device="cuda") + 0.5 if dtype == torch.float8_e4m3fn else None
-            shape = f"{str(dtype).split('.')[-1]} s_q={s_q} s_kv={s_kv} causal-end H_I={h_i} d_I={d_i}"
-            flop = 2 * pairs * h_i * d_i
+            inputs, shape, flop = causal_end_indexer_inputs(torch, dtype)
             rows = {}
             for keys_on_rows in (False, True):
                 rows[keys_on_rows] = timed(
                     torch, f"triton indexer, {'keys' if keys_on_rows else 'heads'} on the product's rows", shape, flop,
-                    lambda: (triton_indexer.lightning_indexer(q, weights, k, key_start, key_end, k_scale,
-                                                              config={"KEYS_ON_ROWS": keys_on_rows}),),
+                    lambda: (triton_indexer.lightning_indexer(*inputs.values(), config={"KEYS_ON_ROWS": keys_on_rows}),),
                     reference=None if not keys_on_rows else rows.get(False))
-            del q, k
+            del inputs
     if "cupy-indexer" in groups:
         import dsa_ref
         from dsa_ref_backends.bench import decode_step_inputs
@@ -221,27 +223,18 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: (dsa_ref.lightning_indexer_paged(*arguments, next_n=next_n, backend=backend),),
                     reference=None if not wgmma else outputs.get(False))
             del step, arguments
-        # The dense fp8 indexer at the speed issue's case (4096 queries at the end of a 32K causal
-        # context): indexer_mma against indexer_dense_wgmma (CupyBackend.indexer_wgmma).
-        s_q, s_kv = 4096, 32768
-        key_start = torch.zeros(s_q, dtype=torch.int32, device="cuda")
-        key_end = torch.arange(s_kv - s_q + 1, s_kv + 1, dtype=torch.int32, device="cuda")
-        q = torch.randn(s_q, 64, 128, device="cuda").to(torch.float8_e4m3fn)
-        k = torch.randn(s_kv, 128, device="cuda").to(torch.float8_e4m3fn)
-        weights = torch.randn(s_q, 64, device="cuda") / 8
-        k_scale = torch.rand(s_kv, device="cuda") + 0.5
-        flop = 2.0 * int(key_end.sum()) * 64 * 128
+        # The dense fp8 indexer at the speed issue's case: indexer_mma against indexer_dense_wgmma
+        # (CupyBackend.indexer_wgmma).
+        inputs, shape, flop = causal_end_indexer_inputs(torch, torch.float8_e4m3fn)
         outputs = {}
         for wgmma in (False, True):
             backend = CupyBackend()
             backend.indexer_wgmma = wgmma
             outputs[wgmma] = timed(
-                torch, f"cupy dense fp8 indexer, {'wgmma' if wgmma else 'mma.sync'}",
-                f"s_q={s_q} s_kv={s_kv} causal-end H_I=64 d_I=128", flop,
-                lambda: (dsa_ref.lightning_indexer(q, weights, k, key_start=key_start, key_end=key_end,
-                                                   k_scale=k_scale, backend=backend),),
+                torch, f"cupy dense fp8 indexer, {'wgmma' if wgmma else 'mma.sync'}", shape, flop,
+                lambda: (dsa_ref.lightning_indexer(**inputs, backend=backend),),
                 reference=None if not wgmma else outputs.get(False))
-        del q, k
+        del inputs
     args.out.write_text(json.dumps(ROWS, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
