@@ -164,7 +164,7 @@ def _numpy_to_torch(x: np.ndarray, device: Any):
 def _to_torch(x: Any, device: Any):
     kind = array_kind(x)
     if kind == "torch":
-        return x if device is None or x.device == _torch_device(device) else x.to(device)
+        return x if device is None or _on_device(x, _torch_device(device)) else x.to(device)
     if kind == "numpy":
         return _numpy_to_torch(x, device)
     if kind == "cupy":
@@ -215,7 +215,19 @@ def torch_stream_pointer(device: int) -> int:
 def _torch_device(device: Any):
     import torch
 
-    return torch.device(device)
+    return device if device.__class__ is torch.device else torch.device(device)
+
+
+def _on_device(x: Any, device: Any) -> bool:
+    """Whether ``x.to(device)`` would hand ``x`` back as it is: an index-less ``cuda`` equals no
+    tensor's device, and ``to`` reads it as the current CUDA device."""
+    if x.device == device:
+        return True
+    if device.type == "cuda" and device.index is None and x.is_cuda:
+        import torch
+
+        return x.device.index == torch.cuda.current_device()
+    return False
 
 
 # ---------------------------------------------------------------------------- to cupy

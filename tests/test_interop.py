@@ -67,3 +67,12 @@ def test_cupy_carriers_are_read_as_the_dtypes_they_carry():
     assert interop.logical_dtype_name(ndarray("uint8", (2, 656)), packed_kv=True) == "uint8"
     assert interop.logical_dtype_name(ndarray("float32", (2, 3))) == "float32"
     assert interop.logical_dtype_name(np.zeros(3, np.int16)) == "int16"  # only cupy arrays carry
+
+
+def test_a_torch_tensor_already_on_the_device_is_handed_back_as_it_is():
+    torch = pytest.importorskip("torch")
+    x = torch.zeros(3)
+    assert interop.convert(x, "torch", "cpu") is x
+    assert interop.convert(x, "torch", torch.device("cpu")) is x
+    moved = interop.convert(x, "torch", "meta")
+    assert moved is not x and moved.device.type == "meta"

@@ -113,33 +113,14 @@ _BASE_TO_NATIVE = Backend.to_native
 
 
 def _native_inputs(backend, inputs: dict) -> dict:
-    """``inputs`` with each tensor through ``backend.to_native``.
-
-    The base class's ``to_native`` is ``interop.convert(x, array_kind, device())``, which for a torch
-    backend keeps a tensor already on ``device`` and else returns ``x.to(device)``. Here the device is
-    looked up once for all the inputs, and a tensor that ``x.to(device)`` would hand back as it is
-    skips that call. For an index-less ``cuda`` (the Triton backend's device), which equals no
-    tensor's device, those are the tensors on the current CUDA device (``to`` reads an index-less
-    ``cuda`` as that one): a decode step's inputs no longer go through ``Tensor.to`` one by one.
-    """
+    """``inputs`` with each tensor through ``backend.to_native``; for the base class's ``to_native``
+    (``interop.convert(x, array_kind, device())``) the device is looked up once for all of them."""
     to_native = backend.to_native
     if getattr(to_native, "__func__", None) is not _BASE_TO_NATIVE:
         return {key: to_native(value) if isinstance(value, Tensor) else value for key, value in inputs.items()}
     kind, device = backend.array_kind, backend.device()
-    if kind != "torch" or device is None:
-        return {key: interop.convert(value, kind, device) if isinstance(value, Tensor) else value
-                for key, value in inputs.items()}
-    if device.__class__ is not torch.device:
-        device = torch.device(device)
-    here = device
-    if device.index is None and device.type == "cuda":
-        here = torch.device("cuda", torch.cuda.current_device())
-    native = {}
-    for key, value in inputs.items():
-        if isinstance(value, Tensor) and value.device != here:
-            value = value.to(device)
-        native[key] = value
-    return native
+    return {key: interop.convert(value, kind, device) if isinstance(value, Tensor) else value
+            for key, value in inputs.items()}
 
 
 def _like(x, like: Tensor):
