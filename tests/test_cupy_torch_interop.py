@@ -11,6 +11,7 @@ array keeps the tensor alive; the torch ops run without DLPack on their inputs.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import types
@@ -389,18 +390,26 @@ def test_views_give_dlpacks_elements(name, dtype):
     assert cupy.asnumpy(cupy.ascontiguousarray(a)).tobytes() == interop.to_numpy(t.contiguous()).tobytes()
 
 
-@pytest.mark.gpu
-def test_a_kernel_after_a_slow_producer_on_torchs_stream_reads_its_result():
-    """The producer sleeps on a side stream before writing: a kernel on any other stream would read the
-    old values. The wrapped array is only used on torch's stream (as dsa_ref.torch's ops use it)."""
-    cupy = _cupy()
-    backend = types.SimpleNamespace(array_kind="cupy")
+@contextlib.contextmanager
+def _slowly_filled_on_a_side_stream():
+    """``(side, x)`` inside ``torch.cuda.stream(side)``: ``x`` is written with 3.0 after the side stream
+    sleeps, so work on any other stream that does not wait for it reads the zeros before."""
     side = torch.cuda.Stream()
     x = torch.zeros(1 << 20, device="cuda")
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         torch.cuda._sleep(50_000_000)
         x.fill_(3.0)
+        yield side, x
+
+
+@pytest.mark.gpu
+def test_a_kernel_after_a_slow_producer_on_torchs_stream_reads_its_result():
+    """The producer sleeps on a side stream before writing: a kernel on any other stream would read the
+    old values. The wrapped array is only used on torch's stream (as dsa_ref.torch's ops use it)."""
+    cupy = _cupy()
+    backend = types.SimpleNamespace(array_kind="cupy")
+    with _slowly_filled_on_a_side_stream() as (side, x):
         with torch_ops._on_torch_stream(backend, x):
             a = _wrapped(cupy, x)
             y = interop.convert_like(a + 1, x)
@@ -412,12 +421,7 @@ def test_a_kernel_after_a_slow_producer_on_torchs_stream_reads_its_result():
 def test_another_stream_falls_back_to_dlpacks_handshake():
     """CuPy on its own stream, torch on a side stream: DLPack (not the wrapping) orders them."""
     cupy = _cupy()
-    side = torch.cuda.Stream()
-    x = torch.zeros(1 << 20, device="cuda")
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(50_000_000)
-        x.fill_(3.0)
+    with _slowly_filled_on_a_side_stream() as (side, x):
         a = interop.convert(x, "cupy")
         assert not isinstance(a.data.mem, cupy.cuda.UnownedMemory)
         b = a + 1  # on CuPy's current stream, which DLPack made wait for the side stream
