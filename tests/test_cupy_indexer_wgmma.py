@@ -76,8 +76,8 @@ def test_the_wgmma_kernels_are_opt_in(monkeypatch):
 
 
 def test_its_instances_are_compiled_for_sm90a_with_their_qgmma_shapes():
-    assert set(kernels.KERNELS["indexer_wgmma.cu"]) == {"indexer_paged_wgmma<1>", "indexer_paged_wgmma<2>",
-                                                        "indexer_dense_wgmma<2>"}
+    assert set(kernels.KERNELS["indexer_wgmma.cu"]) == {"indexer_paged_wgmma_q1", "indexer_paged_wgmma_q2",
+                                                        "indexer_dense_wgmma_q2"}
     assert kernels.SOURCE_ARCHITECTURES["indexer_wgmma.cu"] == "sm_90a"
     shapes = compile_check.REQUIRED_SASS[("indexer_wgmma.cu", "sm_90a")]
     assert any("QGMMA.64x64x32" in s for s in shapes) and any("QGMMA.64x128x32" in s for s in shapes)
@@ -115,7 +115,7 @@ def _check(problem, backend, launched, queries):
 
     got = interop.to_numpy(dsa_ref.lightning_indexer_paged(**problem.native_inputs(backend), backend=backend))
     expected = reference.lightning_indexer_paged(**problem.inputs)
-    assert [n for n in launched if "indexer" in n] == [f"indexer_paged_wgmma<{queries}>"], launched
+    assert [n for n in launched if "indexer" in n] == [f"indexer_paged_wgmma_q{queries}"], launched
     assert np.array_equal(np.isneginf(got), np.isneginf(expected)), "the -inf pattern differs"
     assert np.array_equal(np.isnan(got), np.isnan(expected)), "the NaN pattern differs"
     assert_close(got, expected, tolerance_for(problem.dtype, backend), name="scores")
@@ -187,7 +187,7 @@ def test_dense_wgmma_kernel_matches_the_reference(ranges, with_scale, monkeypatc
     native = {name: None if value is None else backend.to_native(value) for name, value in inputs.items()}
     got = interop.to_numpy(dsa_ref.lightning_indexer(**native, backend=backend))
     expected = reference.lightning_indexer(**inputs)
-    assert [n for n in launched if "indexer" in n] == ["indexer_dense_wgmma<2>"], launched
+    assert [n for n in launched if "indexer" in n] == ["indexer_dense_wgmma_q2"], launched
     assert np.array_equal(np.isneginf(got), np.isneginf(expected)), "the -inf pattern differs"
     assert_close(got, expected, tolerance_for("float8_e4m3fn", backend), name="scores")
 
@@ -205,7 +205,7 @@ def test_dense_wgmma_kernel_with_few_heads_and_a_nan_key(monkeypatch):
     native = {name: backend.to_native(value) for name, value in inputs.items()}
     got = interop.to_numpy(dsa_ref.lightning_indexer(**native, backend=backend))
     expected = reference.lightning_indexer(**inputs)
-    assert [n for n in launched if "indexer" in n] == ["indexer_dense_wgmma<2>"], launched
+    assert [n for n in launched if "indexer" in n] == ["indexer_dense_wgmma_q2"], launched
     assert np.array_equal(np.isnan(got), np.isnan(expected)) and np.isnan(got[:, 17]).all()
     finite = np.isfinite(expected)
     np.testing.assert_allclose(got[finite], expected[finite], rtol=2e-2, atol=2e-2 * np.abs(expected[finite]).max())

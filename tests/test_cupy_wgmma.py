@@ -92,6 +92,13 @@ def test_only_the_hopper_sources_name_an_architecture():
             assert not any(o.startswith(("-arch", "--gpu-architecture")) for o in kernels.nvrtc_options(source))
 
 
+def test_the_sources_built_as_cubins_launch_only_extern_c_kernels():
+    # compile_cubin takes no name expressions: a template instance listed for such a source would
+    # only fail on the GPU, at the first launch.
+    for source in kernels.SOURCE_ARCHITECTURES:
+        assert kernels.template_kernels(source) == (), source
+
+
 class _RecordingNvrtc:
     """Stands in for cupy_backends.cuda.libs.nvrtc: records what compile_cubin asks of it."""
 

@@ -398,9 +398,16 @@ def _counting_run(monkeypatch):
     return calls
 
 
-def _fresh_launchers(monkeypatch):
+def _counted_fresh_launchers(monkeypatch):
+    """``JITFunction.run`` counted, and the forward's launchers made anew after the count is in place:
+    a launcher made before it would see a patched launch and take the plain path every call."""
+    from dsa_ref_backends.torch_triton import sparse_mla_gluon
+
+    calls = _counting_run(monkeypatch)
     monkeypatch.setattr(sparse_mla, "_sparse_mla_launch", launch.CachedLauncher(sparse_mla._sparse_mla_kernel))
     monkeypatch.setattr(sparse_mla, "_combine_launch", launch.CachedLauncher(sparse_mla._combine_kernel))
+    monkeypatch.setattr(sparse_mla_gluon, "_gluon_launch", launch.CachedLauncher(sparse_mla_gluon._gluon_launch.fn))
+    return calls
 
 
 def _plain(monkeypatch, fn, *args, **kwargs):
@@ -426,10 +433,10 @@ def test_gpu_cached_fp8_decode_is_bitwise_the_plain_launch_and_skips_jit_run(mon
     q, cache, indices = _fp8_decode(device)
     splits = sparse_mla._launch_plan(2, 128, 2048, 512, 576, True, torch.bfloat16, q.device, False, False)[0]
     launches = 1 if splits == 1 else 2  # the split kernel, and its combine
-    _fresh_launchers(monkeypatch)
+    calls = _counted_fresh_launchers(monkeypatch)
     assert sparse_mla._sparse_mla_launch.plain_only is None
     expected = _plain(monkeypatch, sparse_mla.sparse_mla, q, cache, indices, 576**-0.5, 512)
-    calls = _counting_run(monkeypatch)
+    calls.clear()
     first = sparse_mla.sparse_mla(q, cache, indices, 576**-0.5, 512)
     assert len(calls) == launches, "the first call of a signature is the plain launch"
     for _ in range(3):
@@ -493,11 +500,11 @@ def test_gpu_cached_dense_and_gluon_forwards_are_bitwise_the_plain_launch(monkey
     kernels = ["tl"]
     if not sparse_mla_gluon.gluon_applies(q, kv, 512, indices, None, sink):
         kernels.append("gluon")
+    calls = _counted_fresh_launchers(monkeypatch)
     for kernel in kernels:
         expected = _plain(monkeypatch, sparse_mla.sparse_mla, q, kv, indices, 0.05, 512, None, sink, kernel=kernel)
         sparse_mla.sparse_mla(q, kv, indices, 0.05, 512, None, sink, kernel=kernel)
-        calls = _counting_run(monkeypatch)
+        calls.clear()
         got = sparse_mla.sparse_mla(q, kv, indices, 0.05, 512, None, sink, kernel=kernel)
         assert not calls, f"{kernel}: a repeated signature went through JITFunction.run"
-        monkeypatch.undo()
         _assert_bitwise(got, expected, kernel)

@@ -218,7 +218,7 @@ class CupyBackend(Backend):
         path = dense_indexer_path(q_dtype, k_dtype, h_i, d_i, _compute_capability() if wgmma else 0, wgmma)
         if path == "wgmma":
             k = k if k.data.ptr % 16 == 0 else k.copy()  # the kernel copies key rows 16 bytes at a time
-            function = kernels.kernel("indexer_wgmma.cu", "indexer_dense_wgmma<2>", device_id, INDEXER_WGMMA_SMEM[2])
+            function = kernels.kernel("indexer_wgmma.cu", "indexer_dense_wgmma_q2", device_id, INDEXER_WGMMA_SMEM[2])
             grid = (-(-s_q // 2), -(-s_kv // INDEXER_WGMMA_POSITIONS))
             function(grid, (128,), (q, weights, k, _nullable(k_scale), key_start, key_end, scores, np.int32(s_q),
                                     np.int32(h_i), np.int32(s_kv)),
@@ -283,7 +283,7 @@ class CupyBackend(Backend):
         if path == "wgmma":
             queries = 1 if next_n == 1 else 2
             smem = INDEXER_WGMMA_SMEM[queries]
-            function = kernels.kernel("indexer_wgmma.cu", f"indexer_paged_wgmma<{queries}>", device_id, smem)
+            function = kernels.kernel("indexer_wgmma.cu", f"indexer_paged_wgmma_q{queries}", device_id, smem)
             grid = (batch, -(-int(max_context_len) // INDEXER_WGMMA_POSITIONS), -(-next_n // queries))
             function(grid, (128,), (cupy.ascontiguousarray(q), weights, k_cache, table, lens, scores,
                                     np.int32(num_blocks), np.int32(table.shape[1]), np.int32(block_size),

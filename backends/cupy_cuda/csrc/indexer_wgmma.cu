@@ -115,7 +115,7 @@ __device__ __forceinline__ u32 aligned_smem_base(u8* dynamic_smem) {
 }  // namespace indexer_wgmma
 
 template <int QUERIES>
-__global__ void __launch_bounds__(indexer_wgmma::THREADS)
+__device__ __forceinline__ void
 indexer_paged_wgmma(const u8* __restrict__ q,              // [b * next_n, h_i, 128] e4m3
                     const float* __restrict__ weights,     // [b * next_n, h_i]
                     const u8* __restrict__ cache,          // [num_blocks, block_size * 132]
@@ -229,7 +229,7 @@ indexer_paged_wgmma(const u8* __restrict__ q,              // [b * next_n, h_i, 
 // Scales are read from global memory before each product (the copies of the paged kernel's scale
 // tiles need a 16-byte-aligned run of 64, which the end of k does not give).
 template <int QUERIES>
-__global__ void __launch_bounds__(indexer_wgmma::THREADS)
+__device__ __forceinline__ void
 indexer_dense_wgmma(const u8* __restrict__ q,            // [s_q, h_i, 128] e4m3
                     const float* __restrict__ weights,   // [s_q, h_i]
                     const u8* __restrict__ k,            // [s_kv, 128] e4m3
@@ -326,4 +326,27 @@ indexer_dense_wgmma(const u8* __restrict__ q,            // [s_q, h_i, 128] e4m3
             if (j < rows_valid && t < s_kv) scores[(u64)(first_row + j) * s_kv + t] = DSA_NEG_INF;
         }
     }
+}
+
+// The launched instances, extern "C" so that the cubin NVRTC builds for sm_90a names them plainly
+// (kernels.compile_cubin takes no name expressions); each is one inlined instance of the bodies above.
+#define DSA_PAGED_WGMMA_PARAMS                                                                   \
+    const u8* __restrict__ q, const float* __restrict__ weights, const u8* __restrict__ cache,     \
+        const int* __restrict__ block_table, const int* __restrict__ context_lens,                 \
+        float* __restrict__ scores, int num_blocks, int max_blocks, int block_size, int next_n,    \
+        int max_context_len, int h_i
+#define DSA_PAGED_WGMMA_ARGS \
+    q, weights, cache, block_table, context_lens, scores, num_blocks, max_blocks, block_size, next_n, max_context_len, h_i
+
+extern "C" __global__ void __launch_bounds__(indexer_wgmma::THREADS)
+indexer_paged_wgmma_q1(DSA_PAGED_WGMMA_PARAMS) { indexer_paged_wgmma<1>(DSA_PAGED_WGMMA_ARGS); }
+
+extern "C" __global__ void __launch_bounds__(indexer_wgmma::THREADS)
+indexer_paged_wgmma_q2(DSA_PAGED_WGMMA_PARAMS) { indexer_paged_wgmma<2>(DSA_PAGED_WGMMA_ARGS); }
+
+extern "C" __global__ void __launch_bounds__(indexer_wgmma::THREADS)
+indexer_dense_wgmma_q2(const u8* __restrict__ q, const float* __restrict__ weights, const u8* __restrict__ k,
+                       const float* __restrict__ k_scale, const int* __restrict__ key_start,
+                       const int* __restrict__ key_end, float* __restrict__ scores, int s_q, int h_i, int s_kv) {
+    indexer_dense_wgmma<2>(q, weights, k, k_scale, key_start, key_end, scores, s_q, h_i, s_kv);
 }
