@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             timed(torch, f"triton backward, fused, {mode}", shape, backward_flop,
                   lambda: triton_backward.sparse_mla_backward(q, kv, indices, out, lse, d_out, scale, d_v,
                                                               deterministic=deterministic, kernel="fused"), split)
+            if not deterministic:
+                timed(torch, "triton backward, gluon (TritonBackend.hopper_backward)", shape, backward_flop,
+                      lambda: triton_backward.sparse_mla_backward(q, kv, indices, out, lse, d_out, scale, d_v,
+                                                                  kernel="gluon"), split)
         if "cupy-backward" not in groups:
             continue
         with dsa_ref.use_deterministic(False):

@@ -51,6 +51,11 @@ class TritonBackend(Backend):
     #: program per row leaves SMs idle: 1.07 -> 0.60 ms on the decode step's scores on the H200
     #: (NOTES.md, version 8). Set this to False, or DSA_REF_TRITON_CHUNKED_TOPK=0, for one pass.
     chunked_topk: bool = True
+    #: The sparse MLA backward on the Gluon Hopper kernel (:mod:`.sparse_mla_backward_gluon`) for the
+    #: inputs the Gluon forward covers, in the default (atomic) mode; the split ``tl.dot`` kernels for
+    #: the rest and for deterministic mode. Off until it is measured on a GPU (NOTES.md, version 11);
+    #: set this, or DSA_REF_TRITON_GLUON_BACKWARD=1, to run it.
+    hopper_backward: bool = False
     supported_dtypes = {
         "lightning_indexer": _INDEXER_DTYPES,
         "topk_indices": _TOPK_DTYPES,
@@ -201,9 +206,11 @@ class TritonBackend(Backend):
         from . import sparse_mla_backward
 
         q, kv = _common_dot_dtype(q, kv)
+        kernel = backward_kernel(kernel_switch(self.hopper_backward, "DSA_REF_TRITON_GLUON_BACKWARD"), q, kv,
+                                 int(d_v), indices, topk_length, attn_sink, d_out, bool(deterministic))
         return sparse_mla_backward.sparse_mla_backward(q, kv, indices, out, lse, d_out, float(sm_scale), int(d_v),
                                                        topk_length, attn_sink, d_lse,
-                                                       deterministic=bool(deterministic))
+                                                       deterministic=bool(deterministic), kernel=kernel)
 
     def attention_target(self, q, kv, indices, lse, *, sm_scale: float, topk_length):
         from . import sparse_mla_backward
@@ -250,6 +257,19 @@ def forward_kernel(hopper_forward: bool, q, kv, d_v: int, indices, topk_length, 
     from .sparse_mla_gluon import gluon_applies
 
     return "tl" if gluon_applies(q, kv, d_v, indices, topk_length, attn_sink) else "gluon"
+
+
+def backward_kernel(hopper_backward: bool, q, kv, d_v: int, indices, topk_length, attn_sink, d_out,
+                    deterministic: bool) -> str | None:
+    """``"gluon"`` when the Hopper backward is chosen and covers these inputs, else None (the module's
+    :func:`.sparse_mla_backward.default_kernel`)."""
+    import torch
+
+    if not hopper_backward or deterministic or q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
+        return None
+    from .sparse_mla_backward_gluon import gluon_backward_applies
+
+    return None if gluon_backward_applies(q, kv, d_v, indices, topk_length, attn_sink, d_out) else "gluon"
 
 
 def _multiprocessors(device) -> int:

@@ -274,7 +274,7 @@ def _prepare(q, kv, indices, topk_length):
     return q, kv, indices, topk_length
 
 
-KERNELS = ("fused", "split")
+KERNELS = ("fused", "split", "gluon")
 
 
 def default_kernel(dtype) -> str:
@@ -297,7 +297,9 @@ def sparse_mla_backward(q, kv, indices, out, lse, d_out, sm_scale: float, d_v: i
     :func:`dsa_ref.sparse_mla_backward`. ``q`` and ``kv`` share one float dtype.
 
     ``kernel``: ``"fused"`` (:func:`.sparse_mla_backward_fused.fused_sparse_mla_backward`),
-    ``"split"`` (the dq and dkv kernels below) or None (:func:`default_kernel`). ``config``
+    ``"split"`` (the dq and dkv kernels below), ``"gluon"`` (the Hopper kernel of
+    :mod:`.sparse_mla_backward_gluon`; ValueError with its reasons where it does not apply) or None
+    (:func:`default_kernel`). ``config``
     overrides the chosen kernel's block sizes: :func:`backward_config`'s ``{"dq": {...}, "dkv": {...}}``
     for the split kernels, :func:`.sparse_mla_backward_fused.fused_backward_config`'s keys for the fused one."""
     if kernel is None:
@@ -309,6 +311,13 @@ def sparse_mla_backward(q, kv, indices, out, lse, d_out, sm_scale: float, d_v: i
 
         return fused_sparse_mla_backward(q, kv, indices, out, lse, d_out, sm_scale, d_v, topk_length, attn_sink,
                                          d_lse, deterministic=deterministic, config=config)
+    if kernel == "gluon":
+        from .sparse_mla_backward_gluon import gluon_backward_applies
+
+        reasons = gluon_backward_applies(q, kv, d_v, indices, topk_length, attn_sink, d_out,
+                                         deterministic=deterministic)
+        if reasons:
+            raise ValueError("the Gluon sparse MLA backward does not apply: " + "; ".join(reasons))
     s_q, h, d_qk = q.shape
     s_kv = kv.shape[0]
     topk = indices.shape[1]
@@ -326,6 +335,12 @@ def sparse_mla_backward(q, kv, indices, out, lse, d_out, sm_scale: float, d_v: i
         return results
     if topk == 0:
         dq.zero_()
+        return results
+    if kernel == "gluon":
+        from .sparse_mla_backward_gluon import sparse_mla_backward_gluon
+
+        sparse_mla_backward_gluon(q, kv, indices, d_out, lse, delta, share, sm_scale, topk_length, d_lse,
+                                  dq=dq, dkv=dkv)
         return results
 
     configs = backward_config(h, topk, d_v, d_qk, q.dtype)
