@@ -33,9 +33,6 @@ from triton_ptxas import ptxas_usage  # noqa: E402
 
 H100_SHARED_MEMORY_PER_BLOCK = 232448  # 227 KiB, the opt-in maximum of sm_90
 COMPILE_CASES = [(True, True, "fp32"), (False, False, "bf16")]  # (topk_length, d_lse, d_out dtype)
-#: ptxas's spill bytes (stores + loads) of the version measured first (NOTES.md, version 11): the
-#: kernel is opt-in while it spills; a change that spills more fails here.
-SPILL_BYTES_AT_MOST = 524
 
 
 # --------------------------------------------------------------------------- sm_90 compile
@@ -90,11 +87,12 @@ CASE_IDS = [f"{length}-{d_lse}-{dtype}" for length, d_lse, dtype in COMPILE_CASE
 
 
 @pytest.mark.parametrize("case", CASE_IDS)
-def test_gluon_backward_sm90_compile_fits_shared_memory_and_bounds_its_spills(compiled_backward, case):
+def test_gluon_backward_sm90_compile_has_no_spills_and_fits_shared_memory(compiled_backward, case):
     usage = compiled_backward[case]
     assert usage["spill_lines"] == 2, f"{case}: ptxas reported no spill counts: {usage}"
+    # Spills came back (~500 bytes) when the buffers' descriptors were loop invariants (see the kernel).
+    assert usage["spill_bytes"] == 0, f"{case}: {usage}"
     assert usage["registers"] <= 255 and usage["shared"] <= H100_SHARED_MEMORY_PER_BLOCK, f"{case}: {usage}"
-    assert usage["spill_bytes"] <= SPILL_BYTES_AT_MOST, f"{case}: {usage}"
 
 
 @pytest.mark.parametrize("case", CASE_IDS)

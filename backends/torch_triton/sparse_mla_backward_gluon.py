@@ -90,13 +90,19 @@ def _sparse_mla_backward_gluon_kernel(
 
     query = gl.program_id(0)
     head_begin = gl.program_id(1) * BLOCK_H
-    q_value = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_V], value_smem)
-    q_rest = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_R], rest_smem)
-    d_out = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_V], value_smem)
-    kv_value = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_T, D_V], value_smem)
-    kv_rest = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_T, D_R], rest_smem)
-    prob = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, BLOCK_T], prob_smem)  # f P
-    d_logits = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, BLOCK_T], prob_smem)  # sm_scale dS
+    # Each buffer is the one entry of a [1, ...] allocation, indexed again at every step by a zero the
+    # compiler cannot prove (see the loop): with fixed addresses, the 150 shared-memory descriptors of
+    # the products are loop invariants, hoisted out of the loop as 64-bit values, and 500 bytes of
+    # them spill; computed in the loop they cost a few uniform adds each.
+    q_value_at = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, D_V], value_smem)
+    q_rest_at = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, D_R], rest_smem)
+    d_out_at = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, D_V], value_smem)
+    kv_value_at = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_T, D_V], value_smem)
+    kv_rest_at = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_T, D_R], rest_smem)
+    prob_at = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, BLOCK_T], prob_smem)  # f P
+    d_logits_at = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, BLOCK_T], prob_smem)  # sm_scale dS
+    q_value, q_rest, d_out = q_value_at.index(0), q_rest_at.index(0), d_out_at.index(0)
+    kv_value, kv_rest = kv_value_at.index(0), kv_rest_at.index(0)
 
     # q joins the first step's commit group; dout goes through registers (it may be float32).
     p_q_rows = p_q + query.to(gl.int64) * stride_q_m + head_begin * stride_q_h
@@ -134,6 +140,10 @@ def _sparse_mla_backward_gluon_kernel(
     n_tiles = gl.cdiv(slot_end, BLOCK_T)
     for tile in range(0, n_tiles):
         t = tile * BLOCK_T
+        same = tile // n_tiles  # always 0
+        q_value, q_rest, d_out = q_value_at.index(same), q_rest_at.index(same), d_out_at.index(same)
+        kv_value, kv_rest = kv_value_at.index(same), kv_rest_at.index(same)
+        prob, d_logits = prob_at.index(same), d_logits_at.index(same)
         # This thread's copies are done; the fence hands them (and dout's stores) to the tensor cores'
         # proxy; the barrier waits for every thread's, and tells that every warp is past the previous
         # step's reads of prob and d_logits, which this step overwrites.
