@@ -68,11 +68,11 @@ def test_which_inputs_take_the_dense_wgmma_kernel(q_dtype, k_dtype, h_i, d_i, ca
     assert cupy_backend.dense_indexer_path(q_dtype, k_dtype, h_i, d_i, capability, chosen) == expected
 
 
-def test_the_wgmma_kernels_are_opt_in(monkeypatch):
+def test_the_wgmma_kernels_are_the_defaults(monkeypatch):
     monkeypatch.delenv("DSA_REF_CUPY_PAGED_INDEXER_WGMMA", raising=False)
     monkeypatch.delenv("DSA_REF_CUPY_INDEXER_WGMMA", raising=False)
     backend = cupy_backend.CupyBackend()
-    assert backend.paged_indexer_wgmma is False and backend.indexer_wgmma is False
+    assert backend.paged_indexer_wgmma is True and backend.indexer_wgmma is True
 
 
 def test_its_instances_are_compiled_for_sm90a_with_their_qgmma_shapes():

@@ -80,6 +80,10 @@ def _gpu_backend(monkeypatch):
     if backend.unavailable_reasons():
         pytest.skip("; ".join(backend.unavailable_reasons()))
     backend.poison_outputs = True
+    # This file checks the mma.sync kernel; on Hopper the fp8 wgmma one is the default
+    # (tests/test_cupy_indexer_wgmma.py checks it). The decode step looks its backend up by name.
+    backend.paged_indexer_wgmma = False
+    monkeypatch.setenv("DSA_REF_CUPY_PAGED_INDEXER_WGMMA", "0")
     return backend, record_launches(monkeypatch)
 
 

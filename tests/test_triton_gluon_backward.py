@@ -163,7 +163,7 @@ def test_the_backend_routes_to_the_gluon_backward_only_when_chosen_and_it_applie
     assert triton_backend.backward_kernel(True, *args, False) == "gluon"
     assert triton_backend.backward_kernel(True, *args, True) is None  # deterministic: the split kernels
     assert triton_backend.backward_kernel(True, q.float(), kv.float(), *args[2:], False) is None
-    assert not triton_backend.TritonBackend.hopper_backward, "opt-in until measured on a GPU"
+    assert triton_backend.TritonBackend.hopper_backward, "the default since measured on the H200"
 
 
 # --------------------------------------------------------------------------- on a Hopper GPU
