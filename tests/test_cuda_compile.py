@@ -80,6 +80,33 @@ def test_sass_contains_the_required_instructions(source, arch):
         assert instruction in result.sass, f"{source} for {arch}: no {instruction} in the SASS"
 
 
+KERNEL_SASS_JOBS = [(source, arch, name) for (source, arch), names in compile_check.REQUIRED_KERNEL_SASS.items()
+                    for name in names]
+
+
+@pytest.mark.parametrize(("source", "arch", "name"), KERNEL_SASS_JOBS)
+def test_each_tensor_core_kernel_has_the_required_instructions_in_its_own_sass(source, arch, name):
+    assert name in kernels.KERNELS[source]
+    result = _results()[(source, arch)]
+    assert result.returncode == 0, result.log
+    if result.sass is None:
+        if os.environ.get("DSA_REF_ALLOW_NO_NVCC") == "1" and not os.environ.get("CI"):
+            pytest.skip("cuobjdump not found and DSA_REF_ALLOW_NO_NVCC=1")
+        pytest.fail(f"no SASS of {source} for {arch}: cuobjdump not found\n{result.log}")
+    function = compile_check.kernel_sass(result.sass, name)
+    assert function is not None, f"{source} for {arch}: no function {name} in the SASS"
+    for instruction in compile_check.REQUIRED_KERNEL_SASS[(source, arch)][name]:
+        assert instruction in function, f"{name} for {arch}: no {instruction} in its SASS"
+
+
+def test_kernel_sass_splits_the_dump_by_function():
+    dump = ("\tcode for sm_90a\n\t\tFunction : first_kernel\n  HGMMA.64x32x16.F32.BF16 R0 ;\n"
+            "\t\t..........\n\t\tFunction : first_kernel_fp8\n  LDG.E R2 ;\n")
+    assert "HGMMA" in compile_check.kernel_sass(dump, "first_kernel")
+    assert "HGMMA" not in compile_check.kernel_sass(dump, "first_kernel_fp8")
+    assert compile_check.kernel_sass(dump, "first") is None
+
+
 def test_sass_check_fails_on_an_mma_sync_kernel(tmp_path):
     """The HGMMA check can fail: the mma.sync forward, compiled for sm_90a, has no HGMMA."""
     nvcc, cuobjdump = compile_check.find_nvcc(), compile_check.find_cuobjdump(compile_check.find_nvcc())

@@ -70,7 +70,8 @@ def test_other_forward_inputs_keep_the_float32_kernel(changes):
 
 
 def test_host_launch_constants_agree_with_the_source():
-    assert kernels.KERNELS["sparse_mla_wgmma.cu"] == ("sparse_mla_fwd_wgmma",)
+    # the bf16 kernel and its packed-cache sibling (tests/test_cupy_wgmma_fp8.py), on one body
+    assert kernels.KERNELS["sparse_mla_wgmma.cu"] == ("sparse_mla_fwd_wgmma", "sparse_mla_fwd_wgmma_fp8")
     text = kernels.source_text("sparse_mla_wgmma.cu")
     assert 'extern "C" __global__' in text and "sparse_mla_fwd_wgmma(" in text
     total = re.search(r"TOTAL = .*; (\d+)", text)

@@ -10,6 +10,10 @@ candidate's outputs from the default's. The pairs:
 * cupy sparse MLA backward: the default (atomic) tensor-core kernel, deterministic mode's tensor-core
   kernels (the default there) and its float32 path (``CupyBackend.deterministic_tensor_cores=False``);
 * cupy sparse MLA forward: the mma.sync kernel against the wgmma one (``CupyBackend.hopper_forward``);
+* cupy FP8 decode: the sparse MLA forward over the packed 656-byte cache at the decode step's shapes
+  (b 64, h 128, topk 2048; s_q 2 at T 32K and s_q 1 at T 128K, pages of 64 shuffled as
+  ``dsa_ref_backends.bench`` builds its FP8 decode case), ``sparse_mla_fwd_mma<true>`` against
+  ``sparse_mla_fwd_wgmma_fp8`` (``CupyBackend.hopper_fp8_decode``);
 * triton top-k at the decode step's shape (64 rows of 128K, the paged indexer's scores and normal
   ones): one pass against two (``TritonBackend.chunked_topk``) at three chunk lengths, the first
   pass and its sort alone; the sets compared;
@@ -19,8 +23,9 @@ candidate's outputs from the default's. The pairs:
   dense fp8 one at 4096 x 32K causal-end, mma.sync against wgmma (``CupyBackend.paged_indexer_wgmma``,
   ``CupyBackend.indexer_wgmma``).
 
-FLOP: forward 2·S·h·topk·(d_qk + d_v), backward 2·S·h·topk·(3·d_qk + 2·d_v). A candidate that fails is
-recorded with its error; it never stops the others. On a GPU machine, from a checkout::
+FLOP: forward 2·S·h·topk·(d_qk + d_v) (the decode: 2·rows·h·topk·(576 + 512)), backward
+2·S·h·topk·(3·d_qk + 2·d_v). A candidate that fails is recorded with its error; it never stops the
+others. On a GPU machine, from a checkout::
 
     python tools/opt_in_bench.py --out opt_in_bench.json [--groups cupy-forward,...] [--heads 64,128]
 """
@@ -36,8 +41,8 @@ from pathlib import Path
 from peers_training import relative, steady_ms  # the same steady-state timing and cross-check
 
 ROWS: list[dict] = []
-GROUPS = ("triton-forward", "cupy-forward", "triton-backward", "cupy-backward", "triton-topk", "triton-indexer",
-          "cupy-indexer")
+GROUPS = ("triton-forward", "cupy-forward", "cupy-decode", "triton-backward", "cupy-backward", "triton-topk",
+          "triton-indexer", "cupy-indexer")
 
 
 def report(**row) -> None:
@@ -80,6 +85,24 @@ def causal_indices(torch, s: int, s_kv: int, topk: int):
     position = torch.arange(s, device="cuda")[:, None] + (s_kv - s)
     random = torch.rand(s, topk, device="cuda")
     return (random * (position + 1)).long().clamp(max=s_kv - 1).to(torch.int32)
+
+
+def fp8_decode_inputs(torch, batch: int, next_n: int, context: int, h: int = 128, topk: int = 2048,
+                      block_size: int = 64):
+    """The FP8 decode case of ``dsa_ref_backends.bench.bench_decode``: ``batch`` sequences of ``context``
+    tokens in one packed cache, their pages of ``block_size`` shuffled, ``next_n`` queries a sequence
+    taking ``topk`` uniform causal tokens each; ``(q, cache, slots)`` for ``sparse_mla``."""
+    from dsa_ref_backends.bench import make_indices, random_fp8_cache
+
+    blocks = context // block_size
+    cache = random_fp8_cache(torch, batch * context, "cuda")
+    block_table = torch.randperm(batch * blocks, device="cuda").view(batch, blocks)
+    q = torch.randn(batch * next_n, h, 576, device="cuda", dtype=torch.bfloat16)
+    tokens = make_indices(torch, next_n, context, topk * batch, "uniform", "cuda")  # [next_n, b * topk]
+    tokens = tokens.view(next_n, batch, topk).transpose(0, 1).long()  # [b, next_n, topk]
+    block = block_table.gather(1, (tokens // block_size).flatten(1)).view_as(tokens)
+    slots = (block * block_size + tokens % block_size).to(torch.int32).view(batch * next_n, topk)
+    return q, cache, slots
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +180,23 @@ def main(argv: list[str] | None = None) -> int:
                   repeats=2)
         del q, kv, indices, out, lse, d_out
         torch.cuda.empty_cache()
+    if "cupy-decode" in groups:
+        # The decode step's sparse attention over the packed FP8 cache: sparse_mla_fwd_mma<true> (the
+        # default) against sparse_mla_fwd_wgmma_fp8 (CupyBackend.hopper_fp8_decode), same inputs.
+        for next_n, context in ((2, 32768), (1, 131072)):
+            q, cache, slots = fp8_decode_inputs(torch, 64, next_n, context)
+            shape = f"FP8 cache b=64 s_q={next_n} T={context} h=128 topk=2048"
+            flop = 2 * 64 * next_n * 128 * 2048 * (576 + 512)
+            outputs = {}
+            for fp8_wgmma in (False, True):
+                backend = CupyBackend()
+                backend.hopper_fp8_decode = fp8_wgmma
+                name = "wgmma (hopper_fp8_decode)" if fp8_wgmma else "mma.sync (default)"
+                outputs[fp8_wgmma] = timed(torch, f"cupy FP8 decode, {name}", shape, flop,
+                                           lambda: dsa_ref.sparse_mla(q, cache, slots, backend=backend),
+                                           reference=None if not fp8_wgmma else outputs.get(False))
+            del q, cache, slots, outputs
+            torch.cuda.empty_cache()
     if "triton-topk" in groups:
         import dsa_ref.torch as dsa_torch
         from dsa_ref_backends.bench import decode_step_inputs

@@ -16,8 +16,9 @@ Which kernel runs (all compute the same function; see csrc/*.cu):
 * top-k: radix select, one block per row.
 * sparse MLA: tensor cores for bf16 queries with bf16 rows or the packed FP8 cache at
   d_qk = 576, d_v = 512 (on sm_90, bf16 rows and h a multiple of 64: Hopper's wgmma with a producer
-  warpgroup, csrc/sparse_mla_wgmma.cu; otherwise mma.sync, csrc/sparse_mla.cu); float32 CUDA cores
-  for every other shape and dtype.
+  warpgroup, csrc/sparse_mla_wgmma.cu, and, opted in with ``CupyBackend.hopper_fp8_decode``, the
+  packed cache on the same kernel, dequantized by its producer; otherwise mma.sync,
+  csrc/sparse_mla.cu); float32 CUDA cores for every other shape and dtype.
 * sparse MLA backward: tensor cores (csrc/sparse_mla_backward_mma.cu) for bf16 queries and rows at
   d_qk = 576, d_v = 512 on a device with 219 KiB of shared memory per block (sm_90), row gradients
   added with fp32 atomics; float32 CUDA cores (csrc/sparse_mla_backward.cu) for every other input
@@ -86,6 +87,13 @@ class CupyBackend(Backend):
     #: mma.sync kernel: 1.09x its speed on the H200 (backends/cupy_cuda/NOTES.md). Set this to False,
     #: or DSA_REF_CUPY_WGMMA=0, to run the mma.sync kernel on Hopper too.
     hopper_forward: bool = True
+
+    #: The sparse-MLA forward over the packed FP8 cache (V3.2's decode: bf16 q, d_qk 576, d_v 512, h a
+    #: multiple of 64) on Hopper's wgmma kernel (``sparse_mla_fwd_wgmma_fp8`` in csrc/sparse_mla_wgmma.cu,
+    #: compute capability 9.0 only: its producer warpgroup dequantizes the gathered rows to bf16 tiles)
+    #: instead of ``sparse_mla_fwd_mma<true>``. Off until it has run on a GPU (backends/cupy_cuda/NOTES.md);
+    #: set this, or DSA_REF_CUPY_WGMMA_FP8=1, to run it.
+    hopper_fp8_decode: bool = False
 
     #: The decode step's indexer over a paged fp8 key cache on one launch for the batch
     #: (``indexer_paged_mma`` in csrc/indexer.cu: the keys read out of their pages in place) instead
@@ -343,11 +351,18 @@ class CupyBackend(Backend):
         device_id = q.device.id
         packed = kv_dtype == "uint8"
         hopper = kernel_switch(self.hopper_forward, "DSA_REF_CUPY_WGMMA")
+        hopper_fp8 = kernel_switch(self.hopper_fp8_decode, "DSA_REF_CUPY_WGMMA_FP8")
         kernel_path = forward_kernel_path(q_dtype, kv_dtype, d_qk=d_qk, kv_width=int(kv.shape[1]), d_v=d_v, h=h,
-                                          compute_capability=_compute_capability() if hopper else 0,
-                                          smem_limit=_smem_optin(), hopper_forward=hopper)
-        if kernel_path == "wgmma":
-            function = kernels.kernel("sparse_mla_wgmma.cu", "sparse_mla_fwd_wgmma", device_id, WGMMA_FORWARD_SMEM)
+                                          compute_capability=_compute_capability() if hopper or hopper_fp8 else 0,
+                                          smem_limit=_smem_optin(), hopper_forward=hopper,
+                                          hopper_fp8_decode=hopper_fp8)
+        if kernel_path in ("wgmma", "wgmma_fp8"):
+            name = "sparse_mla_fwd_wgmma_fp8" if kernel_path == "wgmma_fp8" else "sparse_mla_fwd_wgmma"
+            if kernel_path == "wgmma_fp8":
+                # The producer reads the packed rows 16 bytes at a time: a view that starts off a 16-byte
+                # boundary (rows themselves are 656 = 41 x 16 bytes) is copied, never read misaligned.
+                q, kv = _aligned_16(q), _aligned_16(kv)
+            function = kernels.kernel("sparse_mla_wgmma.cu", name, device_id, WGMMA_FORWARD_SMEM)
             function((s_q * (h // 64),), (WGMMA_FORWARD_THREADS,),
                      (q, kv, indices, _nullable(topk_length), _nullable(attn_sink), out, lse, np.int32(h),
                       np.int32(s_kv), np.int32(topk), np.float32(float(sm_scale) * math.log2(math.e))),
@@ -587,24 +602,32 @@ class CupyBackend(Backend):
 # Shared memory of sparse_mla_fwd_mma (Smem<FP8_CACHE>::TOTAL in sparse_mla.cu).
 _MMA_SMEM = {False: 73728 * 3 + 9216 + 3 * 512, True: 73728 * 2 + 41984 + 9216 + 3 * 512}
 
-#: Shared memory and threads of sparse_mla_fwd_wgmma (mla_wgmma::Smem::TOTAL, mla_wgmma::THREADS in
-#: csrc/sparse_mla_wgmma.cu): Q, two KV tiles, P, flags, maxima, sums, barriers, and 1 KB to align.
+#: Shared memory and threads of sparse_mla_fwd_wgmma and sparse_mla_fwd_wgmma_fp8 (mla_wgmma::Smem::TOTAL,
+#: mla_wgmma::THREADS in csrc/sparse_mla_wgmma.cu; the FP8 kernel dequantizes into the same bf16 tiles):
+#: Q, two KV tiles, P, flags, maxima, sums, barriers, and 1 KB to align.
 WGMMA_FORWARD_SMEM = 73728 * 3 + 8192 + 3 * 512 + 32 + 1024
 WGMMA_FORWARD_THREADS = 384
+#: Bytes of a packed FP8 cache row (mla_wgmma::FP8_ROW_BYTES; dsa_ref.reference.formats.KV_CACHE_FP8_BYTES).
+FP8_CACHE_ROW_BYTES = 656
 
 
 def forward_kernel_path(q_dtype: str, kv_dtype: str, *, d_qk: int, kv_width: int, d_v: int, h: int,
-                        compute_capability: int, smem_limit: int, hopper_forward: bool = False) -> str:
+                        compute_capability: int, smem_limit: int, hopper_forward: bool = False,
+                        hopper_fp8_decode: bool = False) -> str:
     """Which sparse-MLA forward runs. For bf16 q at the V3.2 widths d_qk = 576, d_v = 512, with bf16 rows
     of 576 or the packed FP8 cache (``kv_dtype`` "uint8"), where the device gives a block its shared
-    memory: ``"mma"`` (csrc/sparse_mla.cu, mma.sync). With ``hopper_forward`` (see
-    :attr:`CupyBackend.hopper_forward`), bf16 rows, h a multiple of 64 and compute capability 9.0:
-    ``"wgmma"`` (csrc/sparse_mla_wgmma.cu). ``"simt"`` (float32) for everything else."""
+    memory: ``"mma"`` (csrc/sparse_mla.cu, mma.sync). On compute capability 9.0 with h a multiple of 64,
+    the wgmma kernels of csrc/sparse_mla_wgmma.cu instead: ``"wgmma"`` for bf16 rows with
+    ``hopper_forward`` (see :attr:`CupyBackend.hopper_forward`), ``"wgmma_fp8"`` for the packed cache with
+    ``hopper_fp8_decode`` (:attr:`CupyBackend.hopper_fp8_decode`). ``"simt"`` (float32) for everything else."""
     v32 = q_dtype == "bfloat16" and d_qk == 576 and d_v == 512
     bf16_rows = kv_dtype == "bfloat16" and kv_width == 576
-    if (hopper_forward and v32 and bf16_rows and h % 64 == 0 and compute_capability == 90
-            and WGMMA_FORWARD_SMEM <= smem_limit):
+    packed_rows = kv_dtype == "uint8" and kv_width == FP8_CACHE_ROW_BYTES
+    hopper = v32 and h % 64 == 0 and compute_capability == 90 and WGMMA_FORWARD_SMEM <= smem_limit
+    if hopper and hopper_forward and bf16_rows:
         return "wgmma"
+    if hopper and hopper_fp8_decode and packed_rows:
+        return "wgmma_fp8"
     if v32 and (bf16_rows or kv_dtype == "uint8") and _MMA_SMEM[kv_dtype == "uint8"] <= smem_limit:
         return "mma"
     return "simt"
@@ -719,6 +742,12 @@ def _indexer_mma_plan(m_tiles: int, d_i: int, key_bytes: int, columns: int, grou
     n_tiles = (columns + 127) // 128
     tiles_per_block = min(n_tiles, max(1, min(16, math.ceil(n_tiles * groups / (8 * _multiprocessors())))))
     return smem, (groups, (n_tiles + tiles_per_block - 1) // tiles_per_block), tiles_per_block
+
+
+def _aligned_16(x):
+    """``x``, or a copy of it where its first byte is not 16-byte aligned (a view into a larger buffer):
+    for kernels that read rows 16 bytes at a time."""
+    return x if x.data.ptr % 16 == 0 else x.copy()
 
 
 def _nullable(x):

@@ -40,6 +40,27 @@ REQUIRED_SASS: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
+#: Instructions the SASS of each named kernel must contain, in its own function: where a source has
+#: several kernels on the tensor-core instructions, each of them must really run on them.
+REQUIRED_KERNEL_SASS: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
+    ("sparse_mla_wgmma.cu", "sm_90a"): {
+        name: ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16")
+        for name in ("sparse_mla_fwd_wgmma", "sparse_mla_fwd_wgmma_fp8")
+    },
+}
+
+
+def kernel_sass(sass: str, name: str) -> str | None:
+    """The part of ``cuobjdump -sass`` output that is kernel ``name``'s function (a C name, as
+    ``extern "C"`` kernels have), or None where the dump has no such function."""
+    sections = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.MULTILINE)
+    # [text before the first function, name, body, name, body, ...]
+    for function, body in zip(sections[1::2], sections[2::2]):
+        if function == name:
+            return body
+    return None
+
+
 def architectures(source: str) -> tuple[str, ...]:
     """The architectures ``source`` is compiled for in CI."""
     if source in kernels.SOURCE_ARCHITECTURES:
@@ -148,7 +169,7 @@ class CompileResult:
     returncode: int
     log: str
     usages: list[KernelUsage]
-    sass: str | None = None  # cuobjdump -sass of the cubin, for the sources of REQUIRED_SASS
+    sass: str | None = None  # cuobjdump -sass of the cubin, for the sources of REQUIRED_SASS / REQUIRED_KERNEL_SASS
 
     def report(self) -> str:
         lines = [f"# {self.source} for {self.arch}: nvcc -cubin -Xptxas -v (registers, stack, spills per kernel)",
@@ -167,7 +188,8 @@ def compile_source(nvcc: str, source: str, arch: str, workdir: Path) -> CompileR
     log = done.stdout + done.stderr
     sass = None
     cuobjdump = find_cuobjdump(nvcc)
-    if done.returncode == 0 and (source, arch) in REQUIRED_SASS and cuobjdump is not None:
+    checked = (source, arch) in REQUIRED_SASS or (source, arch) in REQUIRED_KERNEL_SASS
+    if done.returncode == 0 and checked and cuobjdump is not None:
         dump = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True)
         sass = dump.stdout if dump.returncode == 0 else None
         if dump.returncode != 0:

@@ -33,7 +33,7 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "sparse_mla_backward_mma.cu": ("sparse_mla_bwd_mma", "sparse_mla_bwd_mma_deterministic",
                                    "sparse_mla_bwd_mma_row_sum"),
     "indexer_loss.cu": ("indexer_entry_scores_simt", "indexer_loss_bwd_query_simt", "indexer_loss_bwd_dk_simt"),
-    "sparse_mla_wgmma.cu": ("sparse_mla_fwd_wgmma",),
+    "sparse_mla_wgmma.cu": ("sparse_mla_fwd_wgmma", "sparse_mla_fwd_wgmma_fp8"),
     "indexer_wgmma.cu": ("indexer_paged_wgmma_q1", "indexer_paged_wgmma_q2", "indexer_dense_wgmma_q2"),
 }
 

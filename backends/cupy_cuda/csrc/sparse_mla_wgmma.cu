@@ -1,15 +1,24 @@
 // Sparse MLA forward on Hopper's warpgroup tensor-core instructions (sm_90a only): the same contract
-// as sparse_mla_fwd_mma<false> in sparse_mla.cu (DeepSeek-V3.2 eq. 2, MQA mode, bf16 q [s_q, h, 576]
-// and bf16 latent rows [s_kv, 576], d_v = 512): an index < 0 or >= s_kv, or a slot past
-// topk_length, is never read; duplicates count twice; no valid slot -> out 0 and lse -inf; with a
-// sink, out *= 1 / (1 + exp(sink - lse)).
+// as sparse_mla_fwd_mma<FP8_CACHE> in sparse_mla.cu (DeepSeek-V3.2 eq. 2, MQA mode, bf16 q [s_q, h, 576],
+// d_v = 512): an index < 0 or >= s_kv, or a slot past topk_length, is never read; duplicates count
+// twice; no valid slot -> out 0 and lse -inf; with a sink, out *= 1 / (1 + exp(sink - lse)).
+// Two entry points share one body (sparse_mla_fwd_wgmma_body<FP8_CACHE>):
+//
+//   sparse_mla_fwd_wgmma      bf16 latent rows [s_kv, 576];
+//   sparse_mla_fwd_wgmma_fp8  the packed FP8 cache uint8 [s_kv, 656] of the V3.2 decode (512 e4m3
+//                             latent values, four float32 scales, one per 128 of them, 64 bf16 RoPE
+//                             values; dsa_ref.pack_kv_cache_fp8).
 //
 // One block per (query, 64 heads), three warpgroups with fixed roles:
 //
-//   warpgroup 0, producer: gathers the selected rows of one 64-slot tile with cp.async into a
-//     128-byte-swizzled tile (two stages), then signals the stage's `full` barrier; it waits on the
-//     stage's `empty` barrier before refilling it. It needs few registers and gives them away
-//     (setmaxnreg) to the consumers, whose O accumulator is large.
+//   warpgroup 0, producer: fills one 64-slot tile of bf16 rows in a 128-byte-swizzled layout (two
+//     stages), then signals the stage's `full` barrier; it waits on the stage's `empty` barrier
+//     before refilling it. bf16 rows are gathered with cp.async. Packed FP8 rows are read into
+//     registers with 16-byte loads and dequantized there (e4m3 x its block's scale, rounded to
+//     bf16; RoPE as stored), so the consumers read the same bf16 tile either way, and the
+//     dequantization of tile t + 1 runs while the consumers compute tile t. The producer gives
+//     registers away (setmaxnreg) to the consumers, whose O accumulator is large; the FP8 producer
+//     keeps more of them, for the rows it holds in flight.
 //   warpgroups 1 and 2, consumers: consumer c owns value dims 256 c .. +256 of O (a [64, 256] fp32
 //     accumulator, 128 registers per thread) and the S = Q K^T of slots 32 c .. +32 of each tile.
 //
@@ -45,10 +54,42 @@ constexpr int COLUMN_BLOCK_BYTES = 64 * 128;    // 64 rows x 64 dims: one swizzl
 constexpr int TILE_BYTES = (D_QK / 64) * COLUMN_BLOCK_BYTES;  // 73728
 constexpr int P_BYTES = BLOCK_H * BLOCK_T * 2;  // bf16 [64 heads, 64 slots]: one column block
 
-// Register budget of the 384 threads (65536): the producer keeps 40, each consumer thread gets 232.
-constexpr int PRODUCER_REGISTERS = 40;
-constexpr int CONSUMER_REGISTERS = 232;
-static_assert(128 * PRODUCER_REGISTERS + CONSUMER_THREADS * CONSUMER_REGISTERS <= 65536, "register file");
+// The packed FP8 cache row (dsa_ref/reference/formats.py): 656 = 41 x 16 bytes, so every row starts
+// 16-byte aligned when the cache does, and each of its three parts starts on a 16-byte boundary.
+constexpr int FP8_ROW_BYTES = 656;
+constexpr int FP8_SCALES_OFFSET = 512;  // after the 512 e4m3 latent values: 4 float32 scales
+constexpr int FP8_ROPE_OFFSET = 528;    // then the 64 RoPE values, bf16
+constexpr int FP8_SCALE_BLOCK = 128;    // latent values per scale
+static_assert(FP8_ROW_BYTES % 16 == 0 && FP8_SCALES_OFFSET % 16 == 0 && FP8_ROPE_OFFSET % 16 == 0, "16-byte loads");
+
+// The FP8 producer: warp w fills tile rows w, w + 4, ..., w + 60 (16 rows) in batches of FP8_BATCH_ROWS.
+// The loads of batch b + 1 are issued before batch b is dequantized and stored, so that the latency
+// of the random row reads overlaps with that work. (Larger batches without that overlap do not help:
+// in their SASS ptxas issues about ten loads of a thread and then starts using the first.) Per
+// lane a batch holds FP8_BATCH_ROWS latent chunks of 4 registers, as many scales and FP8_BATCH_ROWS / 4
+// RoPE chunks: 24 registers at 4 rows, 48 with the next batch in flight.
+constexpr int PRODUCER_WARP_ROWS = BLOCK_T / 4;
+constexpr int FP8_BATCH_ROWS = 4;
+constexpr int FP8_BATCHES = PRODUCER_WARP_ROWS / FP8_BATCH_ROWS;
+constexpr int FP8_ROPE_CHUNKS_PER_LANE = FP8_BATCH_ROWS * 8 / 32;  // a row's 8 RoPE chunks, over the warp
+static_assert(PRODUCER_WARP_ROWS % FP8_BATCH_ROWS == 0 && FP8_BATCH_ROWS % 4 == 0, "whole batches, whole RoPE chunks");
+
+// Registers per thread: at launch every warp gets what __launch_bounds__(384, 1) allows, 168 (65536 /
+// 384 rounded down to a multiple of 8); setmaxnreg then moves them from the producer to the consumers,
+// and the consumers' increase can only take what the producer's decrease returned. The consumers
+// compile without spills from 176 up (ptxas honours setmaxnreg in the code after it); the bf16
+// producer (cp.async, no data in registers) fits in 40; the FP8 producer spills at 72 and fits in 88
+// with two batches of rows in registers, which leaves the consumers 208.
+constexpr int LAUNCH_REGISTERS = 168;
+template <bool FP8_CACHE>
+struct RegisterSplit {
+    static constexpr int PRODUCER = FP8_CACHE ? 88 : 40;
+    static constexpr int CONSUMER = FP8_CACHE ? 208 : 232;
+    static_assert(128 * PRODUCER + CONSUMER_THREADS * CONSUMER <= 65536, "register file");
+    static_assert(128 * PRODUCER + CONSUMER_THREADS * CONSUMER <= THREADS * LAUNCH_REGISTERS,
+                  "the consumers' increase must fit in what the launch allocated");
+    static_assert(PRODUCER % 8 == 0 && CONSUMER % 8 == 0, "setmaxnreg takes multiples of 8");
+};
 
 // Named barriers of the two consumer warpgroups (0 is __syncthreads).
 constexpr u32 MAX_EXCHANGED = 1;   // both row maxima of the tile written
@@ -74,19 +115,150 @@ __device__ __forceinline__ u32 tile_offset(int row, int chunk) {
     return (chunk >> 3) * COLUMN_BLOCK_BYTES + hopper::swizzle_128b(row, chunk & 7);
 }
 
+// 16 bytes of the (read-only) cache through the non-coherent path, not kept in L1: a gathered row
+// is read once per block. With valid == false nothing is read and the result is zero.
+__device__ __forceinline__ uint4 load_16_or_zero(const u8* src, bool valid) {
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %4, 0;\n"
+                 "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%5]; }\n"
+                 : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "r"((int)valid), "l"(src));
+    return v;
+}
+__device__ __forceinline__ float load_f32_or_zero(const u8* src, bool valid) {
+    u32 v = 0u;
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %1, 0;\n"
+                 "@p ld.global.nc.L1::no_allocate.u32 %0, [%2]; }\n"
+                 : "+r"(v) : "r"((int)valid), "l"(src));
+    return __uint_as_float(v);
+}
+
+// Four e4m3 values (one word, the first in the low byte) times their block's scale, as two bf16x2
+// words: the float32 product rounded to bf16, exactly as dequantize_tile in sparse_mla.cu does it,
+// so both kernels give the tensor cores the same operands.
+__device__ __forceinline__ void dequantize_e4m3x4(u32 word, float scale, u32& low_pair, u32& high_pair) {
+    float v0, v1, v2, v3;
+    e4m3x2_to_float2((u16)(word & 0xFFFFu), v0, v1);
+    e4m3x2_to_float2((u16)(word >> 16), v2, v3);
+    low_pair = pack_bf16x2(v0 * scale, v1 * scale);
+    high_pair = pack_bf16x2(v2 * scale, v3 * scale);
+}
+
+// Producer, bf16 rows: a warp per row at a time, the 32 lanes copying consecutive 16-byte chunks of
+// one row with cp.async (invalid slots zero-filled without a read), then the wait for this thread's
+// own copies, so that it can fence them into the async proxy before releasing the stage; the
+// consumers are busy with the other stage meanwhile.
+__device__ __forceinline__ void fill_stage_bf16(u32 kv_tile, int* stage_valid, const u16* __restrict__ kv,
+                                                const int* __restrict__ row_indices, int tile, int n_slots,
+                                                int s_kv, int producer_warp, int lane) {
+    for (int row = producer_warp; row < BLOCK_T; row += 4) {
+        const int slot = tile * BLOCK_T + row;
+        const int index = slot < n_slots ? row_indices[slot] : -1;
+        const bool valid = index >= 0 && index < s_kv;
+        const u16* src_row = kv + (valid ? (u64)index * D_QK : 0);
+        for (int chunk = lane; chunk < ROW_CHUNKS; chunk += 32)
+            cp_async_16(kv_tile + tile_offset(row, chunk), src_row + chunk * 8, valid);
+        if (lane == 0) stage_valid[row] = valid;
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+}
+
+// Producer, packed FP8 rows: the index of tile row `producer_warp + 4 j` of the warp's 16 rows, read
+// by lane j < 16 (-1 where the slot is past n_slots or the index outside [0, s_kv)). Read before the
+// producer waits for the stage to be free, so that its latency hides behind the wait.
+__device__ __forceinline__ int fp8_row_index(const int* __restrict__ row_indices, int tile, int n_slots, int s_kv,
+                                             int producer_warp, int lane) {
+    const int slot = tile * BLOCK_T + producer_warp + 4 * (lane & 15);
+    const int index = lane < PRODUCER_WARP_ROWS && slot < n_slots ? row_indices[slot] : -1;
+    return index >= 0 && index < s_kv ? index : -1;
+}
+
+// One batch of packed rows in registers: lane l holds 16-byte latent chunk l (values 16 l .. +16, of
+// scale block l / 8) of every row of the batch with that block's scale, and RoPE chunk l % 8 of
+// rows l / 8, l / 8 + 4, ... of the batch.
+struct Fp8Batch {
+    uint4 latent[FP8_BATCH_ROWS];
+    float scale[FP8_BATCH_ROWS];
+    uint4 rope[FP8_ROPE_CHUNKS_PER_LANE];
+};
+
+// Issues the loads of batch `batch` (rows batch * FP8_BATCH_ROWS ..) of the warp's 16 rows; an
+// invalid row is read by nobody and comes back as zeros. `warp_index` is fp8_row_index's.
+__device__ __forceinline__ Fp8Batch load_fp8_batch(const u8* __restrict__ kv, int warp_index, int batch, int lane) {
+    Fp8Batch rows;
+#pragma unroll
+    for (int r = 0; r < FP8_BATCH_ROWS; ++r) {
+        const int index = __shfl_sync(0xffffffffu, warp_index, batch * FP8_BATCH_ROWS + r);
+        const u8* row = kv + (index >= 0 ? (u64)index * FP8_ROW_BYTES : 0);
+        rows.latent[r] = load_16_or_zero(row + 16 * lane, index >= 0);
+        rows.scale[r] = load_f32_or_zero(row + FP8_SCALES_OFFSET + 4 * (16 * lane / FP8_SCALE_BLOCK), index >= 0);
+    }
+#pragma unroll
+    for (int k = 0; k < FP8_ROPE_CHUNKS_PER_LANE; ++k) {
+        const int index = __shfl_sync(0xffffffffu, warp_index, batch * FP8_BATCH_ROWS + (lane >> 3) + 4 * k);
+        const u8* row = kv + (index >= 0 ? (u64)index * FP8_ROW_BYTES : 0);
+        rows.rope[k] = load_16_or_zero(row + FP8_ROPE_OFFSET + 16 * (lane & 7), index >= 0);
+    }
+    return rows;
+}
+
+// Dequantizes batch `batch` and stores it as bf16 into the swizzled stage (tile row of warp row j:
+// producer_warp + 4 j). Latent chunk l becomes bf16 chunks 2 l and 2 l + 1; lanes 4..7 of each
+// quarter-warp store the odd one first, so that the eight 16-byte stores of a quarter-warp fall in
+// eight different bank groups (the even chunks alone would cover only four).
+__device__ __forceinline__ void store_fp8_batch(u8* kv_tile, const Fp8Batch& rows, int batch, int producer_warp,
+                                                int lane) {
+    const bool odd_first = (lane >> 2) & 1;
+#pragma unroll
+    for (int r = 0; r < FP8_BATCH_ROWS; ++r) {
+        const int tile_row = producer_warp + 4 * (batch * FP8_BATCH_ROWS + r);
+        uint4 even, odd;  // bf16 chunks 2 l and 2 l + 1
+        dequantize_e4m3x4(rows.latent[r].x, rows.scale[r], even.x, even.y);
+        dequantize_e4m3x4(rows.latent[r].y, rows.scale[r], even.z, even.w);
+        dequantize_e4m3x4(rows.latent[r].z, rows.scale[r], odd.x, odd.y);
+        dequantize_e4m3x4(rows.latent[r].w, rows.scale[r], odd.z, odd.w);
+        *reinterpret_cast<uint4*>(kv_tile + tile_offset(tile_row, 2 * lane + (odd_first ? 1 : 0))) =
+            odd_first ? odd : even;
+        *reinterpret_cast<uint4*>(kv_tile + tile_offset(tile_row, 2 * lane + (odd_first ? 0 : 1))) =
+            odd_first ? even : odd;
+    }
+#pragma unroll
+    for (int k = 0; k < FP8_ROPE_CHUNKS_PER_LANE; ++k) {
+        const int tile_row = producer_warp + 4 * (batch * FP8_BATCH_ROWS + (lane >> 3) + 4 * k);
+        // RoPE, as stored: bf16 chunk 64 + l % 8
+        *reinterpret_cast<uint4*>(kv_tile + tile_offset(tile_row, D_V / 8 + (lane & 7))) = rows.rope[k];
+    }
+}
+
+// Producer, packed FP8 rows: the warp's 16 rows of the tile, read, dequantized and stored as bf16
+// into the swizzled stage, one batch of loads ahead of the stores.
+__device__ __forceinline__ void fill_stage_fp8(u8* kv_tile, int* stage_valid, const u8* __restrict__ kv,
+                                               int warp_index, int producer_warp, int lane) {
+    if (lane < PRODUCER_WARP_ROWS) stage_valid[producer_warp + 4 * lane] = warp_index >= 0;
+    Fp8Batch next = load_fp8_batch(kv, warp_index, 0, lane);
+    for (int batch = 0; batch + 1 < FP8_BATCHES; ++batch) {
+        const Fp8Batch current = next;
+        next = load_fp8_batch(kv, warp_index, batch + 1, lane);
+        store_fp8_batch(kv_tile, current, batch, producer_warp, lane);
+    }
+    store_fp8_batch(kv_tile, next, FP8_BATCHES - 1, producer_warp, lane);
+}
+
 }  // namespace mla_wgmma
 
-extern "C" __global__ void __launch_bounds__(mla_wgmma::THREADS, 1)
-sparse_mla_fwd_wgmma(const u16* __restrict__ q,            // [s_q, h, 576] bf16 bits
-                     const u16* __restrict__ kv,           // [s_kv, 576] bf16 bits
-                     const int* __restrict__ indices,      // [s_q, topk]
-                     const int* __restrict__ topk_length,  // [s_q] or null
-                     const float* __restrict__ attn_sink,  // [h] or null
-                     float* __restrict__ out,              // [s_q, h, 512]
-                     float* __restrict__ lse,              // [s_q, h]
-                     int h, int s_kv, int topk, float scale_log2) {
-    using namespace mla_wgmma;
+namespace mla_wgmma {
+
+// The kernel, for either row format (`kv`: bf16 rows [s_kv, 576] as bytes, or the packed FP8 cache
+// [s_kv, 656]); only the producer's fill of a stage differs.
+template <bool FP8_CACHE>
+__device__ __forceinline__ void sparse_mla_fwd_wgmma_body(const u16* __restrict__ q, const u8* __restrict__ kv,
+                                                          const int* __restrict__ indices,
+                                                          const int* __restrict__ topk_length,
+                                                          const float* __restrict__ attn_sink,
+                                                          float* __restrict__ out, float* __restrict__ lse,
+                                                          int h, int s_kv, int topk, float scale_log2) {
     using namespace hopper;
+    using Registers = RegisterSplit<FP8_CACHE>;
     extern __shared__ __align__(1024) u8 dynamic_smem[];
     const u32 raw_base = smem_u32(dynamic_smem);
     const u32 base = (raw_base + 1023u) & ~1023u;
@@ -130,28 +302,25 @@ sparse_mla_fwd_wgmma(const u16* __restrict__ q,            // [s_q, h, 576] bf16
 
     if (warpgroup == 0) {
         // ---------------------------------------------------------------- producer
-        setmaxnreg_decrease<PRODUCER_REGISTERS>();
+        setmaxnreg_decrease<Registers::PRODUCER>();
         const int producer_warp = tid >> 5;
         for (int tile = 0; tile < n_tiles; ++tile) {
             const int stage = tile % STAGES;
             const u32 round = (u32)(tile / STAGES);
+            int warp_index = -1;
+            if constexpr (FP8_CACHE) warp_index = fp8_row_index(row_indices, tile, n_slots, s_kv, producer_warp, lane);
             // A fresh barrier counts its (never run) previous phase as complete: round 0 passes.
             mbarrier_wait(empty_barriers + 8 * stage, (round & 1u) ^ 1u);
-            const u32 kv_tile = kv_tiles + stage * TILE_BYTES;
-            // A warp per row at a time: the 32 lanes read consecutive 16-byte chunks of one row.
-            for (int row = producer_warp; row < BLOCK_T; row += 4) {
-                const int slot = tile * BLOCK_T + row;
-                const int index = slot < n_slots ? row_indices[slot] : -1;
-                const bool valid = index >= 0 && index < s_kv;
-                const u16* src_row = kv + (valid ? (u64)index * D_QK : 0);
-                for (int chunk = lane; chunk < ROW_CHUNKS; chunk += 32)
-                    cp_async_16(kv_tile + tile_offset(row, chunk), src_row + chunk * 8, valid);
-                if (lane == 0) valid_flags[stage * BLOCK_T + row] = valid;
+            int* stage_valid = valid_flags + stage * BLOCK_T;
+            if constexpr (FP8_CACHE) {
+                fill_stage_fp8(smem + Smem::KV_OFFSET + stage * TILE_BYTES, stage_valid, kv, warp_index,
+                               producer_warp, lane);
+            } else {
+                fill_stage_bf16(kv_tiles + stage * TILE_BYTES, stage_valid, reinterpret_cast<const u16*>(kv),
+                                row_indices, tile, n_slots, s_kv, producer_warp, lane);
             }
-            cp_async_commit();
-            // Wait for this thread's own copies so that it can fence them into the async proxy
-            // before releasing the stage; the consumers are busy with the other stage meanwhile.
-            cp_async_wait<0>();
+            // This thread's writes of the stage (cp.async or stores), into the async proxy that wgmma
+            // reads through, before the release.
             fence_proxy_async_shared();
             mbarrier_arrive(full_barriers + 8 * stage);
         }
@@ -159,7 +328,7 @@ sparse_mla_fwd_wgmma(const u16* __restrict__ q,            // [s_q, h, 576] bf16
     }
 
     // -------------------------------------------------------------------- consumers
-    setmaxnreg_increase<CONSUMER_REGISTERS>();
+    setmaxnreg_increase<Registers::CONSUMER>();
     const int consumer = warpgroup - 1;              // value dims 256 c .., slots 32 c .. of a tile
     const int row0 = ((tid >> 5) & 3) * 16 + (lane >> 2);  // this thread's rows: row0, row0 + 8
     const int quad_lane = lane & 3;
@@ -272,4 +441,34 @@ sparse_mla_fwd_wgmma(const u16* __restrict__ q,            // [s_q, h, 576] bf16
         }
         if (consumer == 0 && quad_lane == 0) lse[(u64)query * h + head] = row_lse;
     }
+}
+
+}  // namespace mla_wgmma
+
+// bf16 latent rows.
+extern "C" __global__ void __launch_bounds__(mla_wgmma::THREADS, 1)
+sparse_mla_fwd_wgmma(const u16* __restrict__ q,            // [s_q, h, 576] bf16 bits
+                     const u16* __restrict__ kv,           // [s_kv, 576] bf16 bits
+                     const int* __restrict__ indices,      // [s_q, topk]
+                     const int* __restrict__ topk_length,  // [s_q] or null
+                     const float* __restrict__ attn_sink,  // [h] or null
+                     float* __restrict__ out,              // [s_q, h, 512]
+                     float* __restrict__ lse,              // [s_q, h]
+                     int h, int s_kv, int topk, float scale_log2) {
+    mla_wgmma::sparse_mla_fwd_wgmma_body<false>(q, reinterpret_cast<const u8*>(kv), indices, topk_length, attn_sink,
+                                                out, lse, h, s_kv, topk, scale_log2);
+}
+
+// The packed FP8 cache (16-byte aligned: the host copies a cache that is not).
+extern "C" __global__ void __launch_bounds__(mla_wgmma::THREADS, 1)
+sparse_mla_fwd_wgmma_fp8(const u16* __restrict__ q,            // [s_q, h, 576] bf16 bits
+                         const u8* __restrict__ kv,            // [s_kv, 656] packed FP8 rows
+                         const int* __restrict__ indices,      // [s_q, topk]
+                         const int* __restrict__ topk_length,  // [s_q] or null
+                         const float* __restrict__ attn_sink,  // [h] or null
+                         float* __restrict__ out,              // [s_q, h, 512]
+                         float* __restrict__ lse,              // [s_q, h]
+                         int h, int s_kv, int topk, float scale_log2) {
+    mla_wgmma::sparse_mla_fwd_wgmma_body<true>(q, kv, indices, topk_length, attn_sink, out, lse, h, s_kv, topk,
+                                               scale_log2);
 }

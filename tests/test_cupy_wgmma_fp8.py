@@ -1,0 +1,334 @@
+"""The cupy backend's Hopper sparse-MLA forward over the packed FP8 cache (``sparse_mla_fwd_wgmma_fp8`` in
+csrc/sparse_mla_wgmma.cu: the wgmma kernel whose producer warpgroup dequantizes the gathered 656-byte rows
+into its bf16 tiles; sm_90a only, opt-in through ``CupyBackend.hopper_fp8_decode``).
+
+CPU part: which inputs the wrapper routes to it (only when chosen, only on compute capability 9.0, only the
+packed cache with bf16 q at d_qk 576, d_v 512 and h a multiple of 64; everything else as before), the
+environment variable, and the kernel's row layout against the spec's. GPU part (``@pytest.mark.gpu``, the
+switch set by the tests): against the float64 reference on the unpacked cache with the kit's bf16
+tolerance, on invalid indices of every kind, duplicates, topk_length with 0 and cuts inside a tile,
+attn_sink, a query without a valid slot, unread rows filled with NaN bytes, h 64 and 128, topk not a
+multiple of 64, decode-like batches of one and two queries a sequence; a cache view off a 16-byte
+boundary; bitwise-equal reruns; one V3.2-size decode (b 64, s_q 2, T 32K, h 128, topk 2048). Each test
+checks which kernel ran.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from cupy_launches import record_launches
+
+import dsa_ref
+from dsa_ref import interop, reference
+from dsa_ref.reference import formats
+from dsa_ref.testing import assert_close, problems
+from dsa_ref.testing.tolerances import tolerance_for
+from dsa_ref_backends.cupy_cuda import backend as cupy_backend
+from dsa_ref_backends.cupy_cuda import kernels
+
+H200_SMEM = 232448  # MaxSharedMemoryPerBlockOptin of sm_90
+A100_SMEM = 166912  # ... of sm_80
+KERNEL = "sparse_mla_fwd_wgmma_fp8"
+
+
+# ----------------------------------------------------------------------------- CPU: routing
+def _path(**changes):
+    arguments = dict(q_dtype="bfloat16", kv_dtype="uint8", d_qk=576, kv_width=656, d_v=512, h=128,
+                     compute_capability=90, smem_limit=H200_SMEM, hopper_forward=True, hopper_fp8_decode=True)
+    arguments.update(changes)
+    return cupy_backend.forward_kernel_path(arguments.pop("q_dtype"), arguments.pop("kv_dtype"), **arguments)
+
+
+def test_chosen_packed_cache_forward_on_hopper_routes_to_the_fp8_wgmma_kernel():
+    assert _path() == "wgmma_fp8"
+    assert _path(h=64) == "wgmma_fp8"
+    assert _path(h=192) == "wgmma_fp8"
+    assert _path(hopper_forward=False) == "wgmma_fp8"  # the two switches are independent
+
+
+def test_fp8_wgmma_forward_is_off_by_default():
+    assert cupy_backend.CupyBackend.hopper_fp8_decode is False
+    assert _path(hopper_fp8_decode=False) == "mma"
+    # forward_kernel_path's own default is the switch off, as for the existing callers
+    assert cupy_backend.forward_kernel_path("bfloat16", "uint8", d_qk=576, kv_width=656, d_v=512, h=128,
+                                            compute_capability=90, smem_limit=H200_SMEM,
+                                            hopper_forward=True) == "mma"
+
+
+def test_the_environment_variable_overrides_the_attribute(monkeypatch):
+    monkeypatch.setenv("DSA_REF_CUPY_WGMMA_FP8", "1")
+    assert cupy_backend.kernel_switch(False, "DSA_REF_CUPY_WGMMA_FP8") is True
+    monkeypatch.setenv("DSA_REF_CUPY_WGMMA_FP8", "0")
+    assert cupy_backend.kernel_switch(True, "DSA_REF_CUPY_WGMMA_FP8") is False
+    monkeypatch.setenv("DSA_REF_CUPY_WGMMA_FP8", "")
+    assert cupy_backend.kernel_switch(True, "DSA_REF_CUPY_WGMMA_FP8") is True
+
+
+@pytest.mark.parametrize("changes", [
+    dict(compute_capability=80), dict(compute_capability=89), dict(compute_capability=100),
+    dict(compute_capability=0),  # what the wrapper passes when no Hopper switch is on
+    dict(h=16), dict(h=100), dict(h=20), dict(h=1),
+])
+def test_packed_inputs_the_fp8_wgmma_kernel_does_not_take_keep_the_mma_kernel(changes):
+    assert _path(**changes) == "mma"
+    assert _path(**changes, hopper_fp8_decode=False) == "mma"
+
+
+@pytest.mark.parametrize("changes", [
+    dict(q_dtype="float16"), dict(q_dtype="float32"), dict(d_v=256), dict(smem_limit=A100_SMEM),
+    dict(compute_capability=80, smem_limit=A100_SMEM),
+])
+def test_other_packed_inputs_keep_the_float32_kernel(changes):
+    assert _path(**changes) == "simt"
+    assert _path(**changes, hopper_fp8_decode=False) == "simt"
+
+
+def test_bf16_rows_are_unaffected_by_the_fp8_switch():
+    for fp8 in (False, True):
+        assert _path(kv_dtype="bfloat16", kv_width=576, hopper_fp8_decode=fp8) == "wgmma"
+        assert _path(kv_dtype="bfloat16", kv_width=576, hopper_forward=False, hopper_fp8_decode=fp8) == "mma"
+        assert _path(kv_dtype="float32", kv_width=576, hopper_fp8_decode=fp8) == "simt"
+
+
+def test_the_kernel_is_listed_and_its_row_layout_is_the_specs():
+    assert KERNEL in kernels.KERNELS["sparse_mla_wgmma.cu"]
+    assert kernels.template_kernels("sparse_mla_wgmma.cu") == ()  # built as a cubin: extern "C" only
+    text = kernels.source_text("sparse_mla_wgmma.cu")
+    assert re.search(r'extern "C" __global__ void __launch_bounds__\(mla_wgmma::THREADS, 1\)\s*' + KERNEL + r"\(",
+                     text)
+
+    def constant(name):
+        found = re.search(rf"constexpr int {name} = (\d+);", text)
+        assert found is not None, name
+        return int(found.group(1))
+
+    assert constant("FP8_ROW_BYTES") == formats.KV_CACHE_FP8_BYTES == cupy_backend.FP8_CACHE_ROW_BYTES
+    assert constant("FP8_SCALES_OFFSET") == formats.KV_LATENT_DIM
+    assert constant("FP8_ROPE_OFFSET") == formats.KV_LATENT_DIM + 4 * (formats.KV_LATENT_DIM // formats.KV_SCALE_BLOCK)
+    assert constant("FP8_SCALE_BLOCK") == formats.KV_SCALE_BLOCK
+    assert formats.KV_CACHE_FP8_BYTES % 16 == 0  # every row of an aligned cache starts 16-byte aligned
+
+
+# ----------------------------------------------------------------------------- GPU
+def _backend():
+    pytest.importorskip("cupy")
+    backend = cupy_backend.CupyBackend()
+    if backend.unavailable_reasons():
+        pytest.skip("; ".join(backend.unavailable_reasons()))
+    if cupy_backend._compute_capability() != 90:
+        pytest.skip("the wgmma forward runs on compute capability 9.0 only")
+    backend.poison_outputs = True  # an element the kernel forgets to write is NaN and fails the comparison
+    backend.hopper_fp8_decode = True
+    return backend
+
+
+def _poison_unread_rows(inputs):
+    """Rows of the packed cache that no valid slot reads become 0xFF bytes: NaN latents (e4m3), NaN scales
+    and NaN RoPE values (bf16), so that a kernel reading one fails."""
+    kv = inputs["kv"].copy()
+    kv[problems.unread_rows(inputs["indices"], kv.shape[0], inputs["topk_length"])] = 0xFF
+    inputs["kv"] = kv
+
+
+def _problem(seed: int, *, s_q, s_kv, h, topk, empty_query=None, topk_lengths=None, **features):
+    """A packed-cache V3.2 forward problem; ``empty_query`` gets no valid slot at all; ``topk_lengths``
+    replaces the random lengths (0, cuts inside a tile, ...); rows nobody reads are poisoned."""
+    rng = np.random.default_rng(seed)
+    problem = problems.sparse_mla_problem(rng, s_q=s_q, s_kv=s_kv, h=h, d_qk=576, d_v=512, topk=topk,
+                                          dtype="bfloat16", packed_fp8=True, **features)
+    inputs = dict(problem.inputs)
+    if empty_query is not None:
+        indices = inputs["indices"].copy()
+        indices[empty_query] = rng.choice(np.array([-1, s_kv, np.iinfo(np.int32).min, np.iinfo(np.int32).max],
+                                                   np.int32), size=topk)
+        inputs["indices"] = indices
+    if topk_lengths is not None:
+        inputs["topk_length"] = np.asarray(topk_lengths, np.int32)
+    _poison_unread_rows(inputs)
+    return problems.Problem("sparse_mla", inputs, dict(problem.params), "bfloat16")
+
+
+def _decode_problem(seed: int, *, batch: int, next_n: int, context: int, h: int, topk: int,
+                    invalid_fraction: float = 0.0, attn_sink: bool = False):
+    """A decode step's attention: ``batch`` sequences of ``context`` tokens in one packed cache (sequence b's
+    token p is row b * context + p), ``next_n`` queries a sequence at its last positions, each taking topk
+    random tokens at or before its own position (with repeats when it sees fewer), V3.2's softmax scale."""
+    rng = np.random.default_rng(seed)
+    cache = reference.pack_kv_cache_fp8(rng.standard_normal((batch * context, 576)))
+    q = rng.standard_normal((batch * next_n, h, 576)).astype(np.float32).astype(interop.NUMPY_DTYPES["bfloat16"])
+    position = np.tile(context - next_n + np.arange(next_n), batch)  # [b * next_n]
+    first_row = np.repeat(np.arange(batch) * context, next_n)  # [b * next_n]
+    tokens = np.floor(rng.random((batch * next_n, topk)) * (position[:, None] + 1)).astype(np.int64)
+    indices = (first_row[:, None] + tokens).astype(np.int32)
+    if invalid_fraction > 0:
+        invalid = rng.random(indices.shape) < invalid_fraction
+        adversarial = rng.choice(np.array([problems.INT32_MIN, -1, batch * context, problems.INT32_MAX], np.int64),
+                                 size=indices.shape)
+        indices = np.where(invalid, adversarial, indices).astype(np.int32)
+    inputs = dict(q=q, kv=cache, indices=indices, sm_scale=problems.V32_SM_SCALE, d_v=512, topk_length=None,
+                  attn_sink=rng.standard_normal(h).astype(np.float32) if attn_sink else None)
+    _poison_unread_rows(inputs)
+    return problems.Problem("sparse_mla", inputs, dict(batch=batch, next_n=next_n, context=context), "bfloat16")
+
+
+def _run(inputs, backend):
+    out, lse = dsa_ref.sparse_mla(**inputs, backend=backend)
+    return interop.to_numpy(out), interop.to_numpy(lse)
+
+
+def _compare(out, lse, inputs, backend):
+    expected_out, expected_lse = reference.sparse_mla(**inputs)  # the cache unpacked exactly, float64
+    tolerance = tolerance_for("bfloat16", backend)
+    assert_close(out, expected_out, tolerance, name="out")
+    assert_close(lse, expected_lse, tolerance, name="lse")
+    empty = ~reference.valid_slots(inputs["indices"], inputs["kv"].shape[0], inputs["topk_length"]).any(axis=1)
+    assert (out[empty] == 0).all() and np.isneginf(lse[empty]).all()
+
+
+def _check(problem, monkeypatch):
+    backend = _backend()
+    launched = record_launches(monkeypatch)
+    out, lse = _run(problem.native_inputs(backend), backend)
+    assert launched == [KERNEL], launched
+    _compare(out, lse, problem.inputs, backend)
+    return out, lse
+
+
+SMALL_CASES = {
+    f"h{h}-topk{topk}": dict(s_q=4, s_kv=600, h=h, topk=topk, invalid_fraction=0.2, duplicate_fraction=0.25,
+                             attn_sink=True, empty_query=1, topk_lengths=[topk, 0, 37, topk - 64 + 5])
+    for h in (64, 128) for topk in (64, 128, 320)
+}
+SMALL_CASES["h64-topk100-plain"] = dict(s_q=3, s_kv=300, h=64, topk=100)  # a partial last tile, no options
+SMALL_CASES["h128-topk200-sink"] = dict(s_q=5, s_kv=900, h=128, topk=200, topk_length=True, attn_sink=True,
+                                        invalid_fraction=0.1)
+SMALL_CASES["h128-topk64-few-rows"] = dict(s_q=3, s_kv=40, h=128, topk=64, duplicate_fraction=0.5,
+                                           logit_scale=3.0)  # few rows, each read many times
+SMALL_CASES["h64-topk2048"] = dict(s_q=2, s_kv=5000, h=64, topk=2048, invalid_fraction=0.05, topk_length=True,
+                                   attn_sink=True)
+SMALL_CASES["h64-all-invalid"] = dict(s_q=3, s_kv=50, h=64, topk=64, invalid_fraction=1.0)
+SMALL_CASES["h128-v32-scale"] = dict(s_q=4, s_kv=3000, h=128, topk=512, sm_scale=problems.V32_SM_SCALE,
+                                     distribution="recent", duplicate_fraction=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(SMALL_CASES))
+def test_fp8_wgmma_forward_matches_reference(name, monkeypatch):
+    _check(_problem(len(name), **SMALL_CASES[name]), monkeypatch)
+
+
+DECODE_CASES = {
+    "b8-next1-h128": dict(batch=8, next_n=1, context=3000, h=128, topk=2048),
+    "b8-next2-h128": dict(batch=8, next_n=2, context=3000, h=128, topk=2048, invalid_fraction=0.02, attn_sink=True),
+    "b4-next2-h64-short": dict(batch=4, next_n=2, context=700, h=64, topk=1000),  # repeats: 700 tokens, 1000 slots
+    "b3-next1-h64-topk129": dict(batch=3, next_n=1, context=5000, h=64, topk=129),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_fp8_wgmma_forward_matches_reference_on_decode_batches(name, monkeypatch):
+    _check(_decode_problem(len(name), **DECODE_CASES[name]), monkeypatch)
+
+
+@pytest.mark.gpu
+def test_fp8_wgmma_forward_reruns_are_bitwise_equal(monkeypatch):
+    problem = _problem(5, s_q=6, s_kv=2000, h=128, topk=512, invalid_fraction=0.1, duplicate_fraction=0.1,
+                       topk_length=True, attn_sink=True)
+    first = _check(problem, monkeypatch)
+    second = _run(problem.native_inputs(_backend()), _backend())
+    for a, b in zip(first, second):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.gpu
+def test_fp8_wgmma_forward_copies_a_cache_view_off_a_16_byte_boundary(monkeypatch):
+    import cupy
+
+    backend = _backend()
+    problem = _problem(9, s_q=3, s_kv=400, h=64, topk=128, invalid_fraction=0.1)
+    inputs = problem.native_inputs(backend)
+    cache = inputs["kv"]
+    buffer = cupy.zeros(cache.size + 16, cupy.uint8)
+    offset = (8 - buffer.data.ptr) % 16  # the view starts 8 bytes past a 16-byte boundary
+    shifted = buffer[offset:offset + cache.size].reshape(cache.shape)
+    shifted[...] = cache
+    assert shifted.data.ptr % 16 == 8
+    inputs["kv"] = shifted
+    launched = record_launches(monkeypatch)
+    out, lse = _run(inputs, backend)
+    assert launched == [KERNEL], launched
+    _compare(out, lse, problem.inputs, backend)
+
+
+@pytest.mark.gpu
+def test_fp8_wgmma_forward_follows_the_environment_variable(monkeypatch):
+    backend = _backend()
+    problem = _problem(2, s_q=2, s_kv=100, h=64, topk=64)
+    backend.hopper_fp8_decode = False
+    monkeypatch.setenv("DSA_REF_CUPY_WGMMA_FP8", "1")
+    launched = record_launches(monkeypatch)
+    _run(problem.native_inputs(backend), backend)
+    assert launched == [KERNEL], launched
+    backend.hopper_fp8_decode = True
+    monkeypatch.setenv("DSA_REF_CUPY_WGMMA_FP8", "0")
+    launched.clear()
+    _run(problem.native_inputs(backend), backend)
+    assert launched == ["sparse_mla_fwd_mma<true>"], launched
+
+
+def _random_packed_cache(cupy, rows: int, chunk_rows: int = 1 << 18):
+    """A packed cache of ``rows`` rows made on the device (numpy would need gigabytes of float64 at the V3.2
+    size): e4m3 latents with the top exponent bit clear (|v| < 2, never NaN), per-block scales 2^-2 .. 2^1,
+    bf16 RoPE values of magnitude 2^-7 .. 2."""
+    cache = cupy.empty((rows, 656), cupy.uint8)
+    for begin in range(0, rows, chunk_rows):
+        part = cache[begin:begin + chunk_rows]
+        n = part.shape[0]
+        part[:, :512] = (cupy.random.randint(0, 256, size=(n, 512), dtype=cupy.int32) & 0xBF).astype(cupy.uint8)
+        scales = cupy.exp2(cupy.random.randint(-2, 2, size=(n, 4)).astype(cupy.float32))
+        part[:, 512:528] = scales.view(cupy.uint8)
+        sign = cupy.random.randint(0, 2, size=(n, 64), dtype=cupy.int32) << 15
+        exponent = cupy.random.randint(120, 128, size=(n, 64), dtype=cupy.int32) << 7
+        mantissa = cupy.random.randint(0, 128, size=(n, 64), dtype=cupy.int32)
+        part[:, 528:] = (sign | exponent | mantissa).astype(cupy.uint16).view(cupy.uint8)
+    return cache
+
+
+@pytest.mark.gpu
+def test_fp8_wgmma_forward_at_the_v32_decode_size(monkeypatch):
+    """b 64, s_q 2, T 32K, h 128, topk 2048: the whole batch in one launch over a 1.4 GB cache; the float64
+    reference on a sample of the queries (both ends of the batch, a few between) over the rows they read."""
+    cupy = pytest.importorskip("cupy")
+    backend = _backend()
+    batch, next_n, context, h, topk = 64, 2, 32768, 128, 2048
+    cupy.random.seed(11)
+    rng = np.random.default_rng(11)
+    cache = _random_packed_cache(cupy, batch * context)
+    queries = batch * next_n
+    q = rng.standard_normal((queries, h, 576)).astype(np.float32).astype(interop.NUMPY_DTYPES["bfloat16"])
+    position = np.tile(context - next_n + np.arange(next_n), batch)
+    first_row = np.repeat(np.arange(batch) * context, next_n)
+    indices = (first_row[:, None] + np.floor(rng.random((queries, topk)) * (position[:, None] + 1))).astype(np.int32)
+    invalid = rng.random(indices.shape) < 0.01
+    indices = np.where(invalid, rng.choice(np.array([-1, batch * context], np.int32), size=indices.shape), indices)
+    topk_length = np.where(rng.random(queries) < 0.25, rng.integers(1, topk + 1, size=queries), topk).astype(np.int32)
+    attn_sink = rng.standard_normal(h).astype(np.float32)
+    launched = record_launches(monkeypatch)
+    out, lse = _run(dict(q=cupy.asarray(q.view(np.int16)), kv=cache, indices=cupy.asarray(indices),
+                         sm_scale=problems.V32_SM_SCALE, d_v=512, topk_length=cupy.asarray(topk_length),
+                         attn_sink=cupy.asarray(attn_sink)), backend)
+    assert launched == [KERNEL], launched
+    assert np.isfinite(out).all() and np.isfinite(lse).all()
+
+    sample = np.array([0, 1, 2, 37, 64, 65, 100, queries - 2, queries - 1])
+    sample_indices, sample_length = indices[sample], topk_length[sample]
+    valid = reference.valid_slots(sample_indices, batch * context, sample_length)
+    rows = np.unique(sample_indices[valid])
+    compact = np.where(valid, np.searchsorted(rows, np.where(valid, sample_indices, 0)), -1).astype(np.int32)
+    inputs = dict(q=q[sample], kv=cupy.asnumpy(cache[cupy.asarray(rows)]), indices=compact,
+                  sm_scale=problems.V32_SM_SCALE, d_v=512, topk_length=sample_length, attn_sink=attn_sink)
+    _compare(out[sample], lse[sample], inputs, backend)
