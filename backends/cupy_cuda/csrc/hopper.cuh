@@ -66,6 +66,8 @@ __device__ __forceinline__ void fence_registers(float (&d)[N]) {
 
 #define DSA_ACC4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
 #define DSA_ACC16(d, i) DSA_ACC4(d, i), DSA_ACC4(d, i + 4), DSA_ACC4(d, i + 8), DSA_ACC4(d, i + 12)
+#define DSA_OUT4(d, i) "=f"(d[i]), "=f"(d[i + 1]), "=f"(d[i + 2]), "=f"(d[i + 3])
+#define DSA_OUT16(d, i) DSA_OUT4(d, i), DSA_OUT4(d, i + 4), DSA_OUT4(d, i + 8), DSA_OUT4(d, i + 12)
 
 // D[64 x 32] += A[64 x 16] B[16 x 32], bf16 in, fp32 accumulate; A and B in shared memory, both
 // K-major. Thread t of the warpgroup holds D rows 16 (t / 32) + (t % 32) / 4 (+ 8) and columns
@@ -144,8 +146,62 @@ __device__ __forceinline__ void wgmma_e4m3_k128(float (&d)[N / 2], u32 a_tile, u
     fence_registers(d);
 }
 
+// D[64 x 32] (+)= A[64 x 16] B[16 x 32], bf16, each operand's orientation chosen: TRANS_A / TRANS_B = 1
+// reads it MN-major (imm-trans = 1: for A, each 128-byte row holds 64 consecutive rows of the product,
+// the reduction dimension running across the rows). ACCUMULATE = 0 is scale-d = 0: D's old contents
+// are ignored, so the first product of a fresh accumulator needs no zeroing. Only d[0..15] of an array
+// of SIZE >= 16 are used (one accumulator array may serve products of several widths). Register layout
+// as wgmma_m64n32k16_bf16's.
+template <int ACCUMULATE, int TRANS_A, int TRANS_B, int SIZE>
+__device__ __forceinline__ void wgmma_m64n32k16_bf16_t(float (&d)[SIZE], u64 a_descriptor, u64 b_descriptor) {
+    static_assert(SIZE >= 16, "a 64 x 32 accumulator is 16 registers a thread");
+#define DSA_WGMMA_N32                                                                  \
+    "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "                            \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "         \
+    "%16, %17, %18, 1, 1, %19, %20;\n"
+    // Without accumulation D is only written: "=f", so that the old values are dead for the compiler too.
+    if constexpr (ACCUMULATE)
+        asm volatile(DSA_WGMMA_N32 : DSA_ACC16(d, 0)
+                     : "l"(a_descriptor), "l"(b_descriptor), "n"(ACCUMULATE), "n"(TRANS_A), "n"(TRANS_B));
+    else
+        asm volatile(DSA_WGMMA_N32 : DSA_OUT16(d, 0)
+                     : "l"(a_descriptor), "l"(b_descriptor), "n"(ACCUMULATE), "n"(TRANS_A), "n"(TRANS_B));
+#undef DSA_WGMMA_N32
+}
+
+// D[64 x 64] (+)= A[64 x 16] B[16 x 64], as wgmma_m64n32k16_bf16_t with 8 column groups of 8.
+template <int ACCUMULATE, int TRANS_A, int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n64k16_bf16_t(float (&d)[32], u64 a_descriptor, u64 b_descriptor) {
+#define DSA_WGMMA_N64                                                                  \
+    "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "                            \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "          \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
+    "%32, %33, %34, 1, 1, %35, %36;\n"
+    if constexpr (ACCUMULATE)
+        asm volatile(DSA_WGMMA_N64 : DSA_ACC16(d, 0), DSA_ACC16(d, 16)
+                     : "l"(a_descriptor), "l"(b_descriptor), "n"(ACCUMULATE), "n"(TRANS_A), "n"(TRANS_B));
+    else
+        asm volatile(DSA_WGMMA_N64 : DSA_OUT16(d, 0), DSA_OUT16(d, 16)
+                     : "l"(a_descriptor), "l"(b_descriptor), "n"(ACCUMULATE), "n"(TRANS_A), "n"(TRANS_B));
+#undef DSA_WGMMA_N64
+}
+
+#undef DSA_OUT16
+#undef DSA_OUT4
 #undef DSA_ACC16
 #undef DSA_ACC4
+
+// ----------------------------------------------------------------------------- vector reductions
+// dst[0..3] += v (float32, relaxed, gpu scope; no value comes back): one 16-byte reduction where four
+// scalar atomics would be four. dst must be 16-byte aligned. sm_90 (PTX 8.1) adds the vector forms.
+__device__ __forceinline__ void red_add_v4_f32(float* dst, float a, float b, float c, float d) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n"
+                 :: "l"(dst), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+// dst[0..1] += v; dst 8-byte aligned.
+__device__ __forceinline__ void red_add_v2_f32(float* dst, float a, float b) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(dst), "f"(a), "f"(b) : "memory");
+}
 
 // ----------------------------------------------------------------------------- proxies
 // wgmma reads shared memory through the async proxy; writes made by ordinary stores or cp.async
