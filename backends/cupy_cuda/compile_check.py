@@ -37,6 +37,10 @@ REPORT_DIR = Path(__file__).resolve().parent / "resource_usage"
 REQUIRED_SASS: dict[tuple[str, str], tuple[str, ...]] = {
     ("sparse_mla_wgmma.cu", "sm_90a"): ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16"),
     ("indexer_wgmma.cu", "sm_90a"): ("QGMMA.64x64x32.F32.E4M3.E4M3", "QGMMA.64x128x32.F32.E4M3.E4M3"),
+    # The backward's four shapes, its transposed A operands (the rows' contributions) and its 16-byte
+    # float32 reductions.
+    ("sparse_mla_backward_wgmma.cu", "sm_90a"): ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16",
+                                                 "HGMMA.64x64x16.F32.BF16", ".tnspA.tnspB", "REDG.E.ADD.F32x4"),
 }
 
 
