@@ -21,7 +21,9 @@ Which kernel runs (all compute the same function; see csrc/*.cu):
   csrc/sparse_mla.cu); float32 CUDA cores for every other shape and dtype.
 * sparse MLA backward: tensor cores (csrc/sparse_mla_backward_mma.cu) for bf16 queries and rows at
   d_qk = 576, d_v = 512 on a device with 219 KiB of shared memory per block (sm_90), row gradients
-  added with fp32 atomics; float32 CUDA cores (csrc/sparse_mla_backward.cu) for every other input
+  added with fp32 atomics (opted in with ``CupyBackend.hopper_backward``, on sm_90 with h a multiple of
+  64: Hopper's wgmma, csrc/sparse_mla_backward_wgmma.cu, 16-byte fp32 reductions); float32 CUDA cores
+  (csrc/sparse_mla_backward.cu) for every other input
   and for deterministic mode, the same tensor cores with the row gradients stored and then summed
   per row in a sorted order (``CupyBackend.deterministic_tensor_cores``; float32 CUDA cores without).
 * attention target, indexer loss and its backward: float32 CUDA cores for every dtype
@@ -81,6 +83,12 @@ class CupyBackend(Backend):
     #: tensor-core kernel takes: 43-45x the float32 kernels on the H200 (backends/cupy_cuda/NOTES.md). Set
     #: this to False, or DSA_REF_CUPY_DETERMINISTIC_MMA=0, to run the float32 kernels.
     deterministic_tensor_cores: bool = True
+
+    #: The default mode's sparse-MLA backward for bf16 q and rows at d_qk 576, d_v 512 with h a multiple of
+    #: 64 on Hopper's wgmma kernel (``sparse_mla_bwd_wgmma`` in csrc/sparse_mla_backward_wgmma.cu, compute
+    #: capability 9.0 only) instead of ``sparse_mla_bwd_mma`` (:func:`backward_kernel_path`). Off until it has
+    #: run on a GPU (backends/cupy_cuda/NOTES.md); set this, or DSA_REF_CUPY_WGMMA_BACKWARD=1, to run it.
+    hopper_backward: bool = False
 
     #: The bf16 V3.2-width sparse-MLA forward (d_qk 576, d_v 512, bf16 rows, h a multiple of 64) on
     #: Hopper's wgmma kernel (csrc/sparse_mla_wgmma.cu, compute capability 9.0 only) instead of the
@@ -408,9 +416,12 @@ class CupyBackend(Backend):
         kernel_path = "simt"
         if s_q > 0 and h > 0:
             tensor_cores = kernel_switch(self.deterministic_tensor_cores, "DSA_REF_CUPY_DETERMINISTIC_MMA")
+            hopper = kernel_switch(self.hopper_backward, "DSA_REF_CUPY_WGMMA_BACKWARD")
             kernel_path = backward_kernel_path(q_dtype, kv_dtype, d_qk=d_qk, kv_width=int(kv.shape[1]), d_v=d_v,
                                                deterministic=deterministic, smem_limit=_smem_optin(),
-                                               deterministic_tensor_cores=tensor_cores)
+                                               deterministic_tensor_cores=tensor_cores, h=h,
+                                               compute_capability=_compute_capability() if hopper else 0,
+                                               hopper_backward=hopper)
         q32 = kv32 = None  # the tensor-core kernel reads the bf16 inputs as they are
         if kernel_path == "simt":
             q32, kv32 = _to_float32(q, q_dtype), _to_float32(kv, kv_dtype)
@@ -427,7 +438,18 @@ class CupyBackend(Backend):
             share = (1.0 / (1.0 + cupy.exp(sink[None, :] - lse32))).astype(cupy.float32)  # exp overflow: f = 0
         dq = self._empty((s_q, h, d_qk), cupy.float32)
         dkv = cupy.zeros((s_kv, d_qk), cupy.float32)  # an accumulator: rows no slot reads stay exactly 0
-        if kernel_path == "mma":
+        if kernel_path == "wgmma":
+            # dout as it came when it is bf16 (the kernel rounds float32 to bf16 itself: the same values).
+            d_out_native = self._native(d_out)
+            d_out_bf16 = logical_dtype(d_out_native) == "bfloat16"
+            function = kernels.kernel("sparse_mla_backward_wgmma.cu", "sparse_mla_bwd_wgmma", q.device.id,
+                                      WGMMA_BACKWARD_SMEM)
+            function((s_q * (h // 64),), (WGMMA_BACKWARD_THREADS,),
+                     (q, kv, indices, _nullable(topk_length), lse32, d_out_native if d_out_bf16 else d_out32,
+                      delta, share, _nullable(d_lse32), dq, dkv, np.int32(h), np.int32(s_kv), np.int32(topk),
+                      np.int32(d_out_bf16), np.float32(sm_scale), np.float32(float(sm_scale) * math.log2(math.e))),
+                     shared_mem=WGMMA_BACKWARD_SMEM)
+        elif kernel_path == "mma":
             function = kernels.kernel("sparse_mla_backward_mma.cu", "sparse_mla_bwd_mma", q.device.id,
                                       BACKWARD_MMA_SMEM)
             head_blocks = (h + 63) // 64
@@ -812,17 +834,30 @@ DETERMINISTIC_MMA_BUFFER_BYTES = 1 << 30
 DETERMINISTIC_ROW_SUM_THREADS = 576 // 4
 
 
+#: Shared memory and threads of sparse_mla_bwd_wgmma (mla_bwd_wgmma::Smem::TOTAL, mla_bwd_wgmma::THREADS in
+#: csrc/sparse_mla_backward_wgmma.cu): Q, dout, the rows, the staged dl and f P tiles, the rows' indices,
+#: per-head values, two barriers, and 1 KB to align.
+WGMMA_BACKWARD_SMEM = 73728 + 65536 + 73728 + 2 * 8192 + 64 * 4 + 4 * 64 * 4 + 16 + 1024
+WGMMA_BACKWARD_THREADS = 384
+
+
 def backward_kernel_path(q_dtype: str, kv_dtype: str, *, d_qk: int, kv_width: int, d_v: int, deterministic: bool,
-                         smem_limit: int, deterministic_tensor_cores: bool = False) -> str:
+                         smem_limit: int, deterministic_tensor_cores: bool = False, h: int = 0,
+                         compute_capability: int = 0, hopper_backward: bool = False) -> str:
     """Which sparse-MLA backward runs. For bf16 q and kv rows at the V3.2 widths d_qk = 576, d_v = 512,
     where the device gives a block its shared memory, the tensor-core kernels of
     csrc/sparse_mla_backward_mma.cu: ``"mma"`` (row gradients added with atomics) by default, and, in
     deterministic mode with ``deterministic_tensor_cores`` (see :attr:`CupyBackend.deterministic_tensor_cores`),
-    ``"mma_deterministic"`` (row gradients stored, then summed per row in a sorted order);
-    ``"simt"`` (csrc/sparse_mla_backward.cu, float32, both modes) for everything else."""
+    ``"mma_deterministic"`` (row gradients stored, then summed per row in a sorted order). In default mode
+    with ``hopper_backward`` (see :attr:`CupyBackend.hopper_backward`), h a multiple of 64 and compute
+    capability 9.0: ``"wgmma"`` (csrc/sparse_mla_backward_wgmma.cu). ``"simt"`` (csrc/sparse_mla_backward.cu,
+    float32, both modes) for everything else."""
     if (q_dtype == "bfloat16" and kv_dtype == "bfloat16" and d_qk == 576 and kv_width == 576 and d_v == 512
             and BACKWARD_MMA_SMEM <= smem_limit):
         if not deterministic:
+            if (hopper_backward and h > 0 and h % 64 == 0 and compute_capability == 90
+                    and WGMMA_BACKWARD_SMEM <= smem_limit):
+                return "wgmma"
             return "mma"
         if deterministic_tensor_cores:
             return "mma_deterministic"
