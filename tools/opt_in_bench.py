@@ -7,7 +7,8 @@ candidate's outputs from the default's. The pairs:
 * triton sparse MLA forward: the ``tl.dot`` kernel against the Gluon kernel (``kernel="gluon"``, the
   default on Hopper);
 * triton sparse MLA backward: the split kernels against the fused one (``kernel="fused"``), both modes;
-* cupy sparse MLA backward: the default (atomic) tensor-core kernel, deterministic mode's tensor-core
+* cupy sparse MLA backward: the default (atomic) tensor-core kernel against the wgmma one
+  (``CupyBackend.hopper_backward``, with float32 and bf16 d_out), deterministic mode's tensor-core
   kernels (the default there) and its float32 path (``CupyBackend.deterministic_tensor_cores=False``);
 * cupy sparse MLA forward: the mma.sync kernel against the wgmma one (``CupyBackend.hopper_forward``);
 * cupy FP8 decode: the sparse MLA forward over the packed 656-byte cache at the decode step's shapes
@@ -168,9 +169,19 @@ def main(argv: list[str] | None = None) -> int:
                                                                   kernel="gluon"), split)
         if "cupy-backward" not in groups:
             continue
+        cupy_wgmma_backward = CupyBackend()
+        cupy_wgmma_backward.hopper_backward = True
         with dsa_ref.use_deterministic(False):
             atomic = timed(torch, "cupy backward, mma.sync (default mode)", shape, backward_flop,
                            lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out, backend=cupy_default))
+            timed(torch, "cupy backward, wgmma (default mode, CupyBackend.hopper_backward)", shape, backward_flop,
+                  lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out, backend=cupy_wgmma_backward),
+                  atomic)
+            d_out_bf16 = d_out.to(torch.bfloat16)
+            timed(torch, "cupy backward, wgmma, bf16 d_out (CupyBackend.hopper_backward)", shape, backward_flop,
+                  lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out_bf16,
+                                                      backend=cupy_wgmma_backward), atomic)
+            del d_out_bf16
         with dsa_ref.use_deterministic(True):
             timed(torch, "cupy backward, tensor cores (deterministic default)", shape, backward_flop,
                   lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out, backend=cupy_default), atomic)
