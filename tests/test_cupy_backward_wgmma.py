@@ -108,6 +108,21 @@ def test_host_launch_constants_agree_with_the_source():
     assert cupy_backend.BACKWARD_MMA_SMEM <= cupy_backend.WGMMA_BACKWARD_SMEM <= H200_SMEM
 
 
+def test_the_register_handover_fits_what_the_launch_allocates():
+    """setmaxnreg.inc takes registers only from those setmaxnreg.dec gave back: the consumers' 240 must
+    come out of the 168 a thread the launch allocates (65536 / 384, in steps of 8), or they wait forever."""
+    text = kernels.source_text(SOURCE)
+    number = {name: int(re.search(rf"{name} = (\d+);", text).group(1))
+              for name in ("LAUNCH_REGISTERS", "PRODUCER_REGISTERS", "CONSUMER_REGISTERS", "THREADS")}
+    launch, producer, consumer = number["LAUNCH_REGISTERS"], number["PRODUCER_REGISTERS"], number["CONSUMER_REGISTERS"]
+    assert launch == 65536 // number["THREADS"] // 8 * 8 == 168
+    assert producer % 8 == 0 and consumer % 8 == 0 and 24 <= producer <= launch <= consumer <= 256
+    assert 128 * producer + 256 * consumer <= number["THREADS"] * launch
+    report = compile_check.report_path(SOURCE, "sm_90a").read_text().splitlines()
+    (line,) = [line for line in report if line.startswith("sparse_mla_bwd_wgmma ")]
+    assert line.split()[1:5] == [str(launch), "0", "0", "0"], line  # registers at launch, no stack, no spills
+
+
 @pytest.fixture(scope="module")
 def nvcc():
     found = compile_check.find_nvcc()

@@ -12,7 +12,7 @@
 //
 // One block per (query, 64 heads), 384 threads = three warpgroups with fixed roles:
 //
-//   warpgroup 0, producer (setmaxnreg down to 32): gathers the 64 rows of a step with cp.async into a
+//   warpgroup 0, producer (setmaxnreg down to 24): gathers the 64 rows of a step with cp.async into a
 //     128-byte-swizzled [64, 576] tile and writes each row's kv index (or -1) beside it, waits for its
 //     own copies, fences them into the async proxy and arrives on the `full` mbarrier. Before refilling
 //     the tile it waits on the `empty` mbarrier, which the consumers arrive on as soon as their last
@@ -75,10 +75,15 @@ constexpr int Q_BYTES = (D_QK / 64) * COLUMN_BLOCK_BYTES;   // 73728
 constexpr int DO_BYTES = (D_V / 64) * COLUMN_BLOCK_BYTES;   // 65536
 constexpr int STAGED_BYTES = BLOCK_H * BLOCK_T * 2;         // bf16 [64 heads, 64 slots]: one column block
 
-// Register budget of the 384 threads (65536): the producer keeps 32, each consumer thread gets 240.
-constexpr int PRODUCER_REGISTERS = 32;
+// Register budget: the launch gives every thread 168 (65536 / 384, rounded down to a multiple of 8), and
+// setmaxnreg.inc can only take what setmaxnreg.dec gave back to the block's pool (it waits for them: a
+// larger request would hang). The producer keeps 24 (its loop needs 22), each consumer thread gets 240
+// (dq's 144 accumulators, two contribution chunks of 32, S and dP).
+constexpr int LAUNCH_REGISTERS = 168;
+constexpr int PRODUCER_REGISTERS = 24;
 constexpr int CONSUMER_REGISTERS = 240;
-static_assert(128 * PRODUCER_REGISTERS + CONSUMER_THREADS * CONSUMER_REGISTERS <= 65536, "register file");
+static_assert(128 * PRODUCER_REGISTERS + CONSUMER_THREADS * CONSUMER_REGISTERS <= THREADS * LAUNCH_REGISTERS,
+              "the consumers' registers must come from the producer's");
 
 // Named barriers of the two consumer warpgroups (0 is __syncthreads).
 constexpr u32 STAGED_FREE = 1;     // both consumers done reading the previous step's DL and FP
