@@ -9,14 +9,11 @@ with TRITON_INTERPRET=1, under which nothing compiles for a GPU target).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from triton_ptxas import ptxas_usage
+from triton_ptxas import compile_gluon_for_sm90, ptxas_usage, run_compiled_report
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -36,30 +33,15 @@ COMPILE_CASES = [(True, True), (False, False)]  # (topk_length, attn_sink)
 
 def _compile_gluon() -> dict[str, dict[str, int]]:
     """Registers, spills, shared memory and tensor-core instructions of each case, compiled for sm_90."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    kernel = sparse_mla_gluon._sparse_mla_gluon_kernel
     used = {}
     for has_topk_length, has_sink in COMPILE_CASES:
         constants = dict(HAS_TOPK_LENGTH=has_topk_length, HAS_SINK=has_sink, BLOCK_H=sparse_mla_gluon.BLOCK_H,
                          BLOCK_T=sparse_mla_gluon.BLOCK_T, D_V=sparse_mla_gluon.D_V, D_R=sparse_mla_gluon.D_R)
-        signature = {arg: "constexpr" if arg in constants else ("fp32" if "scale" in arg else "i32")
-                     for arg in kernel.arg_names}
-        signature.update({arg: "*fp32" for arg in kernel.arg_names if arg.startswith("p_")})
-        signature.update(p_q="*bf16", p_kv="*bf16", p_indices="*i32", p_topk_length="*i32")
-        # The launcher passes contiguous, 16-byte aligned tensors whose strides are multiples of
-        # 576 elements; the JIT specializes such arguments as divisible by 16, as here.
-        aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
-                   if arg.startswith(("p_", "stride_"))}
-        source = GluonASTSource(fn=kernel, signature=signature, attrs=aligned,
-                                constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=sparse_mla_gluon.NUM_WARPS.value))
-        ptx = compiled.asm["ptx"]
+        ptx, shared = compile_gluon_for_sm90(
+            sparse_mla_gluon._sparse_mla_gluon_kernel, constants,
+            dict(p_q="*bf16", p_kv="*bf16", p_indices="*i32", p_topk_length="*i32"), sparse_mla_gluon.NUM_WARPS.value)
         used[f"{has_topk_length}-{has_sink}"] = dict(
-            shared=compiled.metadata.shared, **ptxas_usage(ptx),
+            shared=shared, **ptxas_usage(ptx),
             wgmma_s=len(re.findall(r"wgmma\.mma_async\S*m64n32k16", ptx)),
             wgmma_o=len(re.findall(r"wgmma\.mma_async\S*m64n256k16", ptx)),
             cp_async=len(re.findall(r"cp\.async\.cg\.shared\.global", ptx)))
@@ -70,11 +52,7 @@ def _compile_gluon() -> dict[str, dict[str, int]]:
 def compiled_gluon() -> dict[str, dict[str, int]]:
     if sparse_mla_gluon.gluon_release_reasons():
         pytest.skip("; ".join(sparse_mla_gluon.gluon_release_reasons()))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
-                            timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_compiled_report(__file__)
 
 
 @pytest.mark.parametrize("case", [f"{length}-{sink}" for length, sink in COMPILE_CASES])

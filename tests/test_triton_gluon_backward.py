@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from triton_ptxas import compile_gluon_for_sm90, ptxas_usage, run_compiled_report
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -28,8 +27,6 @@ from dsa_ref.testing.tolerances import gradient_tolerance_for  # noqa: E402
 from dsa_ref_backends.torch_triton import sparse_mla_backward, sparse_mla_backward_gluon, sparse_mla_gluon  # noqa: E402
 from dsa_ref_backends.torch_triton._interpreter import interpreter_enabled  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from triton_ptxas import ptxas_usage  # noqa: E402
 
 H100_SHARED_MEMORY_PER_BLOCK = 232448  # 227 KiB, the opt-in maximum of sm_90
 COMPILE_CASES = [(True, True, "fp32"), (False, False, "bf16")]  # (topk_length, d_lse, d_out dtype)
@@ -38,31 +35,17 @@ COMPILE_CASES = [(True, True, "fp32"), (False, False, "bf16")]  # (topk_length, 
 # --------------------------------------------------------------------------- sm_90 compile
 def _compile_backward() -> dict[str, dict[str, int]]:
     """Registers, spills, shared memory and instruction counts of each case, compiled for sm_90."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     module = sparse_mla_backward_gluon
-    kernel = module._sparse_mla_backward_gluon_kernel
     used = {}
     for has_topk_length, has_d_lse, d_out_dtype in COMPILE_CASES:
         constants = dict(HAS_TOPK_LENGTH=has_topk_length, HAS_D_LSE=has_d_lse, BLOCK_H=module.BLOCK_H,
                          BLOCK_T=module.BLOCK_T, D_V=module.D_V, D_R=module.D_R, D_CHUNK=module.D_CHUNK)
-        signature = {arg: "constexpr" if arg in constants else ("fp32" if "scale" in arg else "i32")
-                     for arg in kernel.arg_names}
-        signature.update({arg: "*fp32" for arg in kernel.arg_names if arg.startswith("p_")})
-        signature.update(p_q="*bf16", p_kv="*bf16", p_indices="*i32", p_topk_length="*i32",
-                         p_d_out=f"*{d_out_dtype}")
-        # Contiguous, 16-byte aligned tensors whose strides are multiples of 16 elements, as launched.
-        aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
-                   if arg.startswith(("p_", "stride_"))}
-        source = GluonASTSource(fn=kernel, signature=signature, attrs=aligned,
-                                constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=sparse_mla_gluon.NUM_WARPS.value))
-        ptx = compiled.asm["ptx"]
+        ptx, shared = compile_gluon_for_sm90(
+            module._sparse_mla_backward_gluon_kernel, constants,
+            dict(p_q="*bf16", p_kv="*bf16", p_indices="*i32", p_topk_length="*i32", p_d_out=f"*{d_out_dtype}"),
+            sparse_mla_gluon.NUM_WARPS.value)
         used[f"{has_topk_length}-{has_d_lse}-{d_out_dtype}"] = dict(
-            shared=compiled.metadata.shared, **ptxas_usage(ptx),
+            shared=shared, **ptxas_usage(ptx),
             wgmma_n32=len(re.findall(r"wgmma\.mma_async\S*m64n32k16", ptx)),
             wgmma_n256=len(re.findall(r"wgmma\.mma_async\S*m64n256k16", ptx)),
             wgmma_n64=len(re.findall(r"wgmma\.mma_async\S*m64n64k16", ptx)),
@@ -76,11 +59,7 @@ def _compile_backward() -> dict[str, dict[str, int]]:
 def compiled_backward() -> dict[str, dict[str, int]]:
     if sparse_mla_gluon.gluon_release_reasons():
         pytest.skip("; ".join(sparse_mla_gluon.gluon_release_reasons()))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
-                            timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_compiled_report(__file__)
 
 
 CASE_IDS = [f"{length}-{d_lse}-{dtype}" for length, d_lse, dtype in COMPILE_CASES]
