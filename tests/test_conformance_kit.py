@@ -213,9 +213,16 @@ def test_a_non_default_sm_scale_reaches_the_backend_and_the_reference(op):
 def test_a_correct_low_precision_training_backend_passes(op):
     """The other side of the broken backends: float32 arithmetic with bf16-rounded P and dS is a
     correct GPU implementation, and the kit must not reject it, also where a gradient cancels."""
+    import dataclasses
+
     from fake_backends import LowPrecisionTraining
 
-    for profile, examples in (("ci", None), ("thorough", 150)):
+    from dsa_ref.testing.profiles import PROFILES
+
+    # The thorough profile's sizes and dims; its model-shaped examples (h 128 x 576, float64 reference)
+    # would take a minute on the CPU and test nothing about cancellation.
+    small_thorough = dataclasses.replace(PROFILES["thorough"], model_heads=())
+    for profile, examples in (("ci", None), (small_thorough, 150)):
         report = check_backend(LowPrecisionTraining(), profile, ops_to_check=[op], max_examples=examples, seed=3)
         assert report.ok, str(report)
 
@@ -262,3 +269,54 @@ def test_a_backend_may_ask_for_fewer_ci_examples_per_op():
     assert Everywhere().ci_examples("sparse_mla") == 7
     assert PerOp().ci_examples("sparse_mla_backward") == 3
     assert PerOp().ci_examples("sparse_mla") is None  # the profile's own count
+
+
+#: The problem builder each strategy calls, and how an example at the model's shapes looks in its arguments.
+_MODEL_SHAPED = {
+    "lightning_indexer": ("indexer_problem", lambda a: (a["h_i"], a["d_i"]) == (64, 128)),
+    "lightning_indexer_paged": ("paged_indexer_problem",
+                                lambda a: (a["h_i"], a["d_i"], a["block_size"]) == (64, 128, 64)),
+    "indexer_loss": ("indexer_loss_problem", lambda a: (a["h_i"], a["d_i"]) == (64, 128)),
+    "indexer_loss_backward": ("indexer_loss_problem", lambda a: (a["h_i"], a["d_i"]) == (64, 128)),
+    "sparse_mla": ("sparse_mla_problem",
+                   lambda a: a["h"] in (64, 128) and (a["d_qk"], a["d_v"], a["dtype"]) == (576, 512, "bfloat16")),
+    "sparse_mla_backward": ("sparse_mla_backward_problem",
+                            lambda a: a["h"] in (64, 128) and (a["d_qk"], a["d_v"], a["dtype"]) == (576, 512, "bfloat16")),
+    "attention_target": ("attention_target_problem",
+                         lambda a: a["h"] in (64, 128) and (a["d_qk"], a["dtype"]) == (576, "bfloat16")),
+    "dsa_attention": ("dsa_problem", lambda a: a["h"] in (64, 128) and (a["d_qk"], a["d_v"], a["h_i"], a["d_i"])
+                      == (576, 512, 64, 128)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(_MODEL_SHAPED))
+def test_the_thorough_profile_reaches_the_model_shapes_and_the_ci_profile_never_does(op, monkeypatch):
+    """The Hopper kernels run only at DeepSeek-V3.2's shapes (h a multiple of 64, d_qk 576; the indexer's 64
+    heads of 128): a thorough run that never drew them would pass while never calling those kernels."""
+    from hypothesis import HealthCheck, given, settings
+
+    from dsa_ref.testing import problems
+    from dsa_ref.testing.strategies import STRATEGIES
+
+    builder, model_shaped = _MODEL_SHAPED[op]
+    drawn = []
+    monkeypatch.setattr(problems, builder, lambda rng, **arguments: drawn.append(arguments))
+
+    def fraction(profile):
+        drawn.clear()
+
+        @settings(max_examples=200, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+        @given(STRATEGIES[op](profile))
+        def draw(_):
+            pass
+
+        draw()
+        return sum(map(model_shaped, drawn)) / len(drawn), drawn[:]
+
+    thorough, examples = fraction("thorough")
+    assert 0.1 <= thorough <= 0.45, f"{op}: {thorough:.0%} of the thorough examples at the model's shapes"
+    if op in ("sparse_mla", "attention_target"):  # half of those on the packed FP8 cache (the decode kernels)
+        assert any(model_shaped(a) and a["packed_fp8"] for a in examples)
+        assert any(model_shaped(a) and not a["packed_fp8"] for a in examples)
+    ci, _ = fraction("ci")
+    assert ci == 0, f"{op}: the ci profile drew the model's shapes ({ci:.0%}), too large for the interpreters"

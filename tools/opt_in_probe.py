@@ -10,7 +10,9 @@ fragment layout shows up as a permutation there). The kernels:
 * ``gluon``      Triton's Gluon sparse MLA forward (``kernel="gluon"``);
 * ``wgmma``      CuPy's wgmma sparse MLA forward (``CupyBackend.hopper_forward``);
 * ``det_mma``    CuPy's deterministic tensor-core sparse MLA backward
-                 (``CupyBackend.deterministic_tensor_cores`` under ``dsa_ref.use_deterministic(True)``).
+                 (``CupyBackend.deterministic_tensor_cores`` under ``dsa_ref.use_deterministic(True)``);
+* ``wgmma_fp8``  CuPy's wgmma sparse MLA forward over the packed FP8 cache (``CupyBackend.hopper_fp8_decode``);
+* ``wgmma_bwd``  CuPy's wgmma sparse MLA backward (``CupyBackend.hopper_backward``, default mode).
 
 On a GPU machine, from a checkout::
 
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-KERNELS = ("gluon", "wgmma", "det_mma")
+KERNELS = ("gluon", "wgmma", "det_mma", "wgmma_fp8", "wgmma_bwd")
 
 
 def error_pattern(name: str, got: np.ndarray, expected: np.ndarray, *, row_axis_name: str) -> dict:
@@ -60,17 +62,17 @@ def error_pattern(name: str, got: np.ndarray, expected: np.ndarray, *, row_axis_
     return row
 
 
-def _forward_problem(small: bool):
+def _forward_problem(small: bool, packed_fp8: bool = False):
     from dsa_ref.testing import problems
 
     rng = np.random.default_rng(3 if small else 4)
     if small:
         problem = problems.sparse_mla_problem(rng, s_q=4, s_kv=600, h=64, d_qk=576, d_v=512, topk=128,
-                                              dtype="bfloat16")
+                                              dtype="bfloat16", packed_fp8=packed_fp8)
     else:
         problem = problems.sparse_mla_problem(rng, s_q=4, s_kv=600, h=128, d_qk=576, d_v=512, topk=320,
                                               dtype="bfloat16", invalid_fraction=0.2, duplicate_fraction=0.25,
-                                              attn_sink=True, topk_length=True)
+                                              attn_sink=True, topk_length=True, packed_fp8=packed_fp8)
     return problem
 
 
@@ -78,7 +80,7 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
     import dsa_ref
     from dsa_ref import interop, reference
 
-    problem = _forward_problem(small)
+    problem = _forward_problem(small, packed_fp8=kernel == "wgmma_fp8")
     inputs = problem.inputs
     if kernel == "gluon":
         import torch
@@ -98,7 +100,8 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
         from dsa_ref_backends.cupy_cuda.backend import CupyBackend
 
         backend = CupyBackend()
-        backend.hopper_forward = True
+        backend.hopper_forward = kernel == "wgmma"
+        backend.hopper_fp8_decode = kernel == "wgmma_fp8"
         backend.poison_outputs = True
         out, lse = dsa_ref.sparse_mla(**problem.native_inputs(backend), backend=backend)
     out, lse = interop.to_numpy(out), interop.to_numpy(lse)
@@ -107,7 +110,7 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
             error_pattern("lse", lse, expected_lse, row_axis_name="head")]
 
 
-def probe_deterministic_backward(small: bool) -> list[dict]:
+def probe_backward(small: bool, kernel: str) -> list[dict]:
     import dsa_ref
     from dsa_ref import interop, reference
     from dsa_ref_backends.cupy_cuda.backend import CupyBackend
@@ -118,13 +121,14 @@ def probe_deterministic_backward(small: bool) -> list[dict]:
     rng = np.random.default_rng(9)
     d_out = rng.standard_normal(out.shape).astype(np.float32)
     backend = CupyBackend()
-    backend.deterministic_tensor_cores = True
+    backend.deterministic_tensor_cores = kernel == "det_mma"
+    backend.hopper_backward = kernel == "wgmma_bwd"
     arguments = dict(q=inputs["q"], kv=inputs["kv"], indices=inputs["indices"], out=out.astype(np.float32),
                      lse=lse.astype(np.float32), d_out=d_out, topk_length=inputs.get("topk_length"),
                      attn_sink=inputs.get("attn_sink"))
     native = {name: (backend.to_native(value) if isinstance(value, np.ndarray) else value)
               for name, value in arguments.items()}
-    with dsa_ref.use_deterministic(True):
+    with dsa_ref.use_deterministic(kernel == "det_mma"):
         got = dsa_ref.sparse_mla_backward(**native, backend=backend)
         again = dsa_ref.sparse_mla_backward(**native, backend=backend)
     expected = reference.sparse_mla_backward(**arguments)
@@ -139,7 +143,8 @@ def child(kernel: str) -> int:
     for small in (True, False):
         start = time.perf_counter()
         try:
-            rows = probe_deterministic_backward(small) if kernel == "det_mma" else probe_forward(kernel, small)
+            rows = (probe_backward(small, kernel) if kernel in ("det_mma", "wgmma_bwd")
+                    else probe_forward(kernel, small))
             result = dict(kernel=kernel, problem="small" if small else "awkward", rows=rows)
         except Exception as error:  # noqa: BLE001 - the parent records what went wrong
             result = dict(kernel=kernel, problem="small" if small else "awkward",

@@ -19,10 +19,18 @@ class Profile:
     max_heads: int
     dims: tuple[int, ...]
     derandomize: bool
+    #: Head counts of the model's own shapes. Where given, a quarter of the examples of each op take
+    #: DeepSeek-V3.2's shapes instead of small random ones: attention with one of these head counts at
+    #: d_qk 576 / d_v 512 in bf16 (or the packed FP8 cache), the indexer with 64 heads of 128 in fp8.
+    #: Those are the shapes the Hopper kernels run (h a multiple of 64, d_i 128), which up to
+    #: ``max_heads`` random heads never reach.
+    model_heads: tuple[int, ...] = ()
 
     def describe(self) -> str:
+        model = (f", a quarter at the model's shapes (h {' or '.join(map(str, self.model_heads))}, d_qk 576)"
+                 if self.model_heads else "")
         return (f"{self.max_examples} examples per op, up to {self.max_tokens} tokens and {self.max_heads} heads, "
-                f"head dims {', '.join(map(str, self.dims))}, "
+                f"head dims {', '.join(map(str, self.dims))}{model}, "
                 f"{'fixed seed' if self.derandomize else 'new examples every run'}")
 
 
@@ -32,7 +40,7 @@ PROFILES = {
                   derandomize=True),
     # Before a release or after touching a kernel: >= 1000 examples per op, up to real head widths.
     "thorough": Profile("thorough", max_examples=1000, max_tokens=160, max_heads=16,
-                        dims=(1, 3, 8, 16, 19, 32, 40, 64, 128, 576), derandomize=False),
+                        dims=(1, 3, 8, 16, 19, 32, 40, 64, 128, 576), derandomize=False, model_heads=(64, 128)),
 }
 
 

@@ -29,6 +29,18 @@ def _rng(draw) -> np.random.Generator:
     return np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
 
 
+def _model_heads(draw, p: Profile) -> int | None:
+    """For a quarter of the examples of a profile with ``model_heads``, one of them: the example takes the
+    model's shapes (see :attr:`Profile.model_heads`). None otherwise, and always for a profile without."""
+    if not p.model_heads or not draw(st.sampled_from([True, False, False, False])):
+        return None
+    return draw(st.sampled_from(p.model_heads))
+
+
+#: The indexer's shape in DeepSeek-V3.2: 64 heads of 128.
+MODEL_INDEX_HEADS, MODEL_INDEX_DIM = 64, 128
+
+
 def _topk(draw, s_kv: int, extra: int) -> int:
     # topk >= s_kv too, but mostly below it: only there does the choice of keys matter.
     if draw(st.sampled_from([False, False, False, True])):
@@ -40,13 +52,15 @@ def _topk(draw, s_kv: int, extra: int) -> int:
 def indexer_problems(draw, profile: str | Profile = "ci",
                      dtypes=("float32", "bfloat16", "float16", "float8_e4m3fn")) -> problems.Problem:
     p = get_profile(profile)
+    model = _model_heads(draw, p) is not None
     return problems.indexer_problem(
         _rng(draw),
         s_q=draw(st.integers(1, p.max_tokens)),
         s_kv=draw(st.integers(1, p.max_tokens)),
-        h_i=draw(st.integers(1, p.max_heads)),
-        d_i=draw(st.sampled_from([d for d in p.dims if d <= 128])),
-        dtype=draw(st.sampled_from(dtypes)),
+        h_i=MODEL_INDEX_HEADS if model else draw(st.integers(1, p.max_heads)),
+        d_i=MODEL_INDEX_DIM if model else draw(st.sampled_from([d for d in p.dims if d <= 128])),
+        dtype=draw(st.sampled_from([d for d in ("float8_e4m3fn", "bfloat16") if d in dtypes] or dtypes)
+                   if model else st.sampled_from(dtypes)),
         ranges=draw(st.sampled_from(problems.RANGE_KINDS)),
         empty_fraction=draw(st.sampled_from([0.0, 0.0, 0.3])),
         plateau=draw(st.booleans()),
@@ -73,22 +87,29 @@ def topk_problems(draw, profile: str | Profile = "ci") -> problems.Problem:
     )
 
 
+def _model_dtype(draw, dtypes) -> str:
+    """The model's attention dtype, bf16, where the op is asked to take it, else one of ``dtypes``."""
+    return "bfloat16" if "bfloat16" in dtypes else draw(st.sampled_from(dtypes))
+
+
 @st.composite
 def sparse_mla_problems(draw, profile: str | Profile = "ci",
                         dtypes=("bfloat16", "float16", "float32")) -> problems.Problem:
     p = get_profile(profile)
-    packed_fp8 = draw(st.booleans()) and draw(st.booleans())  # a quarter of the cases
-    d_qk = 576 if packed_fp8 else draw(st.sampled_from(p.dims))
+    model_h = _model_heads(draw, p)
+    # a quarter of the cases, half of the model's: the FP8 cache (the decode kernels' input)
+    packed_fp8 = draw(st.booleans()) and (model_h is not None or draw(st.booleans()))
+    d_qk = 576 if packed_fp8 or model_h else draw(st.sampled_from(p.dims))
     s_kv = draw(st.integers(1, p.max_tokens))
     return problems.sparse_mla_problem(
         _rng(draw),
         s_q=draw(st.integers(1, p.max_tokens)),
         s_kv=s_kv,
-        h=draw(st.integers(1, p.max_heads)),
+        h=model_h or draw(st.integers(1, p.max_heads)),
         d_qk=d_qk,
         d_v=512 if d_qk == 576 else draw(st.integers(1, d_qk)),
         topk=draw(st.integers(1, s_kv + 8)),
-        dtype=draw(st.sampled_from(dtypes)),
+        dtype=_model_dtype(draw, dtypes) if model_h else draw(st.sampled_from(dtypes)),
         distribution=draw(st.sampled_from(problems.INDEX_DISTRIBUTIONS)),
         causal=draw(st.booleans()),
         invalid_fraction=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
@@ -105,19 +126,20 @@ def sparse_mla_problems(draw, profile: str | Profile = "ci",
 @st.composite
 def dsa_problems(draw, profile: str | Profile = "ci", dtypes=("bfloat16", "float32")) -> problems.Problem:
     p = get_profile(profile)
+    model_h = _model_heads(draw, p)
     s_kv = draw(st.integers(1, p.max_tokens))
-    d_qk = draw(st.sampled_from(p.dims))
+    d_qk = 576 if model_h else draw(st.sampled_from(p.dims))
     return problems.dsa_problem(
         _rng(draw),
         s_q=draw(st.integers(1, s_kv)),
         s_kv=s_kv,
-        h=draw(st.integers(1, p.max_heads)),
+        h=model_h or draw(st.integers(1, p.max_heads)),
         d_qk=d_qk,
-        d_v=draw(st.integers(1, d_qk)),
-        h_i=draw(st.integers(1, p.max_heads)),
-        d_i=draw(st.sampled_from([d for d in p.dims if d <= 128])),
+        d_v=512 if model_h else draw(st.integers(1, d_qk)),
+        h_i=MODEL_INDEX_HEADS if model_h else draw(st.integers(1, p.max_heads)),
+        d_i=MODEL_INDEX_DIM if model_h else draw(st.sampled_from([d for d in p.dims if d <= 128])),
         topk=_topk(draw, s_kv, extra=4),
-        dtype=draw(st.sampled_from(dtypes)),
+        dtype=_model_dtype(draw, dtypes) if model_h else draw(st.sampled_from(dtypes)),
         index_dtype=draw(st.sampled_from([None, "float8_e4m3fn"])),  # None: the attention's dtype
         ranges=draw(st.sampled_from(problems.RANGE_KINDS)),
         sm_scale=draw(st.sampled_from(SM_SCALES)),
@@ -129,17 +151,18 @@ def dsa_problems(draw, profile: str | Profile = "ci", dtypes=("bfloat16", "float
 def sparse_mla_backward_problems(draw, profile: str | Profile = "ci",
                                  dtypes=("bfloat16", "float16", "float32")) -> problems.Problem:
     p = get_profile(profile)
-    d_qk = draw(st.sampled_from(p.dims))
+    model_h = _model_heads(draw, p)
+    d_qk = 576 if model_h else draw(st.sampled_from(p.dims))
     s_kv = draw(st.integers(1, p.max_tokens))
     return problems.sparse_mla_backward_problem(
         _rng(draw),
         s_q=draw(st.integers(1, p.max_tokens)),
         s_kv=s_kv,
-        h=draw(st.integers(1, p.max_heads)),
+        h=model_h or draw(st.integers(1, p.max_heads)),
         d_qk=d_qk,
-        d_v=draw(st.integers(1, d_qk)),
+        d_v=512 if model_h else draw(st.integers(1, d_qk)),
         topk=draw(st.integers(1, s_kv + 8)),
-        dtype=draw(st.sampled_from(dtypes)),
+        dtype=_model_dtype(draw, dtypes) if model_h else draw(st.sampled_from(dtypes)),
         distribution=draw(st.sampled_from(problems.INDEX_DISTRIBUTIONS)),
         causal=draw(st.booleans()),
         invalid_fraction=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
@@ -159,16 +182,17 @@ def sparse_mla_backward_problems(draw, profile: str | Profile = "ci",
 def attention_target_problems(draw, profile: str | Profile = "ci",
                               dtypes=("bfloat16", "float16", "float32")) -> problems.Problem:
     p = get_profile(profile)
-    packed_fp8 = draw(st.booleans()) and draw(st.booleans())
+    model_h = _model_heads(draw, p)
+    packed_fp8 = draw(st.booleans()) and (model_h is not None or draw(st.booleans()))
     s_kv = draw(st.integers(1, p.max_tokens))
     return problems.attention_target_problem(
         _rng(draw),
         s_q=draw(st.integers(1, p.max_tokens)),
         s_kv=s_kv,
-        h=draw(st.integers(1, p.max_heads)),
-        d_qk=576 if packed_fp8 else draw(st.sampled_from(p.dims)),
+        h=model_h or draw(st.integers(1, p.max_heads)),
+        d_qk=576 if packed_fp8 or model_h else draw(st.sampled_from(p.dims)),
         topk=draw(st.integers(1, s_kv + 8)),
-        dtype=draw(st.sampled_from(dtypes)),
+        dtype=_model_dtype(draw, dtypes) if model_h else draw(st.sampled_from(dtypes)),
         distribution=draw(st.sampled_from(problems.INDEX_DISTRIBUTIONS)),
         causal=draw(st.booleans()),
         invalid_fraction=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
@@ -185,13 +209,14 @@ def _indexer_loss_problems(backward: bool, dtypes):
     @st.composite
     def build(draw, profile: str | Profile = "ci", dtypes=dtypes) -> problems.Problem:
         p = get_profile(profile)
+        model = _model_heads(draw, p) is not None
         s_kv = draw(st.integers(1, p.max_tokens))
         return problems.indexer_loss_problem(
             _rng(draw),
             s_q=draw(st.integers(1, p.max_tokens)),
             s_kv=s_kv,
-            h_i=draw(st.integers(1, p.max_heads)),
-            d_i=draw(st.sampled_from([d for d in p.dims if d <= 128])),
+            h_i=MODEL_INDEX_HEADS if model else draw(st.integers(1, p.max_heads)),
+            d_i=MODEL_INDEX_DIM if model else draw(st.sampled_from([d for d in p.dims if d <= 128])),
             topk=draw(st.integers(1, s_kv + 4)),
             dtype=draw(st.sampled_from(dtypes)),
             sparse=draw(st.booleans()),
@@ -217,16 +242,18 @@ indexer_loss_backward_problems = _indexer_loss_problems(True, ("float32", "bfloa
 def paged_indexer_problems(draw, profile: str | Profile = "ci",
                            dtypes=("float8_e4m3fn", "float32", "bfloat16")) -> problems.Problem:
     p = get_profile(profile)
-    block_size = draw(st.sampled_from([1, 2, 4, 16, 64]))
+    model = _model_heads(draw, p) is not None  # DeepGEMM's paged fp8 cache: pages of 64
+    block_size = 64 if model else draw(st.sampled_from([1, 2, 4, 16, 64]))
     return problems.paged_indexer_problem(
         _rng(draw),
         batch=draw(st.integers(1, 4)),
         next_n=draw(st.sampled_from([1, 1, 2, 3])),
-        h_i=draw(st.integers(1, p.max_heads)),
-        d_i=draw(st.sampled_from([d for d in p.dims if d <= 128 and d % 4 == 0] or [8])),
+        h_i=MODEL_INDEX_HEADS if model else draw(st.integers(1, p.max_heads)),
+        d_i=MODEL_INDEX_DIM if model else draw(st.sampled_from([d for d in p.dims if d <= 128 and d % 4 == 0] or [8])),
         block_size=block_size,
         max_blocks=draw(st.integers(1, max(1, p.max_tokens // block_size))),
-        dtype=draw(st.sampled_from(dtypes)),
+        dtype=("float8_e4m3fn" if "float8_e4m3fn" in dtypes else draw(st.sampled_from(dtypes))) if model
+        else draw(st.sampled_from(dtypes)),
         spare_blocks=draw(st.sampled_from([0, 3])),
         unallocated_fraction=draw(st.sampled_from([0.0, 0.0, 0.3])),
         max_context_len=draw(st.booleans()),
