@@ -177,6 +177,7 @@ def _backend():
         pytest.skip("the mma backward needs sm_90's shared memory per block")
     backend.poison_outputs = True  # an element the kernel forgets to write is NaN and fails the comparison
     backend.deterministic_tensor_cores = True  # the default; set so the tests hold whatever the environment says
+    backend.hopper_backward = False  # this file tests the mma.sync kernels (Hopper's default mode runs wgmma)
     return backend
 
 

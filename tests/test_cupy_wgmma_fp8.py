@@ -1,6 +1,6 @@
 """The cupy backend's Hopper sparse-MLA forward over the packed FP8 cache (``sparse_mla_fwd_wgmma_fp8`` in
 csrc/sparse_mla_wgmma.cu: the wgmma kernel whose producer warpgroup dequantizes the gathered 656-byte rows
-into its bf16 tiles; sm_90a only, opt-in through ``CupyBackend.hopper_fp8_decode``).
+into its bf16 tiles; sm_90a only, the default there, ``CupyBackend.hopper_fp8_decode``).
 
 CPU part: which inputs the wrapper routes to it (only when chosen, only on compute capability 9.0, only the
 packed cache with bf16 q at d_qk 576, d_v 512 and h a multiple of 64; everything else as before), the
@@ -49,10 +49,10 @@ def test_chosen_packed_cache_forward_on_hopper_routes_to_the_fp8_wgmma_kernel():
     assert _path(hopper_forward=False) == "wgmma_fp8"  # the two switches are independent
 
 
-def test_fp8_wgmma_forward_is_off_by_default():
-    assert cupy_backend.CupyBackend.hopper_fp8_decode is False
+def test_fp8_wgmma_forward_is_the_default_on_hopper():
+    assert cupy_backend.CupyBackend.hopper_fp8_decode is True, "the default since measured on the H200"
     assert _path(hopper_fp8_decode=False) == "mma"
-    # forward_kernel_path's own default is the switch off, as for the existing callers
+    # forward_kernel_path's own default is the switch off (its callers pass the backend's switch)
     assert cupy_backend.forward_kernel_path("bfloat16", "uint8", d_qk=576, kv_width=656, d_v=512, h=128,
                                             compute_capability=90, smem_limit=H200_SMEM,
                                             hopper_forward=True) == "mma"

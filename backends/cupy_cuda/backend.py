@@ -16,13 +16,13 @@ Which kernel runs (all compute the same function; see csrc/*.cu):
 * top-k: radix select, one block per row.
 * sparse MLA: tensor cores for bf16 queries with bf16 rows or the packed FP8 cache at
   d_qk = 576, d_v = 512 (on sm_90, bf16 rows and h a multiple of 64: Hopper's wgmma with a producer
-  warpgroup, csrc/sparse_mla_wgmma.cu, and, opted in with ``CupyBackend.hopper_fp8_decode``, the
-  packed cache on the same kernel, dequantized by its producer; otherwise mma.sync,
+  warpgroup, csrc/sparse_mla_wgmma.cu, and the packed cache on the same kernel, dequantized by its
+  producer, ``CupyBackend.hopper_fp8_decode``; otherwise mma.sync,
   csrc/sparse_mla.cu); float32 CUDA cores for every other shape and dtype.
 * sparse MLA backward: tensor cores (csrc/sparse_mla_backward_mma.cu) for bf16 queries and rows at
   d_qk = 576, d_v = 512 on a device with 219 KiB of shared memory per block (sm_90), row gradients
-  added with fp32 atomics (opted in with ``CupyBackend.hopper_backward``, on sm_90 with h a multiple of
-  64: Hopper's wgmma, csrc/sparse_mla_backward_wgmma.cu, 16-byte fp32 reductions); float32 CUDA cores
+  added with fp32 atomics (on sm_90 with h a multiple of 64: Hopper's wgmma,
+  csrc/sparse_mla_backward_wgmma.cu, 16-byte fp32 reductions, ``CupyBackend.hopper_backward``); float32 CUDA cores
   (csrc/sparse_mla_backward.cu) for every other input
   and for deterministic mode, the same tensor cores with the row gradients stored and then summed
   per row in a sorted order (``CupyBackend.deterministic_tensor_cores``; float32 CUDA cores without).
@@ -86,9 +86,10 @@ class CupyBackend(Backend):
 
     #: The default mode's sparse-MLA backward for bf16 q and rows at d_qk 576, d_v 512 with h a multiple of
     #: 64 on Hopper's wgmma kernel (``sparse_mla_bwd_wgmma`` in csrc/sparse_mla_backward_wgmma.cu, compute
-    #: capability 9.0 only) instead of ``sparse_mla_bwd_mma`` (:func:`backward_kernel_path`). Off until it has
-    #: run on a GPU (backends/cupy_cuda/NOTES.md); set this, or DSA_REF_CUPY_WGMMA_BACKWARD=1, to run it.
-    hopper_backward: bool = False
+    #: capability 9.0 only) instead of ``sparse_mla_bwd_mma`` (:func:`backward_kernel_path`): 2.5x its speed
+    #: on the H200 (backends/cupy_cuda/NOTES.md). Set this to False, or DSA_REF_CUPY_WGMMA_BACKWARD=0, to
+    #: run the mma.sync kernel on Hopper too.
+    hopper_backward: bool = True
 
     #: The bf16 V3.2-width sparse-MLA forward (d_qk 576, d_v 512, bf16 rows, h a multiple of 64) on
     #: Hopper's wgmma kernel (csrc/sparse_mla_wgmma.cu, compute capability 9.0 only) instead of the
@@ -99,9 +100,9 @@ class CupyBackend(Backend):
     #: The sparse-MLA forward over the packed FP8 cache (V3.2's decode: bf16 q, d_qk 576, d_v 512, h a
     #: multiple of 64) on Hopper's wgmma kernel (``sparse_mla_fwd_wgmma_fp8`` in csrc/sparse_mla_wgmma.cu,
     #: compute capability 9.0 only: its producer warpgroup dequantizes the gathered rows to bf16 tiles)
-    #: instead of ``sparse_mla_fwd_mma<true>``. Off until it has run on a GPU (backends/cupy_cuda/NOTES.md);
-    #: set this, or DSA_REF_CUPY_WGMMA_FP8=1, to run it.
-    hopper_fp8_decode: bool = False
+    #: instead of ``sparse_mla_fwd_mma<true>``: 1.8x its speed on the H200 (backends/cupy_cuda/NOTES.md).
+    #: Set this to False, or DSA_REF_CUPY_WGMMA_FP8=0, to run the mma.sync kernel on Hopper too.
+    hopper_fp8_decode: bool = True
 
     #: The decode step's indexer over a paged fp8 key cache on one launch for the batch
     #: (``indexer_paged_mma`` in csrc/indexer.cu: the keys read out of their pages in place) instead
