@@ -213,6 +213,8 @@ def _problem(seed: int, *, s_q=6, s_kv, h, topk, sink=False, d_lse=False, with_t
     """A bf16 V3.2 backward problem whose index rows hold every kind of invalid slot, duplicates, a query
     without a valid slot (query 2) and, with ``with_topk_length``, lengths topk, 0 and 65 (a cut one slot
     into the second step); rows >= s_kv / 2 are read by nobody and are NaN."""
+    if s_q < 3 or (with_topk_length and s_q < 4):
+        raise ValueError(f"s_q={s_q}: the problem needs queries 0-2 (3 with with_topk_length) for its special rows")
     rng = np.random.default_rng(seed)
     forward = problems.sparse_mla_problem(rng, s_q=s_q, s_kv=s_kv, h=h, d_qk=576, d_v=512, topk=topk,
                                           dtype="bfloat16", attn_sink=sink, **features)
@@ -300,11 +302,11 @@ def test_wgmma_backward_follows_the_environment_variable(monkeypatch):
     backend = _backend()
     backend.hopper_backward = False
     monkeypatch.setenv("DSA_REF_CUPY_WGMMA_BACKWARD", "1")
-    _check(_problem(2, s_q=2, s_kv=100, h=64, topk=64), monkeypatch, backend)
+    _check(_problem(2, s_q=3, s_kv=100, h=64, topk=64), monkeypatch, backend)
     monkeypatch.setenv("DSA_REF_CUPY_WGMMA_BACKWARD", "0")
     backend.hopper_backward = True
     launched = record_launches(monkeypatch)
-    problem = _problem(2, s_q=2, s_kv=100, h=64, topk=64)
+    problem = _problem(2, s_q=3, s_kv=100, h=64, topk=64)
     with dsa_ref.use_deterministic(False):
         dsa_ref.sparse_mla_backward(**problem.native_inputs(backend), backend=backend)
     assert launched == ["sparse_mla_bwd_mma"], launched
