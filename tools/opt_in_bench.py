@@ -148,8 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         if "cupy-forward" in groups:
             reference = timed(torch, "cupy forward, mma.sync (default)", shape, forward_flop,
                               lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_default))
-            timed(torch, "cupy forward, wgmma", shape, forward_flop,
-                  lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_hopper), reference)
+            wgmma = timed(torch, "cupy forward, wgmma", shape, forward_flop,
+                          lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_hopper), reference)
+            # sparse_mla_fwd_wgmma_v2 (CupyBackend.hopper_forward_v2, DSA_REF_CUPY_WGMMA_V2), against the
+            # wgmma kernel's outputs: the same arithmetic, so the relative difference should be 0.
+            cupy_v2 = CupyBackend()
+            cupy_v2.hopper_forward_v2 = True
+            timed(torch, "cupy forward, wgmma v2 (CupyBackend.hopper_forward_v2)", shape, forward_flop,
+                  lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_v2), wgmma)
 
         if not groups & {"triton-backward", "cupy-backward"}:
             continue

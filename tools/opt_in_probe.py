@@ -12,7 +12,8 @@ fragment layout shows up as a permutation there). The kernels:
 * ``det_mma``    CuPy's deterministic tensor-core sparse MLA backward
                  (``CupyBackend.deterministic_tensor_cores`` under ``dsa_ref.use_deterministic(True)``);
 * ``wgmma_fp8``  CuPy's wgmma sparse MLA forward over the packed FP8 cache (``CupyBackend.hopper_fp8_decode``);
-* ``wgmma_bwd``  CuPy's wgmma sparse MLA backward (``CupyBackend.hopper_backward``, default mode).
+* ``wgmma_bwd``  CuPy's wgmma sparse MLA backward (``CupyBackend.hopper_backward``, default mode);
+* ``wgmma_v2``   CuPy's second wgmma sparse MLA forward (``CupyBackend.hopper_forward_v2``).
 
 On a GPU machine, from a checkout::
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-KERNELS = ("gluon", "wgmma", "det_mma", "wgmma_fp8", "wgmma_bwd")
+KERNELS = ("gluon", "wgmma", "det_mma", "wgmma_fp8", "wgmma_bwd", "wgmma_v2")
 
 
 def error_pattern(name: str, got: np.ndarray, expected: np.ndarray, *, row_axis_name: str) -> dict:
@@ -100,7 +101,8 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
         from dsa_ref_backends.cupy_cuda.backend import CupyBackend
 
         backend = CupyBackend()
-        backend.hopper_forward = kernel == "wgmma"
+        backend.hopper_forward = kernel in ("wgmma", "wgmma_v2")
+        backend.hopper_forward_v2 = kernel == "wgmma_v2"
         backend.hopper_fp8_decode = kernel == "wgmma_fp8"
         backend.poison_outputs = True
         out, lse = dsa_ref.sparse_mla(**problem.native_inputs(backend), backend=backend)

@@ -97,6 +97,12 @@ class CupyBackend(Backend):
     #: or DSA_REF_CUPY_WGMMA=0, to run the mma.sync kernel on Hopper too.
     hopper_forward: bool = True
 
+    #: Where that wgmma kernel would run (``hopper_forward`` or DSA_REF_CUPY_WGMMA, and its inputs), run
+    #: ``sparse_mla_fwd_wgmma_v2`` (csrc/sparse_mla_wgmma_v2.cu) instead: the same contract, layout and
+    #: launch, with a producer whose gather does not wait on one index load per row. Written, not yet run
+    #: on the GPU (backends/cupy_cuda/NOTES.md), so off by default: set this, or DSA_REF_CUPY_WGMMA_V2=1.
+    hopper_forward_v2: bool = False
+
     #: The sparse-MLA forward over the packed FP8 cache (V3.2's decode: bf16 q, d_qk 576, d_v 512, h a
     #: multiple of 64) on Hopper's wgmma kernel (``sparse_mla_fwd_wgmma_fp8`` in csrc/sparse_mla_wgmma.cu,
     #: compute capability 9.0 only: its producer warpgroup dequantizes the gathered rows to bf16 tiles)
@@ -360,18 +366,23 @@ class CupyBackend(Backend):
         device_id = q.device.id
         packed = kv_dtype == "uint8"
         hopper = kernel_switch(self.hopper_forward, "DSA_REF_CUPY_WGMMA")
+        hopper_v2 = kernel_switch(self.hopper_forward_v2, "DSA_REF_CUPY_WGMMA_V2")
         hopper_fp8 = kernel_switch(self.hopper_fp8_decode, "DSA_REF_CUPY_WGMMA_FP8")
         kernel_path = forward_kernel_path(q_dtype, kv_dtype, d_qk=d_qk, kv_width=int(kv.shape[1]), d_v=d_v, h=h,
                                           compute_capability=_compute_capability() if hopper or hopper_fp8 else 0,
                                           smem_limit=_smem_optin(), hopper_forward=hopper,
                                           hopper_fp8_decode=hopper_fp8)
         if kernel_path in ("wgmma", "wgmma_fp8"):
+            source = "sparse_mla_wgmma.cu"
             name = "sparse_mla_fwd_wgmma_fp8" if kernel_path == "wgmma_fp8" else "sparse_mla_fwd_wgmma"
+            if kernel_path == "wgmma" and hopper_v2:
+                # The same launch: sparse_mla_wgmma_v2.cu keeps the layout (Smem::TOTAL) and the threads.
+                source, name = "sparse_mla_wgmma_v2.cu", "sparse_mla_fwd_wgmma_v2"
             if kernel_path == "wgmma_fp8":
                 # The producer reads the packed rows 16 bytes at a time: a view that starts off a 16-byte
                 # boundary (rows themselves are 656 = 41 x 16 bytes) is copied, never read misaligned.
                 q, kv = _aligned_16(q), _aligned_16(kv)
-            function = kernels.kernel("sparse_mla_wgmma.cu", name, device_id, WGMMA_FORWARD_SMEM)
+            function = kernels.kernel(source, name, device_id, WGMMA_FORWARD_SMEM)
             function((s_q * (h // 64),), (WGMMA_FORWARD_THREADS,),
                      (q, kv, indices, _nullable(topk_length), _nullable(attn_sink), out, lse, np.int32(h),
                       np.int32(s_kv), np.int32(topk), np.float32(float(sm_scale) * math.log2(math.e))),

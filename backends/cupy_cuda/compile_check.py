@@ -41,6 +41,7 @@ REQUIRED_SASS: dict[tuple[str, str], tuple[str, ...]] = {
     # float32 reductions.
     ("sparse_mla_backward_wgmma.cu", "sm_90a"): ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16",
                                                  "HGMMA.64x64x16.F32.BF16", ".tnspA.tnspB", "REDG.E.ADD.F32x4"),
+    ("sparse_mla_wgmma_v2.cu", "sm_90a"): ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16", "LDGSTS"),
 }
 
 

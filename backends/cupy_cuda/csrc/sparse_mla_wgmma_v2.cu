@@ -1,0 +1,332 @@
+// Sparse MLA forward on Hopper's warpgroup tensor-core instructions, second schedule (sm_90a only):
+// sparse_mla_fwd_wgmma_v2, the contract of sparse_mla_fwd_wgmma in sparse_mla_wgmma.cu (bf16 q
+// [s_q, h, 576], bf16 latent rows [s_kv, 576], d_v = 512, h a multiple of 64): an index < 0 or >= s_kv,
+// or a slot past topk_length, is never read; duplicates count twice; no valid slot -> out 0 and lse
+// -inf; with a sink, out *= 1 / (1 + exp(sink - lse)). Same block, warpgroups, shared-memory layout and
+// consumer loop as that kernel (its header explains them); what differs is the producer's gather.
+//
+// Why: in sparse_mla_fwd_wgmma a producer warp takes a tile's rows one at a time, and each row's
+// cp.async waits for that row's index load (a dependent global load, L2 latency: the SASS has LDG ->
+// LDGSTS per row), so a warp's 16 rows cost 16 L2 round trips in series, ~5 us a tile at the ncu run's
+// clocks: the ~5.9 us per tile the H200 measured, against ~1.2 us of tensor-core work. Here:
+//
+//   - the indices of a tile are loaded one tile ahead, before the producer waits for the stage: the
+//     loads of tile t + 1 travel while tile t's copies are issued and land, so no copy waits for one;
+//   - a thread copies chunk `part` (16 bytes) of each of the nine 64-dim column blocks of 4 rows:
+//     8 threads per row, 16 rows at a time (FlashMLA's SM90 sparse prefill splits its gather the same
+//     way), so every lane issues 36 copies a tile with no idle lanes (one warp per row left a row's
+//     72 chunks on 32 lanes: three rounds, the last with 8 lanes), and the copy addresses are
+//     row base + constants;
+//   - a warp's 4 rows of one column block are 512 contiguous bytes of the swizzled tile: no bank
+//     conflicts in the copies' shared-memory writes; each 8-thread group reads 128 contiguous bytes
+//     of its row.
+//
+// Consumer: unchanged but for the O rescale, which a warp skips when every factor it would apply is
+// exactly 1 (no row maximum of the warp moved: bit for bit the same O).
+//
+// Scores are kept in log2 units (scale_log2 = sm_scale * log2 e) so exp2 is one instruction.
+#include "hopper.cuh"
+
+using namespace dsa;
+
+namespace mla_wgmma_v2 {
+
+constexpr int D_QK = 576;                       // 512 latent + 64 RoPE dims per row
+constexpr int D_V = 512;                        // V = the first 512 dims of the same row
+constexpr int BLOCK_H = 64;                     // heads of one query: wgmma's M
+constexpr int BLOCK_T = 64;                     // gathered rows (slots) per tile
+constexpr int STAGES = 2;                       // KV tiles in flight
+constexpr int THREADS = 384;                    // three warpgroups
+constexpr int CONSUMER_THREADS = 256;
+constexpr int ROW_CHUNKS = D_QK * 2 / 16;       // 72 chunks of 16 bytes per bf16 row
+constexpr int COLUMN_BLOCKS = D_QK / 64;        // 9 swizzled column blocks of 64 dims
+constexpr int COLUMN_BLOCK_BYTES = 64 * 128;    // 64 rows x 64 dims: one swizzled column block
+constexpr int TILE_BYTES = COLUMN_BLOCKS * COLUMN_BLOCK_BYTES;  // 73728
+constexpr int P_BYTES = BLOCK_H * BLOCK_T * 2;  // bf16 [64 heads, 64 slots]: one column block
+
+// The producer's split of a tile: thread p of the warpgroup copies chunk p % 8 of every column block of
+// rows p / 8 + 16 r, r < ROWS_PER_THREAD.
+constexpr int THREADS_PER_ROW = 8;                                // a 128-byte row of a column block
+constexpr int ROWS_AT_ONCE = 128 / THREADS_PER_ROW;               // 16
+constexpr int ROWS_PER_THREAD = BLOCK_T / ROWS_AT_ONCE;           // 4
+static_assert(ROWS_PER_THREAD * ROWS_AT_ONCE == BLOCK_T && THREADS_PER_ROW * COLUMN_BLOCKS == ROW_CHUNKS,
+              "the producer's threads cover every chunk of a tile once");
+
+// Registers per thread: the launch gives every warp what __launch_bounds__(384, 1) allows, 168 (65536 /
+// 384 rounded down to a multiple of 8); setmaxnreg moves them from the producer to the consumers, whose
+// increase can only take what the producer's decrease returned (it waits for them otherwise). The
+// producer holds two tiles' indices (8 registers) and its row addresses; the consumers need 176 or more
+// (O is 128 of them).
+constexpr int LAUNCH_REGISTERS = 168;
+constexpr int PRODUCER_REGISTERS = 56;
+constexpr int CONSUMER_REGISTERS = 224;
+static_assert(128 * PRODUCER_REGISTERS + CONSUMER_THREADS * CONSUMER_REGISTERS <= THREADS * LAUNCH_REGISTERS,
+              "the consumers' increase must fit in what the launch allocated");
+static_assert(PRODUCER_REGISTERS % 8 == 0 && CONSUMER_REGISTERS % 8 == 0, "setmaxnreg takes multiples of 8");
+
+// Named barriers of the two consumer warpgroups (0 is __syncthreads).
+constexpr u32 MAX_EXCHANGED = 1;   // both row maxima of the tile written
+constexpr u32 P_WRITTEN = 2;       // both halves of P in shared memory
+constexpr u32 SUMS_EXCHANGED = 3;  // both partial denominators written
+
+// Offsets from the 1024-byte-aligned start of dynamic shared memory (swizzle atoms must be aligned).
+struct Smem {
+    static constexpr int Q_OFFSET = 0;
+    static constexpr int KV_OFFSET = Q_OFFSET + TILE_BYTES;
+    static constexpr int P_OFFSET = KV_OFFSET + STAGES * TILE_BYTES;
+    static constexpr int VALID_OFFSET = P_OFFSET + P_BYTES;                // int [STAGES][BLOCK_T]
+    static constexpr int MAX_OFFSET = VALID_OFFSET + STAGES * BLOCK_T * 4;  // float [2][BLOCK_H]
+    static constexpr int SUM_OFFSET = MAX_OFFSET + 2 * BLOCK_H * 4;        // float [2][BLOCK_H]
+    static constexpr int BARRIER_OFFSET = SUM_OFFSET + 2 * BLOCK_H * 4;    // u64 full[STAGES], empty[STAGES]
+    static constexpr int USED = BARRIER_OFFSET + 2 * STAGES * 8;
+    static constexpr int TOTAL = USED + 1024;  // what the launch asks for: room to align the start; 231968
+};
+static_assert(Smem::TOTAL <= 232448, "sm_90 gives a block at most 227 KB of shared memory");
+
+// Byte offset of 16-byte chunk `chunk` (0..71) of row `row` of a swizzled [64, 576] tile.
+__device__ __forceinline__ u32 tile_offset(int row, int chunk) {
+    return (chunk >> 3) * COLUMN_BLOCK_BYTES + hopper::swizzle_128b(row, chunk & 7);
+}
+
+// The kv rows of this producer thread's ROWS_PER_THREAD slots of tile `tile` (rows `group` + 16 r), or -1
+// where the slot is past n_slots or its index outside [0, s_kv). Independent loads, issued together.
+__device__ __forceinline__ void load_tile_rows(int (&rows)[ROWS_PER_THREAD], const int* __restrict__ row_indices,
+                                               int tile, int n_slots, int s_kv, int group) {
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_THREAD; ++r) {
+        const int slot = tile * BLOCK_T + group + ROWS_AT_ONCE * r;
+        rows[r] = slot < n_slots ? __ldg(row_indices + slot) : -1;
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_THREAD; ++r) rows[r] = rows[r] >= 0 && rows[r] < s_kv ? rows[r] : -1;
+}
+
+// This thread's 36 copies of a stage (invalid slots zero-filled without a read), its rows' validity
+// flags, then the wait for its own copies, so that it can fence them into the async proxy before
+// releasing the stage; the consumers are busy with the other stage meanwhile.
+__device__ __forceinline__ void fill_stage(u32 kv_tile, int* stage_valid, const u16* __restrict__ kv,
+                                           const int (&rows)[ROWS_PER_THREAD], int group, int part) {
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_THREAD; ++r) {
+        const int row = group + ROWS_AT_ONCE * r;
+        const bool valid = rows[r] >= 0;
+        const u16* src = kv + (valid ? (u64)rows[r] * D_QK : 0) + part * 8;
+        const u32 dst = kv_tile + hopper::swizzle_128b(row, part);
+#pragma unroll
+        for (int block = 0; block < COLUMN_BLOCKS; ++block)
+            cp_async_16(dst + block * COLUMN_BLOCK_BYTES, src + block * 64, valid);
+        if (part == 0) stage_valid[row] = valid;
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+}
+
+__device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restrict__ q, const u16* __restrict__ kv,
+                                                             const int* __restrict__ indices,
+                                                             const int* __restrict__ topk_length,
+                                                             const float* __restrict__ attn_sink,
+                                                             float* __restrict__ out, float* __restrict__ lse,
+                                                             int h, int s_kv, int topk, float scale_log2) {
+    using namespace hopper;
+    extern __shared__ __align__(1024) u8 dynamic_smem[];
+    const u32 raw_base = smem_u32(dynamic_smem);
+    const u32 base = (raw_base + 1023u) & ~1023u;
+    u8* smem = dynamic_smem + (base - raw_base);
+
+    const int tid = threadIdx.x, warpgroup = tid >> 7, lane = tid & 31;
+    const int head_blocks = (h + BLOCK_H - 1) / BLOCK_H;
+    const int query = blockIdx.x / head_blocks;
+    const int head0 = (blockIdx.x - query * head_blocks) * BLOCK_H;
+    const int* row_indices = indices + (u64)query * topk;
+    int n_slots = topk;
+    if (topk_length != nullptr) n_slots = min(n_slots, max(topk_length[query], 0));
+    const int n_tiles = (n_slots + BLOCK_T - 1) / BLOCK_T;
+
+    const u32 q_tile = base + Smem::Q_OFFSET;
+    const u32 kv_tiles = base + Smem::KV_OFFSET;
+    const u32 p_tile = base + Smem::P_OFFSET;
+    int* valid_flags = reinterpret_cast<int*>(smem + Smem::VALID_OFFSET);
+    float* red_max = reinterpret_cast<float*>(smem + Smem::MAX_OFFSET);
+    float* red_sum = reinterpret_cast<float*>(smem + Smem::SUM_OFFSET);
+    const u32 full_barriers = base + Smem::BARRIER_OFFSET;   // + 8 stage
+    const u32 empty_barriers = full_barriers + STAGES * 8;
+
+    // The producer's first tile of indices, loaded before the Q copy and the block's barrier.
+    const int group = (tid & 127) / THREADS_PER_ROW, part = tid % THREADS_PER_ROW;
+    int rows[ROWS_PER_THREAD];
+    if (warpgroup == 0) load_tile_rows(rows, row_indices, 0, n_slots, s_kv, group);
+
+    if (tid == 0) {
+        for (int stage = 0; stage < STAGES; ++stage) {
+            mbarrier_init(full_barriers + 8 * stage, 128);                // every producer thread
+            mbarrier_init(empty_barriers + 8 * stage, CONSUMER_THREADS);  // every consumer thread
+        }
+    }
+    // Q tile, by all threads, once: 64 heads x 576 dims; heads past h are zero rows (not written).
+    for (int c = tid; c < BLOCK_H * ROW_CHUNKS; c += THREADS) {
+        const int row = c / ROW_CHUNKS, chunk = c - row * ROW_CHUNKS;
+        const bool valid = head0 + row < h;
+        const u16* src = q + (valid ? ((u64)query * h + head0 + row) * D_QK + chunk * 8 : 0);
+        cp_async_16(q_tile + tile_offset(row, chunk), src, valid);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async_shared();
+    __syncthreads();  // Q landed and visible to wgmma; barriers initialized
+
+    if (warpgroup == 0) {
+        // ---------------------------------------------------------------- producer
+        setmaxnreg_decrease<PRODUCER_REGISTERS>();
+        for (int tile = 0; tile < n_tiles; ++tile) {
+            const int stage = tile % STAGES;
+            const u32 round = (u32)(tile / STAGES);
+            // Past the last tile every slot is past n_slots: no load is issued.
+            int next_rows[ROWS_PER_THREAD];
+            load_tile_rows(next_rows, row_indices, tile + 1, n_slots, s_kv, group);
+            // A fresh barrier counts its (never run) previous phase as complete: round 0 passes.
+            mbarrier_wait(empty_barriers + 8 * stage, (round & 1u) ^ 1u);
+            fill_stage(kv_tiles + stage * TILE_BYTES, valid_flags + stage * BLOCK_T, kv, rows, group, part);
+            // This thread's cp.async writes of the stage, into the async proxy that wgmma reads through,
+            // before the release.
+            fence_proxy_async_shared();
+            mbarrier_arrive(full_barriers + 8 * stage);
+#pragma unroll
+            for (int r = 0; r < ROWS_PER_THREAD; ++r) rows[r] = next_rows[r];
+        }
+        return;
+    }
+
+    // -------------------------------------------------------------------- consumers
+    setmaxnreg_increase<CONSUMER_REGISTERS>();
+    const int consumer = warpgroup - 1;              // value dims 256 c .., slots 32 c .. of a tile
+    const int row0 = ((tid >> 5) & 3) * 16 + (lane >> 2);  // this thread's rows: row0, row0 + 8
+    const int quad_lane = lane & 3;
+
+    float acc_o[128];  // O[row0 + 8 half, 256 c + 8 j + 2 quad_lane + e] = acc_o[4 j + 2 half + e]
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc_o[i] = 0.0f;
+    float row_max[2] = {DSA_NEG_INF, DSA_NEG_INF};  // running max (log2 units) of rows row0, row0 + 8
+    float row_sum[2] = {0.0f, 0.0f};                // this thread's share of the denominator
+
+    for (int tile = 0; tile < n_tiles; ++tile) {
+        const int stage = tile % STAGES;
+        mbarrier_wait(full_barriers + 8 * stage, (u32)(tile / STAGES) & 1u);
+        const u32 kv_tile = kv_tiles + stage * TILE_BYTES;
+        const int* tile_valid = valid_flags + stage * BLOCK_T;
+
+        // ---- S = Q K^T: 64 heads x 32 slots, 36 steps of 16 dims.
+        float acc_s[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) acc_s[i] = 0.0f;
+        fence_registers(acc_s);
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < D_QK / 16; ++k) {
+            const u32 column = (k >> 2) * COLUMN_BLOCK_BYTES + (k & 3) * 32;
+            const u64 q_descriptor = matrix_descriptor(q_tile + column, 16, 1024);
+            const u64 k_descriptor = matrix_descriptor(kv_tile + consumer * 32 * 128 + column, 16, 1024);
+            wgmma_m64n32k16_bf16(acc_s, q_descriptor, k_descriptor);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_registers(acc_s);
+
+        // ---- mask invalid slots, then the online-softmax update agreed with the other consumer.
+        float tile_max[2] = {DSA_NEG_INF, DSA_NEG_INF};
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const int column = consumer * 32 + (i >> 2) * 8 + quad_lane * 2 + (i & 1);
+            acc_s[i] = tile_valid[column] ? acc_s[i] * scale_log2 : DSA_NEG_INF;
+            tile_max[(i >> 1) & 1] = fmaxf(tile_max[(i >> 1) & 1], acc_s[i]);
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 1));
+            tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
+            if (quad_lane == 0) red_max[consumer * BLOCK_H + row0 + 8 * half] = tile_max[half];
+        }
+        named_barrier_sync(MAX_EXCHANGED, CONSUMER_THREADS);
+        float alpha[2], exp_base[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const float partner = red_max[(consumer ^ 1) * BLOCK_H + row0 + 8 * half];
+            alpha[half] = rescale_softmax_row(row_max[half], row_sum[half], fmaxf(tile_max[half], partner),
+                                              exp_base[half]);
+        }
+        // P = exp2(S - max) as bf16 into the swizzled P tile (A operand of P V, K-major).
+#pragma unroll
+        for (int i = 0; i < 16; i += 2) {
+            const int half = (i >> 1) & 1;
+            const float p0 = fast_exp2(acc_s[i] - exp_base[half]);
+            const float p1 = fast_exp2(acc_s[i + 1] - exp_base[half]);
+            row_sum[half] += p0 + p1;
+            const int row = row0 + 8 * half;
+            const int chunk = consumer * 4 + (i >> 2);  // 8 slots per 16-byte chunk
+            *reinterpret_cast<u32*>(smem + Smem::P_OFFSET + swizzle_128b(row, chunk) + quad_lane * 4) =
+                pack_bf16x2(p0, p1);
+        }
+        // A factor of exactly 1 leaves O as it is: the warp skips the 128 multiplications when none of its
+        // rows' maxima moved (most tiles once the maxima settle), with the same result bit for bit.
+        if (!__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
+#pragma unroll
+            for (int i = 0; i < 128; ++i) acc_o[i] *= alpha[(i >> 1) & 1];
+        }
+        fence_proxy_async_shared();  // this thread's P stores, before the other consumer's wgmma reads them
+        named_barrier_sync(P_WRITTEN, CONSUMER_THREADS);
+
+        // ---- O += P V: 64 heads x 256 value dims, 4 steps of 16 slots.
+        fence_registers(acc_o);
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < BLOCK_T / 16; ++k) {
+            const u64 p_descriptor = matrix_descriptor(p_tile + k * 32, 16, 1024);
+            const u64 v_descriptor = matrix_descriptor(kv_tile + consumer * 4 * COLUMN_BLOCK_BYTES + k * 16 * 128,
+                                                       COLUMN_BLOCK_BYTES, 1024);
+            wgmma_m64n256k16_bf16_b_mn_major(acc_o, p_descriptor, v_descriptor);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_registers(acc_o);
+        mbarrier_arrive(empty_barriers + 8 * stage);  // this thread is done with the stage
+    }
+
+    // ---- epilogue: denominators of both slot halves (added in a fixed order), lse, attention sink.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 1);
+        row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 2);
+        if (quad_lane == 0) red_sum[consumer * BLOCK_H + row0 + 8 * half] = row_sum[half];
+    }
+    named_barrier_sync(SUMS_EXCHANGED, CONSUMER_THREADS);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = row0 + 8 * half;
+        const int head = head0 + row;
+        if (head >= h) continue;
+        const float denominator = red_sum[row] + red_sum[BLOCK_H + row];
+        float row_lse, factor;
+        finish_softmax_row(row_max[half], denominator, attn_sink, head, row_lse, factor);
+        float* out_row = out + ((u64)query * h + head) * D_V + consumer * 256 + quad_lane * 2;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            *reinterpret_cast<float2*>(out_row + j * 8) =
+                make_float2(acc_o[4 * j + 2 * half] * factor, acc_o[4 * j + 2 * half + 1] * factor);
+        }
+        if (consumer == 0 && quad_lane == 0) lse[(u64)query * h + head] = row_lse;
+    }
+}
+
+}  // namespace mla_wgmma_v2
+
+extern "C" __global__ void __launch_bounds__(mla_wgmma_v2::THREADS, 1)
+sparse_mla_fwd_wgmma_v2(const u16* __restrict__ q,            // [s_q, h, 576] bf16 bits
+                        const u16* __restrict__ kv,           // [s_kv, 576] bf16 bits
+                        const int* __restrict__ indices,      // [s_q, topk]
+                        const int* __restrict__ topk_length,  // [s_q] or null
+                        const float* __restrict__ attn_sink,  // [h] or null
+                        float* __restrict__ out,              // [s_q, h, 512]
+                        float* __restrict__ lse,              // [s_q, h]
+                        int h, int s_kv, int topk, float scale_log2) {
+    mla_wgmma_v2::sparse_mla_fwd_wgmma_v2_body(q, kv, indices, topk_length, attn_sink, out, lse, h, s_kv, topk,
+                                               scale_log2);
+}
