@@ -137,7 +137,8 @@ def test_gluon_refuses_to_launch_where_it_does_not_apply():
 def test_sparse_mla_kernel_choice_is_checked():
     q, kv, indices = _inputs()
     with pytest.raises(ValueError,
-                       match=r"kernel='cuda' is not a valid sparse MLA kernel; available: \['tl', 'gluon'\]"):
+                       match=(r"kernel='cuda' is not a valid sparse MLA kernel; "
+                              r"available: \['tl', 'gluon', 'gluon_pingpong'\]")):
         sparse_mla.sparse_mla(q, kv, indices, 576**-0.5, 512, kernel="cuda")
     with pytest.raises(ValueError, match="kernel='gluon' takes neither"):
         sparse_mla.sparse_mla(q, kv, indices, 576**-0.5, 512, kernel="gluon", num_splits=2)

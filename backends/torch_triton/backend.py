@@ -56,6 +56,11 @@ class TritonBackend(Backend):
     #: the rest and for deterministic mode: 45 -> 293 TFLOP/s at S 4096, h 128, topk 2048 on the H200
     #: (NOTES.md, version 11). Set this to False, or DSA_REF_TRITON_GLUON_BACKWARD=0, for the split kernels.
     hopper_backward: bool = True
+    #: The inputs :attr:`hopper_forward` sends to the Gluon kernel run on its warp-specialized ping-pong
+    #: variant instead (:mod:`.sparse_mla_gluon_pingpong`: a producer warpgroup gathering the rows, two
+    #: consumers taking the slot tiles in turn). Off until measured on the GPU (NOTES.md, version 12);
+    #: DSA_REF_TRITON_GLUON_PINGPONG=1 turns it on for the process.
+    hopper_forward_pingpong: bool = False
     supported_dtypes = {
         "lightning_indexer": _INDEXER_DTYPES,
         "topk_indices": _TOPK_DTYPES,
@@ -198,7 +203,9 @@ class TritonBackend(Backend):
         kernel = "tl"
         if q.dtype == kv.dtype == torch.bfloat16:
             kernel = forward_kernel(kernel_switch(self.hopper_forward, "DSA_REF_TRITON_GLUON"),
-                                    q, kv, d_v, indices, topk_length, attn_sink)
+                                    q, kv, d_v, indices, topk_length, attn_sink,
+                                    pingpong=kernel_switch(self.hopper_forward_pingpong,
+                                                           "DSA_REF_TRITON_GLUON_PINGPONG"))
         return kernels.sparse_mla(q, kv, indices, float(sm_scale), d_v, topk_length, attn_sink, kernel=kernel)
 
     def sparse_mla_backward(self, q, kv, indices, out, lse, d_out, *, sm_scale: float, d_v: int, topk_length,
@@ -246,8 +253,10 @@ class TritonBackend(Backend):
                                  d_v=int(d_v))
 
 
-def forward_kernel(hopper_forward: bool, q, kv, d_v: int, indices, topk_length, attn_sink) -> str:
-    """``"gluon"`` when the Hopper forward is chosen and covers these inputs, else ``"tl"``."""
+def forward_kernel(hopper_forward: bool, q, kv, d_v: int, indices, topk_length, attn_sink, *,
+                   pingpong: bool = False) -> str:
+    """``"gluon"`` (``"gluon_pingpong"`` with ``pingpong``) when the Hopper forward is chosen and covers
+    these inputs, else ``"tl"``."""
     import torch
 
     # The dtypes first: they rule out the FP8 decode cache and the other dtypes in two attribute reads,
@@ -256,7 +265,9 @@ def forward_kernel(hopper_forward: bool, q, kv, d_v: int, indices, topk_length, 
         return "tl"
     from .sparse_mla_gluon import gluon_applies
 
-    return "tl" if gluon_applies(q, kv, d_v, indices, topk_length, attn_sink) else "gluon"
+    if gluon_applies(q, kv, d_v, indices, topk_length, attn_sink):
+        return "tl"
+    return "gluon_pingpong" if pingpong else "gluon"
 
 
 def backward_kernel(hopper_backward: bool, q, kv, d_v: int, indices, topk_length, attn_sink, d_out,

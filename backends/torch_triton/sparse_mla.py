@@ -225,7 +225,7 @@ def _sparse_mla_config(s_q: int, h: int, topk: int, d_v: int, d_qk: int, kv_fp8:
                 num_splits=num_splits, num_warps=8 if d_v_pad >= 256 else 4, num_stages=2)
 
 
-SPARSE_MLA_KERNELS = ("tl", "gluon")
+SPARSE_MLA_KERNELS = ("tl", "gluon", "gluon_pingpong")
 
 
 def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn_sink=None, *,
@@ -236,14 +236,19 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
     ``num_splits`` and ``config`` override the launch choices of :func:`sparse_mla_config` (for tuning).
     ``kernel="gluon"`` runs the Hopper kernel of :mod:`.sparse_mla_gluon` instead of this module's
     ``tl.dot`` one (the backend's default on Hopper where it applies; called here directly, it raises
-    ValueError with the reasons when it does not apply).
+    ValueError with the reasons when it does not apply); ``kernel="gluon_pingpong"`` its warp-specialized
+    variant (:mod:`.sparse_mla_gluon_pingpong`, same inputs, opt-in).
     """
     if kernel != "tl":
         if kernel not in SPARSE_MLA_KERNELS:
             raise ValueError(f"kernel={kernel!r} is not a valid sparse MLA kernel; "
                              f"available: {list(SPARSE_MLA_KERNELS)}")
         if num_splits is not None or config is not None:
-            raise ValueError("num_splits and config tune the 'tl' kernel; kernel='gluon' takes neither")
+            raise ValueError(f"num_splits and config tune the 'tl' kernel; kernel={kernel!r} takes neither")
+        if kernel == "gluon_pingpong":
+            from .sparse_mla_gluon_pingpong import sparse_mla_gluon_pingpong
+
+            return sparse_mla_gluon_pingpong(q, kv, indices, sm_scale, topk_length, attn_sink, d_v=d_v)
         from .sparse_mla_gluon import sparse_mla_gluon
 
         return sparse_mla_gluon(q, kv, indices, sm_scale, topk_length, attn_sink, d_v=d_v)
