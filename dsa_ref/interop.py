@@ -79,13 +79,26 @@ def is_array(x: Any) -> bool:
 #: a visible part of an op's host time.
 _TORCH_DTYPE_NAMES: dict[Any, str] = {}
 
+#: Names of the NumPy dtypes that arrays of the ops have (CuPy's arrays carry NumPy dtypes too), by
+#: dtype: ``str()`` of a NumPy dtype runs Python code in NumPy, ~3 us a call, several times per op
+#: on CuPy arrays. Native byte order only: a dtype that compares equal to one of these has its name
+#: (metadata aside, which ``str()`` does not show); any other dtype is named by ``str()``.
+_NUMPY_DTYPE_NAMES: dict[np.dtype, str] = {
+    dtype: str(dtype) for dtype in map(np.dtype, (
+        "float64", "float32", "float16", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "bool", "complex64", "complex128", ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn))}
+
 
 def dtype_name(x: Any) -> str:
     """The dtype of an array as a plain name: ``"bfloat16"``, ``"float8_e4m3fn"``, ``"int32"``."""
     dtype = x.dtype
-    torch_dtype = type(dtype).__module__ == "torch"
+    torch_dtype = dtype.__class__.__module__ == "torch"
     if torch_dtype:
         name = _TORCH_DTYPE_NAMES.get(dtype)
+        if name is not None:
+            return name
+    elif isinstance(dtype, np.dtype):
+        name = _NUMPY_DTYPE_NAMES.get(dtype)
         if name is not None:
             return name
     name = str(dtype)
@@ -201,21 +214,62 @@ def _torch_from_dlpack(torch, x: Any):
     return torch.from_dlpack(x.__dlpack__(stream=stream or 1))
 
 
+#: torch's reader of the current raw stream, once found (a CUDA op reads it several times a call).
+_raw_current_stream = None
+
+
 def torch_stream_pointer(device: int) -> int:
     """The ``cudaStream_t`` of torch's current stream on CUDA device ``device`` (an index), read
     without making a ``torch.cuda.Stream``."""
-    import torch
+    global _raw_current_stream
+    raw = _raw_current_stream
+    if raw is None:
+        import torch
 
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return raw(device)
-    return torch.cuda.current_stream(device).cuda_stream
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        if raw is None:
+            return torch.cuda.current_stream(device).cuda_stream
+        _raw_current_stream = raw
+    return raw(device)
 
 
 def _torch_device(device: Any):
     import torch
 
     return device if device.__class__ is torch.device else torch.device(device)
+
+
+#: CUDA devices by index, made once (a ``torch.device`` costs a few hundred nanoseconds to make).
+_CUDA_DEVICES: dict[int, Any] = {}
+#: Devices (as given: a ``torch.device`` or a string) that need no resolving, as torch devices.
+_FIXED_DEVICES: dict[Any, Any] = {}
+_FIXED_DEVICES_LIMIT = 64
+
+
+def resolved_torch_device(device: Any):
+    """``device`` as a ``torch.device`` that names its index where ``Tensor.to`` would pick one: an
+    index-less ``cuda`` is the current CUDA device once CUDA is initialized (before, it stays as given,
+    which no tensor's device equals). A tensor whose ``device`` equals the result is on ``device`` for
+    :func:`convert`, which hands it back as it is; for any other, :func:`convert` decides."""
+    fixed = _FIXED_DEVICES.get(device)
+    if fixed is not None:
+        return fixed
+    import torch
+
+    given, device = device, _torch_device(device)
+    if device.type != "cuda" or device.index is not None:
+        if len(_FIXED_DEVICES) >= _FIXED_DEVICES_LIMIT:
+            _FIXED_DEVICES.clear()
+        _FIXED_DEVICES[given] = device
+        return device
+    if not torch.cuda.is_initialized():
+        return device
+    # Initialized: current_device() would only repeat that check before reading the index.
+    index = torch._C._cuda_getDevice()
+    resolved = _CUDA_DEVICES.get(index)
+    if resolved is None:
+        resolved = _CUDA_DEVICES[index] = torch.device("cuda", index)
+    return resolved
 
 
 def _on_device(x: Any, device: Any) -> bool:
@@ -246,7 +300,7 @@ def _cupy_dtype_of_torch(torch, dtype) -> np.dtype | None:
     return _CUPY_DTYPE_OF_TORCH.get(dtype)
 
 
-def _wrapped_cuda_tensor(cupy, x: Any):
+def _wrapped_cuda_tensor(cupy, x: Any, stream_device: int | None = None):
     """A CuPy array over the memory of torch CUDA tensor ``x``, without DLPack; ``None`` where DLPack
     must decide (a CPU tensor, a subclass, an unusual dtype or layout, another stream).
 
@@ -256,6 +310,9 @@ def _wrapped_cuda_tensor(cupy, x: Any):
     same stream (as in dsa_ref.torch's ops, which run CuPy on torch's stream), so nothing needs
     synchronizing either: torch orders the tensor's producers on that stream, and CuPy queues the
     reads and writes of the array behind them on it.
+
+    ``stream_device``: a device on which the caller has just made CuPy's current stream torch's
+    current stream (:func:`to_cupy_on_torch_stream`); a tensor there needs no comparison.
     """
     torch = sys.modules["torch"]
     if not x.is_cuda:
@@ -264,11 +321,11 @@ def _wrapped_cuda_tensor(cupy, x: Any):
         x = x.detach()  # a Parameter becomes a plain tensor over the same memory
         if type(x) is not torch.Tensor:
             return None
-    dtype = _cupy_dtype_of_torch(torch, x.dtype)
+    dtype = _CUPY_DTYPE_OF_TORCH.get(x.dtype) if _CUPY_DTYPE_OF_TORCH else _cupy_dtype_of_torch(torch, x.dtype)
     if dtype is None or x.layout is not torch.strided or x.is_nested or x.is_neg() or x.is_conj():
         return None
     device = x.get_device()
-    if _cupy_current_stream_pointer(cupy, device) != torch_stream_pointer(device):
+    if device != stream_device and _cupy_current_stream_pointer(cupy, device) != torch_stream_pointer(device):
         return None
     return _cupy_array_over(cupy, x, dtype, device)
 
@@ -300,14 +357,24 @@ def _cupy_array_over(cupy, x: Any, dtype: np.dtype, device: int):
     return cupy.ndarray(shape, dtype, memptr=cupy.cuda.MemoryPointer(memory, 0), strides=strides)
 
 
-def _to_cupy(x: Any, device: Any):
+def to_cupy_on_torch_stream(x: Any, device: Any, stream_device: int) -> Any:
+    """``convert(x, "cupy", device)`` where the caller has made CuPy's current stream on CUDA device
+    ``stream_device`` torch's current stream there, and changed neither since (as dsa_ref.torch's ops
+    do around a CuPy backend's call): a torch tensor on that device is wrapped with no stream
+    comparison (two stream reads a tensor); any other input converts as :func:`convert` does."""
+    if x is None:
+        return None
+    return _to_cupy(x, device, stream_device)
+
+
+def _to_cupy(x: Any, device: Any, stream_device: int | None = None):
     import cupy
 
     kind = array_kind(x)
     if kind == "cupy":
         return x
     if kind == "torch":
-        wrapped = _wrapped_cuda_tensor(cupy, x)
+        wrapped = _wrapped_cuda_tensor(cupy, x, stream_device)
         if wrapped is not None:
             return wrapped
         # DLPack refuses a tensor that requires grad; detach() shares its memory (no copy), and the

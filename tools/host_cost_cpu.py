@@ -64,8 +64,15 @@ def _no_launch(*args):
     return None
 
 
-def _stub_kernels(sparse_mla):
-    """Each kernel's compile-and-launch returns a compiled kernel that launches nothing."""
+#: Calls of each stand-in compile-and-launch (``JITFunction.run``): after a signature's first call
+#: the cached launcher must not reach it, or the numbers are the plain launch's.
+PLAIN_LAUNCHES: dict[str, int] = {}
+
+
+def _stub_kernels(sparse_mla, launch):
+    """Each kernel's compile-and-launch returns a compiled kernel that launches nothing; the module's
+    launchers are made again over the stand-ins (a launcher takes the plain path for a ``run`` patched
+    after it was made, as it must for a profiler)."""
     from triton.compiler import CompiledKernel
     from triton.runtime.driver import driver
 
@@ -74,11 +81,16 @@ def _stub_kernels(sparse_mla):
         compiled = object.__new__(CompiledKernel)
         compiled.module, compiled.function, compiled.packed_metadata = object(), 1, (8, 1, 0)
         compiled._run = _no_launch
+        name = fn.fn.__name__
+        PLAIN_LAUNCHES[name] = 0
 
-        def run(*args, grid, warmup, _compiled=compiled, **kwargs):
+        def run(*args, grid, warmup, _compiled=compiled, _name=name, **kwargs):
+            PLAIN_LAUNCHES[_name] += 1
             return _compiled
 
         fn.run = run
+    sparse_mla._sparse_mla_launch = launch.CachedLauncher(sparse_mla._sparse_mla_kernel)
+    sparse_mla._combine_launch = launch.CachedLauncher(sparse_mla._combine_kernel)
     sparse_mla._multiprocessors = lambda device: 132  # the H200's launch plan
     sparse_mla._sparse_mla_config.cache_clear()
     sparse_mla._launch_plan.cache_clear()
@@ -160,10 +172,10 @@ def measure(calls: int, repeats: int) -> dict:
     from dsa_ref.torch import ops
     from dsa_ref_backends.torch_triton import launch, sparse_mla
 
-    _stub_kernels(sparse_mla)
+    _stub_kernels(sparse_mla, launch)
     os.environ["TRITON_INTERPRET"] = "1"  # the backend: available without CUDA, tensors on the CPU
     backend = registry.get_backend("triton")
-    assert launch.CachedLauncher(sparse_mla._sparse_mla_kernel).plain_only is None, "the fast path is off"
+    assert sparse_mla._sparse_mla_launch.plain_only is None, "the fast path is off"
     results = {}
     torch.manual_seed(0)
     for problem, size in PROBLEMS.items():
@@ -194,7 +206,9 @@ def measure(calls: int, repeats: int) -> dict:
             pieces["TritonBackend.device()"] = backend.device
             pieces["ops._fresh(out, q, kv) + (lse, q, kv)"] = lambda: (ops._fresh(out, q, cache),
                                                                        ops._fresh(lse, q, cache))
+            plain = dict(PLAIN_LAUNCHES)
             times = _per_call_us(pieces, calls, repeats)
+            assert PLAIN_LAUNCHES == plain, f"plain launches while timing ({plain} -> {PLAIN_LAUNCHES})"
         splits = sparse_mla._launch_plan(rows, H, TOPK, D_V, D_QK, True, torch.bfloat16, q.device, False, False)[0]
         times["(derived) dsa_ref.torch above the backend"] = (times["dsa_ref.torch.sparse_mla"]
                                                               - times["TritonBackend.sparse_mla"])

@@ -74,6 +74,28 @@ _MISSING = object()
 CACHE_LIMIT = 1024
 
 
+#: The code of each int argument seen (shapes, strides and counts repeat call after call): one dict
+#: lookup in place of the range tests. Bounded: a value never seen again only costs its entry.
+_INT_CODE_OF: dict[int, int] = {}
+INT_CODES_LIMIT = 4096
+
+
+def _int_code(arg: int) -> int | None:
+    """The specialization code of an int (see :data:`_INT_CODES`), or None for one Triton refuses."""
+    if -0x80000000 <= arg <= 0x7FFFFFFF:
+        code = _ONE if arg == 1 else 0 if arg & 15 else 1
+    elif -0x8000000000000000 <= arg <= 0x7FFFFFFFFFFFFFFF:
+        code = 2 if arg & 15 else 3
+    elif 0 < arg <= 0xFFFFFFFFFFFFFFFF:
+        code = 4 if arg & 15 else 5
+    else:
+        return None  # Triton refuses it; let it say so
+    if len(_INT_CODE_OF) >= INT_CODES_LIMIT:
+        _INT_CODE_OF.clear()
+    _INT_CODE_OF[arg] = code
+    return code
+
+
 def argument_key(args) -> tuple | None:
     """The specialization signature of positional runtime arguments, or None when one has a type the
     fast path does not know (the plain launch then specializes it).
@@ -84,17 +106,16 @@ def argument_key(args) -> tuple | None:
     key = []
     append = key.append
     tensor = torch.Tensor
+    codes = _INT_CODE_OF
     for arg in args:
         cls = arg.__class__
-        if cls is int:
-            if -0x80000000 <= arg <= 0x7FFFFFFF:
-                append(_ONE if arg == 1 else 0 if arg & 15 else 1)
-            elif -0x8000000000000000 <= arg <= 0x7FFFFFFFFFFFFFFF:
-                append(2 if arg & 15 else 3)
-            elif 0 < arg <= 0xFFFFFFFFFFFFFFFF:
-                append(4 if arg & 15 else 5)
-            else:
-                return None  # Triton refuses it; let it say so
+        if cls is int:  # exactly int: a bool is u1, not the int 1
+            code = codes.get(arg)
+            if code is None:
+                code = _int_code(arg)
+                if code is None:
+                    return None
+            append(code)
         elif cls is tensor:
             append(arg.dtype)
             append(arg.data_ptr() & 15 == 0)

@@ -55,17 +55,43 @@ _ACCEPTED_LIMIT = 4096
 
 
 def _signature(op: str, backend, inputs: dict) -> tuple:
-    return (op, backend) + tuple(
-        (key, tuple(value.shape), value.dtype, value.device, value.stride()) if isinstance(value, Tensor)
-        else (key, value) for key, value in inputs.items())
+    """One flat tuple: a tensor gives its shape (a ``torch.Size``), dtype, device and strides, any
+    other input its name and value. The inputs of one op come in one order, so two signatures of it
+    part at the first input that differs (a ``torch.Size`` never equals a name)."""
+    key = [op, backend]
+    append = key.append
+    for name, value in inputs.items():
+        if value.__class__ is Tensor or isinstance(value, Tensor):
+            append(value.shape)
+            append(value.dtype)
+            append(value.device)
+            append(value.stride())
+        else:
+            append(name)
+            append(value)
+    return tuple(key)
 
 
-def _accepted(op: str, backend_name: str, inputs: dict, check):
+def _tensor_signature(x: Optional[Tensor]):
+    return None if x is None else (x.shape, x.dtype, x.device, x.stride())
+
+
+def _sparse_mla_details(q, kv, indices, topk_length, attn_sink, sm_scale, d_v) -> tuple:
+    """What :func:`_signature` holds of a sparse MLA forward's inputs, written out (the op of every
+    decode step); ``q``, ``kv`` and ``indices`` are tensors (the op's schema, or the eager path's test)."""
+    return ("sparse_mla", q.shape, q.dtype, q.device, q.stride(), kv.shape, kv.dtype, kv.device, kv.stride(),
+            indices.shape, indices.dtype, indices.device, indices.stride(), _tensor_signature(topk_length),
+            _tensor_signature(attn_sink), sm_scale, d_v)
+
+
+def _accepted(op: str, backend_name: str, inputs: dict, check, details: Optional[tuple] = None):
     """``(backend, seen)``: ``seen`` when a call of this signature passed before (the backend could
     run then, and a device does not go away); else the backend is looked up with its availability
-    check, ``check()`` runs (it raises on bad input) and the signature is remembered."""
+    check, ``check()`` runs (it raises on bad input) and the signature is remembered. ``details``:
+    the inputs' part of the signature where the op writes it out (it starts with the op's name, so
+    it never equals another op's), else :func:`_signature` of ``inputs``."""
     backend = registry._load(backend_name)
-    signature = _signature(op, backend, inputs)
+    signature = _signature(op, backend, inputs) if details is None else (backend, details)
     if signature in _ACCEPTED:
         return backend, True
     backend = registry.get_backend(backend_name)
@@ -95,30 +121,55 @@ def _run(backend_name, op: str, like: Tensor, *, checked_signature: bool = False
     (torch tensors), results as torch tensors beside ``like``. ``checked_signature``: a call of the
     same signature passed the backend's support check already."""
     backend = backend_name if isinstance(backend_name, Backend) else registry.get_backend(backend_name)
+    return _run_inputs(backend, op, like, inputs, checked_signature)
+
+
+def _run_inputs(backend: Backend, op: str, like: Tensor, inputs: dict, checked_signature: bool):
+    """:func:`_run` with the backend object and the inputs' dict as they are (not copied)."""
     reasons = [] if checked_signature else backend.not_supported_reasons(op, **inputs)
     if reasons:
         raise registry.UnsupportedInputError(f"backend {backend.name!r} does not support these {op} inputs: "
                                              + "; ".join(reasons))
-    # The conversions too run on torch's stream: a CUDA tensor then becomes a CuPy array over its
-    # memory with no stream to synchronize with (which a CUDA graph capture would refuse), and the
-    # results go back through DLPack with none either.
-    with _on_torch_stream(backend, like):
+    if backend.array_kind == "cupy" and like.is_cuda:
+        # The conversions too run on torch's stream: a CUDA tensor then becomes a CuPy array over its
+        # memory with no stream to synchronize with (which a CUDA graph capture would refuse), and the
+        # results go back through DLPack with none either.
+        with _on_torch_stream(backend, like):
+            result = getattr(backend, op)(**_native_inputs(backend, inputs, like.get_device()))
+    else:
         result = getattr(backend, op)(**_native_inputs(backend, inputs))
-        if isinstance(result, tuple):
-            return tuple([_like(part, like) for part in result])
-        return _like(result, like)
+    if isinstance(result, tuple):
+        return tuple([_like(part, like) for part in result])
+    return _like(result, like)
 
 
 _BASE_TO_NATIVE = Backend.to_native
 
 
-def _native_inputs(backend, inputs: dict) -> dict:
+def _native_inputs(backend, inputs: dict, stream_device: Optional[int] = None) -> dict:
     """``inputs`` with each tensor through ``backend.to_native``; for the base class's ``to_native``
-    (``interop.convert(x, array_kind, device())``) the device is looked up once for all of them."""
+    (``interop.convert(x, array_kind, device())``) the device is looked up once for all of them, a
+    plain tensor already there is kept as it is, and ``stream_device`` is a CUDA device on which
+    CuPy's current stream was made torch's (:func:`_on_torch_stream`; see
+    :func:`interop.to_cupy_on_torch_stream`)."""
     to_native = backend.to_native
     if getattr(to_native, "__func__", None) is not _BASE_TO_NATIVE:
         return {key: to_native(value) if isinstance(value, Tensor) else value for key, value in inputs.items()}
     kind, device = backend.array_kind, backend.device()
+    native = {}
+    if kind == "torch" and device is not None:
+        target = interop.resolved_torch_device(device)
+        for key, value in inputs.items():
+            if value.__class__ is Tensor and value.device == target:
+                native[key] = value
+            else:
+                native[key] = interop.convert(value, kind, device) if isinstance(value, Tensor) else value
+        return native
+    if kind == "cupy" and stream_device is not None:
+        for key, value in inputs.items():
+            native[key] = (interop.to_cupy_on_torch_stream(value, device, stream_device)
+                           if isinstance(value, Tensor) else value)
+        return native
     return {key: interop.convert(value, kind, device) if isinstance(value, Tensor) else value
             for key, value in inputs.items()}
 
@@ -233,6 +284,16 @@ def _fresh(t: Tensor, *inputs: Optional[Tensor]) -> Tensor:
     return t
 
 
+def _fresh_pair(out: Tensor, lse: Tensor, q: Tensor, kv: Tensor) -> tuple[Tensor, Tensor]:
+    """``(_fresh(out, q, kv), _fresh(lse, q, kv))``, each input's memory read once."""
+    inputs = (q.untyped_storage().data_ptr(), kv.untyped_storage().data_ptr())
+    if out.numel() and out.untyped_storage().data_ptr() in inputs:
+        out = out.clone()
+    if lse.numel() and lse.untyped_storage().data_ptr() in inputs:
+        lse = lse.clone()
+    return out, lse
+
+
 def _sparse_mla_checks(q, kv, indices, topk_length, attn_sink, sm_scale, d_v):
     with modes.use_data_checks(False):
         return checked._check_sparse_mla_inputs(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
@@ -250,16 +311,17 @@ def _key_ranges(key_start: Optional[Tensor], key_end: Optional[Tensor], s_q: int
 def _sparse_mla_forward(q, kv, indices, topk_length, attn_sink, sm_scale: float, d_v: int, backend_name: str):
     inputs = dict(q=q, kv=kv, indices=indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
                   attn_sink=attn_sink)
-
-    def check():
-        _sparse_mla_checks(q, kv, indices, topk_length, attn_sink, sm_scale, d_v)
-        _run_checks(backend_name, "sparse_mla", inputs)
-
-    backend, seen = _accepted("sparse_mla", backend_name, inputs, check)
+    backend = registry._load(backend_name)
+    signature = (backend, _sparse_mla_details(q, kv, indices, topk_length, attn_sink, sm_scale, d_v))
+    seen = signature in _ACCEPTED
+    if not seen:
+        backend, _ = _accepted("sparse_mla", backend_name, inputs, lambda: (
+            _sparse_mla_checks(q, kv, indices, topk_length, attn_sink, sm_scale, d_v),
+            _run_checks(backend_name, "sparse_mla", inputs)), signature[1])
     if topk_length is not None:
         inputs["topk_length"] = topk_length.clip(0, indices.shape[1])  # clamped on the device, never read
-    out, lse = _run(backend, "sparse_mla", q, checked_signature=seen, **inputs)
-    return _fresh(out, q, kv), _fresh(lse, q, kv)
+    out, lse = _run_inputs(backend, "sparse_mla", q, inputs, seen)
+    return _fresh_pair(out, lse, q, kv)
 
 
 def _run_checks(backend_name: str, op: str, inputs: dict) -> None:
