@@ -204,8 +204,7 @@ def measure(calls: int, repeats: int) -> dict:
             pieces[f"torch.empty x{len(allocations)}, as the call makes them (CPU allocator)"] = (
                 lambda: [empty(*a, **k) for a, k in allocations])
             pieces["TritonBackend.device()"] = backend.device
-            pieces["ops._fresh(out, q, kv) + (lse, q, kv)"] = lambda: (ops._fresh(out, q, cache),
-                                                                       ops._fresh(lse, q, cache))
+            pieces["ops._fresh_pair(out, lse, q, kv)"] = lambda: ops._fresh_pair(out, lse, q, cache)
             plain = dict(PLAIN_LAUNCHES)
             times = _per_call_us(pieces, calls, repeats)
             assert PLAIN_LAUNCHES == plain, f"plain launches while timing ({plain} -> {PLAIN_LAUNCHES})"
@@ -215,7 +214,38 @@ def measure(calls: int, repeats: int) -> dict:
         times["(derived) backend method above the kernel module"] = (times["TritonBackend.sparse_mla"]
                                                                      - times["torch_triton.sparse_mla.sparse_mla"])
         results[problem] = {"splits": splits, "us_per_call": {k: round(v, 3) for k, v in times.items()}}
+    results["interop: dtype names of CuPy's arrays (NumPy dtypes)"] = {
+        "splits": None, "us_per_call": {k: round(v, 3) for k, v in _interop_pieces(calls, repeats).items()}}
     return results
+
+
+class _CupyLookalike:
+    """What the dtype names read of a CuPy array: its class's module and name, its dtype and shape."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, dtype, shape):
+        import numpy as np
+
+        self.dtype, self.shape = np.dtype(dtype), shape
+
+
+_CupyLookalike.__name__ = "ndarray"
+
+
+def _interop_pieces(calls: int, repeats: int) -> dict:
+    """The dtype names a CuPy backend's FP8 decode call reads (its inputs', its results'), without CuPy:
+    they are NumPy dtypes, whose ``str()`` is Python code in NumPy."""
+    from dsa_ref import interop
+
+    q, cache = _CupyLookalike("int16", (128, 128, 576)), _CupyLookalike("uint8", (4096, 656))
+    out = _CupyLookalike("float32", (128, 128, 512))
+    return _per_call_us({
+        "interop.dtype_name(float32 result)": lambda: interop.dtype_name(out),
+        "interop.logical_dtype_name(q, a bf16 carrier)": lambda: interop.logical_dtype_name(q),
+        "interop.logical_dtype_name(kv, the packed cache)": lambda: interop.logical_dtype_name(cache, packed_kv=True),
+        "str(numpy dtype), what a name cost before its table": lambda: str(out.dtype),
+    }, calls, repeats)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"python": sys.version.split()[0], "torch": torch.__version__, "triton": triton.__version__,
                "problems": measure(args.calls, args.repeats)}
     for problem, entry in results["problems"].items():
-        print(f"{problem}: {entry['splits']} split(s)")
+        print(f"{problem}: {entry['splits']} split(s)" if entry["splits"] is not None else f"{problem}:")
         for piece, us in entry["us_per_call"].items():
             print(f"  {us:9.2f} us  {piece}")
     if args.out:
