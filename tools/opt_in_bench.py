@@ -6,6 +6,8 @@ candidate's outputs from the default's. The pairs:
 
 * triton sparse MLA forward: the ``tl.dot`` kernel against the Gluon kernel (``kernel="gluon"``, the
   default on Hopper);
+* triton sparse MLA forward on Hopper: the Gluon kernel against its warp-specialized ping-pong variant
+  (``kernel="gluon_pingpong"``, ``TritonBackend.hopper_forward_pingpong``);
 * triton sparse MLA backward: the split kernels against the fused one (``kernel="fused"``), both modes;
 * cupy sparse MLA backward: the default (atomic) tensor-core kernel against the wgmma one
   (``CupyBackend.hopper_backward``, with float32 and bf16 d_out), deterministic mode's tensor-core
@@ -43,7 +45,7 @@ from peers_training import relative, steady_ms  # the same steady-state timing a
 
 ROWS: list[dict] = []
 GROUPS = ("triton-forward", "cupy-forward", "cupy-decode", "triton-backward", "cupy-backward", "triton-topk",
-          "triton-indexer", "cupy-indexer")
+          "triton-indexer", "cupy-indexer", "triton-forward-pingpong")
 
 
 def report(**row) -> None:
@@ -141,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
                            lambda: triton_forward.sparse_mla(q, kv, indices, scale, d_v, kernel="tl"))
             timed(torch, "triton forward, gluon (default on Hopper)", shape, forward_flop,
                   lambda: triton_forward.sparse_mla(q, kv, indices, scale, d_v, kernel="gluon"), tl_dot)
+
+        if "triton-forward-pingpong" in groups:
+            # The Gluon forward (the default on Hopper) against its ping-pong variant (opt-in), same inputs.
+            gluon = timed(torch, "triton forward, gluon (default on Hopper)", shape, forward_flop,
+                          lambda: triton_forward.sparse_mla(q, kv, indices, scale, d_v, kernel="gluon"))
+            timed(torch, "triton forward, gluon ping-pong (TritonBackend.hopper_forward_pingpong)", shape,
+                  forward_flop, lambda: triton_forward.sparse_mla(q, kv, indices, scale, d_v, kernel="gluon_pingpong"),
+                  gluon)
 
         cupy_default, cupy_hopper, cupy_float32 = CupyBackend(), CupyBackend(), CupyBackend()
         cupy_hopper.hopper_forward = True
