@@ -201,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         with dsa_ref.use_deterministic(True):
             timed(torch, "cupy backward, tensor cores (deterministic default)", shape, backward_flop,
                   lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out, backend=cupy_default), atomic)
+            # The wgmma kernel storing its row gradients, then the same row sums (opt-in until measured).
+            cupy_wgmma_deterministic = CupyBackend()
+            cupy_wgmma_deterministic.hopper_backward = cupy_wgmma_deterministic.hopper_deterministic_backward = True
+            timed(torch, "cupy backward, wgmma deterministic (CupyBackend.hopper_deterministic_backward)", shape,
+                  backward_flop,
+                  lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out,
+                                                      backend=cupy_wgmma_deterministic), atomic)
             timed(torch, "cupy backward, float32 (deterministic, deterministic_tensor_cores=False)", shape,
                   backward_flop,
                   lambda: dsa_ref.sparse_mla_backward(q, kv, indices, out, lse, d_out, backend=cupy_float32), atomic,

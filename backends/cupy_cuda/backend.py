@@ -91,6 +91,13 @@ class CupyBackend(Backend):
     #: run the mma.sync kernel on Hopper too.
     hopper_backward: bool = True
 
+    #: Deterministic mode's sparse-MLA backward, where ``hopper_backward`` would run the wgmma kernel in
+    #: default mode, on ``sparse_mla_bwd_wgmma_deterministic`` (the same wgmma kernel, its row gradients
+    #: stored to the contribution buffer; then the mma path's ordered row sums) instead of
+    #: ``sparse_mla_bwd_mma_deterministic`` (:func:`backward_kernel_path`). Off until measured on a GPU:
+    #: set this, or DSA_REF_CUPY_WGMMA_DETERMINISTIC=1, to run it.
+    hopper_deterministic_backward: bool = False
+
     #: The bf16 V3.2-width sparse-MLA forward (d_qk 576, d_v 512, bf16 rows, h a multiple of 64) on
     #: Hopper's wgmma kernel (csrc/sparse_mla_wgmma.cu, compute capability 9.0 only) instead of the
     #: mma.sync kernel: 1.09x its speed on the H200 (backends/cupy_cuda/NOTES.md). Set this to False,
@@ -429,11 +436,14 @@ class CupyBackend(Backend):
         if s_q > 0 and h > 0:
             tensor_cores = kernel_switch(self.deterministic_tensor_cores, "DSA_REF_CUPY_DETERMINISTIC_MMA")
             hopper = kernel_switch(self.hopper_backward, "DSA_REF_CUPY_WGMMA_BACKWARD")
+            hopper_deterministic = kernel_switch(self.hopper_deterministic_backward,
+                                                 "DSA_REF_CUPY_WGMMA_DETERMINISTIC")
             kernel_path = backward_kernel_path(q_dtype, kv_dtype, d_qk=d_qk, kv_width=int(kv.shape[1]), d_v=d_v,
                                                deterministic=deterministic, smem_limit=_smem_optin(),
                                                deterministic_tensor_cores=tensor_cores, h=h,
                                                compute_capability=_compute_capability() if hopper else 0,
-                                               hopper_backward=hopper)
+                                               hopper_backward=hopper,
+                                               hopper_deterministic_backward=hopper_deterministic)
         q32 = kv32 = None  # the tensor-core kernel reads the bf16 inputs as they are
         if kernel_path == "simt":
             q32, kv32 = _to_float32(q, q_dtype), _to_float32(kv, kv_dtype)
@@ -470,9 +480,11 @@ class CupyBackend(Backend):
                       dkv, np.int32(h), np.int32(s_kv), np.int32(topk), np.float32(sm_scale),
                       np.float32(float(sm_scale) * math.log2(math.e))),
                      shared_mem=BACKWARD_MMA_SMEM)
-        elif kernel_path == "mma_deterministic":
+        elif kernel_path in ("mma_deterministic", "wgmma_deterministic"):
             _deterministic_mma_backward(q, kv, indices, topk_length, lse32, d_out32, delta, share, d_lse32, dq, dkv,
-                                        sm_scale=float(sm_scale), empty=self._empty)
+                                        sm_scale=float(sm_scale), empty=self._empty,
+                                        wgmma_d_out=self._native(d_out) if kernel_path == "wgmma_deterministic"
+                                        else None)
         elif s_q > 0 and h > 0:
             device_id = q32.device.id
             query_smem = (2 * d_qk + d_v) * 4
@@ -855,24 +867,27 @@ WGMMA_BACKWARD_THREADS = 384
 
 def backward_kernel_path(q_dtype: str, kv_dtype: str, *, d_qk: int, kv_width: int, d_v: int, deterministic: bool,
                          smem_limit: int, deterministic_tensor_cores: bool = False, h: int = 0,
-                         compute_capability: int = 0, hopper_backward: bool = False) -> str:
+                         compute_capability: int = 0, hopper_backward: bool = False,
+                         hopper_deterministic_backward: bool = False) -> str:
     """Which sparse-MLA backward runs. For bf16 q and kv rows at the V3.2 widths d_qk = 576, d_v = 512,
     where the device gives a block its shared memory, the tensor-core kernels of
     csrc/sparse_mla_backward_mma.cu: ``"mma"`` (row gradients added with atomics) by default, and, in
     deterministic mode with ``deterministic_tensor_cores`` (see :attr:`CupyBackend.deterministic_tensor_cores`),
     ``"mma_deterministic"`` (row gradients stored, then summed per row in a sorted order). In default mode
     with ``hopper_backward`` (see :attr:`CupyBackend.hopper_backward`), h a multiple of 64 and compute
-    capability 9.0: ``"wgmma"`` (csrc/sparse_mla_backward_wgmma.cu). ``"simt"`` (csrc/sparse_mla_backward.cu,
-    float32, both modes) for everything else."""
+    capability 9.0: ``"wgmma"`` (csrc/sparse_mla_backward_wgmma.cu); in deterministic mode, where that holds
+    with ``deterministic_tensor_cores`` and ``hopper_deterministic_backward`` too (see
+    :attr:`CupyBackend.hopper_deterministic_backward`): ``"wgmma_deterministic"`` (the wgmma kernel storing
+    the row gradients, then the same row sums). ``"simt"`` (csrc/sparse_mla_backward.cu, float32, both
+    modes) for everything else."""
     if (q_dtype == "bfloat16" and kv_dtype == "bfloat16" and d_qk == 576 and kv_width == 576 and d_v == 512
             and BACKWARD_MMA_SMEM <= smem_limit):
+        hopper = (hopper_backward and h > 0 and h % 64 == 0 and compute_capability == 90
+                  and WGMMA_BACKWARD_SMEM <= smem_limit)
         if not deterministic:
-            if (hopper_backward and h > 0 and h % 64 == 0 and compute_capability == 90
-                    and WGMMA_BACKWARD_SMEM <= smem_limit):
-                return "wgmma"
-            return "mma"
+            return "wgmma" if hopper else "mma"
         if deterministic_tensor_cores:
-            return "mma_deterministic"
+            return "wgmma_deterministic" if hopper and hopper_deterministic_backward else "mma_deterministic"
     return "simt"
 
 
@@ -923,26 +938,38 @@ def _row_ranges(sorted_keys, s_kv: int, first_pair: int, end_pair: int, xp=None)
 
 
 def _deterministic_mma_backward(q, kv, indices, topk_length, lse32, d_out32, delta, share, d_lse32, dq, dkv, *,
-                                sm_scale: float, empty):
+                                sm_scale: float, empty, wgmma_d_out=None):
     """dq and dkv of bf16 V3.2 inputs, bitwise repeatable: per chunk of queries, the tensor-core kernel
     writes dq and stores every valid slot's row gradient (per head block) to the contribution buffer,
     then one block per kv row adds that row's entries to ``dkv`` in the order of :func:`_sorted_row_keys`.
     Chunks run in stream order and reuse one buffer, allocated by ``empty`` (the backend's: poisoned with
-    NaN in tests, so that a row sum reading an entry no slot wrote shows in dkv)."""
+    NaN in tests, so that a row sum reading an entry no slot wrote shows in dkv). With ``wgmma_d_out``
+    (d_out as it came, C-contiguous) the block kernel is ``sparse_mla_bwd_wgmma_deterministic``: the same
+    buffer layout and plan; a bf16 d_out is read as it is (the kernel rounds float32 to the same values)."""
     import cupy
 
     s_q, h = int(q.shape[0]), int(q.shape[1])
     s_kv, topk = int(kv.shape[0]), int(indices.shape[1])
     head_blocks = (h + 63) // 64
     device_id = q.device.id
-    block_kernel = kernels.kernel("sparse_mla_backward_mma.cu", "sparse_mla_bwd_mma_deterministic", device_id,
-                                  BACKWARD_MMA_SMEM)
+    wgmma = wgmma_d_out is not None
+    if wgmma:
+        d_out_bf16 = logical_dtype(wgmma_d_out) == "bfloat16"
+        d_out_blocks = wgmma_d_out if d_out_bf16 else d_out32
+        block_kernel = kernels.kernel("sparse_mla_backward_wgmma.cu", "sparse_mla_bwd_wgmma_deterministic",
+                                      device_id, WGMMA_BACKWARD_SMEM)
+        block_threads, block_smem = WGMMA_BACKWARD_THREADS, WGMMA_BACKWARD_SMEM
+    else:
+        d_out_blocks = d_out32
+        block_kernel = kernels.kernel("sparse_mla_backward_mma.cu", "sparse_mla_bwd_mma_deterministic", device_id,
+                                      BACKWARD_MMA_SMEM)
+        block_threads, block_smem = 512, BACKWARD_MMA_SMEM
     row_sum = kernels.kernel("sparse_mla_backward_mma.cu", "sparse_mla_bwd_mma_row_sum", device_id)
     step = deterministic_mma_chunk_queries(s_q, h, topk)
     plan_step = deterministic_mma_plan_queries(step, topk)
     contributions = empty((step, head_blocks, topk, 576), cupy.float32)
-    scales = (np.int32(h), np.int32(s_kv), np.int32(topk), np.float32(sm_scale),
-              np.float32(sm_scale * math.log2(math.e)))
+    scales = (np.int32(h), np.int32(s_kv), np.int32(topk)) + ((np.int32(d_out_bf16),) if wgmma else ()) + (
+        np.float32(sm_scale), np.float32(sm_scale * math.log2(math.e)))
     scatters = s_kv > 0 and topk > 0  # otherwise no slot is valid and dkv stays 0
     for plan_start in range(0, s_q, plan_step):
         plan = slice(plan_start, min(s_q, plan_start + plan_step))
@@ -953,11 +980,11 @@ def _deterministic_mma_backward(q, kv, indices, topk_length, lse32, d_out32, del
             rows = slice(start, min(plan.stop, start + step))
             c = rows.stop - rows.start
             chunk_length = None if topk_length is None else topk_length[rows]
-            block_kernel((c * head_blocks,), (512,),
-                         (q[rows], kv, indices[rows], _nullable(chunk_length), lse32[rows], d_out32[rows],
+            block_kernel((c * head_blocks,), (block_threads,),
+                         (q[rows], kv, indices[rows], _nullable(chunk_length), lse32[rows], d_out_blocks[rows],
                           delta[rows], share[rows], _nullable(None if d_lse32 is None else d_lse32[rows]), dq[rows],
                           contributions) + scales,
-                         shared_mem=BACKWARD_MMA_SMEM)
+                         shared_mem=block_smem)
             if not scatters:
                 continue
             first_pair, end_pair = (rows.start - plan.start) * topk, (rows.stop - plan.start) * topk

@@ -35,7 +35,7 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "indexer_loss.cu": ("indexer_entry_scores_simt", "indexer_loss_bwd_query_simt", "indexer_loss_bwd_dk_simt"),
     "sparse_mla_wgmma.cu": ("sparse_mla_fwd_wgmma", "sparse_mla_fwd_wgmma_fp8"),
     "indexer_wgmma.cu": ("indexer_paged_wgmma_q1", "indexer_paged_wgmma_q2", "indexer_dense_wgmma_q2"),
-    "sparse_mla_backward_wgmma.cu": ("sparse_mla_bwd_wgmma",),
+    "sparse_mla_backward_wgmma.cu": ("sparse_mla_bwd_wgmma", "sparse_mla_bwd_wgmma_deterministic"),
     "sparse_mla_wgmma_v2.cu": ("sparse_mla_fwd_wgmma_v2",),
 }
 

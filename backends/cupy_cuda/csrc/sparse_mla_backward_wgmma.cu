@@ -56,6 +56,15 @@
 // instance of the loop (consume<CONSUMER>), so that no descriptor depends on the thread index.
 //
 // Rounding: dout, P and dl go to bf16 before their products; every product accumulates in float32.
+//
+// Deterministic mode (sparse_mla_bwd_wgmma_deterministic): the same body (ROW_STORES), except that a
+// finished contribution chunk of a valid slot is stored (16 bytes, streaming: the buffer is read once,
+// by another kernel, and must not push the gathered rows out of L2) to the float32 contribution buffer
+// [queries of the chunk, head blocks, topk, 576] that sparse_mla_bwd_mma_row_sum (sparse_mla_backward_
+// mma.cu) reads, entry (blockIdx.x * topk + slot): the layout of sparse_mla_bwd_mma_deterministic, so
+// that the host plan (chunks, one sort per plan, the ordered row sums) is shared. A row gradient is
+// then one store per (query, head block, slot), and the row sum adds them in the host's fixed order:
+// no float atomic touches dkv, and dq is written per block as in default mode.
 #include "hopper.cuh"
 
 using namespace dsa;
@@ -154,11 +163,21 @@ __device__ __forceinline__ void rope_contribution(float (&acc)[32], u32 base_wor
     }
 }
 
-// Adds the first 8 GROUPS columns of a finished contribution (rows = slots, see the header) to dkv:
-// `target` is this thread's slot row of dkv at the chunk's first column plus 4 (l % 4 >= 2), or null
-// for an invalid slot. Every lane takes part in the shuffles; only valid slots reduce.
-template <int GROUPS>
-__device__ __forceinline__ void reduce_contribution(const float (&acc)[32], float* target, bool odd_lane) {
+// dst[0..3] = v, evict-first: the buffer is read once, by the row sum, after the whole chunk; the
+// gathered rows should keep L2. Volatile with a memory clobber, as red_add_v4_f32.
+__device__ __forceinline__ void store_v4_f32_streaming(float* dst, float a, float b, float c, float d) {
+    asm volatile("st.global.cs.v4.f32 [%0], {%1, %2, %3, %4};\n" :: "l"(dst), "f"(a), "f"(b), "f"(c), "f"(d)
+                 : "memory");
+}
+
+// Adds the first 8 GROUPS columns of a finished contribution (rows = slots, see the header) to dkv, or
+// with ROW_STORES stores them to the slot's buffer entry: `target` is this thread's slot row of dkv (of
+// the buffer) at the chunk's first column plus 4 (l % 4 >= 2), written only where `valid`. Every lane
+// takes part in the shuffles. `valid` is a flag beside a pointer that is always computed (not a null
+// pointer): with the null test, or with the two rows' own flags, ptxas spilled 512-644 bytes of the
+// deterministic instance and serialized its wgmmas.
+template <int GROUPS, bool ROW_STORES>
+__device__ __forceinline__ void reduce_contribution(const float (&acc)[32], float* target, bool valid, bool odd_lane) {
 #pragma unroll
     for (int j = 0; j < GROUPS; ++j) {
         const float low0 = acc[4 * j], low1 = acc[4 * j + 1];    // row l / 4
@@ -167,7 +186,9 @@ __device__ __forceinline__ void reduce_contribution(const float (&acc)[32], floa
         const float given1 = __shfl_xor_sync(0xffffffffu, odd_lane ? low1 : high1, 1);
         const float v0 = odd_lane ? given0 : low0, v1 = odd_lane ? given1 : low1;
         const float v2 = odd_lane ? high0 : given0, v3 = odd_lane ? high1 : given1;
-        if (target != nullptr) hopper::red_add_v4_f32(target + 8 * j, v0, v1, v2, v3);
+        if (!valid) continue;
+        if constexpr (ROW_STORES) store_v4_f32_streaming(target + 8 * j, v0, v1, v2, v3);
+        else hopper::red_add_v4_f32(target + 8 * j, v0, v1, v2, v3);
     }
 }
 
@@ -177,13 +198,13 @@ __device__ __forceinline__ void reduce_contribution(const float (&acc)[32], floa
 struct ConsumerArgs {
     u8* smem;
     u32 base;  // shared address of smem
-    int n_steps, h, query, head0;
+    int n_steps, h, query, head0, topk;
     float* dq;
-    float* dkv;
+    float* dkv;  // dkv, or with ROW_STORES the contribution buffer
     float sm_scale, scale_log2;
 };
 
-template <int CONSUMER>
+template <int CONSUMER, bool ROW_STORES>
 __device__ __forceinline__ void consume(const ConsumerArgs& args) {
     using namespace hopper;
     constexpr int consumer = CONSUMER;
@@ -242,9 +263,14 @@ __device__ __forceinline__ void consume(const ConsumerArgs& args) {
 #pragma unroll
         for (int j = 0; j < 4; ++j)
             column_rows[j] = *reinterpret_cast<const int2*>(step_rows + consumer * 32 + 8 * j + 2 * quad_lane);
-        const int slot_row = step_rows[row0 + (odd_lane ? 8 : 0)];
-        float* const slot_target =
-            slot_row >= 0 ? dkv + (u64)slot_row * D_QK + consumer * 256 + 2 * (quad_lane & 2) : nullptr;
+        const int slot_in_step = row0 + (odd_lane ? 8 : 0);
+        const int slot_row = step_rows[slot_in_step];
+        // The buffer entry of (this block, slot) has the stride of a dkv row: the chunks' column offsets
+        // below serve both. Computed from the kernel's parameters each step (a pointer kept across the
+        // loop costs two registers the consumer does not have).
+        const u64 target_row = ROW_STORES ? (u64)blockIdx.x * args.topk + step * BLOCK_T + slot_in_step : (u64)slot_row;
+        const bool slot_valid = slot_row >= 0;
+        float* const slot_target = dkv + (slot_valid ? target_row : 0) * D_QK + consumer * 256 + 2 * (quad_lane & 2);
         wgmma_wait<0>();
         fence_registers(acc_s);
         fence_registers(acc_dp);
@@ -323,7 +349,7 @@ __device__ __forceinline__ void consume(const ConsumerArgs& args) {
         wgmma_commit();
         wgmma_wait<1>();
         fence_registers(acc_a);
-        reduce_contribution<8>(acc_a, slot_target, odd_lane);
+        reduce_contribution<8, ROW_STORES>(acc_a, slot_target, slot_valid, odd_lane);
 
         fence_registers(acc_a);
         wgmma_fence();
@@ -331,7 +357,7 @@ __device__ __forceinline__ void consume(const ConsumerArgs& args) {
         wgmma_commit();
         wgmma_wait<1>();
         fence_registers(acc_b);
-        reduce_contribution<8>(acc_b, slot_target == nullptr ? nullptr : slot_target + 64, odd_lane);
+        reduce_contribution<8, ROW_STORES>(acc_b, slot_target + 64, slot_valid, odd_lane);
 
         fence_registers(acc_b);
         wgmma_fence();
@@ -339,7 +365,7 @@ __device__ __forceinline__ void consume(const ConsumerArgs& args) {
         wgmma_commit();
         wgmma_wait<1>();
         fence_registers(acc_a);
-        reduce_contribution<8>(acc_a, slot_target == nullptr ? nullptr : slot_target + 128, odd_lane);
+        reduce_contribution<8, ROW_STORES>(acc_a, slot_target + 128, slot_valid, odd_lane);
 
         fence_registers(acc_a);
         wgmma_fence();
@@ -347,12 +373,12 @@ __device__ __forceinline__ void consume(const ConsumerArgs& args) {
         wgmma_commit();
         wgmma_wait<1>();
         fence_registers(acc_b);
-        reduce_contribution<8>(acc_b, slot_target == nullptr ? nullptr : slot_target + 192, odd_lane);
+        reduce_contribution<8, ROW_STORES>(acc_b, slot_target + 192, slot_valid, odd_lane);
 
         wgmma_wait<0>();  // this consumer is done reading DL and FP (the next step's STAGED_FREE)
         fence_registers(acc_a);
         // The rope half: columns 512 + 32 c + ..., 4 groups of 8 (slot_target points at 256 c + ...).
-        reduce_contribution<4>(acc_a, slot_target == nullptr ? nullptr : slot_target + D_V - 224 * consumer, odd_lane);
+        reduce_contribution<4, ROW_STORES>(acc_a, slot_target + D_V - 224 * consumer, slot_valid, odd_lane);
     }
 
     // ---- dq (already scaled by sm_scale through dl); a query without a valid slot gets 0.
@@ -372,23 +398,15 @@ __device__ __forceinline__ void consume(const ConsumerArgs& args) {
     }
 }
 
-}  // namespace mla_bwd_wgmma
-
-// Default mode: row gradients added to dkv with float32 reductions. Grid: s_q * (h / 64).
-extern "C" __global__ void __launch_bounds__(mla_bwd_wgmma::THREADS, 1)
-sparse_mla_bwd_wgmma(const u16* __restrict__ q,            // [s_q, h, 576] bf16 bits
-                     const u16* __restrict__ kv,           // [s_kv, 576] bf16 bits
-                     const int* __restrict__ indices,      // [s_q, topk]
-                     const int* __restrict__ topk_length,  // [s_q] or null
-                     const float* __restrict__ lse,        // [s_q, h]
-                     const void* __restrict__ d_out,       // [s_q, h, 512] float32, or bf16 bits (d_out_bf16)
-                     const float* __restrict__ delta,      // [s_q, h] D
-                     const float* __restrict__ share,      // [s_q, h] f
-                     const float* __restrict__ d_lse,      // [s_q, h] or null
-                     float* __restrict__ dq,               // [s_q, h, 576]
-                     float* __restrict__ dkv,              // [s_kv, 576], zeroed by the host, added to
-                     int h, int s_kv, int topk, int d_out_bf16, float sm_scale, float scale_log2) {
-    using namespace mla_bwd_wgmma;
+// The whole block (see the header); ROW_STORES: rows_out is the contribution buffer, else dkv.
+template <bool ROW_STORES>
+__device__ __forceinline__ void backward_block(const u16* __restrict__ q, const u16* __restrict__ kv,
+                                               const int* __restrict__ indices, const int* __restrict__ topk_length,
+                                               const float* __restrict__ lse, const void* __restrict__ d_out,
+                                               const float* __restrict__ delta, const float* __restrict__ share,
+                                               const float* __restrict__ d_lse, float* __restrict__ dq,
+                                               float* __restrict__ rows_out, int h, int s_kv, int topk, int d_out_bf16,
+                                               float sm_scale, float scale_log2) {
     using namespace hopper;
     extern __shared__ __align__(1024) u8 dynamic_smem[];
     const u32 raw_base = (u32)__cvta_generic_to_shared(dynamic_smem);  // a known constant: uniform
@@ -498,7 +516,47 @@ sparse_mla_bwd_wgmma(const u16* __restrict__ q,            // [s_q, h, 576] bf16
 
     // -------------------------------------------------------------------- consumers
     setmaxnreg_increase<CONSUMER_REGISTERS>();
-    const ConsumerArgs consumer_args = {smem, base, n_steps, h, query, head0, dq, dkv, sm_scale, scale_log2};
-    if (warpgroup == 1) consume<0>(consumer_args);
-    else consume<1>(consumer_args);
+    const ConsumerArgs consumer_args = {smem, base, n_steps, h, query, head0, topk, dq, rows_out, sm_scale, scale_log2};
+    if (warpgroup == 1) consume<0, ROW_STORES>(consumer_args);
+    else consume<1, ROW_STORES>(consumer_args);
+}
+
+}  // namespace mla_bwd_wgmma
+
+// Default mode: row gradients added to dkv with float32 reductions. Grid: s_q * (h / 64).
+extern "C" __global__ void __launch_bounds__(mla_bwd_wgmma::THREADS, 1)
+sparse_mla_bwd_wgmma(const u16* __restrict__ q,            // [s_q, h, 576] bf16 bits
+                     const u16* __restrict__ kv,           // [s_kv, 576] bf16 bits
+                     const int* __restrict__ indices,      // [s_q, topk]
+                     const int* __restrict__ topk_length,  // [s_q] or null
+                     const float* __restrict__ lse,        // [s_q, h]
+                     const void* __restrict__ d_out,       // [s_q, h, 512] float32, or bf16 bits (d_out_bf16)
+                     const float* __restrict__ delta,      // [s_q, h] D
+                     const float* __restrict__ share,      // [s_q, h] f
+                     const float* __restrict__ d_lse,      // [s_q, h] or null
+                     float* __restrict__ dq,               // [s_q, h, 576]
+                     float* __restrict__ dkv,              // [s_kv, 576], zeroed by the host, added to
+                     int h, int s_kv, int topk, int d_out_bf16, float sm_scale, float scale_log2) {
+    mla_bwd_wgmma::backward_block<false>(q, kv, indices, topk_length, lse, d_out, delta, share, d_lse, dq, dkv, h, s_kv,
+                                         topk, d_out_bf16, sm_scale, scale_log2);
+}
+
+// Deterministic mode, one chunk of queries (every pointer starts at the chunk's first query): row
+// gradients stored to `contributions`, entry ((query * head blocks + head block) * topk + slot), for
+// valid slots only; sparse_mla_bwd_mma_row_sum adds them to dkv. Grid: queries * (h / 64).
+extern "C" __global__ void __launch_bounds__(mla_bwd_wgmma::THREADS, 1)
+sparse_mla_bwd_wgmma_deterministic(const u16* __restrict__ q,            // [c, h, 576] bf16 bits
+                                   const u16* __restrict__ kv,           // [s_kv, 576] bf16 bits
+                                   const int* __restrict__ indices,      // [c, topk]
+                                   const int* __restrict__ topk_length,  // [c] or null
+                                   const float* __restrict__ lse,        // [c, h]
+                                   const void* __restrict__ d_out,       // [c, h, 512] float32, or bf16 bits
+                                   const float* __restrict__ delta,      // [c, h] D
+                                   const float* __restrict__ share,      // [c, h] f
+                                   const float* __restrict__ d_lse,      // [c, h] or null
+                                   float* __restrict__ dq,               // [c, h, 576]
+                                   float* __restrict__ contributions,    // [c, h / 64, topk, 576]
+                                   int h, int s_kv, int topk, int d_out_bf16, float sm_scale, float scale_log2) {
+    mla_bwd_wgmma::backward_block<true>(q, kv, indices, topk_length, lse, d_out, delta, share, d_lse, dq, contributions,
+                                        h, s_kv, topk, d_out_bf16, sm_scale, scale_log2);
 }
