@@ -182,15 +182,23 @@ class TritonBackend(Backend):
         return super().lightning_indexer_paged(q, weights, k_cache, block_table, context_lens, next_n=next_n,
                                                max_context_len=max_context_len)
 
+    #: Top-k from a sampled cut (:mod:`.topk_radix`: one read of a row, counts instead of 256-bin
+    #: histograms), in one pass or in the two of ``chunked_topk``. Off until measured on a GPU
+    #: (NOTES.md, version 13); True, or DSA_REF_TRITON_RADIX_TOPK=1, runs it.
+    radix_topk: bool = False
+
     def topk_indices(self, scores, topk: int):
         from . import topk as topk_kernel
 
+        kernels = topk_kernel
+        if kernel_switch(self.radix_topk, "DSA_REF_TRITON_RADIX_TOPK"):
+            from . import topk_radix as kernels
         if kernel_switch(self.chunked_topk, "DSA_REF_TRITON_CHUNKED_TOPK"):
             chunk = topk_kernel.chunked_topk_plan(int(scores.shape[0]), int(scores.shape[1]), int(topk),
                                                   _multiprocessors(scores.device))
             if chunk is not None:
-                return topk_kernel.topk_indices_in_chunks(scores, int(topk), chunk)
-        return topk_kernel.topk_indices(scores, int(topk))
+                return kernels.topk_indices_in_chunks(scores, int(topk), chunk)
+        return kernels.topk_indices(scores, int(topk))
 
     def sparse_mla(self, q, kv, indices, *, sm_scale: float, d_v: int, topk_length, attn_sink):
         import torch

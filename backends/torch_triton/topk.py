@@ -268,9 +268,10 @@ def chunked_topk_plan(rows: int, s_kv: int, topk: int, programs: int) -> int | N
     return chunk
 
 
-def topk_indices_in_chunks(scores, topk: int, chunk: int):
+def topk_indices_in_chunks(scores, topk: int, chunk: int, *, select=None):
     """:func:`topk_indices` in two passes, for few long rows: the top-k of every ``chunk`` of a row (one
-    program each), then the top-k of those ``ceil(s_kv / chunk) * topk`` candidates.
+    program each), then the top-k of those ``ceil(s_kv / chunk) * topk`` candidates. ``select`` runs
+    both passes instead of :func:`topk_indices` (a kernel with the same output order on ties).
 
     Exact: a key of the row's top-k is beaten by fewer than ``topk`` keys of the row, so by fewer than
     ``topk`` keys of its chunk, and is among its chunk's candidates. Ties keep the lower index: the first
@@ -287,10 +288,11 @@ def topk_indices_in_chunks(scores, topk: int, chunk: int):
         padded = torch.full((rows, chunks * chunk), float("-inf"), dtype=torch.float32, device=scores.device)
         padded[:, :s_kv] = scores  # [rows, chunks * chunk]   -inf past the row: never selected
         scores = padded
-    local = topk_indices(scores.view(rows * chunks, chunk), topk).view(rows, chunks, topk)  # -1 padding last
+    select = select or topk_indices
+    local = select(scores.view(rows * chunks, chunk), topk).view(rows, chunks, topk)  # -1 padding last
     offset = torch.arange(chunks, device=scores.device, dtype=torch.int32).mul_(chunk)[None, :, None]
     candidates = torch.where(local >= 0, local + offset, -1).view(rows, chunks * topk)  # [rows, C]   key indices
     candidate_scores = torch.where(candidates >= 0, scores.gather(1, candidates.clamp(min=0).long()),
                                    float("-inf"))  # [rows, C]
-    chosen = topk_indices(candidate_scores, topk)  # [rows, topk]   candidate positions, -1 padding
+    chosen = select(candidate_scores, topk)  # [rows, topk]   candidate positions, -1 padding
     return torch.where(chosen >= 0, candidates.gather(1, chosen.clamp(min=0).long()), -1).to(torch.int32)

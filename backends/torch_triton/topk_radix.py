@@ -1,0 +1,266 @@
+"""Top-k selection from a sampled cut: one read of a row, no histogram on the common path.
+
+Opt-in (``TritonBackend.radix_topk``, ``DSA_REF_TRITON_RADIX_TOPK=1``) until measured on a GPU.
+
+The kernel of :mod:`.topk` spends most of its time in ``tl.histogram``: Triton lowers a 256-bin
+histogram to nine warp ballots and, per lane, eight masked popcounts over them, about 90 instructions
+per key and pass, so its two reads of a row are bound by instruction issue, not bytes (NOTES.md,
+versions 1 and 3). This kernel keeps the order-preserving ``uint32`` keys of :mod:`.topk` (``-inf``
+and NaN -> 0, never selected; ``-0.0`` tied with ``+0.0``) and replaces the histograms by counts,
+each a compare and a block sum. One program per row:
+
+0. A cut ``C`` from a sample of ``SAMPLE`` keys (runs of 32 consecutive ones spread over the row,
+   coalesced; the whole row when it is that short): the key of the sample's rank that puts about
+   ``(topk + CAP) / 2`` keys of the row at or above it, found by bisection on counts.
+1. The one read of the row: keys above ``C`` (class A) go to a scratch row of ``CAP`` slots with
+   their indices, in index order; the indices of keys equal to ``C`` (class B, a plateau at the
+   cut) go to the same scratch row from its far end, at most as many as could still be needed.
+   Both classes take their slots from one prefix sum of ``A | B << 16``.
+2. Then, with ``gt`` A keys and ``eq`` B keys:
+
+   * ``topk <= gt <= CAP``: the threshold key ``T`` (the topk-th largest) is above ``C``; the A keys
+     are loaded into registers and ``T`` is bisected on their counts; A keys above ``T`` are taken,
+     then the first of those equal to it, lower index first (the spec's tie rule).
+   * ``gt < topk <= gt + eq`` (or ``C`` is the lowest key, so the row has at most ``gt`` selectable
+     keys): ``T == C``; every A key and the first B keys are taken.
+   * otherwise the sample misjudged the row (fewer than ``topk`` keys at or above the cut, or more
+     than ``CAP`` above it): the row is selected by a radix select over the row itself, 8 bits a
+     pass from the top with ``tl.histogram`` (up to five reads; rare on real score rows).
+
+Selected keys of one score come out in index order, as with :mod:`.topk`, so the two-pass path of
+:func:`.topk.topk_indices_in_chunks` keeps the lower index on ties with this kernel too. Slots beyond
+the number of selectable keys get ``-1``. The result is the top-k *set*, unsorted.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import topk as topk_onepass
+from .topk import _narrow_prefix, _order_preserving_key
+
+RADIX_BITS = 8
+BINS = 1 << RADIX_BITS
+#: Keys sampled for the cut. At 32768 keys and k 2048 the cut sits at the sample's 192nd key, so the
+#: count above it has a relative spread of ~7% (binomial) and [k, CAP] is over four spreads wide.
+SAMPLE = 2048
+#: Largest scratch row (keys held in registers while the threshold is bisected); a larger topk
+#: goes to :func:`.topk.topk_indices`.
+MAX_CAP = 8192
+
+
+@triton.jit
+def _bisect_kth(b_key, rank, lo, hi):
+    """Largest key value t in [lo, hi] with at least ``rank`` of ``b_key`` >= t (uint32; the caller
+    ensures count(b_key >= lo) >= rank). Each step is one compare per key and one block sum."""
+    while lo < hi:
+        mid = hi - ((hi - lo) >> 1)  # upper middle: the loop ends with lo == hi
+        enough = tl.sum((b_key >= mid).to(tl.int32), axis=0) >= rank
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _radix_topk_kernel(
+    p_scores, p_indices, p_cand_key, p_cand_index, p_path,
+    s_kv, topk, stride_s_m, stride_i_m,
+    BLOCK: tl.constexpr, SAMPLE: tl.constexpr, CAP: tl.constexpr, BLOCK_K: tl.constexpr,
+    RADIX: tl.constexpr, BINS: tl.constexpr, RECORD_PATH: tl.constexpr,
+):
+    row = tl.program_id(0)
+    p_row = p_scores + row.to(tl.int64) * stride_s_m
+    p_out = p_indices + row.to(tl.int64) * stride_i_m
+    p_ckey = p_cand_key + row.to(tl.int64) * CAP
+    p_cidx = p_cand_index + row.to(tl.int64) * CAP
+
+    # ---- 0. the cut
+    RUNS: tl.constexpr = SAMPLE // 32
+    o_s = tl.arange(0, SAMPLE)
+    # Run r starts at floor(r * s_kv / RUNS) rounded down to 32: runs are disjoint and inside the row
+    # once s_kv >= SAMPLE; a shorter row is its own sample.
+    run_start = (((o_s // 32).to(tl.int64) * s_kv) // RUNS).to(tl.int32) & -32
+    o_pos = tl.where(s_kv > SAMPLE, run_start + o_s % 32, o_s)
+    b_skey = _order_preserving_key(tl.load(p_row + o_pos, mask=o_pos < s_kv, other=float("-inf")))
+    if s_kv > SAMPLE:
+        # The rank that puts (topk + CAP) / 2 of the row's keys at or above the cut, on average.
+        rank = ((SAMPLE * (topk.to(tl.int64) + CAP) + 2 * s_kv - 1) // (2 * s_kv)).to(tl.int32)
+    else:
+        rank = topk  # the sample is the row: the cut is the threshold itself
+    cut = tl.full((), 1, tl.uint32)  # the lowest key of a selectable score: take every one
+    if tl.sum((b_skey != 0).to(tl.int32), axis=0) >= rank:
+        cut = _bisect_kth(b_skey, rank, cut, tl.max(b_skey, axis=0))
+
+    # ---- 1. the one read: A keys (> cut) and their indices from the front of the scratch row, the
+    # indices of B keys (== cut) from its back. A B key is stored only while its position, counted
+    # from the back, is below topk - (A keys so far, this block's included): it can then never land
+    # on an A slot already written (CAP > topk), and every B key that may be taken is stored (at most
+    # topk - gt are). A slots written later over stored B ones only happen when gt >= topk, when no
+    # B key is taken.
+    gt = tl.zeros((), tl.int32)
+    eq = tl.zeros((), tl.int32)
+    # The next block is loaded before this one is classified: Triton does not pipeline a loop
+    # without a dot, and one block's loads alone leave the memory latency exposed.
+    o_j = tl.arange(0, BLOCK)
+    b_next = tl.load(p_row + o_j, mask=o_j < s_kv, other=float("-inf"))
+    for start in range(0, s_kv, BLOCK):
+        o_j = start + tl.arange(0, BLOCK)
+        b_key = _order_preserving_key(b_next)
+        b_next = tl.load(p_row + BLOCK + o_j, mask=o_j + BLOCK < s_kv, other=float("-inf"))
+        b_packed = (b_key > cut).to(tl.int32) | ((b_key == cut).to(tl.int32) << 16)  # A | B << 16
+        b_before = tl.cumsum(b_packed, axis=0) - b_packed  # BLOCK < 65536: the halves never carry
+        block_total = tl.sum(b_packed, axis=0)
+        b_slot = gt + (b_before & 0xFFFF)
+        m_a = (b_key > cut) & (b_slot < CAP)
+        tl.store(p_ckey + b_slot, b_key.to(tl.int32, bitcast=True), mask=m_a)
+        tl.store(p_cidx + b_slot, o_j, mask=m_a)
+        gt += block_total & 0xFFFF
+        b_tie = eq + (b_before >> 16)
+        tl.store(p_cidx + (CAP - 1) - b_tie, o_j, mask=(b_key == cut) & (b_tie < topk - gt))
+        eq += block_total >> 16
+    tl.debug_barrier()  # the scratch row, written above, is read below by other threads
+
+    n_out = topk
+    path = tl.full((), 2, tl.int32)
+    if (gt >= topk) & (gt <= CAP):
+        path = tl.full((), 0, tl.int32)
+        # ---- 2a. T above the cut: bisect it among the A keys, held in registers; then take them in
+        # blocks, re-read from the scratch row (L1), so that no index or address block of CAP lives
+        # beside the keys
+        b_ckey = tl.load(p_ckey + tl.arange(0, CAP), mask=tl.arange(0, CAP) < gt, other=0).to(tl.uint32, bitcast=True)
+        threshold = _bisect_kth(b_ckey, topk, cut + 1, tl.max(b_ckey, axis=0))
+        ties = topk - tl.sum((b_ckey > threshold).to(tl.int32), axis=0)  # keys equal to T to take
+        written = tl.zeros((), tl.int32)
+        ties_seen = tl.zeros((), tl.int32)
+        for start in range(0, gt, BLOCK_K):
+            o_c = start + tl.arange(0, BLOCK_K)
+            b_key = tl.load(p_ckey + o_c, mask=o_c < gt, other=0).to(tl.uint32, bitcast=True)  # 0 < T
+            m_tie = b_key == threshold
+            b_tie_rank = ties_seen + tl.cumsum(m_tie.to(tl.int32), axis=0) - 1
+            m_take = (b_key > threshold) | (m_tie & (b_tie_rank < ties))
+            b_slot = written + tl.cumsum(m_take.to(tl.int32), axis=0) - 1
+            tl.store(p_out + b_slot, tl.load(p_cidx + o_c, mask=m_take, other=0), mask=m_take)
+            written += tl.sum(m_take.to(tl.int32), axis=0)
+            ties_seen += tl.sum(m_tie.to(tl.int32), axis=0)
+    elif (gt < topk) & ((gt + eq >= topk) | (cut == 1)):
+        # ---- 2b. T is the cut (or every selectable key is taken): all A keys, then the first B keys
+        for start in range(0, gt, BLOCK_K):
+            o_k = start + tl.arange(0, BLOCK_K)
+            m_k = o_k < gt
+            tl.store(p_out + o_k, tl.load(p_cidx + o_k, mask=m_k, other=0), mask=m_k)
+        ties = tl.minimum(topk - gt, eq)
+        for start in range(0, ties, BLOCK_K):
+            o_k = start + tl.arange(0, BLOCK_K)
+            m_k = o_k < ties
+            tl.store(p_out + gt + o_k, tl.load(p_cidx + (CAP - 1) - o_k, mask=m_k, other=0), mask=m_k)
+        n_out = gt + ties
+        path = tl.full((), 1, tl.int32)
+    else:
+        # ---- 2c. the sample misjudged the row: radix select over the row, 8 bits a pass
+        b_hist = tl.zeros((BINS,), tl.int32)
+        for start in range(0, s_kv, BLOCK):
+            o_j = start + tl.arange(0, BLOCK)
+            b_key = _order_preserving_key(tl.load(p_row + o_j, mask=o_j < s_kv, other=float("-inf")))
+            b_hist += tl.histogram((b_key >> (32 - RADIX)).to(tl.int32), BINS, mask=b_key != 0)
+        selectable = tl.sum(b_hist, axis=0)
+        threshold = tl.full((), 1, tl.uint32)
+        k_left = tl.zeros((), tl.int32)  # 0: every key >= threshold is taken
+        if selectable > topk:
+            prefix, k_left, done = _narrow_prefix(b_hist, topk, tl.zeros((), tl.uint32), BINS, RADIX)
+            for digit_pass in tl.static_range(1, 32 // RADIX):
+                shift = 32 - RADIX * (digit_pass + 1)
+                if done == 0:
+                    b_rhist = tl.zeros((BINS,), tl.int32)
+                    for start in range(0, s_kv, BLOCK):
+                        o_j = start + tl.arange(0, BLOCK)
+                        b_key = _order_preserving_key(tl.load(p_row + o_j, mask=o_j < s_kv, other=float("-inf")))
+                        m_match = (b_key != 0) & ((b_key >> (shift + RADIX)) == prefix)
+                        b_rhist += tl.histogram(((b_key >> shift) & (BINS - 1)).to(tl.int32), BINS, mask=m_match)
+                    prefix, k_left, done = _narrow_prefix(b_rhist, k_left, prefix, BINS, RADIX)
+                else:
+                    prefix = prefix << RADIX
+            threshold = prefix
+        written = tl.zeros((), tl.int32)
+        ties_seen = tl.zeros((), tl.int32)
+        for start in range(0, s_kv, BLOCK):
+            o_j = start + tl.arange(0, BLOCK)
+            b_key = _order_preserving_key(tl.load(p_row + o_j, mask=o_j < s_kv, other=float("-inf")))
+            m_tie = (b_key != 0) & (b_key == threshold)
+            b_tie_rank = ties_seen + tl.cumsum(m_tie.to(tl.int32), axis=0) - 1
+            m_take = tl.where(k_left == 0, (b_key != 0) & (b_key >= threshold),
+                              (b_key > threshold) | (m_tie & (b_tie_rank < k_left)))
+            b_slot = written + tl.cumsum(m_take.to(tl.int32), axis=0) - 1
+            tl.store(p_out + b_slot, o_j, mask=m_take)
+            written += tl.sum(m_take.to(tl.int32), axis=0)
+            ties_seen += tl.sum(m_tie.to(tl.int32), axis=0)
+        n_out = tl.minimum(selectable, topk)
+    for start in range(n_out, topk, BLOCK_K):
+        o_slot = start + tl.arange(0, BLOCK_K)
+        tl.store(p_out + o_slot, tl.full((BLOCK_K,), -1, tl.int32), mask=o_slot < topk)
+    if RECORD_PATH:  # for tests: 0, 1 or 2 for 2a, 2b or 2c
+        tl.store(p_path + row, path)
+
+
+def scratch_slots(topk: int) -> int:
+    """``CAP``: A keys the scratch row holds; twice topk (at least 1024) leaves the sampled cut a
+    margin of half of it on either side of its aim, (topk + CAP) / 2."""
+    return max(1024, triton.next_power_of_2(2 * max(int(topk), 1)))
+
+
+def radix_topk_config(row_length: int, topk: int) -> dict:
+    # 1024-key blocks at 8 warps: 4 keys a thread (one 16-byte load, and one for the next block in
+    # flight) and 64 registers (ptxas, sm_90), so four programs share an SM; 2048-key blocks take
+    # 122 registers, two programs. Not yet tuned on a GPU.
+    block = max(16, min(1024, triton.next_power_of_2(max(row_length, 1))))
+    return dict(BLOCK=block, SAMPLE=SAMPLE, CAP=scratch_slots(topk), BLOCK_K=256, RADIX=RADIX_BITS, BINS=BINS,
+                num_warps=8, num_stages=1)
+
+
+def applies(topk: int) -> bool:
+    """Whether :func:`topk_indices` runs this kernel for ``topk`` (its A keys fit in registers)."""
+    return scratch_slots(topk) <= MAX_CAP
+
+
+def topk_indices(scores, topk: int, *, out=None, config: dict | None = None, paths=None):
+    """int32 ``[rows, topk]``: each row's top-k set (any order), ``-1`` padding.
+
+    Args:
+        scores: float ``[rows, s_kv]`` (any row stride; widened to float32).
+        out: optional int32 ``[rows, topk]`` view to write into.
+        config: overrides of :func:`radix_topk_config` (for tuning and tests).
+        paths: optional int32 ``[rows]`` the kernel fills with the step each row took (0: 2a,
+            1: 2b, 2: 2c), for tests.
+
+    A topk whose scratch row would exceed ``MAX_CAP`` runs :func:`.topk.topk_indices`. The kernel
+    takes ``CAP`` int32 key/index pairs of scratch per row (32 KB at topk 2048).
+    """
+    rows, s_kv = scores.shape
+    if not applies(topk) and not config:
+        return topk_onepass.topk_indices(scores, topk, out=out)
+    if scores.dtype != torch.float32:
+        scores = scores.float()
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    if out is None:
+        out = torch.empty((rows, topk), dtype=torch.int32, device=scores.device)
+    if rows == 0 or topk == 0:
+        return out
+    config = {**radix_topk_config(s_kv, topk), **(config or {})}
+    cap = config["CAP"]
+    if cap <= topk:
+        raise ValueError(f"CAP {cap} must exceed topk {topk}")
+    cand_key = torch.empty((rows, cap), dtype=torch.int32, device=scores.device)  # uint32 keys
+    cand_index = torch.empty((rows, cap), dtype=torch.int32, device=scores.device)
+    _radix_topk_kernel[(rows,)](
+        scores, out, cand_key, cand_index, out if paths is None else paths, s_kv, topk, scores.stride(0),
+        out.stride(0), RECORD_PATH=paths is not None, **config,
+    )
+    return out
+
+
+def topk_indices_in_chunks(scores, topk: int, chunk: int):
+    """:func:`.topk.topk_indices_in_chunks` (few long rows: the top-k of each chunk, then of their
+    candidates) with this kernel for both passes; exact with the lower index kept on ties, as there."""
+    return topk_onepass.topk_indices_in_chunks(scores, topk, chunk, select=topk_indices)
