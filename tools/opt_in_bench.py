@@ -265,6 +265,43 @@ def main(argv: list[str] | None = None) -> int:
             if first is not None:
                 timed(torch, "the first pass's torch.sort of the chunks' candidates", shape, 0.0,
                       lambda: (torch.sort(first[0], dim=1).values,))
+        # The sampled-cut top-k (TritonBackend.radix_topk, NOTES.md version 13) beside the current kernel
+        # at the issue's two shapes, k 2048: the decode step's 64 rows of 128K (the backend's two passes
+        # with each kernel, and one pass of each) and 4096 rows of 32K normal scores; the sets compared,
+        # and how many rows took each of the kernel's steps (2a / 2b / 2c: the sample misjudged the row).
+        from dsa_ref_backends.torch_triton import topk_radix
+
+        def same_set(name, a, b):
+            if a is not None and b is not None:
+                report(name=f"{name}: its set equals the current kernel's",
+                       equal=bool(torch.equal(torch.sort(a[0], dim=1).values, torch.sort(b[0], dim=1).values)))
+
+        def steps_taken(name, scores):
+            steps = torch.full((scores.shape[0],), -1, dtype=torch.int32, device="cuda")
+            topk_radix.topk_indices(scores, 2048, paths=steps)
+            report(name=f"{name}: rows taking steps 2a / 2b / 2c",
+                   steps=torch.bincount(steps.long(), minlength=3).tolist())
+
+        for label, scores in (("indexer scores", indexer_scores), ("normal scores", normal_scores)):
+            shape = f"rows=64 len=131072 k=2048, {label}"
+            current = timed(torch, f"triton top-k, two passes (chunks of {planned}), current kernel", shape, 0.0,
+                            lambda: (triton_topk.topk_indices_in_chunks(scores, 2048, planned),))
+            name = f"triton top-k, two passes (chunks of {planned}), sampled cut (radix_topk)"
+            same_set(name, timed(torch, name, shape, 0.0,
+                                 lambda: (topk_radix.topk_indices_in_chunks(scores, 2048, planned),)), current)
+            name = "triton top-k, one pass, sampled cut (radix_topk)"
+            same_set(name, timed(torch, name, shape, 0.0, lambda: (topk_radix.topk_indices(scores, 2048),)), current)
+            steps_taken(f"{label}, one pass", scores)
+        del indexer_scores, normal_scores
+        scores = torch.randn(4096, 32768, device="cuda")
+        shape = "rows=4096 len=32768 k=2048, normal scores"
+        current = timed(torch, "triton top-k, one pass, current kernel", shape, 0.0,
+                        lambda: (triton_topk.topk_indices(scores, 2048),))
+        name = "triton top-k, one pass, sampled cut (radix_topk)"
+        same_set(name, timed(torch, name, shape, 0.0, lambda: (topk_radix.topk_indices(scores, 2048),)), current)
+        steps_taken("4096 x 32768 normal scores", scores)
+        del scores, current
+        torch.cuda.empty_cache()
     if "triton-indexer" in groups:
         from dsa_ref_backends.torch_triton import indexer as triton_indexer
 
