@@ -130,10 +130,11 @@ def test_pingpong_register_split_fits_the_register_file(compiled, case):
 @pytest.mark.parametrize("case", [str(c) for c in COMPILE_CASES])
 def test_pingpong_sm90_compile_has_the_designed_products_and_gathers(compiled, case):
     usage = compiled[case]
-    # S of a 32-slot tile: 64 heads x 32 slots over 576 / 16 = 36 k-steps, written three times (the
-    # first consumer's tile 0, and each consumer's loop); P V: [64, 256] over 32 / 16 = 2 k-steps, in
-    # seven places (tile 0; each loop's two; each consumer's last tile of the other's).
-    assert (usage["wgmma_s"], usage["wgmma_o"], usage["wgmma_other"]) == (3 * 36, 7 * 2, 0), usage
+    # S of a 32-slot tile: 64 heads x 32 slots over 576 / 16 = 36 k-steps, written four times (each
+    # consumer's first step and its loop); P V: [64, 256] over 32 / 16 = 2 k-steps, in nine places (the
+    # first consumer's tile 0; two in each of the other three steps; each consumer's last tile of the
+    # other's).
+    assert (usage["wgmma_s"], usage["wgmma_o"], usage["wgmma_other"]) == (4 * 36, 9 * 2, 0), usage
     # The producer's 16-byte copies: Q (32 + 4 a thread), a tile (16 + 2), each signalled on an mbarrier.
     assert usage["cp_async"] == 36 + 18 and usage["cp_async_arrive"] == 2, usage
 

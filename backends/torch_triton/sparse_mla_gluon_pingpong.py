@@ -26,8 +26,8 @@ cores: a consumer issues ``P V`` of the other's previous tile (asynchronous ``wa
 before its own softmax, which runs under it, while the other consumer computes the ``S`` of the next
 tile. The row max is carried from tile to tile through shared memory, so both consumers scale ``O``
 with the same factors; each keeps its own share of the row sum (its tiles' sums, rescaled at every
-tile), added at the end. A consumer's own ``P V`` is retired before the loop's back-edge: a product
-left in flight across it (or across a branch) makes ptxas serialize every wgmma of the kernel.
+tile), added at the end. A consumer's own ``P V`` stays in flight into its next step, under the wait
+for the next rows and their ``S``; the indices that mask a tile's scores are loaded a step ahead.
 
 Shared memory: Q 72 KiB (resident), four row buffers of 32 x 576 (144 KiB), two ``P`` tiles
 (``[64, 32]``, 8 KiB) and two sets of row statistics: ~226 KiB. 32-slot tiles (rather than 64)
@@ -87,50 +87,39 @@ def _consumer(p_indices_row, p_sink, p_out_rows, p_lse_row, slot_end, s_kv, scal
     b_zero_logits = gl.zeros([BLOCK_H, BLOCK_T], gl.float32, layout=s_layout)
     mbarrier.wait(q_ready, 0)
 
+    # A consumer's own P V stays in flight into its next step (under the wait for the next rows and
+    # that S). ptxas serializes every wgmma of the kernel (C7515) where an in-flight product meets a
+    # value no wgmma wrote (the zeros of a loop that ran no step, or of a branch not taken), so each
+    # loop starts from a first step written out, whose own product is in flight, and the loop sits
+    # in a branch that retires it.
     if W == 0:
-        # Tile 0 has no tile before it: its S alone, its P into an unused buffer.
         if n_tiles > 0:
+            # Tile 0 has no tile before it: its S alone, its P into an unused buffer.
             b_logits, b_max, b_rescale, b_sum = _own_scores(
                 0, p_indices_row, slot_end, s_kv, scale_log2, q_value, q_rest, kv_value, kv_rest, barriers,
-                b_max, b_sum, b_zero_logits, BLOCK_T, NUM_BUFFERS, s_layout, True)
+                b_max, b_sum, b_zero_logits, BLOCK_T, NUM_BUFFERS, s_layout)
             _publish(0, b_logits, b_max, b_rescale, prob, stats, barriers, BLOCK_T, NUM_BUFFERS, row_s)
-            b_acc = warpgroup_mma(prob.index(0), _value_half(kv_value, 0, W, NUM_BUFFERS, D_HALF), b_acc,
-                                  is_async=True)
-            # Retired inside the branch: an in-flight product meeting the other path's zeros makes ptxas
-            # serialize every wgmma of the kernel (C7515).
-            b_acc = warpgroup_mma_wait(0, deps=[b_acc])
-            _release(0, barriers, NUM_BUFFERS, True)
-    for tile in range(W + 2 * (1 - W), n_tiles, 2):
-        rows = tile % NUM_BUFFERS
-        same = tile // n_tiles  # 0, which the compiler cannot prove: the descriptors stay in the loop
-        mbarrier.wait(barriers.index(1 + rows), (tile // NUM_BUFFERS) & 1)
-        fence_async_shared()
-        b_logits = warpgroup_mma(q_value.index(same), kv_value.index(rows).permute((1, 0)), b_zero_logits,
-                                 use_acc=False, is_async=True)
-        b_logits = warpgroup_mma(q_rest.index(same), kv_rest.index(rows).permute((1, 0)), b_logits, is_async=True)
-        o_t = tile * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, s_layout))
-        b_index = gl.load(p_indices_row + o_t, mask=o_t < slot_end, other=-1)
-        m_valid = (b_index >= 0) & (b_index < s_kv)
-        b_logits = warpgroup_mma_wait(0, deps=[b_logits])
-
-        # The other consumer's tile - 1: its statistics, then its P times this consumer's half of V,
-        # which runs under this consumer's softmax.
-        b_acc, b_max, b_sum = _foreign_tile(tile - 1, b_acc, b_max, b_sum, kv_value, prob, stats, barriers,
-                                            W, NUM_BUFFERS, D_HALF, row_s, row_o)
-        b_logits, b_max, b_rescale, b_sum = _softmax(b_logits, m_valid, b_max, b_sum, scale_log2)
-        # P's buffer of tile - 2 is free once both consumers have retired its P V.
-        mbarrier.wait(barriers.index(1 + 2 * NUM_BUFFERS + 1 + 2 + tile % 2), ((tile - 2) // 2) & 1, pred=tile >= 2)
-        _publish(tile, b_logits, b_max, b_rescale, prob, stats, barriers, BLOCK_T, NUM_BUFFERS, row_s)
-        b_acc = warpgroup_mma_wait(0, deps=[b_acc])  # the P V of tile - 1
-        _release(tile - 1, barriers, NUM_BUFFERS, True)
-        b_acc = b_acc * gl.convert_layout(b_rescale, row_o)[:, None]
-        b_acc = warpgroup_mma(prob.index(tile % 2), _value_half(kv_value, rows, W, NUM_BUFFERS, D_HALF), b_acc,
-                              is_async=True)
-        # Retired before the back-edge: a product still in flight where the loop's exit meets the
-        # value it entered with (a loop of no iteration) makes ptxas serialize every wgmma of the
-        # kernel (C7515); the other consumer's products keep the tensor cores busy meanwhile.
-        b_acc = warpgroup_mma_wait(0, deps=[b_acc])
-        _release(tile, barriers, NUM_BUFFERS, True)
+            b_pending = warpgroup_mma(prob.index(0), _value_half(kv_value, 0, W, NUM_BUFFERS, D_HALF), b_acc,
+                                      is_async=True)
+            b_index = _tile_indices(2, p_indices_row, slot_end, s_layout)
+            for tile in range(2, n_tiles, 2):
+                b_pending, b_max, b_sum, b_index = _own_step(
+                    tile, b_pending, b_max, b_sum, b_index, p_indices_row, slot_end, s_kv, scale_log2, q_value, q_rest,
+                    kv_value, kv_rest, prob, stats, barriers, b_zero_logits, n_tiles, W, True)
+            b_acc = warpgroup_mma_wait(0, deps=[b_pending])
+            _release(n_tiles - 1 - (n_tiles - 1) % 2, barriers, NUM_BUFFERS, True)
+    else:
+        if n_tiles > 1:
+            b_pending, b_max, b_sum, b_index = _own_step(
+                1, b_acc, b_max, b_sum, _tile_indices(1, p_indices_row, slot_end, s_layout), p_indices_row,
+                slot_end, s_kv, scale_log2, q_value, q_rest, kv_value, kv_rest, prob, stats, barriers,
+                b_zero_logits, n_tiles, W, False)
+            for tile in range(3, n_tiles, 2):
+                b_pending, b_max, b_sum, b_index = _own_step(
+                    tile, b_pending, b_max, b_sum, b_index, p_indices_row, slot_end, s_kv, scale_log2, q_value, q_rest,
+                    kv_value, kv_rest, prob, stats, barriers, b_zero_logits, n_tiles, W, True)
+            b_acc = warpgroup_mma_wait(0, deps=[b_pending])
+            _release(n_tiles - 1 - n_tiles % 2, barriers, NUM_BUFFERS, True)
     # The last tile is the other consumer's: its P V still to do.
     if (n_tiles > 0) & ((n_tiles - 1) % 2 != W):
         b_acc, b_max, b_sum = _foreign_tile(n_tiles - 1, b_acc, b_max, b_sum, kv_value, prob, stats, barriers,
@@ -159,6 +148,62 @@ def _consumer(p_indices_row, p_sink, p_out_rows, p_lse_row, slot_end, s_kv, scal
 
 
 @gluon.jit
+def _own_step(tile, b_acc, b_max, b_sum, b_index, p_indices_row, slot_end, s_kv, scale_log2, q_value, q_rest,
+              kv_value, kv_rest, prob, stats, barriers, b_zero_logits, n_tiles, W: gl.constexpr,
+              IN_FLIGHT: gl.constexpr):
+    """One step of consumer ``W`` at its own ``tile``: S of the tile, the other consumer's ``tile - 1``
+    (its P V issued, running under this softmax), the softmax and P of ``tile``, and its P V issued
+    and left in flight. ``b_acc``: O with the own P V of ``tile - 2`` in flight (``IN_FLIGHT``) or
+    retired; ``b_index``: the tile's indices, loaded a step earlier (an L2 round trip is longer than
+    a 32-slot S). Returns the indices of this consumer's next tile as well."""
+    BLOCK_T: gl.constexpr = _BLOCK_T
+    NUM_BUFFERS: gl.constexpr = _NUM_BUFFERS
+    D_HALF: gl.constexpr = _D_V // 2
+    s_layout: gl.constexpr = b_zero_logits.type.layout
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D_HALF, 16])
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    rows = tile % NUM_BUFFERS
+    same = tile // n_tiles  # 0, which the compiler cannot prove: the descriptors stay in the loop
+    mbarrier.wait(barriers.index(1 + rows), (tile // NUM_BUFFERS) & 1)
+    fence_async_shared()
+    b_logits = warpgroup_mma(q_value.index(same), kv_value.index(rows).permute((1, 0)), b_zero_logits,
+                             use_acc=False, is_async=True)
+    b_logits = warpgroup_mma(q_rest.index(same), kv_rest.index(rows).permute((1, 0)), b_logits, is_async=True)
+    o_t = (tile + 2) * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, s_layout))
+    b_index_next = gl.load(p_indices_row + o_t, mask=o_t < slot_end, other=-1)
+    m_valid = (b_index >= 0) & (b_index < s_kv)
+    if IN_FLIGHT:
+        b_logits, b_acc = warpgroup_mma_wait(0, deps=[b_logits, b_acc])
+        _release(tile - 2, barriers, NUM_BUFFERS, True)
+    else:
+        b_logits = warpgroup_mma_wait(0, deps=[b_logits])
+
+    # The other consumer's tile - 1: its statistics, then its P times this consumer's half of V,
+    # which runs under this consumer's softmax.
+    b_acc, b_max, b_sum = _foreign_tile(tile - 1, b_acc, b_max, b_sum, kv_value, prob, stats, barriers,
+                                        W, NUM_BUFFERS, D_HALF, row_s, row_o)
+    b_logits, b_max, b_rescale, b_sum = _softmax(b_logits, m_valid, b_max, b_sum, scale_log2)
+    # P's buffer of tile - 2 is free once both consumers have retired its P V.
+    mbarrier.wait(barriers.index(1 + 2 * NUM_BUFFERS + 1 + 2 + tile % 2), ((tile - 2) // 2) & 1, pred=tile >= 2)
+    _publish(tile, b_logits, b_max, b_rescale, prob, stats, barriers, BLOCK_T, NUM_BUFFERS, row_s)
+    b_acc = warpgroup_mma_wait(0, deps=[b_acc])  # the P V of tile - 1
+    _release(tile - 1, barriers, NUM_BUFFERS, True)
+    b_acc = b_acc * gl.convert_layout(b_rescale, row_o)[:, None]
+    b_acc = warpgroup_mma(prob.index(tile % 2), _value_half(kv_value, rows, W, NUM_BUFFERS, D_HALF), b_acc,
+                          is_async=True)
+    return b_acc, b_max, b_sum, b_index_next
+
+
+@gluon.jit
+def _tile_indices(tile, p_indices_row, slot_end, s_layout: gl.constexpr):
+    """The indices of ``tile``'s slots (-1 past ``slot_end``), one per column of S."""
+    o_t = tile * _BLOCK_T + gl.arange(0, _BLOCK_T, layout=gl.SliceLayout(0, s_layout))
+    return gl.load(p_indices_row + o_t, mask=o_t < slot_end, other=-1)
+
+
+@gluon.jit
 def _value_half(kv_value, rows, W: gl.constexpr, NUM_BUFFERS: gl.constexpr, D_HALF: gl.constexpr):
     """This consumer's half of the values of buffer ``rows`` (the B operand of ``O += P V``)."""
     return kv_value.index(rows).slice(W * D_HALF, D_HALF, dim=1)
@@ -174,7 +219,7 @@ def _release(tile, barriers, NUM_BUFFERS: gl.constexpr, pred):
 @gluon.jit
 def _own_scores(tile, p_indices_row, slot_end, s_kv, scale_log2, q_value, q_rest, kv_value, kv_rest, barriers,
                 b_max, b_sum, b_zero_logits, BLOCK_T: gl.constexpr, NUM_BUFFERS: gl.constexpr,
-                s_layout: gl.constexpr, FIRST: gl.constexpr):
+                s_layout: gl.constexpr):
     """S of ``tile`` (waited here) and its softmax: ``(P float32, new max, rescale, new sum share)``."""
     rows = tile % NUM_BUFFERS
     mbarrier.wait(barriers.index(1 + rows), (tile // NUM_BUFFERS) & 1)
