@@ -116,8 +116,7 @@ def test_each_step_is_taken_where_it_should_be():
 
 def test_a_plateau_at_the_cut_takes_its_first_keys():
     """A row of mostly one value: the cut lands on it, the keys above it are fewer than topk, and the
-    first keys of the plateau in index order fill the rest (2b), some stored from the scratch row's far
-    end while A keys fill its front."""
+    first keys of the plateau in index order fill the rest (2b), from a second read of the row."""
     s_kv, topk = 4000, 100
     rng = np.random.default_rng(2)
     scores = np.full((2, s_kv), 0.25, np.float32)
@@ -129,8 +128,8 @@ def test_a_plateau_at_the_cut_takes_its_first_keys():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_tight_scratch_row_keeps_its_a_keys(seed):
-    """CAP 64 for topk 40: the plateau keys stored from the scratch row's far end would reach A slots
-    still needed if their count were not bounded by topk minus the A keys so far."""
+    """CAP 64 for topk 40 on tied scores: little room above the cut, ties at T in step 2a and at the
+    cut in step 2b, and rows past CAP in step 2c."""
     scores = np.round(_rows("normal", 6, 3000, seed=seed) * 3) / 3
     _, steps = _select(scores, 40, dict(SMALL, CAP=64))
     assert (steps == STEP_2A).any(), steps
@@ -230,8 +229,8 @@ def _compile_radix() -> dict[str, dict[str, int]]:
         warps, stages = config.pop("num_warps"), config.pop("num_stages")
         constants = dict(RECORD_PATH=False, **config)
         signature = {name: "constexpr" if name in constants else
-                     "*fp32" if name == "p_scores" else "*i32" if name.startswith("p_") else "i32"
-                     for name in kernel.arg_names}
+                     "*fp32" if name == "p_scores" else "*i64" if name == "p_cand" else
+                     "*i32" if name.startswith("p_") else "i32" for name in kernel.arg_names}
         # As launched: torch's allocations are 16-byte aligned and these lengths and strides multiples of 16.
         aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                    if name.startswith(("p_", "stride_")) or name == "s_kv"}
