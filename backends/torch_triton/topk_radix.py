@@ -139,8 +139,8 @@ def _radix_topk_kernel(
         ties = topk - tl.sum((b_ckey > threshold).to(tl.int32), axis=0)  # keys equal to T to take
         written = tl.zeros((), tl.int32)
         ties_seen = tl.zeros((), tl.int32)
-        for start in range(0, gt, BLOCK_K):
-            o_c = start + tl.arange(0, BLOCK_K)
+        for start in range(0, gt, BLOCK):
+            o_c = start + tl.arange(0, BLOCK)
             b_key = tl.load(p_cand32 + 2 * o_c + 1, mask=o_c < gt, other=0).to(tl.uint32, bitcast=True)  # 0 < T
             m_tie = b_key == threshold
             b_tie_rank = ties_seen + tl.cumsum(m_tie.to(tl.int32), axis=0) - 1
