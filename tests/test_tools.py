@@ -19,3 +19,20 @@ def test_every_tool_is_listed_in_the_tools_readme():
     for script in (ROOT / "tools").iterdir():
         if script.suffix in (".py", ".sh"):
             assert script.name in readme, f"tools/{script.name} is not described in tools/README.md"
+
+
+def test_the_kernel_switches_the_gpu_tools_set_exist_on_the_backends():
+    """A switch set on a backend instance under a wrong name creates a new attribute and changes nothing:
+    the probe or benchmark would time the default kernel under the candidate's name."""
+    import re
+
+    from dsa_ref_backends.cupy_cuda.backend import CupyBackend
+    from dsa_ref_backends.torch_triton.backend import TritonBackend
+
+    switches = {name for cls in (CupyBackend, TritonBackend) for name in dir(cls) if not name.startswith("_")}
+    for tool in ("opt_in_probe.py", "opt_in_bench.py"):
+        source = (ROOT / "tools" / tool).read_text()
+        set_names = {attribute for _, attribute in re.findall(r"(\w+)\.(\w+)\s*=(?!=)", source)}
+        assert set_names, f"tools/{tool} sets no backend switch: the pattern no longer matches it"
+        unknown = sorted(set_names - switches)
+        assert not unknown, f"tools/{tool} sets switches no backend has: {unknown}"

@@ -13,7 +13,10 @@ fragment layout shows up as a permutation there). The kernels:
                  (``CupyBackend.deterministic_tensor_cores`` under ``dsa_ref.use_deterministic(True)``);
 * ``wgmma_fp8``  CuPy's wgmma sparse MLA forward over the packed FP8 cache (``CupyBackend.hopper_fp8_decode``);
 * ``wgmma_bwd``  CuPy's wgmma sparse MLA backward (``CupyBackend.hopper_backward``, default mode);
-* ``wgmma_v2``   CuPy's second wgmma sparse MLA forward (``CupyBackend.hopper_forward_v2``).
+* ``wgmma_v2``   CuPy's second wgmma sparse MLA forward (``CupyBackend.hopper_forward_v2``);
+* ``gluon_pingpong``  Triton's warp-specialized ping-pong Gluon forward (``kernel="gluon_pingpong"``);
+* ``wgmma_det``  CuPy's deterministic wgmma sparse MLA backward (``CupyBackend.hopper_deterministic_backward``
+                 under ``dsa_ref.use_deterministic(True)``).
 
 On a GPU machine, from a checkout::
 
@@ -31,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-KERNELS = ("gluon", "wgmma", "det_mma", "wgmma_fp8", "wgmma_bwd", "wgmma_v2")
+KERNELS = ("gluon", "wgmma", "det_mma", "wgmma_fp8", "wgmma_bwd", "wgmma_v2", "gluon_pingpong", "wgmma_det")
+#: The kernels :func:`probe_backward` runs (the others are forwards).
+BACKWARD_KERNELS = ("det_mma", "wgmma_bwd", "wgmma_det")
 
 
 def error_pattern(name: str, got: np.ndarray, expected: np.ndarray, *, row_axis_name: str) -> dict:
@@ -83,7 +88,7 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
 
     problem = _forward_problem(small, packed_fp8=kernel == "wgmma_fp8")
     inputs = problem.inputs
-    if kernel == "gluon":
+    if kernel in ("gluon", "gluon_pingpong"):
         import torch
 
         from dsa_ref_backends.torch_triton import sparse_mla as triton_forward
@@ -95,7 +100,7 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
         kv = cuda(inputs["kv"].astype(np.float32)).to(torch.bfloat16)
         out, lse = triton_forward.sparse_mla(q, kv, cuda(inputs["indices"]), 576**-0.5, 512,
                                              cuda(inputs.get("topk_length")), cuda(inputs.get("attn_sink")),
-                                             kernel="gluon")
+                                             kernel=kernel)
         torch.cuda.synchronize()
     else:
         from dsa_ref_backends.cupy_cuda.backend import CupyBackend
@@ -123,14 +128,16 @@ def probe_backward(small: bool, kernel: str) -> list[dict]:
     rng = np.random.default_rng(9)
     d_out = rng.standard_normal(out.shape).astype(np.float32)
     backend = CupyBackend()
-    backend.deterministic_tensor_cores = kernel == "det_mma"
-    backend.hopper_backward = kernel == "wgmma_bwd"
+    deterministic = kernel in ("det_mma", "wgmma_det")
+    backend.deterministic_tensor_cores = deterministic
+    backend.hopper_backward = kernel in ("wgmma_bwd", "wgmma_det")
+    backend.hopper_deterministic_backward = kernel == "wgmma_det"
     arguments = dict(q=inputs["q"], kv=inputs["kv"], indices=inputs["indices"], out=out.astype(np.float32),
                      lse=lse.astype(np.float32), d_out=d_out, topk_length=inputs.get("topk_length"),
                      attn_sink=inputs.get("attn_sink"))
     native = {name: (backend.to_native(value) if isinstance(value, np.ndarray) else value)
               for name, value in arguments.items()}
-    with dsa_ref.use_deterministic(kernel == "det_mma"):
+    with dsa_ref.use_deterministic(deterministic):
         got = dsa_ref.sparse_mla_backward(**native, backend=backend)
         again = dsa_ref.sparse_mla_backward(**native, backend=backend)
     expected = reference.sparse_mla_backward(**arguments)
@@ -145,8 +152,7 @@ def child(kernel: str) -> int:
     for small in (True, False):
         start = time.perf_counter()
         try:
-            rows = (probe_backward(small, kernel) if kernel in ("det_mma", "wgmma_bwd")
-                    else probe_forward(kernel, small))
+            rows = probe_backward(small, kernel) if kernel in BACKWARD_KERNELS else probe_forward(kernel, small)
             result = dict(kernel=kernel, problem="small" if small else "awkward", rows=rows)
         except Exception as error:  # noqa: BLE001 - the parent records what went wrong
             result = dict(kernel=kernel, problem="small" if small else "awkward",
