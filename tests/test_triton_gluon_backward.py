@@ -39,10 +39,12 @@ def _compile_backward() -> dict[str, dict[str, int]]:
     used = {}
     for has_topk_length, has_d_lse, d_out_dtype in COMPILE_CASES:
         constants = dict(HAS_TOPK_LENGTH=has_topk_length, HAS_D_LSE=has_d_lse, BLOCK_H=module.BLOCK_H,
-                         BLOCK_T=module.BLOCK_T, D_V=module.D_V, D_R=module.D_R, D_CHUNK=module.D_CHUNK)
+                         BLOCK_T=module.BLOCK_T, D_V=module.D_V, D_R=module.D_R, D_CHUNK=module.D_CHUNK,
+                         ROW_STORES=False)
         ptx, shared = compile_gluon_for_sm90(
             module._sparse_mla_backward_gluon_kernel, constants,
-            dict(p_q="*bf16", p_kv="*bf16", p_indices="*i32", p_topk_length="*i32", p_d_out=f"*{d_out_dtype}"),
+            dict(p_q="*bf16", p_kv="*bf16", p_indices="*i32", p_topk_length="*i32", p_d_out=f"*{d_out_dtype}",
+                 p_entries="*i32"),
             sparse_mla_gluon.NUM_WARPS.value)
         used[f"{has_topk_length}-{has_d_lse}-{d_out_dtype}"] = dict(
             shared=shared, **ptxas_usage(ptx),

@@ -180,9 +180,18 @@ def main(argv: list[str] | None = None) -> int:
                   lambda: triton_backward.sparse_mla_backward(q, kv, indices, out, lse, d_out, scale, d_v,
                                                               deterministic=deterministic, kernel="fused"), split)
             if not deterministic:
-                timed(torch, "triton backward, gluon (TritonBackend.hopper_backward)", shape, backward_flop,
+                gluon_atomic = timed(torch, "triton backward, gluon (TritonBackend.hopper_backward)", shape,
+                                     backward_flop,
+                                     lambda: triton_backward.sparse_mla_backward(q, kv, indices, out, lse, d_out, scale,
+                                                                                 d_v, kernel="gluon"), split)
+            else:
+                # The Gluon kernel storing its row gradients, then ordered row sums (opt-in until measured);
+                # against the atomic Gluon kernel: dq equal, dkv apart by the order of the float32 sums.
+                timed(torch, "triton backward, gluon deterministic (TritonBackend.hopper_deterministic_backward)",
+                      shape, backward_flop,
                       lambda: triton_backward.sparse_mla_backward(q, kv, indices, out, lse, d_out, scale, d_v,
-                                                                  kernel="gluon"), split)
+                                                                  deterministic=True, kernel="gluon_deterministic"),
+                      gluon_atomic)
         if "cupy-backward" not in groups:
             continue
         cupy_wgmma_backward = CupyBackend()

@@ -216,6 +216,12 @@ class TritonBackend(Backend):
                                                            "DSA_REF_TRITON_GLUON_PINGPONG"))
         return kernels.sparse_mla(q, kv, indices, float(sm_scale), d_v, topk_length, attn_sink, kernel=kernel)
 
+    #: Deterministic mode on the Gluon backward kernel storing its row gradients, then summing them per
+    #: row in a fixed order (:mod:`.sparse_mla_backward_rows`), for the inputs default mode sends to the
+    #: Gluon kernel (with :attr:`hopper_backward`). Off until measured on the GPU (NOTES.md, version 14);
+    #: True, or DSA_REF_TRITON_GLUON_DETERMINISTIC=1, runs it.
+    hopper_deterministic_backward: bool = False
+
     def sparse_mla_backward(self, q, kv, indices, out, lse, d_out, *, sm_scale: float, d_v: int, topk_length,
                             attn_sink, d_lse, deterministic: bool):
         from . import sparse_mla_backward
@@ -223,6 +229,9 @@ class TritonBackend(Backend):
         q, kv = _common_dot_dtype(q, kv)
         kernel = backward_kernel(kernel_switch(self.hopper_backward, "DSA_REF_TRITON_GLUON_BACKWARD"), q, kv,
                                  int(d_v), indices, topk_length, attn_sink, d_out, bool(deterministic))
+        if deterministic and kernel_switch(self.hopper_deterministic_backward, "DSA_REF_TRITON_GLUON_DETERMINISTIC"):
+            kernel = backward_kernel(kernel_switch(self.hopper_backward, "DSA_REF_TRITON_GLUON_BACKWARD"), q, kv,
+                                     int(d_v), indices, topk_length, attn_sink, d_out, False) and "gluon_deterministic"
         return sparse_mla_backward.sparse_mla_backward(q, kv, indices, out, lse, d_out, float(sm_scale), int(d_v),
                                                        topk_length, attn_sink, d_lse,
                                                        deterministic=bool(deterministic), kernel=kernel)

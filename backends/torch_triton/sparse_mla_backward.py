@@ -274,7 +274,7 @@ def _prepare(q, kv, indices, topk_length):
     return q, kv, indices, topk_length
 
 
-KERNELS = ("fused", "split", "gluon")
+KERNELS = ("fused", "split", "gluon", "gluon_deterministic")
 
 
 def default_kernel(dtype) -> str:
@@ -298,7 +298,9 @@ def sparse_mla_backward(q, kv, indices, out, lse, d_out, sm_scale: float, d_v: i
 
     ``kernel``: ``"fused"`` (:func:`.sparse_mla_backward_fused.fused_sparse_mla_backward`),
     ``"split"`` (the dq and dkv kernels below), ``"gluon"`` (the Hopper kernel of
-    :mod:`.sparse_mla_backward_gluon`; ValueError with its reasons where it does not apply) or None
+    :mod:`.sparse_mla_backward_gluon`; ValueError with its reasons where it does not apply),
+    ``"gluon_deterministic"`` (that kernel storing its row gradients, summed per row in a fixed order by
+    :mod:`.sparse_mla_backward_rows`: bitwise repeatable in either mode; same inputs) or None
     (:func:`default_kernel`). ``config``
     overrides the chosen kernel's block sizes: :func:`backward_config`'s ``{"dq": {...}, "dkv": {...}}``
     for the split kernels, :func:`.sparse_mla_backward_fused.fused_backward_config`'s keys for the fused one."""
@@ -311,11 +313,11 @@ def sparse_mla_backward(q, kv, indices, out, lse, d_out, sm_scale: float, d_v: i
 
         return fused_sparse_mla_backward(q, kv, indices, out, lse, d_out, sm_scale, d_v, topk_length, attn_sink,
                                          d_lse, deterministic=deterministic, config=config)
-    if kernel == "gluon":
+    if kernel in ("gluon", "gluon_deterministic"):
         from .sparse_mla_backward_gluon import gluon_backward_applies
 
         reasons = gluon_backward_applies(q, kv, d_v, indices, topk_length, attn_sink, d_out,
-                                         deterministic=deterministic)
+                                         deterministic=deterministic and kernel == "gluon")
         if reasons:
             raise ValueError("the Gluon sparse MLA backward does not apply: " + "; ".join(reasons))
     s_q, h, d_qk = q.shape
@@ -336,11 +338,11 @@ def sparse_mla_backward(q, kv, indices, out, lse, d_out, sm_scale: float, d_v: i
     if topk == 0:
         dq.zero_()
         return results
-    if kernel == "gluon":
+    if kernel in ("gluon", "gluon_deterministic"):
         from .sparse_mla_backward_gluon import sparse_mla_backward_gluon
 
         sparse_mla_backward_gluon(q, kv, indices, d_out, lse, delta, share, sm_scale, topk_length, d_lse,
-                                  dq=dq, dkv=dkv)
+                                  dq=dq, dkv=dkv, deterministic=kernel == "gluon_deterministic")
         return results
 
     configs = backward_config(h, topk, d_v, d_qk, q.dtype)

@@ -5,7 +5,8 @@ Same contract as :func:`.sparse_mla_backward.sparse_mla_backward` (see
 :func:`dsa_ref.sparse_mla_backward` for the math, the gradient of paper eq. 2 in MQA mode), for the
 shape family of the Gluon forward (:mod:`.sparse_mla_gluon`): q bf16 ``[s_q, h, 576]`` with ``h`` a
 multiple of 64, dense latent rows kv bf16 ``[s_kv, 576]``, ``d_v = 512``; the default (atomic) mode
-only. :func:`gluon_backward_applies` says why it does not apply to given inputs.
+only; ``ROW_STORES`` makes it the block kernel of deterministic mode (:mod:`.sparse_mla_backward_rows`).
+:func:`gluon_backward_applies` says why it does not apply to given inputs.
 
 Why a third backward. The ``tl.dot`` kernels keep their accumulators *and* their operands in
 registers: the split kernels recompute the scores twice and their dkv kernel reaches 255 registers
@@ -30,8 +31,10 @@ One program = one query and 64 of its heads, 8 warps = two warpgroups; a step of
    added to the float32 ``dkv`` with ``atomic_add`` (the rows of invalid slots are masked: never
    written). With 64-head programs, a (slot, column) gets h / 64 adds from a query.
 
-The deterministic mode stays on the split kernels (:mod:`.sparse_mla_backward`), which sort the
-contributions instead of adding them atomically.
+In deterministic mode the split kernels (:mod:`.sparse_mla_backward`) sort the contributions instead;
+``kernel="gluon_deterministic"`` (opt-in) runs this kernel with ``ROW_STORES``: each contribution of a
+valid slot is written once to a buffer (an exchange, no float atomic), then summed per row in a fixed
+order (:mod:`.sparse_mla_backward_rows`).
 """
 
 from __future__ import annotations
@@ -62,14 +65,44 @@ def _load_to_shared(p_rows, stride_h, buffer, COLUMNS: gl.constexpr, BLOCK_H: gl
 
 
 @gluon.jit
+def _row_slots(p_index_row, p_entry_row, o_t, slot_end, s_kv, ROW_STORES: gl.constexpr):
+    """``(row, valid)`` of slots ``o_t``: the kv row of ``dkv`` a slot adds to, or (``ROW_STORES``) its
+    buffer entry from the host's entry table (-1 at an invalid slot). A table instead of the entry's
+    arithmetic here: computed in the kernel, the offsets spilled 92-460 bytes at 255 registers."""
+    if ROW_STORES:
+        b_row = gl.load(p_entry_row + o_t, mask=o_t < slot_end, other=-1)
+        m_valid = b_row >= 0
+    else:
+        b_row = gl.load(p_index_row + o_t, mask=o_t < slot_end, other=-1)
+        m_valid = (b_row >= 0) & (b_row < s_kv)
+    return b_row, m_valid
+
+
+@gluon.jit
+def _add_rows(p_rows, b_rows, mask, ROW_STORES: gl.constexpr):
+    if ROW_STORES:
+        # Each buffer element is written once, so an exchange is a store: its bits, in any order. A plain
+        # store spilled 164 bytes (ptxas moves it among the next chunk's products and keeps more of them
+        # live); the exchange (result discarded, RZ) is scheduled as the default's adds are, no spills.
+        gl.atomic_xchg(p_rows, b_rows, mask=mask, sem="relaxed")
+    else:
+        gl.atomic_add(p_rows, b_rows, mask=mask, sem="relaxed")
+
+
+@gluon.jit
 def _sparse_mla_backward_gluon_kernel(
-    p_q, p_kv, p_indices, p_topk_length, p_lse, p_delta, p_share, p_d_lse, p_d_out, p_dq, p_dkv,
-    h, s_kv, topk, scale_log2, sm_scale,
+    p_q, p_kv, p_indices, p_topk_length, p_lse, p_delta, p_share, p_d_lse, p_d_out, p_dq, p_dkv, p_entries,
+    h, s_kv, topk, query_begin, scale_log2, sm_scale,
     stride_q_m, stride_q_h, stride_kv, stride_i_m, stride_do_m, stride_do_h, stride_dq_m, stride_dq_h, stride_dkv,
     HAS_TOPK_LENGTH: gl.constexpr, HAS_D_LSE: gl.constexpr,
     BLOCK_H: gl.constexpr, BLOCK_T: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr, D_CHUNK: gl.constexpr,
+    ROW_STORES: gl.constexpr = False,
 ):
-    """``dq`` of one query (axis 0) and ``BLOCK_H`` heads (axis 1), and their rows' contributions to ``dkv``."""
+    """``dq`` of query ``query_begin + axis 0`` and ``BLOCK_H`` heads (axis 1), and their rows' contributions
+    to ``dkv``: added with atomics, or (``ROW_STORES``, deterministic mode) stored to the contribution buffer
+    ``p_dkv`` ``[chunk queries, topk, h / BLOCK_H, 576]`` (``stride_dkv`` = ``h / BLOCK_H * 576``) at entry
+    ``p_entries[axis 0, slot] * (h / BLOCK_H) + axis 1``, valid slots only (their entry >= 0;
+    :mod:`.sparse_mla_backward_rows` sums them per row)."""
     # 16-byte copies of bf16 rows (as the forward); dout of any float dtype in [BLOCK_H, D_CHUNK] pieces.
     value_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [NUM_WARPS, 1], [1, 0])
     rest_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [NUM_WARPS, 1], [1, 0])
@@ -88,7 +121,7 @@ def _sparse_mla_backward_gluon_kernel(
     rest_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, D_R], gl.bfloat16)
     prob_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_T], gl.bfloat16)
 
-    query = gl.program_id(0)
+    query = query_begin + gl.program_id(0)
     head_begin = gl.program_id(1) * BLOCK_H
     # Each buffer is the one entry of a [1, ...] allocation, indexed again at every step by a zero the
     # compiler cannot prove (see the loop): with fixed addresses, the 150 shared-memory descriptors of
@@ -117,6 +150,11 @@ def _sparse_mla_backward_gluon_kernel(
     if HAS_TOPK_LENGTH:
         slot_end = gl.minimum(gl.maximum(gl.load(p_topk_length + query), 0), topk)
     p_index_row = p_indices + query.to(gl.int64) * stride_i_m
+    p_dkv_at = p_dkv
+    p_entry_row = p_entries
+    if ROW_STORES:
+        p_dkv_at = p_dkv + gl.program_id(1) * (D_V + D_R)
+        p_entry_row = p_entries + gl.program_id(0) * topk
     _issue_row_gather(p_kv, p_index_row, 0, slot_end, s_kv, stride_kv, kv_value, kv_rest,
                       BLOCK_T, D_V, D_R, value_layout, rest_layout)
     p_d_out_rows = p_d_out + query.to(gl.int64) * stride_do_m + head_begin * stride_do_h
@@ -173,23 +211,20 @@ def _sparse_mla_backward_gluon_kernel(
 
         # The rows' contributions, while the next rows travel.
         o_t = t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, dkv_layout))
-        b_index = gl.load(p_index_row + o_t, mask=o_t < slot_end, other=-1)
-        m_valid = (b_index >= 0) & (b_index < s_kv)
-        p_dkv_rows = p_dkv + gl.where(m_valid, b_index, 0).to(gl.int64) * stride_dkv
+        b_index, m_valid = _row_slots(p_index_row, p_entry_row, o_t, slot_end, s_kv, ROW_STORES)
+        p_dkv_rows = p_dkv_at + gl.where(m_valid, b_index, 0).to(gl.int64) * stride_dkv
         o_d = gl.arange(0, D_CHUNK, layout=gl.SliceLayout(0, dkv_layout))
         for chunk in gl.static_range(D_V // D_CHUNK):
             b_rows = warpgroup_mma(d_logits.permute((1, 0)), q_value.slice(chunk * D_CHUNK, D_CHUNK, dim=1),
                                    gl.zeros([BLOCK_T, D_CHUNK], gl.float32, layout=dkv_layout), use_acc=False)
             b_rows = warpgroup_mma(prob.permute((1, 0)), d_out.slice(chunk * D_CHUNK, D_CHUNK, dim=1), b_rows)
-            gl.atomic_add(p_dkv_rows[:, None] + (chunk * D_CHUNK + o_d)[None, :], b_rows, mask=m_valid[:, None],
-                          sem="relaxed")
+            _add_rows(p_dkv_rows[:, None] + (chunk * D_CHUNK + o_d)[None, :], b_rows, m_valid[:, None], ROW_STORES)
         b_rows = warpgroup_mma(d_logits.permute((1, 0)), q_rest, gl.zeros([BLOCK_T, D_R], gl.float32, layout=rest_acc_layout), use_acc=False)
         o_t = t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, rest_acc_layout))
-        b_index = gl.load(p_index_row + o_t, mask=o_t < slot_end, other=-1)
-        m_valid = (b_index >= 0) & (b_index < s_kv)
-        p_dkv_rows = p_dkv + D_V + gl.where(m_valid, b_index, 0).to(gl.int64) * stride_dkv
+        b_index, m_valid = _row_slots(p_index_row, p_entry_row, o_t, slot_end, s_kv, ROW_STORES)
+        p_dkv_rows = p_dkv_at + D_V + gl.where(m_valid, b_index, 0).to(gl.int64) * stride_dkv
         o_rest = gl.arange(0, D_R, layout=gl.SliceLayout(0, rest_acc_layout))
-        gl.atomic_add(p_dkv_rows[:, None] + o_rest[None, :], b_rows, mask=m_valid[:, None], sem="relaxed")
+        _add_rows(p_dkv_rows[:, None] + o_rest[None, :], b_rows, m_valid[:, None], ROW_STORES)
     async_copy.wait_group(0)  # the last (empty) gather; q's copies when there was no step
 
     p_dq_rows = p_dq + query.to(gl.int64) * stride_dq_m + head_begin * stride_dq_h
@@ -218,16 +253,24 @@ def gluon_backward_applies(q, kv, d_v: int, indices=None, topk_length=None, attn
             reasons.append(f"d_out shape={tuple(d_out.shape)} (supported: [s_q, h, {D_V}])")
     if deterministic:
         reasons.append("deterministic=True (its row contributions are float32 atomics; the split kernels "
-                       "sort them instead)")
+                       "sort them instead, and kernel='gluon_deterministic' stores and sums them in order)")
     return reasons
 
 
+def _multiprocessors(device) -> int:
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def sparse_mla_backward_gluon(q, kv, indices, d_out, lse, delta, share, sm_scale: float, topk_length=None,
-                              d_lse=None, *, dq=None, dkv=None):
+                              d_lse=None, *, dq=None, dkv=None, deterministic: bool = False):
     """``(dq float32 [s_q, h, 576], dkv float32 [s_kv, 576])`` from the per-(query, head) statistics
     of :func:`.sparse_mla_backward._head_stats` (lse, ``D = Σ dout · out`` and the sink share ``f``,
     float32 ``[s_q, h]`` contiguous). ``dq`` (any contents) and ``dkv`` (zeros), contiguous float32,
-    receive the results when given. The caller checks :func:`gluon_backward_applies`."""
+    receive the results when given. ``deterministic``: the row gradients are stored and summed per row
+    in a fixed order (:mod:`.sparse_mla_backward_rows`), bitwise repeatable. The caller checks
+    :func:`gluon_backward_applies` (without ``deterministic``)."""
     s_q, h, _ = q.shape
     s_kv = kv.shape[0]
     topk = indices.shape[1]
@@ -246,9 +289,26 @@ def sparse_mla_backward_gluon(q, kv, indices, d_out, lse, delta, share, sm_scale
         return dq, dkv
     if topk_length is not None:
         topk_length = topk_length.to(device=device, dtype=torch.int32).contiguous()
+    if deterministic:
+        from . import sparse_mla_backward_rows
+
+        def launch_block(begin, end, contributions, entries):
+            _gluon_backward_launch(
+                (end - begin, h // BLOCK_H), q, kv, indices, lse if topk_length is None else topk_length, lse,
+                delta, share, lse if d_lse is None else d_lse, d_out, dq, contributions, entries, h, s_kv, topk,
+                begin, float(sm_scale) * LOG2E, float(sm_scale),
+                q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), d_out.stride(0), d_out.stride(1),
+                dq.stride(0), dq.stride(1), contributions.stride(0),
+                HAS_TOPK_LENGTH=topk_length is not None, HAS_D_LSE=d_lse is not None,
+                BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T, D_V=D_V, D_R=D_R, D_CHUNK=D_CHUNK, ROW_STORES=True,
+                num_warps=NUM_WARPS.value)
+
+        sparse_mla_backward_rows.deterministic_backward(launch_block, s_q, h, s_kv, indices, topk_length, dkv,
+                                                        _multiprocessors(device))
+        return dq, dkv
     _gluon_backward_launch(
         (s_q, h // BLOCK_H), q, kv, indices, lse if topk_length is None else topk_length, lse, delta, share,
-        lse if d_lse is None else d_lse, d_out, dq, dkv, h, s_kv, topk, float(sm_scale) * LOG2E, float(sm_scale),
+        lse if d_lse is None else d_lse, d_out, dq, dkv, indices, h, s_kv, topk, 0, float(sm_scale) * LOG2E, float(sm_scale),
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), d_out.stride(0), d_out.stride(1),
         dq.stride(0), dq.stride(1), dkv.stride(0),
         HAS_TOPK_LENGTH=topk_length is not None, HAS_D_LSE=d_lse is not None,
