@@ -346,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
                     torch, f"cupy paged indexer, {'wgmma' if wgmma else 'mma.sync'}", shape, flop,
                     lambda: (dsa_ref.lightning_indexer_paged(*arguments, next_n=next_n, backend=backend),),
                     reference=None if not wgmma else outputs.get(False))
+            # The second wgmma kernel (CupyBackend.paged_indexer_wgmma_v2, off until verified) beside them.
+            backend = CupyBackend()
+            backend.paged_indexer_wgmma_v2 = True
+            timed(torch, "cupy paged indexer, wgmma v2 (indexer_paged_wgmma_v2)", shape, flop,
+                  lambda: (dsa_ref.lightning_indexer_paged(*arguments, next_n=next_n, backend=backend),),
+                  reference=outputs.get(True))
             del step, arguments
         # The dense fp8 indexer at the speed issue's case: indexer_mma against indexer_dense_wgmma
         # (CupyBackend.indexer_wgmma).

@@ -87,7 +87,7 @@ if has opt-in; then
     --timeout 60 >"$OUT/opt_in_probe.log" 2>&1
   echo "probe rc=$?" | tee -a "$LOG"
   OPT_IN_TESTS="tests/test_triton_gluon_pingpong.py tests/test_triton_topk_radix.py tests/test_cupy_wgmma_v2.py
-    tests/test_cupy_backward_wgmma_deterministic.py tests/test_triton_gluon_backward_deterministic.py"
+    tests/test_cupy_backward_wgmma_deterministic.py tests/test_triton_gluon_backward_deterministic.py tests/test_cupy_paged_indexer_v2.py"
   for file in $OPT_IN_TESTS; do
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short "$file" >>"$OUT/opt_in_tests.log" 2>&1
     echo "$file rc=$?" | tee -a "$LOG"

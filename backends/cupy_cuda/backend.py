@@ -131,6 +131,13 @@ class CupyBackend(Backend):
     #: DSA_REF_CUPY_PAGED_INDEXER_WGMMA=0, for the mma.sync kernel.
     paged_indexer_wgmma: bool = True
 
+    #: Where ``indexer_paged_wgmma`` would run, run ``indexer_paged_wgmma_v2`` (csrc/indexer_wgmma_v2.cu)
+    #: instead: the same contract and output, about a third of the instructions a 64-key step (pages read
+    #: once a block, fixed copy offsets, a second accumulator so the epilogue overlaps the next product,
+    #: two instructions an element). Written, not yet run on the GPU (backends/cupy_cuda/NOTES.md), so off
+    #: by default: set this, or DSA_REF_CUPY_PAGED_INDEXER_V2=1.
+    paged_indexer_wgmma_v2: bool = False
+
     #: The dense indexer for fp8 queries and keys on Hopper's fp8 wgmma (``indexer_dense_wgmma`` in
     #: csrc/indexer_wgmma.cu: the paged kernel's tiles over a contiguous ``k``) instead of
     #: ``indexer_mma``, for the inputs :func:`dense_indexer_path` gives it: 244 -> 509 TFLOP/s at 4096 x 32K
@@ -313,9 +320,14 @@ class CupyBackend(Backend):
         path = paged_indexer_path(h_i, d_i, block_size, _compute_capability() if wgmma else 0, wgmma)
         if path == "wgmma":
             queries = 1 if next_n == 1 else 2
-            smem = INDEXER_WGMMA_SMEM[queries]
-            function = kernels.kernel("indexer_wgmma.cu", f"indexer_paged_wgmma_q{queries}", device_id, smem)
-            grid = (batch, -(-int(max_context_len) // INDEXER_WGMMA_POSITIONS), -(-next_n // queries))
+            if kernel_switch(self.paged_indexer_wgmma_v2, "DSA_REF_CUPY_PAGED_INDEXER_V2"):
+                source, name = "indexer_wgmma_v2.cu", f"indexer_paged_wgmma_v2_q{queries}"
+                smem, positions = INDEXER_WGMMA_V2_SMEM[queries], INDEXER_WGMMA_V2_POSITIONS
+            else:
+                source, name = "indexer_wgmma.cu", f"indexer_paged_wgmma_q{queries}"
+                smem, positions = INDEXER_WGMMA_SMEM[queries], INDEXER_WGMMA_POSITIONS
+            function = kernels.kernel(source, name, device_id, smem)
+            grid = (batch, -(-int(max_context_len) // positions), -(-next_n // queries))
             function(grid, (128,), (cupy.ascontiguousarray(q), weights, k_cache, table, lens, scores,
                                     np.int32(num_blocks), np.int32(table.shape[1]), np.int32(block_size),
                                     np.int32(next_n), np.int32(max_context_len), np.int32(h_i)),
@@ -719,6 +731,11 @@ INDEXER_WGMMA_SMEM = {1: 64 * 128 + 4 * (64 * 128 + 64 * 4) + 1024,
                       2: 128 * 128 + 4 * (64 * 128 + 64 * 4) + 1024}
 #: Key positions a block of the wgmma indexers covers (STEPS x KEYS in indexer_wgmma.cu).
 INDEXER_WGMMA_POSITIONS = 16 * 64
+#: The same for indexer_paged_wgmma_v2 (indexer_wgmma_v2::Layout<QUERIES, STAGES>::TOTAL, STEPS x KEYS in
+#: csrc/indexer_wgmma_v2.cu): five stages at one query (four blocks an SM), eight at two (two blocks an SM).
+INDEXER_WGMMA_V2_SMEM = {1: 64 * 128 + 5 * (64 * 128 + 64 * 4) + 1024,
+                         2: 128 * 128 + 8 * (64 * 128 + 64 * 4) + 1024}
+INDEXER_WGMMA_V2_POSITIONS = 16 * 64
 
 
 def paged_indexer_path(h_i: int, d_i: int, block_size: int, compute_capability: int, wgmma: bool) -> str:

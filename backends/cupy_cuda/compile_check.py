@@ -42,6 +42,9 @@ REQUIRED_SASS: dict[tuple[str, str], tuple[str, ...]] = {
     ("sparse_mla_backward_wgmma.cu", "sm_90a"): ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16",
                                                  "HGMMA.64x64x16.F32.BF16", ".tnspA.tnspB", "REDG.E.ADD.F32x4"),
     ("sparse_mla_wgmma_v2.cu", "sm_90a"): ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16", "LDGSTS"),
+    # Both product shapes and the one-instruction ReLU that keeps NaN (max.NaN) of its epilogue.
+    ("indexer_wgmma_v2.cu", "sm_90a"): ("QGMMA.64x64x32.F32.E4M3.E4M3", "QGMMA.64x128x32.F32.E4M3.E4M3",
+                                        "FMNMX.NAN"),
 }
 
 
@@ -51,6 +54,10 @@ REQUIRED_KERNEL_SASS: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
     ("sparse_mla_wgmma.cu", "sm_90a"): {
         name: ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16")
         for name in ("sparse_mla_fwd_wgmma", "sparse_mla_fwd_wgmma_fp8")
+    },
+    ("indexer_wgmma_v2.cu", "sm_90a"): {
+        "indexer_paged_wgmma_v2_q1": ("QGMMA.64x64x32.F32.E4M3.E4M3", "FMNMX.NAN"),
+        "indexer_paged_wgmma_v2_q2": ("QGMMA.64x128x32.F32.E4M3.E4M3", "FMNMX.NAN"),
     },
 }
 

@@ -35,6 +35,7 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "indexer_loss.cu": ("indexer_entry_scores_simt", "indexer_loss_bwd_query_simt", "indexer_loss_bwd_dk_simt"),
     "sparse_mla_wgmma.cu": ("sparse_mla_fwd_wgmma", "sparse_mla_fwd_wgmma_fp8"),
     "indexer_wgmma.cu": ("indexer_paged_wgmma_q1", "indexer_paged_wgmma_q2", "indexer_dense_wgmma_q2"),
+    "indexer_wgmma_v2.cu": ("indexer_paged_wgmma_v2_q1", "indexer_paged_wgmma_v2_q2"),
     "sparse_mla_backward_wgmma.cu": ("sparse_mla_bwd_wgmma", "sparse_mla_bwd_wgmma_deterministic"),
     "sparse_mla_wgmma_v2.cu": ("sparse_mla_fwd_wgmma_v2",),
 }
@@ -44,7 +45,8 @@ KERNELS: dict[str, tuple[str, ...]] = {
 #: runs on compute capability 9.0 and nowhere else. Every other source is compiled for the device
 #: it runs on (CuPy picks the architecture) and, in CI, for compile_check.ARCHITECTURES.
 SOURCE_ARCHITECTURES: dict[str, str] = {"sparse_mla_wgmma.cu": "sm_90a", "indexer_wgmma.cu": "sm_90a",
-                                        "sparse_mla_backward_wgmma.cu": "sm_90a", "sparse_mla_wgmma_v2.cu": "sm_90a"}
+                                        "sparse_mla_backward_wgmma.cu": "sm_90a", "sparse_mla_wgmma_v2.cu": "sm_90a",
+                                        "indexer_wgmma_v2.cu": "sm_90a"}
 
 #: Kernels on the hot path: the compile test fails if any of them spills registers.
 #: (All kernels of the package are in fact spill-free; the general float32 kernels are checked too.)
