@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import CachedLauncher
+
 #: Bytes of float32 contributions one chunk of queries may take (the buffer, reused by every chunk);
 #: tests lower it to run several chunks.
 BUFFER_BYTES = 1 << 30
@@ -82,13 +84,22 @@ def sorted_row_keys(rows, s_kv: int):
     return sorted_rows.to(torch.int64) * pairs + order
 
 
+def row_bounds(sorted_keys, s_kv: int, firsts):
+    """int64 ``[len(firsts), s_kv]``: for each pair ``f`` of ``firsts`` (int64 on the keys' device: the
+    chunks' first pairs in the plan, then the plan's end) and each row, the position in ``sorted_keys`` of
+    the row's first pair ``>= f``. Chunk ``k``'s pairs of row ``r`` are positions ``[bounds[k, r],
+    bounds[k + 1, r])``, in increasing pair. One search for the whole plan, not a launch a chunk."""
+    pairs = sorted_keys.numel()
+    row_base = torch.arange(s_kv, device=sorted_keys.device, dtype=torch.int64) * pairs
+    return torch.searchsorted(sorted_keys, (firsts[:, None] + row_base[None, :]).contiguous())
+
+
 def row_ranges(sorted_keys, s_kv: int, first_pair: int, end_pair: int):
     """``(begin, end)`` int64 ``[s_kv]``: the positions in ``sorted_keys`` of the pairs
     ``first_pair <= p < end_pair`` (one chunk of the plan) that read each row, in increasing ``p``."""
-    pairs = sorted_keys.numel()
-    row_base = torch.arange(s_kv, device=sorted_keys.device, dtype=torch.int64) * pairs
-    return (torch.searchsorted(sorted_keys, row_base + first_pair),
-            torch.searchsorted(sorted_keys, row_base + end_pair))
+    firsts = torch.arange(2, device=sorted_keys.device, dtype=torch.int64) * (end_pair - first_pair) + first_pair
+    bounds = row_bounds(sorted_keys, s_kv, firsts)
+    return bounds[0], bounds[1]
 
 
 @triton.jit
@@ -117,15 +128,18 @@ def _row_sum_kernel(p_contributions, p_sorted_keys, p_row_begin, p_row_end, p_dk
         tl.store(p_row + D_V + o_r, tl.load(p_row + D_V + o_r) + b_rest)
 
 
-def row_sums(dkv, contributions, sorted_keys, first_pair: int, end_pair: int, head_blocks: int) -> None:
-    """Adds one chunk's buffer (float32 ``[chunk pairs, head_blocks, 576]``, pairs ``first_pair <= p <
-    end_pair`` of the plan of ``sorted_keys``) to ``dkv`` float32 ``[s_kv, 576]`` in the plan's order."""
+_row_sum_launch = CachedLauncher(_row_sum_kernel)
+
+
+def row_sums(dkv, contributions, sorted_keys, first_pair: int, begin, end, head_blocks: int) -> None:
+    """Adds one chunk's buffer (float32 ``[chunk pairs, head_blocks, 576]``, from pair ``first_pair`` of the
+    plan of ``sorted_keys``; row ``r``'s pairs at positions ``[begin[r], end[r])``) to ``dkv`` float32
+    ``[s_kv, 576]`` in the plan's order."""
     s_kv = dkv.shape[0]
     if s_kv == 0:
         return
-    begin, end = row_ranges(sorted_keys, s_kv, first_pair, end_pair)
-    _row_sum_kernel[(s_kv,)](contributions, sorted_keys, begin, end, dkv, sorted_keys.numel(), first_pair,
-                             dkv.stride(0), HEAD_BLOCKS=head_blocks, D_V=D_V, D_R=D_QK - D_V, num_warps=2)
+    _row_sum_launch((s_kv,), contributions, sorted_keys, begin, end, dkv, sorted_keys.numel(), first_pair,
+                    dkv.stride(0), HEAD_BLOCKS=head_blocks, D_V=D_V, D_R=D_QK - D_V, num_warps=2)
 
 
 def deterministic_backward(launch_block, s_q: int, h: int, s_kv: int, indices, topk_length, dkv,
@@ -144,8 +158,12 @@ def deterministic_backward(launch_block, s_q: int, h: int, s_kv: int, indices, t
     for plan_start in range(0, s_q, plan_step):
         plan_end = min(s_q, plan_start + plan_step)
         sorted_keys = sorted_row_keys(rows[plan_start:plan_end], s_kv)
-        for begin in range(plan_start, plan_end, step):
+        starts = list(range(plan_start, plan_end, step))
+        # Made on the device: a host list copied there would wait for the queued work.
+        firsts = torch.arange(len(starts) + 1, device=dkv.device, dtype=torch.int64) * (step * topk)
+        bounds = row_bounds(sorted_keys, s_kv, firsts.clamp_(max=(plan_end - plan_start) * topk))
+        for k, begin in enumerate(starts):
             end = min(plan_end, begin + step)
             launch_block(begin, end, contributions, entries[begin:end])
-            row_sums(dkv, contributions, sorted_keys, (begin - plan_start) * topk, (end - plan_start) * topk,
+            row_sums(dkv, contributions, sorted_keys, (begin - plan_start) * topk, bounds[k], bounds[k + 1],
                      head_blocks)
