@@ -308,7 +308,8 @@ def sparse_mla_backward_gluon(q, kv, indices, d_out, lse, delta, share, sm_scale
         return dq, dkv
     _gluon_backward_launch(
         (s_q, h // BLOCK_H), q, kv, indices, lse if topk_length is None else topk_length, lse, delta, share,
-        lse if d_lse is None else d_lse, d_out, dq, dkv, indices, h, s_kv, topk, 0, float(sm_scale) * LOG2E, float(sm_scale),
+        lse if d_lse is None else d_lse, d_out, dq, dkv, indices, h, s_kv, topk, 0, float(sm_scale) * LOG2E,
+        float(sm_scale),
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), d_out.stride(0), d_out.stride(1),
         dq.stride(0), dq.stride(1), dkv.stride(0),
         HAS_TOPK_LENGTH=topk_length is not None, HAS_D_LSE=d_lse is not None,
