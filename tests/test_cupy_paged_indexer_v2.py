@@ -138,6 +138,11 @@ def test_sass_shows_the_design(compiled, name):
     assert text.count("I2F.RP") <= 1 and text.count("MUFU.RCP") <= 1
     # Four key copies a thread a step, plus the queries' and the scales' (five of 16 threads).
     assert text.count("LDGSTS") >= 4 * steps
+    # A step (from one barrier to the next) is under a third of indexer_paged_wgmma's 586 / 749 instructions.
+    barriers = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", line).group(1), 16) for line in lines if "BAR.SYNC" in line]
+    assert len(barriers) == steps
+    step_lengths = [(b - a) // 16 for a, b in zip(barriers[1:], barriers[2:])]
+    assert max(step_lengths) <= (200 if name.endswith("q1") else 290), step_lengths
 
 
 # ----------------------------------------------------------------------------- GPU

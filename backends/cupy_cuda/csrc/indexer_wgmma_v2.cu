@@ -105,15 +105,15 @@ __device__ __forceinline__ void qgmma(float (&d)[N / 2], u64 a, u64 b) {
 #undef DSA_V2_ACC4
 
 // The product of a step's 64 keys and the query tile over K = 128 bytes, issued and committed as one
-// wgmma group, not waited for.
+// wgmma group, not waited for. a and b are the descriptors of the tiles' starts: a start address
+// moved by `bytes` (a multiple of 16, the sum below 256 KB) is the descriptor plus bytes / 16, so the
+// k32 slices and the stages cost one add each, not a descriptor built a step.
 template <int N>
-__device__ __forceinline__ void issue_product(float (&d)[N / 2], u32 a_tile, u32 b_tile) {
+__device__ __forceinline__ void issue_product(float (&d)[N / 2], u64 a, u64 b) {
     hopper::wgmma_fence();
-    qgmma<N, 0>(d, hopper::matrix_descriptor(a_tile, 16, 1024), hopper::matrix_descriptor(b_tile, 16, 1024));
+    qgmma<N, 0>(d, a, b);
 #pragma unroll
-    for (int k = 1; k < 4; ++k)
-        qgmma<N, 1>(d, hopper::matrix_descriptor(a_tile + 32 * k, 16, 1024),
-                    hopper::matrix_descriptor(b_tile + 32 * k, 16, 1024));
+    for (int k = 1; k < 4; ++k) qgmma<N, 1>(d, a + 2 * k, b + 2 * k);
     hopper::wgmma_commit();
 }
 }  // namespace indexer_wgmma_v2
@@ -209,7 +209,11 @@ indexer_paged_wgmma_v2(const u8* __restrict__ q,              // [b * next_n, h_
     const int query = first_query + pick_query;
     const bool stores = pick_query < QUERIES && query < next_n;
     const int last_visible = length - next_n + query;  // query sees positions <= this (< length too)
-    float* score_row = scores + (u64)(sequence * next_n + (stores ? query : 0)) * max_context_len;
+    // This lane's score of step 0 (a step further is 64 floats on), and the positions it may write.
+    float* score = scores + (u64)(sequence * next_n + (stores ? query : 0)) * max_context_len + first_position
+                   + store_row;
+    const int store_limit = stores ? max_context_len - first_position - store_row : 0;  // steps * 64 below this
+    const int visible_limit = last_visible - first_position - store_row;               // ... and <= this
 
     // The epilogue of step `step` from its accumulator: the weighted ReLU sum over each query's heads
     // (four partial sums a row, for the FMA latency), the quad's sum, the key's scale, one store.
@@ -237,11 +241,10 @@ indexer_paged_wgmma_v2(const u8* __restrict__ q,              // [b * next_n, h_
             }
         float value = pick_half ? sums[1][0] : sums[0][0];
         if constexpr (QUERIES == 2) value = pick_query ? (pick_half ? sums[1][1] : sums[0][1]) : value;
-        const int t = first_position + step * KEYS + store_row;
         const bool present = __shfl_sync(0xffffffffu, my_block, step) >= 0;
         const float scale = scale_tiles[(step % STAGES) * KEYS + store_row];
-        if (stores && t < max_context_len)
-            score_row[t] = present && t <= last_visible ? value * scale : DSA_NEG_INF;
+        if (step * KEYS < store_limit)
+            score[step * KEYS] = present && step * KEYS <= visible_limit ? value * scale : DSA_NEG_INF;
     };
 
     // Step s + 1's copies land, its product is issued, and step s's epilogue runs beside it. The loop is
@@ -249,11 +252,12 @@ indexer_paged_wgmma_v2(const u8* __restrict__ q,              // [b * next_n, h_
     // keys, never stored): ptxas serializes the wgmma of a kernel where an accumulator in flight crosses
     // a loop's back edge or meets a branch's other value, and a run ends early only at a sequence's end.
     float acc[2][N / 2];
+    const u64 k_descriptor = matrix_descriptor(base + L::K, 16, 1024), q_descriptor = matrix_descriptor(base + L::Q, 16, 1024);
     if (live > 0) {
         cp_async_wait<STAGES - 2>();  // step 0's copies and the queries landed
         fence_proxy_async_shared();
         __syncthreads();
-        issue_product<N>(acc[0], base + L::K, base + L::Q);
+        issue_product<N>(acc[0], k_descriptor, q_descriptor);
 #pragma unroll
         for (int step = 0; step < STEPS; ++step) {
             if (step + 1 < STEPS) {
@@ -262,7 +266,8 @@ indexer_paged_wgmma_v2(const u8* __restrict__ q,              // [b * next_n, h_
                 __syncthreads();              // everyone's; every warp past step - 1's product and epilogue
                 if (step + STAGES - 1 < live) load_step(step + STAGES - 1, (step + STAGES - 1) % STAGES);
                 cp_async_commit();
-                issue_product<N>(acc[(step + 1) & 1], base + L::K + ((step + 1) % STAGES) * KEY_TILE, base + L::Q);
+                issue_product<N>(acc[(step + 1) & 1], k_descriptor + ((step + 1) % STAGES) * (KEY_TILE / 16),
+                                 q_descriptor);
                 wgmma_wait<1>();  // step's product done, step + 1's in flight
             } else {
                 wgmma_wait<0>();
