@@ -102,7 +102,7 @@ if has opt-in; then
     grep -E "SUMMARY" "$OUT/opt_in_$tool.log" | tail -n 6 >>"$LOG"
   done
   timeout 300 python3 tools/opt_in_bench.py --out "$OUT/opt_in_bench.json" \
-    --groups triton-forward-pingpong,triton-topk,cupy-forward,cupy-backward >>"$LOG" 2>&1
+    --groups triton-forward-pingpong,triton-topk,triton-backward,cupy-forward,cupy-backward,cupy-indexer >>"$LOG" 2>&1
   echo "bench rc=$?" | tee -a "$LOG"
 fi
 step "done"
