@@ -83,7 +83,8 @@ def test_host_launch_constants_agree_with_the_source():
 
 # ----------------------------------------------------------------------------- CPU: NVRTC options
 def test_only_the_hopper_sources_name_an_architecture():
-    hopper = {"sparse_mla_wgmma.cu", "indexer_wgmma.cu", "sparse_mla_backward_wgmma.cu", "sparse_mla_wgmma_v2.cu"}
+    hopper = {"sparse_mla_wgmma.cu", "indexer_wgmma.cu", "sparse_mla_backward_wgmma.cu", "sparse_mla_wgmma_v2.cu",
+              "indexer_wgmma_v2.cu"}
     assert kernels.SOURCE_ARCHITECTURES == {source: "sm_90a" for source in hopper}
     for source in hopper:
         assert "--gpu-architecture=sm_90a" in kernels.nvrtc_options(source)
