@@ -278,18 +278,16 @@ def _aligned(x):
     return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
-def sparse_mla_gluon(q, kv, indices, sm_scale: float, topk_length=None, attn_sink=None, *, d_v: int = D_V):
-    """``(out float32 [s_q, h, 512], lse float32 [s_q, h])``; see :func:`dsa_ref.sparse_mla`.
-
-    Raises ValueError listing every reason of :func:`gluon_applies` when it cannot run the inputs
-    (``d_v`` is there to be checked: only 512 runs).
-    """
+def launch_inputs(kernel: str, q, kv, indices, topk_length, attn_sink, d_v: int):
+    """``(q, kv, indices, topk_length, attn_sink, out, lse)`` as the Gluon forwards read them: q and kv
+    contiguous and 16-byte aligned, int32 indices with every invalid int64 index -1, topk_length int32 and
+    attn_sink float32 on q's device, and the float32 outputs allocated. Raises ValueError naming ``kernel``
+    with every reason of :func:`gluon_applies` when the inputs are not the kernels' shape family."""
     reasons = gluon_applies(q, kv, d_v, indices, topk_length, attn_sink)
     if reasons:
-        raise ValueError("the Gluon sparse MLA kernel does not apply: " + "; ".join(reasons))
+        raise ValueError(f"{kernel} does not apply: " + "; ".join(reasons))
     s_q, h, _ = q.shape
     s_kv = kv.shape[0]
-    topk = indices.shape[1]
     q, kv = _aligned(q), _aligned(kv)
     if indices.dtype == torch.int64:
         # An int64 index past int32 would wrap into a valid row; it is invalid, so it becomes -1 first.
@@ -298,12 +296,27 @@ def sparse_mla_gluon(q, kv, indices, sm_scale: float, topk_length=None, attn_sin
     device = q.device
     out = torch.empty((s_q, h, D_V), dtype=torch.float32, device=device)
     lse = torch.empty((s_q, h), dtype=torch.float32, device=device)
+    if s_q and h:
+        if topk_length is not None:
+            topk_length = topk_length.to(device=device, dtype=torch.int32).contiguous()
+        if attn_sink is not None:
+            attn_sink = attn_sink.to(device=device, dtype=torch.float32).contiguous()
+    return q, kv, indices, topk_length, attn_sink, out, lse
+
+
+def sparse_mla_gluon(q, kv, indices, sm_scale: float, topk_length=None, attn_sink=None, *, d_v: int = D_V):
+    """``(out float32 [s_q, h, 512], lse float32 [s_q, h])``; see :func:`dsa_ref.sparse_mla`.
+
+    Raises ValueError listing every reason of :func:`gluon_applies` when it cannot run the inputs
+    (``d_v`` is there to be checked: only 512 runs).
+    """
+    q, kv, indices, topk_length, attn_sink, out, lse = launch_inputs(
+        "the Gluon sparse MLA kernel", q, kv, indices, topk_length, attn_sink, d_v)
+    s_q, h, _ = q.shape
+    s_kv = kv.shape[0]
+    topk = indices.shape[1]
     if s_q == 0 or h == 0:
         return out, lse
-    if topk_length is not None:
-        topk_length = topk_length.to(device=device, dtype=torch.int32).contiguous()
-    if attn_sink is not None:
-        attn_sink = attn_sink.to(device=device, dtype=torch.float32).contiguous()
     q_stride, out_stride = q.stride(), out.stride()
     _gluon_launch(
         (s_q, h // BLOCK_H), q, kv, indices, lse if topk_length is None else topk_length,

@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
                                                                    warpgroup_mma, warpgroup_mma_wait)
 
 from .launch import CachedLauncher
-from .sparse_mla_gluon import BLOCK_H, D_R, D_V, LOG2E, _aligned, gluon_applies
+from .sparse_mla_gluon import BLOCK_H, D_R, D_V, LOG2E, launch_inputs
 
 BLOCK_T = 32  # slots a tile
 NUM_BUFFERS = 4  # row buffers in the producer's ring
@@ -411,26 +411,13 @@ def sparse_mla_gluon_pingpong(q, kv, indices, sm_scale: float, topk_length=None,
     Raises ValueError listing every reason of :func:`.sparse_mla_gluon.gluon_applies` when it cannot
     run the inputs (the same shape family as the first Gluon kernel).
     """
-    reasons = gluon_applies(q, kv, d_v, indices, topk_length, attn_sink)
-    if reasons:
-        raise ValueError("the Gluon ping-pong sparse MLA kernel does not apply: " + "; ".join(reasons))
+    q, kv, indices, topk_length, attn_sink, out, lse = launch_inputs(
+        "the Gluon ping-pong sparse MLA kernel", q, kv, indices, topk_length, attn_sink, d_v)
     s_q, h, _ = q.shape
     s_kv = kv.shape[0]
     topk = indices.shape[1]
-    q, kv = _aligned(q), _aligned(kv)
-    if indices.dtype == torch.int64:
-        # An int64 index past int32 would wrap into a valid row; it is invalid, so it becomes -1 first.
-        indices = torch.where((indices < 0) | (indices >= s_kv), -1, indices)
-    indices = indices.to(torch.int32).contiguous()
-    device = q.device
-    out = torch.empty((s_q, h, D_V), dtype=torch.float32, device=device)
-    lse = torch.empty((s_q, h), dtype=torch.float32, device=device)
     if s_q == 0 or h == 0:
         return out, lse
-    if topk_length is not None:
-        topk_length = topk_length.to(device=device, dtype=torch.int32).contiguous()
-    if attn_sink is not None:
-        attn_sink = attn_sink.to(device=device, dtype=torch.float32).contiguous()
     q_stride, out_stride = q.stride(), out.stride()
     _pingpong_launch(
         (s_q, h // BLOCK_H), q, kv, indices, lse if topk_length is None else topk_length,
