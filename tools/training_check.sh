@@ -9,8 +9,8 @@
 #   peers        TileLang's sparse MLA backward beside ours (needs tilelang installed, TL_EXAMPLES)
 #   opt-in       the kernels whose switches are off until verified (the ping-pong Gluon forward, the sampled-cut
 #                top-k, cupy's second wgmma forward and deterministic wgmma backward): first runs in child
-#                processes, their GPU tests, compute-sanitizer on them, and tools/opt_in_bench.py beside the
-#                defaults they would replace
+#                processes, their GPU tests and compute-sanitizer on them
+#   opt-in-bench tools/opt_in_bench.py: the same kernels beside the defaults they would replace
 # Writes OUT_DIR/training_check.log, junit XML files, bench/ and peers_training.json.
 # Run "tests" and "conformance" in calls of their own: each takes most of a call's ten minutes, and
 # both lean on the CPU (float64 references), so together they slow each other past the limit.
@@ -101,6 +101,9 @@ if has opt-in; then
     done
     grep -E "SUMMARY" "$OUT/opt_in_$tool.log" | tail -n 6 >>"$LOG"
   done
+fi
+if has opt-in-bench; then
+  step "opt-in kernels timed beside the defaults they would replace"
   timeout 300 python3 tools/opt_in_bench.py --out "$OUT/opt_in_bench.json" \
     --groups triton-forward-pingpong,triton-topk,triton-backward,cupy-forward,cupy-backward,cupy-indexer >>"$LOG" 2>&1
   echo "bench rc=$?" | tee -a "$LOG"
