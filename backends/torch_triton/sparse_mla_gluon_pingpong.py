@@ -18,15 +18,15 @@ heads) has three warpgroups:
   consumer thread issues a copy or waits for one;
 - consumer ``w`` (the default partition for tile parity 0, ``worker 0`` for parity 1) computes
   ``S = Q K^T`` of its own tiles alone (``[64 heads, 32 slots]``), their softmax, and writes ``P``
-  (bf16), the new row max and the rescale factor to shared memory; both consumers multiply every
+  (bf16), the new row max, the rescale factor and the tile's row sum to shared memory; both consumers multiply every
   tile's ``P`` into their half of ``O`` (``[64, 256]`` float32, the d_v split of version 6).
 
 While one consumer runs its softmax, the other's ``S`` and the ``P V`` products are on the tensor
 cores: a consumer issues ``P V`` of the other's previous tile (asynchronous ``warpgroup_mma``) just
 before its own softmax, which runs under it, while the other consumer computes the ``S`` of the next
 tile. The row max is carried from tile to tile through shared memory, so both consumers scale ``O``
-with the same factors; each keeps its own share of the row sum (its tiles' sums, rescaled at every
-tile), added at the end. A consumer's own ``P V`` stays in flight into its next step, under the wait
+with the same factors, and each adds every tile's row sum (its own, or the other's as published) to
+the same running sum: no exchange at the end. A consumer's own ``P V`` stays in flight into its next step, under the wait
 for the next rows and their ``S``; the indices that mask a tile's scores are loaded a step ahead.
 
 Shared memory: Q 72 KiB (resident), four row buffers of 32 x 576 (144 KiB), two ``P`` tiles
@@ -64,7 +64,7 @@ _NUM_BUFFERS = gl.constexpr(NUM_BUFFERS)
 
 @gluon.jit
 def _consumer(p_indices_row, p_sink, p_out_rows, p_lse_row, slot_end, s_kv, scale_log2, stride_o_h, head_begin,
-              q_value, q_rest, kv_value, kv_rest, prob, stats, sums, barriers, sink_heads, W: gl.constexpr):
+              q_value, q_rest, kv_value, kv_rest, prob, stats, barriers, sink_heads, W: gl.constexpr):
     """Consumer ``W``: S and softmax of the tiles ``t`` with ``t % 2 == W``, ``O[:, 256 W : 256 W + 256]``
     over all tiles; writes its half of out (and, for ``W == 0``, lse)."""
     BLOCK_H: gl.constexpr = _BLOCK_H
@@ -82,7 +82,7 @@ def _consumer(p_indices_row, p_sink, p_out_rows, p_lse_row, slot_end, s_kv, scal
 
     n_tiles = gl.cdiv(slot_end, BLOCK_T)
     b_max = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=row_s)
-    b_sum = gl.zeros([BLOCK_H], gl.float32, layout=row_s)  # this consumer's share of the row sum
+    b_sum = gl.zeros([BLOCK_H], gl.float32, layout=row_s)  # the row sum over every tile so far
     b_acc = gl.zeros([BLOCK_H, D_HALF], gl.float32, layout=o_layout)
     b_zero_logits = gl.zeros([BLOCK_H, BLOCK_T], gl.float32, layout=s_layout)
     mbarrier.wait(q_ready, 0)
@@ -126,12 +126,8 @@ def _consumer(p_indices_row, p_sink, p_out_rows, p_lse_row, slot_end, s_kv, scal
                                             W, NUM_BUFFERS, D_HALF, row_s, row_o)
         b_acc = warpgroup_mma_wait(0, deps=[b_acc])  # retired inside the branch, as above
 
-    # The row sum is the two consumers' shares.
-    sums_done = barriers.index(1 + 2 * NUM_BUFFERS)
-    sums.index(W).store(b_sum)
-    mbarrier.arrive(sums_done, count=1)
-    mbarrier.wait(sums_done, 0)
-    b_sum = b_sum + sums.index(1 - W).load(row_s)
+    # b_sum is the whole row sum: each tile's own sum is published with its P (the same float32 sum,
+    # added in the same order by both consumers, so both hold the same bits).
     m_empty = b_sum == 0.0
     b_lse = gl.where(m_empty, float("-inf"), (b_max + gl.log2(gl.where(m_empty, 1.0, b_sum))) / 1.4426950408889634)
     b_norm = gl.where(m_empty, 0.0, 1.0 / gl.where(m_empty, 1.0, b_sum))
@@ -186,7 +182,7 @@ def _own_step(tile, b_acc, b_max, b_sum, b_index, p_indices_row, slot_end, s_kv,
                                         W, NUM_BUFFERS, D_HALF, row_s, row_o)
     b_logits, b_max, b_rescale, b_sum = _softmax(b_logits, m_valid, b_max, b_sum, scale_log2)
     # P's buffer of tile - 2 is free once both consumers have retired its P V.
-    mbarrier.wait(barriers.index(1 + 2 * NUM_BUFFERS + 1 + 2 + tile % 2), ((tile - 2) // 2) & 1, pred=tile >= 2)
+    mbarrier.wait(barriers.index(1 + 2 * NUM_BUFFERS + 2 + tile % 2), ((tile - 2) // 2) & 1, pred=tile >= 2)
     _publish(tile, b_logits, b_max, b_rescale, prob, stats, barriers, BLOCK_T, NUM_BUFFERS, row_s)
     b_acc = warpgroup_mma_wait(0, deps=[b_acc])  # the P V of tile - 1
     _release(tile - 1, barriers, NUM_BUFFERS, True)
@@ -212,7 +208,7 @@ def _value_half(kv_value, rows, W: gl.constexpr, NUM_BUFFERS: gl.constexpr, D_HA
 @gluon.jit
 def _release(tile, barriers, NUM_BUFFERS: gl.constexpr, pred):
     """This consumer has retired its P V of ``tile``: P's buffer and the rows' buffer may be reused."""
-    mbarrier.arrive(barriers.index(1 + 2 * NUM_BUFFERS + 1 + 2 + tile % 2), count=1, pred=pred)  # P empty
+    mbarrier.arrive(barriers.index(1 + 2 * NUM_BUFFERS + 2 + tile % 2), count=1, pred=pred)  # P empty
     mbarrier.arrive(barriers.index(1 + NUM_BUFFERS + tile % NUM_BUFFERS), count=1, pred=pred)  # rows empty
 
 
@@ -220,7 +216,7 @@ def _release(tile, barriers, NUM_BUFFERS: gl.constexpr, pred):
 def _own_scores(tile, p_indices_row, slot_end, s_kv, scale_log2, q_value, q_rest, kv_value, kv_rest, barriers,
                 b_max, b_sum, b_zero_logits, BLOCK_T: gl.constexpr, NUM_BUFFERS: gl.constexpr,
                 s_layout: gl.constexpr):
-    """S of ``tile`` (waited here) and its softmax: ``(P float32, new max, rescale, new sum share)``."""
+    """S of ``tile`` (waited here) and its softmax: ``(P float32, new max, rescale, new row sum)``."""
     rows = tile % NUM_BUFFERS
     mbarrier.wait(barriers.index(1 + rows), (tile // NUM_BUFFERS) & 1)
     fence_async_shared()
@@ -236,7 +232,7 @@ def _own_scores(tile, p_indices_row, slot_end, s_kv, scale_log2, q_value, q_rest
 
 @gluon.jit
 def _softmax(b_logits, m_valid, b_max, b_sum, scale_log2):
-    """One tile's online softmax step (base 2): ``(P, new max, rescale of what came before, new sum share)``."""
+    """One tile's online softmax step (base 2): ``(P, new max, rescale of what came before, new row sum)``."""
     b_logits = gl.where(m_valid[None, :], b_logits * scale_log2, float("-inf"))
     b_max_new = gl.maximum(b_max, gl.max(b_logits, axis=1))
     # A head that has seen no valid slot keeps max -inf; subtract 0 instead so exp2 stays 0, not NaN.
@@ -252,10 +248,11 @@ def _publish(tile, b_prob, b_max, b_rescale, prob, stats, barriers, BLOCK_T: gl.
              NUM_BUFFERS: gl.constexpr, row_s: gl.constexpr):
     """P, the row max and the rescale factor of ``tile`` into their buffers, for both consumers' P V."""
     prob.index(tile % 2).store(b_prob.to(gl.bfloat16))
-    stats.index(2 * (tile % 2)).store(b_max)
-    stats.index(2 * (tile % 2) + 1).store(b_rescale)
+    stats.index(3 * (tile % 2)).store(b_max)
+    stats.index(3 * (tile % 2) + 1).store(b_rescale)
+    stats.index(3 * (tile % 2) + 2).store(gl.sum(b_prob, axis=1))  # the sum _softmax added: same values, same order
     fence_async_shared()  # P is read by the tensor cores (the async proxy)
-    mbarrier.arrive(barriers.index(1 + 2 * NUM_BUFFERS + 1 + tile % 2), count=1)
+    mbarrier.arrive(barriers.index(1 + 2 * NUM_BUFFERS + tile % 2), count=1)
 
 
 @gluon.jit
@@ -263,15 +260,15 @@ def _foreign_tile(tile, b_acc, b_max, b_sum, kv_value, prob, stats, barriers, W:
                   NUM_BUFFERS: gl.constexpr, D_HALF: gl.constexpr, row_s: gl.constexpr, row_o: gl.constexpr):
     """The other consumer's ``tile``: its max and rescale, then ``O = O r + P V`` issued (not waited).
     ``b_acc`` must be retired."""
-    mbarrier.wait(barriers.index(1 + 2 * NUM_BUFFERS + 1 + tile % 2), (tile // 2) & 1)
+    mbarrier.wait(barriers.index(1 + 2 * NUM_BUFFERS + tile % 2), (tile // 2) & 1)
     rows = tile % NUM_BUFFERS
     # Its rows landed before the other consumer's S read them; waiting here too (a completed phase)
     # gives this warpgroup's own acquire of the producer's copies before its fence and products.
     mbarrier.wait(barriers.index(1 + rows), (tile // NUM_BUFFERS) & 1)
     fence_async_shared()
-    b_max = stats.index(2 * (tile % 2)).load(row_s)
-    b_sum = b_sum * stats.index(2 * (tile % 2) + 1).load(row_s)
-    b_acc = b_acc * stats.index(2 * (tile % 2) + 1).load(row_o)[:, None]
+    b_max = stats.index(3 * (tile % 2)).load(row_s)
+    b_sum = b_sum * stats.index(3 * (tile % 2) + 1).load(row_s) + stats.index(3 * (tile % 2) + 2).load(row_s)
+    b_acc = b_acc * stats.index(3 * (tile % 2) + 1).load(row_o)[:, None]
     b_acc = warpgroup_mma(prob.index(tile % 2), _value_half(kv_value, rows, W, NUM_BUFFERS, D_HALF), b_acc,
                           is_async=True)
     return b_acc, b_max, b_sum
@@ -279,23 +276,23 @@ def _foreign_tile(tile, b_acc, b_max, b_sum, kv_value, prob, stats, barriers, W:
 
 @gluon.jit
 def _consumer_0(p_indices_row, p_sink, p_out_rows, p_lse_row, slot_end, s_kv, scale_log2, stride_o_h, head_begin,
-                q_value, q_rest, kv_value, kv_rest, prob, stats, sums, barriers, sink_heads,
+                q_value, q_rest, kv_value, kv_rest, prob, stats, barriers, sink_heads,
                 p_kv, stride_kv, p_q_rows, stride_q_h):
     _consumer(p_indices_row, p_sink, p_out_rows, p_lse_row, slot_end, s_kv, scale_log2, stride_o_h, head_begin,
-              q_value, q_rest, kv_value, kv_rest, prob, stats, sums, barriers, sink_heads, 0)
+              q_value, q_rest, kv_value, kv_rest, prob, stats, barriers, sink_heads, 0)
 
 
 @gluon.jit
 def _consumer_1(p_indices_row, p_sink, p_out_rows, p_lse_row, slot_end, s_kv, scale_log2, stride_o_h, head_begin,
-                q_value, q_rest, kv_value, kv_rest, prob, stats, sums, barriers, sink_heads,
+                q_value, q_rest, kv_value, kv_rest, prob, stats, barriers, sink_heads,
                 p_kv, stride_kv, p_q_rows, stride_q_h):
     _consumer(p_indices_row, p_sink, p_out_rows, p_lse_row, slot_end, s_kv, scale_log2, stride_o_h, head_begin,
-              q_value, q_rest, kv_value, kv_rest, prob, stats, sums, barriers, sink_heads, 1)
+              q_value, q_rest, kv_value, kv_rest, prob, stats, barriers, sink_heads, 1)
 
 
 @gluon.jit
 def _producer(p_indices_row, p_sink, p_out_rows, p_lse_row, slot_end, s_kv, scale_log2, stride_o_h, head_begin,
-              q_value, q_rest, kv_value, kv_rest, prob, stats, sums, barriers, sink_heads,
+              q_value, q_rest, kv_value, kv_rest, prob, stats, barriers, sink_heads,
               p_kv, stride_kv, p_q_rows, stride_q_h):
     """Q once, then the rows of every tile into the ring, each tile's arrival on its mbarrier when its
     copies have landed (every producer thread arrives: the barriers count 128)."""
@@ -367,19 +364,17 @@ def _sparse_mla_gluon_pingpong_kernel(
     kv_value = gl.allocate_shared_memory(gl.bfloat16, [NUM_BUFFERS, BLOCK_T, D_V], value_smem)
     kv_rest = gl.allocate_shared_memory(gl.bfloat16, [NUM_BUFFERS, BLOCK_T, D_R], rest_smem)
     prob = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_H, BLOCK_T], prob_smem)
-    stats = gl.allocate_shared_memory(gl.float32, [4, BLOCK_H], stats_smem)  # (max, rescale) x P's two buffers
-    sums = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], stats_smem)
+    stats = gl.allocate_shared_memory(gl.float32, [6, BLOCK_H], stats_smem)  # (max, rescale, sum) x P's two buffers
     # [0] Q landed (128 producer arrivals); [1, 1 + B) rows landed (128); [1 + B, 1 + 2B) rows free
-    # (one arrival per consumer); [1 + 2B] the sum shares written (2); then P ready x 2 (1) and P free x 2 (2).
-    barriers = gl.allocate_shared_memory(gl.int64, [1 + 2 * NUM_BUFFERS + 1 + 4, 1], mbarrier.MBarrierLayout())
+    # (one arrival per consumer); then P ready x 2 (1) and P free x 2 (2).
+    barriers = gl.allocate_shared_memory(gl.int64, [1 + 2 * NUM_BUFFERS + 4, 1], mbarrier.MBarrierLayout())
     mbarrier.init(barriers.index(0), count=128)
     for b in gl.static_range(NUM_BUFFERS):
         mbarrier.init(barriers.index(1 + b), count=128)
         mbarrier.init(barriers.index(1 + NUM_BUFFERS + b), count=2)
-    mbarrier.init(barriers.index(1 + 2 * NUM_BUFFERS), count=2)
     for b in gl.static_range(2):
-        mbarrier.init(barriers.index(1 + 2 * NUM_BUFFERS + 1 + b), count=1)
-        mbarrier.init(barriers.index(1 + 2 * NUM_BUFFERS + 3 + b), count=2)
+        mbarrier.init(barriers.index(1 + 2 * NUM_BUFFERS + b), count=1)
+        mbarrier.init(barriers.index(1 + 2 * NUM_BUFFERS + 2 + b), count=2)
 
     slot_end = topk
     if HAS_TOPK_LENGTH:
@@ -392,7 +387,7 @@ def _sparse_mla_gluon_pingpong_kernel(
     # pass into a partition as constexprs (and a constant one breaks the lowering of a partition's
     # arguments in Triton 3.6): the shapes are module constants, the sink a runtime count of heads.
     arguments = (p_indices_row, p_sink, p_out_rows, p_lse_row, slot_end, s_kv, scale_log2, stride_o_h, head_begin,
-                 q_value, q_rest, kv_value, kv_rest, prob, stats, sums, barriers, sink_heads,
+                 q_value, q_rest, kv_value, kv_rest, prob, stats, barriers, sink_heads,
                  p_kv, stride_kv, p_q_rows, stride_q_h)
     gl.warp_specialize([
         (_consumer_0, arguments),
