@@ -52,8 +52,8 @@ def test_chosen_deterministic_v32_backward_on_hopper_routes_to_the_wgmma_determi
     assert _path(h=256) == "wgmma_deterministic"
 
 
-def test_the_switch_is_off_by_default_and_follows_its_environment_variable(monkeypatch):
-    assert cupy_backend.CupyBackend.hopper_deterministic_backward is False, "off until measured on a GPU"
+def test_the_switch_is_on_by_default_and_follows_its_environment_variable(monkeypatch):
+    assert cupy_backend.CupyBackend.hopper_deterministic_backward is True, "the default since measured on the H200"
     assert _path(hopper_deterministic_backward=False) == "mma_deterministic"
     # backward_kernel_path's own default keeps deterministic mode on the mma.sync kernels.
     assert cupy_backend.backward_kernel_path("bfloat16", "bfloat16", d_qk=576, kv_width=576, d_v=512,
@@ -61,7 +61,8 @@ def test_the_switch_is_off_by_default_and_follows_its_environment_variable(monke
                                              deterministic_tensor_cores=True, h=128, compute_capability=90,
                                              hopper_backward=True) == "mma_deterministic"
     monkeypatch.delenv(SWITCH, raising=False)
-    assert not cupy_backend.kernel_switch(cupy_backend.CupyBackend.hopper_deterministic_backward, SWITCH)
+    assert cupy_backend.kernel_switch(cupy_backend.CupyBackend.hopper_deterministic_backward, SWITCH)
+    assert not cupy_backend.kernel_switch(False, SWITCH)
     monkeypatch.setenv(SWITCH, "1")
     assert cupy_backend.kernel_switch(cupy_backend.CupyBackend.hopper_deterministic_backward, SWITCH)
     monkeypatch.setenv(SWITCH, "0")

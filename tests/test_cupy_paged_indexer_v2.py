@@ -41,10 +41,12 @@ def _constants() -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- switch and listing
-def test_the_switch_is_off_by_default_and_the_variable_turns_it_on(monkeypatch):
+def test_the_switch_is_on_by_default_and_the_variable_turns_it_off_and_on(monkeypatch):
     monkeypatch.delenv("DSA_REF_CUPY_PAGED_INDEXER_V2", raising=False)
     backend = cupy_backend.CupyBackend()
-    assert backend.paged_indexer_wgmma_v2 is False
+    assert backend.paged_indexer_wgmma_v2 is True
+    assert kernel_switch(backend.paged_indexer_wgmma_v2, "DSA_REF_CUPY_PAGED_INDEXER_V2")
+    backend.paged_indexer_wgmma_v2 = False
     assert not kernel_switch(backend.paged_indexer_wgmma_v2, "DSA_REF_CUPY_PAGED_INDEXER_V2")
     monkeypatch.setenv("DSA_REF_CUPY_PAGED_INDEXER_V2", "1")
     assert kernel_switch(backend.paged_indexer_wgmma_v2, "DSA_REF_CUPY_PAGED_INDEXER_V2")

@@ -40,10 +40,11 @@ ENV = "DSA_REF_CUPY_WGMMA_V2"
 
 
 # ----------------------------------------------------------------------------- CPU: the switch
-def test_the_v2_forward_is_off_by_default_and_follows_its_environment_variable(monkeypatch):
-    assert cupy_backend.CupyBackend.hopper_forward_v2 is False, "opt-in until measured on the GPU"
+def test_the_v2_forward_is_the_default_and_follows_its_environment_variable(monkeypatch):
+    assert cupy_backend.CupyBackend.hopper_forward_v2 is True, "the default since measured on the H200"
     monkeypatch.delenv(ENV, raising=False)
-    assert not cupy_backend.kernel_switch(cupy_backend.CupyBackend.hopper_forward_v2, ENV)
+    assert cupy_backend.kernel_switch(cupy_backend.CupyBackend.hopper_forward_v2, ENV)
+    assert not cupy_backend.kernel_switch(False, ENV)
     monkeypatch.setenv(ENV, "1")
     assert cupy_backend.kernel_switch(cupy_backend.CupyBackend.hopper_forward_v2, ENV)
     monkeypatch.setenv(ENV, "0")

@@ -316,15 +316,17 @@ def _routed(backend, monkeypatch, *, deterministic, dtype=torch.bfloat16):
 
 
 @pytest.mark.usefixtures("_gluon_applies_everywhere")
-def test_the_switch_is_off_by_default_and_routes_deterministic_mode_only(monkeypatch):
+def test_the_switch_is_on_by_default_and_routes_deterministic_mode_only(monkeypatch):
     from dsa_ref_backends.torch_triton.backend import TritonBackend
 
     monkeypatch.delenv("DSA_REF_TRITON_GLUON_DETERMINISTIC", raising=False)
     monkeypatch.delenv("DSA_REF_TRITON_GLUON_BACKWARD", raising=False)
-    assert TritonBackend.hopper_deterministic_backward is False, "off until measured on the GPU"
+    assert TritonBackend.hopper_deterministic_backward is True, "the default since measured on the H200"
     backend = TritonBackend()
-    assert _routed(backend, monkeypatch, deterministic=True) is None  # the split kernels
+    assert _routed(backend, monkeypatch, deterministic=True) == "gluon_deterministic"
     assert _routed(backend, monkeypatch, deterministic=False) == "gluon"
+    backend.hopper_deterministic_backward = False
+    assert _routed(backend, monkeypatch, deterministic=True) is None  # the split kernels
     monkeypatch.setenv("DSA_REF_TRITON_GLUON_DETERMINISTIC", "1")
     assert _routed(backend, monkeypatch, deterministic=True) == "gluon_deterministic"
     assert _routed(backend, monkeypatch, deterministic=False) == "gluon"  # default mode keeps its atomics

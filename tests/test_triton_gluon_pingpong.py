@@ -178,11 +178,14 @@ def _chosen(kernels, backend=None) -> str:
     return kernels.kernels[-1]
 
 
-def test_pingpong_is_off_by_default(recording):
+def test_pingpong_is_the_default(recording):
     from dsa_ref_backends.torch_triton.backend import TritonBackend
 
-    assert TritonBackend.hopper_forward_pingpong is False
-    assert _chosen(recording) == "gluon"
+    assert TritonBackend.hopper_forward_pingpong is True
+    assert _chosen(recording) == "gluon_pingpong"
+    first = TritonBackend()
+    first.hopper_forward_pingpong = False
+    assert _chosen(recording, first) == "gluon"
 
 
 def test_pingpong_switch_attribute_and_environment(recording, monkeypatch):

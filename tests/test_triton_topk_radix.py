@@ -200,10 +200,12 @@ def test_the_backend_runs_it_only_when_chosen(monkeypatch):
     monkeypatch.setattr(topk_onepass, "topk_indices", lambda scores, topk: "one pass")
     monkeypatch.delenv("DSA_REF_TRITON_RADIX_TOPK", raising=False)
     monkeypatch.delenv("DSA_REF_TRITON_CHUNKED_TOPK", raising=False)
-    assert triton_backend.TritonBackend.radix_topk is False  # off until measured
+    assert triton_backend.TritonBackend.radix_topk is True  # the default since measured on the H200
     backend = triton_backend.TritonBackend()
     scores = torch.zeros((2, 1000))
-    assert backend.topk_indices(scores, 16) == "one pass" and calls == []
+    assert backend.topk_indices(scores, 16) == "radix"
+    backend.radix_topk = False
+    assert backend.topk_indices(scores, 16) == "one pass" and calls == ["radix"]
     monkeypatch.setenv("DSA_REF_TRITON_RADIX_TOPK", "1")
     assert backend.topk_indices(scores, 16) == "radix"
     assert backend.topk_indices(torch.zeros((2, 40000)), 16) == "radix, two passes"  # few long rows

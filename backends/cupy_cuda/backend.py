@@ -94,9 +94,10 @@ class CupyBackend(Backend):
     #: Deterministic mode's sparse-MLA backward, where ``hopper_backward`` would run the wgmma kernel in
     #: default mode, on ``sparse_mla_bwd_wgmma_deterministic`` (the same wgmma kernel, its row gradients
     #: stored to the contribution buffer; then the mma path's ordered row sums) instead of
-    #: ``sparse_mla_bwd_mma_deterministic`` (:func:`backward_kernel_path`). Off until measured on a GPU:
-    #: set this, or DSA_REF_CUPY_WGMMA_DETERMINISTIC=1, to run it.
-    hopper_deterministic_backward: bool = False
+    #: ``sparse_mla_bwd_mma_deterministic`` (:func:`backward_kernel_path`): 73.6 -> 41.6 ms at S 4096,
+    #: SKV 8192, h 128, topk 2048 on the H200, 1.65x the default mode's wgmma kernel (NOTES.md). Set this
+    #: to False, or DSA_REF_CUPY_WGMMA_DETERMINISTIC=0, for the mma.sync deterministic kernel.
+    hopper_deterministic_backward: bool = True
 
     #: The bf16 V3.2-width sparse-MLA forward (d_qk 576, d_v 512, bf16 rows, h a multiple of 64) on
     #: Hopper's wgmma kernel (csrc/sparse_mla_wgmma.cu, compute capability 9.0 only) instead of the
@@ -106,9 +107,10 @@ class CupyBackend(Backend):
 
     #: Where that wgmma kernel would run (``hopper_forward`` or DSA_REF_CUPY_WGMMA, and its inputs), run
     #: ``sparse_mla_fwd_wgmma_v2`` (csrc/sparse_mla_wgmma_v2.cu) instead: the same contract, layout and
-    #: launch, with a producer whose gather does not wait on one index load per row. Written, not yet run
-    #: on the GPU (backends/cupy_cuda/NOTES.md), so off by default: set this, or DSA_REF_CUPY_WGMMA_V2=1.
-    hopper_forward_v2: bool = False
+    #: launch, with a producer whose gather does not wait on one index load per row: 198.8 -> 456.9 TFLOP/s
+    #: at S 4096, SKV 8192, h 128, topk 2048 on the H200 (backends/cupy_cuda/NOTES.md). Set this to False,
+    #: or DSA_REF_CUPY_WGMMA_V2=0, for the first wgmma kernel.
+    hopper_forward_v2: bool = True
 
     #: The sparse-MLA forward over the packed FP8 cache (V3.2's decode: bf16 q, d_qk 576, d_v 512, h a
     #: multiple of 64) on Hopper's wgmma kernel (``sparse_mla_fwd_wgmma_fp8`` in csrc/sparse_mla_wgmma.cu,
@@ -134,9 +136,10 @@ class CupyBackend(Backend):
     #: Where ``indexer_paged_wgmma`` would run, run ``indexer_paged_wgmma_v2`` (csrc/indexer_wgmma_v2.cu)
     #: instead: the same contract and output, about a third of the instructions a 64-key step (pages read
     #: once a block, fixed copy offsets, a second accumulator so the epilogue overlaps the next product,
-    #: two instructions an element). Written, not yet run on the GPU (backends/cupy_cuda/NOTES.md), so off
-    #: by default: set this, or DSA_REF_CUPY_PAGED_INDEXER_V2=1.
-    paged_indexer_wgmma_v2: bool = False
+    #: two instructions an element): 0.687 -> 0.652 ms at b 64, next_n 1, T 128K and 0.929 -> 0.637 ms at
+    #: next_n 2 on the H200 (backends/cupy_cuda/NOTES.md). Set this to False, or
+    #: DSA_REF_CUPY_PAGED_INDEXER_V2=0, for the first wgmma kernel.
+    paged_indexer_wgmma_v2: bool = True
 
     #: The dense indexer for fp8 queries and keys on Hopper's fp8 wgmma (``indexer_dense_wgmma`` in
     #: csrc/indexer_wgmma.cu: the paged kernel's tiles over a contiguous ``k``) instead of

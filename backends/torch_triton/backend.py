@@ -58,9 +58,9 @@ class TritonBackend(Backend):
     hopper_backward: bool = True
     #: The inputs :attr:`hopper_forward` sends to the Gluon kernel run on its warp-specialized ping-pong
     #: variant instead (:mod:`.sparse_mla_gluon_pingpong`: a producer warpgroup gathering the rows, two
-    #: consumers taking the slot tiles in turn). Off until measured on the GPU (NOTES.md, version 12);
-    #: DSA_REF_TRITON_GLUON_PINGPONG=1 turns it on for the process.
-    hopper_forward_pingpong: bool = False
+    #: consumers taking the slot tiles in turn): 325 -> 445 TFLOP/s at S 4096, SKV 8192, h 64, topk 2048
+    #: on the H200 (NOTES.md, version 12). False, or DSA_REF_TRITON_GLUON_PINGPONG=0, runs the first one.
+    hopper_forward_pingpong: bool = True
     supported_dtypes = {
         "lightning_indexer": _INDEXER_DTYPES,
         "topk_indices": _TOPK_DTYPES,
@@ -183,9 +183,10 @@ class TritonBackend(Backend):
                                                max_context_len=max_context_len)
 
     #: Top-k from a sampled cut (:mod:`.topk_radix`: one read of a row, counts instead of 256-bin
-    #: histograms), in one pass or in the two of ``chunked_topk``. Off until measured on a GPU
-    #: (NOTES.md, version 13); True, or DSA_REF_TRITON_RADIX_TOPK=1, runs it.
-    radix_topk: bool = False
+    #: histograms), in one pass or in the two of ``chunked_topk``: 1.636 -> 0.562 ms at 4096 x 32768,
+    #: k 2048 on the H200 (NOTES.md, version 13). False, or DSA_REF_TRITON_RADIX_TOPK=0, runs the
+    #: histogram kernels.
+    radix_topk: bool = True
 
     def topk_indices(self, scores, topk: int):
         from . import topk as topk_kernel
@@ -218,9 +219,10 @@ class TritonBackend(Backend):
 
     #: Deterministic mode on the Gluon backward kernel storing its row gradients, then summing them per
     #: row in a fixed order (:mod:`.sparse_mla_backward_rows`), for the inputs default mode sends to the
-    #: Gluon kernel (with :attr:`hopper_backward`). Off until measured on the GPU (NOTES.md, version 14);
-    #: True, or DSA_REF_TRITON_GLUON_DETERMINISTIC=1, runs it.
-    hopper_deterministic_backward: bool = False
+    #: Gluon kernel (with :attr:`hopper_backward`): 136.8 -> 106.4 ms at S 4096, SKV 8192, h 128,
+    #: topk 2048 on the H200 (NOTES.md, version 14). False, or DSA_REF_TRITON_GLUON_DETERMINISTIC=0, runs
+    #: the split deterministic kernels.
+    hopper_deterministic_backward: bool = True
 
     def sparse_mla_backward(self, q, kv, indices, out, lse, d_out, *, sm_scale: float, d_v: int, topk_length,
                             attn_sink, d_lse, deterministic: bool):
