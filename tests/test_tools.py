@@ -36,3 +36,47 @@ def test_the_kernel_switches_the_gpu_tools_set_exist_on_the_backends():
         assert set_names, f"tools/{tool} sets no backend switch: the pattern no longer matches it"
         unknown = sorted(set_names - switches)
         assert not unknown, f"tools/{tool} sets switches no backend has: {unknown}"
+
+
+def _racecheck_log(sites: list[tuple[str, int, str, int]], errors: int | None = None) -> str:
+    """A racecheck hazard report (the shape CUDA 13.0's prints) with one hazard per (write, read) site pair."""
+    rows = ["========= COMPUTE-SANITIZER"]
+    for n, (write_file, write_line, read_file, read_line) in enumerate(sites):
+        rows += [f"========= Error: Potential RAW hazard detected at __shared__ 0x38b3{n} in block (2,0,0) :",
+                 f"=========     Write Thread (31,0,0) at kernel+0xa350 in {write_file}:{write_line}",
+                 f"=========     Read Thread ({128 + 32 * n},0,0) at kernel+0x280 in {read_file}:{read_line}",
+                 "=========     Current Value : 0",
+                 "=========         Host Frame: launch [0x2424] in __triton_launcher.so"]
+    count = len(sites) if errors is None else errors
+    rows.append(f"========= RACECHECK SUMMARY: {len(sites)} hazards displayed ({count} errors, 0 warnings)")
+    return "\n".join(rows) + "\n"
+
+
+def test_racecheck_report_tells_the_warp_specialize_dispatch_from_the_kernels_own_hazards(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("racecheck_report", ROOT / "tools" / "racecheck_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    source = ROOT / "backends" / "torch_triton" / "sparse_mla_gluon_pingpong.py"
+    lines = source.read_text().splitlines()
+    kernel_def = 1 + next(i for i, text in enumerate(lines) if text.startswith("def _sparse_mla_gluon_pingpong_kernel("))
+    dispatch = 1 + next(i for i, text in enumerate(lines) if "gl.warp_specialize(" in text)
+    own = 1 + next(i for i, text in enumerate(lines) if "_publish(tile, b_logits" in text)
+    name = source.name
+    log = tmp_path / "racecheck.log"
+
+    def judged(text):
+        log.write_text(text)
+        status = report.main([str(log), "--source-root", str(ROOT / "backends")])
+        return status, json.loads(capsys.readouterr().out)
+
+    status, result = judged(_racecheck_log([(name, kernel_def, name, kernel_def), (name, dispatch, name, kernel_def)]))
+    assert status == 0 and result["warp_specialize_dispatch"] == 2 and result["kernels_own"] == 0, result
+    status, result = judged(_racecheck_log([(name, kernel_def, name, kernel_def), (name, own, name, kernel_def)]))
+    assert status == 1 and result["kernels_own"] == 1, result  # one access on a line of the kernel's own
+    status, result = judged(_racecheck_log([(name, kernel_def, name, kernel_def)], errors=61))
+    assert status == 1 and result["complete"] is False, result  # the print limit cut the list: not judged
+    status, result = judged("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
+    assert status == 0 and result["hazards"] == 0, result

@@ -16,7 +16,12 @@ fragment layout shows up as a permutation there). The kernels:
 * ``wgmma_v2``   CuPy's second wgmma sparse MLA forward (``CupyBackend.hopper_forward_v2``);
 * ``gluon_pingpong``  Triton's warp-specialized ping-pong Gluon forward (``kernel="gluon_pingpong"``);
 * ``wgmma_det``  CuPy's deterministic wgmma sparse MLA backward (``CupyBackend.hopper_deterministic_backward``
-                 under ``dsa_ref.use_deterministic(True)``).
+                 under ``dsa_ref.use_deterministic(True)``);
+* ``gluon_det``  Triton's deterministic Gluon sparse MLA backward (``TritonBackend.hopper_deterministic_backward``
+                 under ``dsa_ref.use_deterministic(True)``);
+* ``radix_topk`` Triton's sampled-cut top-k (``TritonBackend.radix_topk``), one pass and two: the selected
+                 sets against the reference's (scores with ties, ``-inf`` and NaN);
+* ``paged_v2``   CuPy's second wgmma paged indexer (``CupyBackend.paged_indexer_wgmma_v2``), next_n 1 and 2.
 
 On a GPU machine, from a checkout::
 
@@ -34,9 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
-KERNELS = ("gluon", "wgmma", "det_mma", "wgmma_fp8", "wgmma_bwd", "wgmma_v2", "gluon_pingpong", "wgmma_det")
-#: The kernels :func:`probe_backward` runs (the others are forwards).
-BACKWARD_KERNELS = ("det_mma", "wgmma_bwd", "wgmma_det")
+KERNELS = ("gluon", "wgmma", "det_mma", "wgmma_fp8", "wgmma_bwd", "wgmma_v2", "gluon_pingpong", "wgmma_det",
+           "gluon_det", "radix_topk", "paged_v2")
+#: The kernels :func:`probe_backward` runs; :func:`probe_topk` and :func:`probe_paged` take one each,
+#: :func:`probe_forward` the rest.
+BACKWARD_KERNELS = ("det_mma", "wgmma_bwd", "wgmma_det", "gluon_det")
 
 
 def error_pattern(name: str, got: np.ndarray, expected: np.ndarray, *, row_axis_name: str) -> dict:
@@ -127,11 +134,17 @@ def probe_backward(small: bool, kernel: str) -> list[dict]:
     out, lse = reference.sparse_mla(**inputs)
     rng = np.random.default_rng(9)
     d_out = rng.standard_normal(out.shape).astype(np.float32)
-    backend = CupyBackend()
-    deterministic = kernel in ("det_mma", "wgmma_det")
-    backend.deterministic_tensor_cores = deterministic
-    backend.hopper_backward = kernel in ("wgmma_bwd", "wgmma_det")
-    backend.hopper_deterministic_backward = kernel == "wgmma_det"
+    deterministic = kernel in ("det_mma", "wgmma_det", "gluon_det")
+    if kernel == "gluon_det":
+        from dsa_ref_backends.torch_triton.backend import TritonBackend
+
+        backend = TritonBackend()
+        backend.hopper_backward = backend.hopper_deterministic_backward = True
+    else:
+        backend = CupyBackend()
+        backend.deterministic_tensor_cores = deterministic
+        backend.hopper_backward = kernel in ("wgmma_bwd", "wgmma_det")
+        backend.hopper_deterministic_backward = kernel == "wgmma_det"
     arguments = dict(q=inputs["q"], kv=inputs["kv"], indices=inputs["indices"], out=out.astype(np.float32),
                      lse=lse.astype(np.float32), d_out=d_out, topk_length=inputs.get("topk_length"),
                      attn_sink=inputs.get("attn_sink"))
@@ -148,11 +161,67 @@ def probe_backward(small: bool, kernel: str) -> list[dict]:
     return rows
 
 
+def probe_topk(small: bool) -> list[dict]:
+    """The sampled-cut top-k's selected sets against the reference's: one pass (small: 64 rows of
+    8192) and two passes (awkward: few long rows, ties, -inf and NaN)."""
+    import torch
+
+    from dsa_ref import reference
+    from dsa_ref.testing import problems
+    from dsa_ref_backends.torch_triton.backend import TritonBackend
+
+    rng = np.random.default_rng(5 if small else 6)
+    if small:
+        problem = problems.topk_problem(rng, s_q=64, s_kv=8192, topk=2048)
+    else:
+        problem = problems.topk_problem(rng, s_q=4, s_kv=65536, topk=2048, plateau=True, nan_fraction=0.01)
+    scores, topk = problem.inputs["scores"], problem.inputs["topk"]
+    backend = TritonBackend()
+    backend.radix_topk = True
+    got = backend.topk_indices(torch.from_numpy(scores).cuda(), topk).cpu().numpy()
+    expected = reference.topk_indices(scores, topk)
+    rows = []
+    for row, (g, e) in enumerate(zip(got, expected)):
+        # Equal score sets (ties may pick different keys); -1 only where the reference has -1.
+        g_scores = np.sort(np.where(g >= 0, scores[row, np.clip(g, 0, None)], -np.inf))
+        e_scores = np.sort(np.where(e >= 0, scores[row, np.clip(e, 0, None)], -np.inf))
+        rows.append(dict(row=row, equal_scores=bool(np.array_equal(g_scores, e_scores)),
+                         valid=int((g >= 0).sum()), expected_valid=int((e >= 0).sum()),
+                         distinct=bool(len(set(g[g >= 0].tolist())) == int((g >= 0).sum()))))
+    bad = [r for r in rows if not (r["equal_scores"] and r["distinct"] and r["valid"] == r["expected_valid"])]
+    return [dict(output="indices", rows=len(rows), rows_wrong=len(bad), first_wrong=bad[:4])]
+
+
+def probe_paged(small: bool) -> list[dict]:
+    """The second wgmma paged indexer against the reference: next_n 1 (small) and 2 with holes in the
+    block table (awkward), pages of 64, H_I 64, d_I 128 in fp8."""
+    import dsa_ref
+    from dsa_ref import interop, reference
+    from dsa_ref.testing import problems
+    from dsa_ref_backends.cupy_cuda.backend import CupyBackend
+
+    rng = np.random.default_rng(7 if small else 8)
+    problem = problems.paged_indexer_problem(rng, batch=4, next_n=1 if small else 2, h_i=64, d_i=128,
+                                             block_size=64, max_blocks=8, spare_blocks=0 if small else 3,
+                                             unallocated_fraction=0.0 if small else 0.1)
+    backend = CupyBackend()
+    backend.paged_indexer_wgmma_v2 = True
+    backend.poison_outputs = True
+    got = interop.to_numpy(dsa_ref.lightning_indexer_paged(**problem.native_inputs(backend), backend=backend))
+    expected = reference.lightning_indexer_paged(**problem.inputs)
+    return [error_pattern("scores", got, expected, row_axis_name="query")]
+
+
 def child(kernel: str) -> int:
     for small in (True, False):
         start = time.perf_counter()
         try:
-            rows = probe_backward(small, kernel) if kernel in BACKWARD_KERNELS else probe_forward(kernel, small)
+            if kernel == "radix_topk":
+                rows = probe_topk(small)
+            elif kernel == "paged_v2":
+                rows = probe_paged(small)
+            else:
+                rows = probe_backward(small, kernel) if kernel in BACKWARD_KERNELS else probe_forward(kernel, small)
             result = dict(kernel=kernel, problem="small" if small else "awkward", rows=rows)
         except Exception as error:  # noqa: BLE001 - the parent records what went wrong
             result = dict(kernel=kernel, problem="small" if small else "awkward",

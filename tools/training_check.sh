@@ -7,9 +7,8 @@
 #   sanitize     compute-sanitizer memcheck and racecheck on small cases of the training kernels
 #   bench        dsa-ref bench --cases training,host on both backends
 #   peers        TileLang's sparse MLA backward beside ours (needs tilelang installed, TL_EXAMPLES)
-#   opt-in       the kernels whose switches are off until verified (the ping-pong Gluon forward, the sampled-cut
-#                top-k, cupy's second wgmma forward and deterministic wgmma backward): first runs in child
-#                processes, their GPU tests and compute-sanitizer on them
+#   opt-in       the newest kernels (NEW_KERNELS: opt_in_probe.py's names; NEW_KERNEL_TESTS: their test
+#                files): first runs in child processes, their GPU tests and compute-sanitizer on them
 #   opt-in-bench tools/opt_in_bench.py: the same kernels beside the defaults they would replace
 # Writes OUT_DIR/training_check.log, junit XML files, bench/ and peers_training.json.
 # Run "tests" and "conformance" in calls of their own: each takes most of a call's ten minutes, and
@@ -79,28 +78,34 @@ if has peers; then
   echo "rc=$?" | tee -a "$LOG"
 fi
 if has opt-in; then
-  step "opt-in kernels: first runs in child processes, GPU tests, sanitizers, timings beside the defaults"
-  # The kernels whose switches are off until verified (docs/pages/backends/choosing.md lists them). A new
-  # mbarrier protocol can hang: the probe runs each kernel in a child process with a time limit, and each
-  # test file gets a limit of its own.
-  timeout 200 python3 tools/opt_in_probe.py --out "$OUT/opt_in_probe.json" --kernels wgmma_v2,gluon_pingpong,wgmma_det \
+  step "new kernels: first runs in child processes, GPU tests, sanitizers"
+  # The kernels most recently written or made defaults (docs/pages/backends/choosing.md lists them;
+  # NEW_KERNELS and NEW_KERNEL_TESTS choose others). A new mbarrier protocol can hang: the probe runs
+  # each kernel in a child process with a time limit, and each test file gets a limit of its own.
+  KERNELS=${NEW_KERNELS:-gluon_pingpong,gluon_det,radix_topk,paged_v2,wgmma_v2,wgmma_det}
+  timeout 200 python3 tools/opt_in_probe.py --out "$OUT/opt_in_probe.json" --kernels "$KERNELS" \
     --timeout 60 >"$OUT/opt_in_probe.log" 2>&1
   echo "probe rc=$?" | tee -a "$LOG"
-  OPT_IN_TESTS="tests/test_triton_gluon_pingpong.py tests/test_triton_topk_radix.py tests/test_cupy_wgmma_v2.py
-    tests/test_cupy_backward_wgmma_deterministic.py tests/test_triton_gluon_backward_deterministic.py tests/test_cupy_paged_indexer_v2.py"
-  for file in $OPT_IN_TESTS; do
+  TESTS=${NEW_KERNEL_TESTS:-"tests/test_triton_gluon_pingpong.py tests/test_triton_topk_radix.py tests/test_cupy_wgmma_v2.py
+    tests/test_cupy_backward_wgmma_deterministic.py tests/test_triton_gluon_backward_deterministic.py tests/test_cupy_paged_indexer_v2.py"}
+  for file in $TESTS; do
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short "$file" >>"$OUT/opt_in_tests.log" 2>&1
     echo "$file rc=$?" | tee -a "$LOG"
   done
   grep -E "FAILED|ERROR|passed|failed" "$OUT/opt_in_tests.log" | tail -n 30 >>"$LOG"
-  for tool in memcheck racecheck; do
-    for kernel in wgmma_v2 gluon_pingpong wgmma_det; do
-      timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 10 python3 tools/opt_in_probe.py \
-        --child $kernel >>"$OUT/opt_in_$tool.log" 2>&1
-      echo "$kernel $tool rc=$?" | tee -a "$LOG"
+  # racecheck's hazard report names the shared-memory address and threads of each hazard.
+  for tool in memcheck "racecheck --racecheck-report hazard"; do
+    for kernel in $(echo "$KERNELS" | tr ',' ' '); do
+      # shellcheck disable=SC2086
+      timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 0 python3 tools/opt_in_probe.py \
+        --child $kernel >>"$OUT/opt_in_${tool%% *}.log" 2>&1
+      echo "$kernel ${tool%% *} rc=$?" | tee -a "$LOG"
     done
-    grep -E "SUMMARY" "$OUT/opt_in_$tool.log" | tail -n 6 >>"$LOG"
+    grep -E "SUMMARY" "$OUT/opt_in_${tool%% *}.log" | tail -n 12 >>"$LOG"
   done
+  # Hazards in Triton's own warp-specialization dispatch apart from the kernels' (tools/racecheck_report.py).
+  python3 tools/racecheck_report.py "$OUT/opt_in_racecheck.log" >"$OUT/opt_in_racecheck_report.json"
+  echo "racecheck report rc=$? (0: no hazard of the kernels' own)" | tee -a "$LOG"
 fi
 if has opt-in-bench; then
   step "opt-in kernels timed beside the defaults they would replace"
