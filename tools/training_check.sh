@@ -3,6 +3,7 @@
 #   sh tools/training_check.sh OUT_DIR PHASES [CONFORMANCE_EXAMPLES_PER_OP] [PREVIOUS_OUT_DIR]
 # PHASES is a comma-separated subset of: install, tests, conformance, sanitize, bench, peers
 #   tests        every GPU test (pytest -m gpu): real shapes, NaN-poisoned outputs, determinism, graphs, compile
+#                (TESTS_TIMEOUT seconds, 520 unless set)
 #   conformance  the thorough profile on triton and cupy, every op the kit checks, in 8 shards
 #   sanitize     compute-sanitizer memcheck and racecheck on small cases of the training kernels
 #   bench        dsa-ref bench --cases training,host on both backends
@@ -39,7 +40,7 @@ fi
 if has tests; then
   step "GPU tests (pytest -m gpu)"
   # shellcheck disable=SC2046
-  timeout 520 python3 -m pytest -v -p no:cacheprovider -n 6 -m gpu -rfE --tb=short --durations=20 tests/ \
+  timeout "${TESTS_TIMEOUT:-520}" python3 -m pytest -v -p no:cacheprovider -n 6 -m gpu -rfE --tb=short --durations=20 tests/ \
     $(passed_before gpu_tests.log) --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
   echo "rc=$?" | tee -a "$LOG"
   grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -n 30 >>"$LOG"
