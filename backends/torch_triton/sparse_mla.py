@@ -237,7 +237,8 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
     ``kernel="gluon"`` runs the Hopper kernel of :mod:`.sparse_mla_gluon` instead of this module's
     ``tl.dot`` one (the backend's default on Hopper where it applies; called here directly, it raises
     ValueError with the reasons when it does not apply); ``kernel="gluon_pingpong"`` its warp-specialized
-    variant (:mod:`.sparse_mla_gluon_pingpong`, same inputs, opt-in).
+    variant (:mod:`.sparse_mla_gluon_pingpong`, same inputs; the backend's default where the Gluon kernel
+    applies since its measurement on the H200, NOTES.md version 12).
     """
     if kernel != "tl":
         if kernel not in SPARSE_MLA_KERNELS:

@@ -32,7 +32,8 @@ One program = one query and 64 of its heads, 8 warps = two warpgroups; a step of
    written). With 64-head programs, a (slot, column) gets h / 64 adds from a query.
 
 In deterministic mode the split kernels (:mod:`.sparse_mla_backward`) sort the contributions instead;
-``kernel="gluon_deterministic"`` (opt-in) runs this kernel with ``ROW_STORES``: each contribution of a
+``kernel="gluon_deterministic"`` (the backend's deterministic mode on Hopper since its measurement on the
+H200, NOTES.md version 14; ``DSA_REF_TRITON_GLUON_DETERMINISTIC=0`` for the split kernels) runs this kernel with ``ROW_STORES``: each contribution of a
 valid slot is written once to a buffer (an exchange, no float atomic), then summed per row in a fixed
 order (:mod:`.sparse_mla_backward_rows`).
 """

@@ -3,8 +3,9 @@ rows, two consumer warpgroups take the slot tiles in turn (ping-pong).
 
 Same contract and inputs as :mod:`.sparse_mla_gluon` (q bf16 ``[s_q, h, 576]`` with ``h`` a multiple
 of 64, dense rows bf16 ``[s_kv, 576]``, ``d_v = 512``; :func:`.sparse_mla_gluon.gluon_applies` says
-when it applies), opt-in: ``TritonBackend.hopper_forward_pingpong`` or
-``DSA_REF_TRITON_GLUON_PINGPONG=1``; at the module level ``sparse_mla.sparse_mla(...,
+when it applies), the default there since its measurement on the H200 (NOTES.md, version 12: 325 -> 445
+TFLOP/s at h 64); ``TritonBackend.hopper_forward_pingpong = False`` or ``DSA_REF_TRITON_GLUON_PINGPONG=0``
+runs the first Gluon kernel; at the module level ``sparse_mla.sparse_mla(...,
 kernel="gluon_pingpong")``.
 
 Why another schedule. The first Gluon kernel (NOTES.md, version 6) splits every 64-slot tile over
