@@ -346,3 +346,44 @@ def test_eager_path_clamps_topk_length_and_key_ranges_every_call():
             ref = reference.lightning_indexer(q_index.numpy(), weights.numpy(), k.numpy(), key_start=lo.numpy(),
                                               key_end=hi.numpy())
             np.testing.assert_allclose(scores.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cupy_results_go_back_to_torch_on_torch_stream(monkeypatch):
+    """A CuPy backend's results are handed to torch inside the block that makes CuPy's current stream
+    torch's: outside it, DLPack's exchange records an event on CuPy's own stream for torch's stream to
+    wait on, which a CUDA graph capture refuses (cudaErrorStreamCaptureIsolation)."""
+    import contextlib
+
+    from dsa_ref.torch import ops as torch_ops
+
+    state = {"inside": False}
+    converted = []
+
+    @contextlib.contextmanager
+    def on_torch_stream(backend, like):
+        state["inside"] = True
+        yield
+        state["inside"] = False
+
+    class CudaLike:  # what _run_inputs reads of ``like``
+        is_cuda = True
+
+        @staticmethod
+        def get_device():
+            return 0
+
+    class CupyLikeBackend:
+        array_kind = "cupy"
+
+        @staticmethod
+        def to_native(value):
+            return value
+
+        @staticmethod
+        def sparse_mla(**inputs):
+            return "out", "lse"
+
+    monkeypatch.setattr(torch_ops, "_on_torch_stream", on_torch_stream)
+    monkeypatch.setattr(torch_ops, "_like", lambda x, like: converted.append((x, state["inside"])) or x)
+    assert torch_ops._run_inputs(CupyLikeBackend(), "sparse_mla", CudaLike(), {}, True) == ("out", "lse")
+    assert converted == [("out", True), ("lse", True)], converted

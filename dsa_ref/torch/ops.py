@@ -133,11 +133,15 @@ def _run_inputs(backend: Backend, op: str, like: Tensor, inputs: dict, checked_s
     if backend.array_kind == "cupy" and like.is_cuda:
         # The conversions too run on torch's stream: a CUDA tensor then becomes a CuPy array over its
         # memory with no stream to synchronize with (which a CUDA graph capture would refuse), and the
-        # results go back through DLPack with none either.
+        # results go back through DLPack with none either: inside the block, where CuPy's current stream
+        # is torch's (outside it, CuPy would record an event on its own stream for torch's to wait on,
+        # which a CUDA graph capture refuses: cudaErrorStreamCaptureIsolation).
         with _on_torch_stream(backend, like):
             result = getattr(backend, op)(**_native_inputs(backend, inputs, like.get_device()))
-    else:
-        result = getattr(backend, op)(**_native_inputs(backend, inputs))
+            if isinstance(result, tuple):
+                return tuple([_like(part, like) for part in result])
+            return _like(result, like)
+    result = getattr(backend, op)(**_native_inputs(backend, inputs))
     if isinstance(result, tuple):
         return tuple([_like(part, like) for part in result])
     return _like(result, like)
