@@ -102,6 +102,7 @@ def _hopper_backend(monkeypatch):
     if cupy_backend._compute_capability() != 90:
         pytest.skip("indexer_paged_wgmma runs on compute capability 9.0 only")
     backend.paged_indexer_wgmma = True
+    backend.paged_indexer_wgmma_v2 = False  # the first wgmma kernel; test_cupy_paged_indexer_v2.py has the default
     backend.indexer_wgmma = True
     backend.poison_outputs = True
     return backend, record_launches(monkeypatch)

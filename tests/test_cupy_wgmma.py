@@ -203,6 +203,7 @@ def _backend():
         pytest.skip("the wgmma forward runs on compute capability 9.0 only")
     backend.poison_outputs = True  # an element the kernel forgets to write is NaN and fails the comparison
     backend.hopper_forward = True  # the default on Hopper; set here so the tests hold whatever the environment says
+    backend.hopper_forward_v2 = False  # the first wgmma kernel; test_cupy_wgmma_v2.py has the default, the second
     return backend
 
 
