@@ -69,7 +69,8 @@ def _bisect_kth(b_key, rank, lo, hi, slack):
     return lo
 
 
-@triton.jit
+# topk is never specialized: Triton would pass a topk of 1 as a constant int, which has no .to().
+@triton.jit(do_not_specialize=["topk"])
 def _radix_topk_kernel(
     p_scores, p_indices, p_cand, p_path,
     s_kv, topk, stride_s_m, stride_i_m,
