@@ -19,16 +19,16 @@ heads) has three warpgroups:
   consumer thread issues a copy or waits for one;
 - consumer ``w`` (the default partition for tile parity 0, ``worker 0`` for parity 1) computes
   ``S = Q K^T`` of its own tiles alone (``[64 heads, 32 slots]``), their softmax, and writes ``P``
-  (bf16), the new row max, the rescale factor and the tile's row sum to shared memory; both consumers multiply every
-  tile's ``P`` into their half of ``O`` (``[64, 256]`` float32, the d_v split of version 6).
+  (bf16), the new row max, the rescale factor and the tile's row sum to shared memory; both consumers
+  multiply every tile's ``P`` into their half of ``O`` (``[64, 256]`` float32, the d_v split of version 6).
 
 While one consumer runs its softmax, the other's ``S`` and the ``P V`` products are on the tensor
 cores: a consumer issues ``P V`` of the other's previous tile (asynchronous ``warpgroup_mma``) just
 before its own softmax, which runs under it, while the other consumer computes the ``S`` of the next
 tile. The row max is carried from tile to tile through shared memory, so both consumers scale ``O``
 with the same factors, and each adds every tile's row sum (its own, or the other's as published) to
-the same running sum: no exchange at the end. A consumer's own ``P V`` stays in flight into its next step, under the wait
-for the next rows and their ``S``; the indices that mask a tile's scores are loaded a step ahead.
+the same running sum: no exchange at the end. A consumer's own ``P V`` stays in flight into its next
+step, under the wait for the next rows and their ``S``; the indices that mask a tile's scores are loaded a step ahead.
 
 Shared memory: Q 72 KiB (resident), four row buffers of 32 x 576 (144 KiB), two ``P`` tiles
 (``[64, 32]``, 8 KiB) and two sets of row statistics: ~226 KiB. 32-slot tiles (rather than 64)
@@ -127,8 +127,8 @@ def _consumer(p_indices_row, p_sink, p_out_rows, p_lse_row, slot_end, s_kv, scal
                                             W, NUM_BUFFERS, D_HALF, row_s, row_o)
         b_acc = warpgroup_mma_wait(0, deps=[b_acc])  # retired inside the branch, as above
 
-    # b_sum is the whole row sum: each tile's own sum is published with its P (the same float32 sum,
-    # added in the same order by both consumers, so both hold the same bits).
+    # b_sum is the whole row sum: each tile's own sum is published with its P, and both consumers add
+    # the same float32 values in the same order (their halves of out normalize by one sum, to rounding).
     m_empty = b_sum == 0.0
     b_lse = gl.where(m_empty, float("-inf"), (b_max + gl.log2(gl.where(m_empty, 1.0, b_sum))) / 1.4426950408889634)
     b_norm = gl.where(m_empty, 0.0, 1.0 / gl.where(m_empty, 1.0, b_sum))
@@ -247,7 +247,8 @@ def _softmax(b_logits, m_valid, b_max, b_sum, scale_log2):
 @gluon.jit
 def _publish(tile, b_prob, b_max, b_rescale, prob, stats, barriers, BLOCK_T: gl.constexpr,
              NUM_BUFFERS: gl.constexpr, row_s: gl.constexpr):
-    """P, the row max and the rescale factor of ``tile`` into their buffers, for both consumers' P V."""
+    """P, the row max, the rescale factor and the row sum of ``tile`` into their buffers, for both
+    consumers' P V and running sums."""
     prob.index(tile % 2).store(b_prob.to(gl.bfloat16))
     stats.index(3 * (tile % 2)).store(b_max)
     stats.index(3 * (tile % 2) + 1).store(b_rescale)
