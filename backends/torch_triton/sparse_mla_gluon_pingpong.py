@@ -96,10 +96,10 @@ def _consumer(p_indices_row, p_sink, p_out_rows, p_lse_row, slot_end, s_kv, scal
     if W == 0:
         if n_tiles > 0:
             # Tile 0 has no tile before it: its S alone, its P into an unused buffer.
-            b_logits, b_max, b_rescale, b_sum = _own_scores(
+            b_logits, b_max, b_rescale, b_sum, b_tile_sum = _own_scores(
                 0, p_indices_row, slot_end, s_kv, scale_log2, q_value, q_rest, kv_value, kv_rest, barriers,
                 b_max, b_sum, b_zero_logits, BLOCK_T, NUM_BUFFERS, s_layout)
-            _publish(0, b_logits, b_max, b_rescale, prob, stats, barriers, BLOCK_T, NUM_BUFFERS, row_s)
+            _publish(0, b_logits, b_max, b_rescale, b_tile_sum, prob, stats, barriers, BLOCK_T, NUM_BUFFERS, row_s)
             b_pending = warpgroup_mma(prob.index(0), _value_half(kv_value, 0, W, NUM_BUFFERS, D_HALF), b_acc,
                                       is_async=True)
             b_index = _tile_indices(2, p_indices_row, slot_end, s_layout)
@@ -181,10 +181,10 @@ def _own_step(tile, b_acc, b_max, b_sum, b_index, p_indices_row, slot_end, s_kv,
     # which runs under this consumer's softmax.
     b_acc, b_max, b_sum = _foreign_tile(tile - 1, b_acc, b_max, b_sum, kv_value, prob, stats, barriers,
                                         W, NUM_BUFFERS, D_HALF, row_s, row_o)
-    b_logits, b_max, b_rescale, b_sum = _softmax(b_logits, m_valid, b_max, b_sum, scale_log2)
+    b_logits, b_max, b_rescale, b_sum, b_tile_sum = _softmax(b_logits, m_valid, b_max, b_sum, scale_log2)
     # P's buffer of tile - 2 is free once both consumers have retired its P V.
     mbarrier.wait(barriers.index(1 + 2 * NUM_BUFFERS + 2 + tile % 2), ((tile - 2) // 2) & 1, pred=tile >= 2)
-    _publish(tile, b_logits, b_max, b_rescale, prob, stats, barriers, BLOCK_T, NUM_BUFFERS, row_s)
+    _publish(tile, b_logits, b_max, b_rescale, b_tile_sum, prob, stats, barriers, BLOCK_T, NUM_BUFFERS, row_s)
     b_acc = warpgroup_mma_wait(0, deps=[b_acc])  # the P V of tile - 1
     _release(tile - 1, barriers, NUM_BUFFERS, True)
     b_acc = b_acc * gl.convert_layout(b_rescale, row_o)[:, None]
@@ -217,7 +217,7 @@ def _release(tile, barriers, NUM_BUFFERS: gl.constexpr, pred):
 def _own_scores(tile, p_indices_row, slot_end, s_kv, scale_log2, q_value, q_rest, kv_value, kv_rest, barriers,
                 b_max, b_sum, b_zero_logits, BLOCK_T: gl.constexpr, NUM_BUFFERS: gl.constexpr,
                 s_layout: gl.constexpr):
-    """S of ``tile`` (waited here) and its softmax: ``(P float32, new max, rescale, new row sum)``."""
+    """S of ``tile`` (waited here) and its softmax: ``(P float32, new max, rescale, new row sum, tile's sum)``."""
     rows = tile % NUM_BUFFERS
     mbarrier.wait(barriers.index(1 + rows), (tile // NUM_BUFFERS) & 1)
     fence_async_shared()
@@ -233,26 +233,27 @@ def _own_scores(tile, p_indices_row, slot_end, s_kv, scale_log2, q_value, q_rest
 
 @gluon.jit
 def _softmax(b_logits, m_valid, b_max, b_sum, scale_log2):
-    """One tile's online softmax step (base 2): ``(P, new max, rescale of what came before, new row sum)``."""
+    """One tile's online softmax step (base 2): ``(P, new max, rescale of what came before, new row sum,
+    the tile's own row sum)``."""
     b_logits = gl.where(m_valid[None, :], b_logits * scale_log2, float("-inf"))
     b_max_new = gl.maximum(b_max, gl.max(b_logits, axis=1))
     # A head that has seen no valid slot keeps max -inf; subtract 0 instead so exp2 stays 0, not NaN.
     b_shift = gl.where(b_max_new == float("-inf"), 0.0, b_max_new)
     b_rescale = gl.exp2(b_max - b_shift)
     b_prob = gl.exp2(b_logits - b_shift[:, None])  # 0 at invalid slots
-    b_sum = b_sum * b_rescale + gl.sum(b_prob, axis=1)
-    return b_prob, b_max_new, b_rescale, b_sum
+    b_tile_sum = gl.sum(b_prob, axis=1)
+    return b_prob, b_max_new, b_rescale, b_sum * b_rescale + b_tile_sum, b_tile_sum
 
 
 @gluon.jit
-def _publish(tile, b_prob, b_max, b_rescale, prob, stats, barriers, BLOCK_T: gl.constexpr,
+def _publish(tile, b_prob, b_max, b_rescale, b_tile_sum, prob, stats, barriers, BLOCK_T: gl.constexpr,
              NUM_BUFFERS: gl.constexpr, row_s: gl.constexpr):
     """P, the row max, the rescale factor and the row sum of ``tile`` into their buffers, for both
     consumers' P V and running sums."""
     prob.index(tile % 2).store(b_prob.to(gl.bfloat16))
     stats.index(3 * (tile % 2)).store(b_max)
     stats.index(3 * (tile % 2) + 1).store(b_rescale)
-    stats.index(3 * (tile % 2) + 2).store(gl.sum(b_prob, axis=1))  # the sum _softmax added: same values, same order
+    stats.index(3 * (tile % 2) + 2).store(b_tile_sum)
     fence_async_shared()  # P is read by the tensor cores (the async proxy)
     mbarrier.arrive(barriers.index(1 + 2 * NUM_BUFFERS + tile % 2), count=1)
 
