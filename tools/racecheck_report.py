@@ -17,6 +17,7 @@ kernel's own, 0 otherwise (no hazards at all included).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -27,12 +28,17 @@ HAZARD = re.compile(r"Potential (\w+) hazard detected at __shared__ (0x[0-9a-f]+
 ACCESS = re.compile(r"(Read|Write) Thread \((\d+),\d+,\d+\) at (\S+) in (\S+?):(\d+)")
 
 
+@functools.lru_cache(maxsize=None)
+def source_lines(source_root: Path, file_name: str) -> tuple[str, ...]:
+    """The lines of the first file named ``file_name`` under ``source_root`` (none if there is none):
+    found and read once however many hazards name it."""
+    match = next(source_root.rglob(file_name), None)
+    return tuple(match.read_text().splitlines()) if match is not None else ()
+
+
 def dispatch_line(source_root: Path, file_name: str, line: int) -> bool:
     """Whether ``file_name:line`` is a kernel's ``def`` or its ``gl.warp_specialize(`` call."""
-    matches = list(source_root.rglob(file_name))
-    if not matches:
-        return False
-    lines = matches[0].read_text().splitlines()
+    lines = source_lines(source_root, file_name)
     if not 0 < line <= len(lines):
         return False
     text = lines[line - 1].strip()

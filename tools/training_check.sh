@@ -1,7 +1,7 @@
 #!/bin/sh
 # One GPU call for the training ops (and everything a change to the kit touches), from a checkout:
 #   sh tools/training_check.sh OUT_DIR PHASES [CONFORMANCE_EXAMPLES_PER_OP] [PREVIOUS_OUT_DIR]
-# PHASES is a comma-separated subset of: install, tests, conformance, sanitize, bench, peers
+# PHASES is a comma-separated subset of: install, tests, conformance, sanitize, bench, peers, opt-in, opt-in-bench
 #   tests        every GPU test (pytest -m gpu): real shapes, NaN-poisoned outputs, determinism, graphs, compile
 #                (TESTS_TIMEOUT seconds, 520 unless set)
 #   conformance  the thorough profile on triton and cupy, every op the kit checks, in 8 shards

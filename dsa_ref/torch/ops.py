@@ -137,11 +137,12 @@ def _run_inputs(backend: Backend, op: str, like: Tensor, inputs: dict, checked_s
         # is torch's (outside it, CuPy would record an event on its own stream for torch's to wait on,
         # which a CUDA graph capture refuses: cudaErrorStreamCaptureIsolation).
         with _on_torch_stream(backend, like):
-            result = getattr(backend, op)(**_native_inputs(backend, inputs, like.get_device()))
-            if isinstance(result, tuple):
-                return tuple([_like(part, like) for part in result])
-            return _like(result, like)
-    result = getattr(backend, op)(**_native_inputs(backend, inputs))
+            return _results_like(getattr(backend, op)(**_native_inputs(backend, inputs, like.get_device())), like)
+    return _results_like(getattr(backend, op)(**_native_inputs(backend, inputs)), like)
+
+
+def _results_like(result, like: Tensor):
+    """A backend's result, or each of a tuple of them, through :func:`_like`."""
     if isinstance(result, tuple):
         return tuple([_like(part, like) for part in result])
     return _like(result, like)
