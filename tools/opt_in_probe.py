@@ -19,8 +19,8 @@ fragment layout shows up as a permutation there). The kernels:
                  under ``dsa_ref.use_deterministic(True)``);
 * ``gluon_det``  Triton's deterministic Gluon sparse MLA backward (``TritonBackend.hopper_deterministic_backward``
                  under ``dsa_ref.use_deterministic(True)``);
-* ``radix_topk`` Triton's sampled-cut top-k (``TritonBackend.radix_topk``), one pass and two: the selected
-                 sets against the reference's (scores with ties, ``-inf`` and NaN);
+* ``radix_topk`` Triton's sampled-cut top-k (``TritonBackend.radix_topk``), one pass and two, through the
+                 kit's tie-aware check (scores with ties, ``-inf`` and NaN);
 * ``paged_v2``   CuPy's second wgmma paged indexer (``CupyBackend.paged_indexer_wgmma_v2``), next_n 1 and 2.
 
 On a GPU machine, from a checkout::
@@ -162,12 +162,12 @@ def probe_backward(small: bool, kernel: str) -> list[dict]:
 
 
 def probe_topk(small: bool) -> list[dict]:
-    """The sampled-cut top-k's selected sets against the reference's: one pass (small: 64 rows of
-    8192) and two passes (awkward: few long rows, ties, -inf and NaN)."""
+    """The sampled-cut top-k against the kit's tie-aware check (:func:`dsa_ref.testing.assertions.check_topk`):
+    one pass (small: 64 rows of 8192) and two passes (awkward: few long rows, ties, -inf and NaN)."""
     import torch
 
-    from dsa_ref import reference
     from dsa_ref.testing import problems
+    from dsa_ref.testing.assertions import check_topk
     from dsa_ref_backends.torch_triton.backend import TritonBackend
 
     rng = np.random.default_rng(5 if small else 6)
@@ -179,17 +179,12 @@ def probe_topk(small: bool) -> list[dict]:
     backend = TritonBackend()
     backend.radix_topk = True
     got = backend.topk_indices(torch.from_numpy(scores).cuda(), topk).cpu().numpy()
-    expected = reference.topk_indices(scores, topk)
-    rows = []
-    for row, (g, e) in enumerate(zip(got, expected)):
-        # Equal score sets (ties may pick different keys); -1 only where the reference has -1.
-        g_scores = np.sort(np.where(g >= 0, scores[row, np.clip(g, 0, None)], -np.inf))
-        e_scores = np.sort(np.where(e >= 0, scores[row, np.clip(e, 0, None)], -np.inf))
-        rows.append(dict(row=row, equal_scores=bool(np.array_equal(g_scores, e_scores)),
-                         valid=int((g >= 0).sum()), expected_valid=int((e >= 0).sum()),
-                         distinct=bool(len(set(g[g >= 0].tolist())) == int((g >= 0).sum()))))
-    bad = [r for r in rows if not (r["equal_scores"] and r["distinct"] and r["valid"] == r["expected_valid"])]
-    return [dict(output="indices", rows=len(rows), rows_wrong=len(bad), first_wrong=bad[:4])]
+    try:
+        check_topk(got, scores, topk)
+        failure = None
+    except AssertionError as error:
+        failure = str(error)[:2000]
+    return [dict(output="indices", rows=int(got.shape[0]), conforms=failure is None, failure=failure)]
 
 
 def probe_paged(small: bool) -> list[dict]:
