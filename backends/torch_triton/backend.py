@@ -229,11 +229,14 @@ class TritonBackend(Backend):
         from . import sparse_mla_backward
 
         q, kv = _common_dot_dtype(q, kv)
+        # Deterministic mode on the Gluon kernel takes the inputs default mode sends there.
+        gluon_deterministic = bool(deterministic) and kernel_switch(self.hopper_deterministic_backward,
+                                                                    "DSA_REF_TRITON_GLUON_DETERMINISTIC")
         kernel = backward_kernel(kernel_switch(self.hopper_backward, "DSA_REF_TRITON_GLUON_BACKWARD"), q, kv,
-                                 int(d_v), indices, topk_length, attn_sink, d_out, bool(deterministic))
-        if deterministic and kernel_switch(self.hopper_deterministic_backward, "DSA_REF_TRITON_GLUON_DETERMINISTIC"):
-            kernel = backward_kernel(kernel_switch(self.hopper_backward, "DSA_REF_TRITON_GLUON_BACKWARD"), q, kv,
-                                     int(d_v), indices, topk_length, attn_sink, d_out, False) and "gluon_deterministic"
+                                 int(d_v), indices, topk_length, attn_sink, d_out,
+                                 bool(deterministic) and not gluon_deterministic)
+        if gluon_deterministic and kernel:
+            kernel = "gluon_deterministic"
         return sparse_mla_backward.sparse_mla_backward(q, kv, indices, out, lse, d_out, float(sm_scale), int(d_v),
                                                        topk_length, attn_sink, d_lse,
                                                        deterministic=bool(deterministic), kernel=kernel)
