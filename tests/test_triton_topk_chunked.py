@@ -94,7 +94,7 @@ def test_the_backend_takes_two_passes_by_default_for_few_long_rows(monkeypatch):
     monkeypatch.setattr(topk_kernel, "topk_indices", lambda scores, topk: "one pass")
     monkeypatch.delenv("DSA_REF_TRITON_CHUNKED_TOPK", raising=False)
     backend = triton_backend.TritonBackend()
-    backend.radix_topk = False  # the histogram kernels' routing; test_triton_topk_radix.py has the default's
+    backend.radix_topk = False  # the histogram kernels' routing; test_triton_topk_radix.py has the radix kernel's
     scores = torch.zeros((2, 40000))
     backend.chunked_topk = False
     assert backend.topk_indices(scores, 16) == "one pass" and taken == []

@@ -1,4 +1,4 @@
-"""The Triton backend's sampled-cut top-k (``topk_radix``), the default since measured on the H200.
+"""The Triton backend's sampled-cut top-k (``topk_radix``), opt-in until the conformance kit passes it on the GPU.
 
 On the CPU interpreter (or a GPU): the reference's exact set, ties by the lower index included
 (the spec's rule, which the two-pass path relies on), on normal rows, heavy ties, plateaus at the
@@ -200,12 +200,10 @@ def test_the_backend_runs_it_only_when_chosen(monkeypatch):
     monkeypatch.setattr(topk_onepass, "topk_indices", lambda scores, topk: "one pass")
     monkeypatch.delenv("DSA_REF_TRITON_RADIX_TOPK", raising=False)
     monkeypatch.delenv("DSA_REF_TRITON_CHUNKED_TOPK", raising=False)
-    assert triton_backend.TritonBackend.radix_topk is True  # the default since measured on the H200
+    assert triton_backend.TritonBackend.radix_topk is False  # off until the kit passes it on the GPU
     backend = triton_backend.TritonBackend()
     scores = torch.zeros((2, 1000))
-    assert backend.topk_indices(scores, 16) == "radix"
-    backend.radix_topk = False
-    assert backend.topk_indices(scores, 16) == "one pass" and calls == ["radix"]
+    assert backend.topk_indices(scores, 16) == "one pass" and calls == []
     monkeypatch.setenv("DSA_REF_TRITON_RADIX_TOPK", "1")
     assert backend.topk_indices(scores, 16) == "radix"
     assert backend.topk_indices(torch.zeros((2, 40000)), 16) == "radix, two passes"  # few long rows
