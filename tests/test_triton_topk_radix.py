@@ -191,7 +191,7 @@ def test_large_topk_goes_to_the_one_pass_kernel(monkeypatch):
 # --------------------------------------------------------------------------- the backend's switch
 
 
-def test_the_backend_runs_it_only_when_chosen(monkeypatch):
+def test_the_backend_runs_it_by_default_and_its_switch_turns_it_off(monkeypatch):
     from dsa_ref_backends.torch_triton import backend as triton_backend
 
     calls = []
@@ -200,18 +200,18 @@ def test_the_backend_runs_it_only_when_chosen(monkeypatch):
     monkeypatch.setattr(topk_onepass, "topk_indices", lambda scores, topk: "one pass")
     monkeypatch.delenv("DSA_REF_TRITON_RADIX_TOPK", raising=False)
     monkeypatch.delenv("DSA_REF_TRITON_CHUNKED_TOPK", raising=False)
-    assert triton_backend.TritonBackend.radix_topk is False  # off until the kit passes it on the GPU
+    assert triton_backend.TritonBackend.radix_topk is True  # the default since the kit passed it on the GPU
     backend = triton_backend.TritonBackend()
     scores = torch.zeros((2, 1000))
-    assert backend.topk_indices(scores, 16) == "one pass" and calls == []
-    monkeypatch.setenv("DSA_REF_TRITON_RADIX_TOPK", "1")
-    assert backend.topk_indices(scores, 16) == "radix"
+    assert backend.topk_indices(scores, 16) == "radix" and calls == ["radix"]
     assert backend.topk_indices(torch.zeros((2, 40000)), 16) == "radix, two passes"  # few long rows
     monkeypatch.setenv("DSA_REF_TRITON_RADIX_TOPK", "0")
-    backend.radix_topk = True
     assert backend.topk_indices(scores, 16) == "one pass"
-    monkeypatch.delenv("DSA_REF_TRITON_RADIX_TOPK")
+    monkeypatch.setenv("DSA_REF_TRITON_RADIX_TOPK", "1")
+    backend.radix_topk = False
     assert backend.topk_indices(scores, 16) == "radix"
+    monkeypatch.delenv("DSA_REF_TRITON_RADIX_TOPK")
+    assert backend.topk_indices(scores, 16) == "one pass"
 
 
 # --------------------------------------------------------------------------- sm_90 compile

@@ -184,9 +184,9 @@ class TritonBackend(Backend):
 
     #: Top-k from a sampled cut (:mod:`.topk_radix`: one read of a row, counts instead of 256-bin
     #: histograms), in one pass or in the two of ``chunked_topk``: 1.636 -> 0.562 ms at 4096 x 32768,
-    #: k 2048 on the H200 (NOTES.md, version 13). Off until the conformance kit passes it on the GPU (its
-    #: first run there failed every topk=1 example, since fixed); True, or DSA_REF_TRITON_RADIX_TOPK=1, runs it.
-    radix_topk: bool = False
+    #: k 2048 on the H200 (NOTES.md, version 13), the default since the thorough conformance passed it there
+    #: (2026-12-03). False, or DSA_REF_TRITON_RADIX_TOPK=0, runs the histogram kernels of :mod:`.topk`.
+    radix_topk: bool = True
 
     def topk_indices(self, scores, topk: int):
         from . import topk as topk_kernel

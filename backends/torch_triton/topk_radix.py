@@ -1,8 +1,8 @@
 """Top-k selection from a sampled cut: one read of a row, no histogram on the common path.
 
-Measured on the H200 (NOTES.md, version 13: 1.636 -> 0.562 ms at 4096 x 32768, k 2048), opt-in until the
-conformance kit passes it there (its first run failed every topk=1 example, since fixed):
-``TritonBackend.radix_topk = True`` or ``DSA_REF_TRITON_RADIX_TOPK=1``.
+Measured on the H200 (NOTES.md, version 13: 1.636 -> 0.562 ms at 4096 x 32768, k 2048); the Triton
+backend's top-k since the thorough conformance passed it there (``TritonBackend.radix_topk = False`` or
+``DSA_REF_TRITON_RADIX_TOPK=0`` runs the histogram kernels of :mod:`.topk`).
 
 The kernel of :mod:`.topk` spends most of its time in ``tl.histogram``: Triton lowers a 256-bin
 histogram to nine warp ballots and, per lane, eight masked popcounts over them, about 90 instructions
