@@ -377,11 +377,16 @@ def render_peers_results(path: Path | None = None) -> str:
     if not isinstance(adapters, list) or not all(isinstance(entry, dict) for entry in adapters):
         return (f'!!! warning "Results unreadable"\n    `{shown_path}` has no list of adapters '
                 "(write it with `tools/peers_check.py`).\n")
+    # A file merged over several runs (tools/peers_check.py --merge) dates each adapter's entry: the
+    # table then says when each row ran, and the header gives the newest run.
+    dated = any(entry.get("date") not in (None, data.get("date")) for entry in adapters)
     lines = [f"Ran on **{data.get('device', 'an unrecorded device')}** with torch {data.get('torch', '(not recorded)')}"
-             f" and Python {data.get('python', '(not recorded)')}, {data.get('date', 'date not recorded')}, "
-             f"profile `{data.get('profile', '(not recorded)')}`. *From `{shown_path}`.*", "",
-             "| adapter | op | peer | examples run | refused | result | worst error ratio |",
-             "| --- | --- | --- | ---: | ---: | --- | ---: |"]
+             f" and Python {data.get('python', '(not recorded)')}, {'newest run ' if dated else ''}"
+             f"{data.get('date', 'date not recorded')}, profile `{data.get('profile', '(not recorded)')}`. "
+             f"*From `{shown_path}`.*", "",
+             "| adapter | op | peer | examples run | refused | result | worst error ratio |" + (" ran on |" if dated else ""),
+             "| --- | --- | --- | ---: | ---: | --- | ---: |" + (" --- |" if dated else "")]
+    row_end = (lambda entry: f" {entry.get('date') or data.get('date', '—')} |") if dated else (lambda entry: "")
     refusals, failures, not_run = [], [], []
     for entry in adapters:
         name = entry.get("adapter", "(unnamed)")
@@ -389,17 +394,19 @@ def render_peers_results(path: Path | None = None) -> str:
         unavailable = entry.get("unavailable") or []
         if unavailable:
             reasons = "; ".join(str(reason) for reason in unavailable)
-            lines.append(f"| `{name}` | — | not imported: {_cell(_shorten(reasons))} | — | — | not run here | — |")
+            lines.append(f"| `{name}` | — | not imported: {_cell(_shorten(reasons))} | — | — | not run here | — |"
+                         + row_end(entry))
             not_run.append(f"* `{name}` (tried {modules or 'no module'}): {_cell(_shorten(reasons, 400))}")
             continue
         ops = entry.get("ops") or []
         if not ops:
-            lines.append(f"| `{name}` | — | imported ({modules}) | — | — | no op checked | — |")
+            lines.append(f"| `{name}` | — | imported ({modules}) | — | — | no op checked | — |" + row_end(entry))
         for op in ops:
             op_name = op.get("op", "(unnamed op)")
             verdict = "PASS" if op.get("ok") else "**FAIL**"
             lines.append(f"| `{name}` | `{op_name}` | imported ({modules}) | {op.get('ran', '—')} | "
-                         f"{op.get('refused', '—')} | {verdict} | {_ratio(op.get('worst_error_ratio'))} |")
+                         f"{op.get('refused', '—')} | {verdict} | {_ratio(op.get('worst_error_ratio'))} |"
+                         + row_end(entry))
             top = sorted((op.get("refusal_reasons") or {}).items(), key=lambda item: -item[1])[:3]
             if top:
                 refusals.append(f"* `{name}` `{op_name}`: "

@@ -536,6 +536,20 @@ def test_peers_results_render_every_adapter_op_refusal_and_failure(hooks, tmp_pa
     assert len(fences) == 8, "each failure's message and input, fenced and closed"
 
 
+def test_peers_results_merged_over_several_runs_say_when_each_row_ran(hooks, tmp_path):
+    path = _peers_json(tmp_path / "peers.json")
+    data = json.loads(path.read_text())
+    data["adapters"][0]["date"] = "2031-01-30"  # FlashMLA ran in an earlier session than the others
+    path.write_text(json.dumps(data))
+    text = hooks.render_peers_results(path)
+    assert "newest run 2031-02-03" in text and "| ran on |" in text
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| `")}
+    assert rows["`FlashMLA`"][-1] == "2031-01-30" and rows["`DeepGEMM`"][-1] == "2031-02-03"
+    assert rows["`TileLangTopK`"][-1] == "2031-02-03" and len(rows["`TileLangTopK`"]) == 8
+    assert "ran on" not in hooks.render_peers_results(_peers_json(tmp_path / "undated.json"))
+
+
 def test_peers_results_without_a_readable_file_say_so(hooks, tmp_path):
     missing = hooks.render_peers_results(tmp_path / "peers.json")
     assert "No peer results committed yet" in missing and "peers.json" in missing and "|" not in missing

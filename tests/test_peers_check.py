@@ -88,3 +88,15 @@ def test_adapters_are_chosen_by_name_and_runs_merge(tmp_path, monkeypatch):
     assert names == ["FlashMLA", "TileLangTopK"]
     assert tool.main(["--adapters", "FlashMLA", "--out", str(out)]) == 0  # without --merge: replaced
     assert [entry["adapter"] for entry in json.loads(out.read_text())["adapters"]] == ["FlashMLA"]
+
+
+def test_a_merged_file_keeps_when_each_adapter_ran():
+    tool = _tool()
+    previous = {"date": "2031-01-01", "adapters": [{"adapter": "FlashMLA", "ops": []},  # written before entries were dated
+                                                   {"adapter": "SglangTopK", "date": "2031-01-02", "ops": []},
+                                                   {"adapter": "TileLangTopK", "date": "2031-01-02", "ops": ["old"]}]}
+    results = {"date": "2031-01-05", "adapters": [{"adapter": "TileLangTopK", "date": "2031-01-05", "ops": ["new"]}]}
+    merged = tool.merged(previous, results)
+    assert merged["date"] == "2031-01-05"
+    assert [(entry["adapter"], entry["date"], entry["ops"]) for entry in merged["adapters"]] == [
+        ("FlashMLA", "2031-01-01", []), ("SglangTopK", "2031-01-02", []), ("TileLangTopK", "2031-01-05", ["new"])]

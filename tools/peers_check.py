@@ -94,6 +94,16 @@ def check_all(profile: str, max_examples: int | None, modules: dict[str, object]
     return {"profile": profile, "python": platform.python_version(), "adapters": results}
 
 
+def merged(previous: dict, results: dict) -> dict:
+    """``results`` with the adapters of ``previous`` that it did not run; each kept entry keeps the date
+    it ran (the previous file's date for an entry written before entries carried their own), so a page
+    built from a file merged over several sessions says when each row ran."""
+    ran = {entry["adapter"] for entry in results["adapters"]}
+    kept = [{**entry, "date": entry.get("date", previous.get("date"))}
+            for entry in previous.get("adapters", []) if entry["adapter"] not in ran]
+    return {**results, "adapters": kept + results["adapters"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="ci", help="conformance profile (ci, thorough)")
@@ -117,11 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     results["torch"] = torch.__version__
     results["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     results["date"] = time.strftime("%Y-%m-%d", time.gmtime())
+    for entry in results["adapters"]:
+        entry["date"] = results["date"]
     if args.merge and args.out.exists():
-        previous = json.loads(args.out.read_text())
-        ran = {entry["adapter"] for entry in results["adapters"]}
-        results["adapters"] = [entry for entry in previous.get("adapters", []) if entry["adapter"] not in ran] \
-            + results["adapters"]
+        results = merged(json.loads(args.out.read_text()), results)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
