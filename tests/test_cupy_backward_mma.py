@@ -20,22 +20,24 @@ from cupy_launches import record_launches
 
 import dsa_ref
 from dsa_ref import interop, reference
-from dsa_ref.testing import assert_close, problems
-from dsa_ref.testing.conformance import _sparse_mla_backward_term_scales
-from dsa_ref.testing.tolerances import gradient_tolerance_for
+from dsa_ref.testing import problems
 from dsa_ref_backends.cupy_cuda import backend as cupy_backend
 from dsa_ref_backends.cupy_cuda import kernels
 
-H200_SMEM = 232448  # MaxSharedMemoryPerBlockOptin of sm_90
-A100_SMEM = 166912  # ... of sm_80: too little for the mma backward's 219 KB
+pytest.register_assert_rewrite("cupy_backward_problems")  # its asserts report as this file's do
+from cupy_backward_problems import (  # noqa: E402
+    A100_SMEM,
+    H200_SMEM,
+    assert_bitwise_equal,
+    assert_gradients_match,
+    backward_path,
+    count_chunks,
+)
 
 
 # ----------------------------------------------------------------------------- CPU
 def _path(**changes):
-    arguments = dict(q_dtype="bfloat16", kv_dtype="bfloat16", d_qk=576, kv_width=576, d_v=512, deterministic=False,
-                     smem_limit=H200_SMEM)
-    arguments.update(changes)
-    return cupy_backend.backward_kernel_path(arguments.pop("q_dtype"), arguments.pop("kv_dtype"), **arguments)
+    return backward_path(changes, deterministic=False)
 
 
 def test_v32_bf16_backward_routes_to_the_mma_kernel():
@@ -210,17 +212,7 @@ def _check(problem, monkeypatch, *, deterministic=False):
     with dsa_ref.use_deterministic(deterministic):
         actual = dsa_ref.sparse_mla_backward(**problem.native_inputs(backend), backend=backend)
     assert set(launched) == set(DETERMINISTIC_KERNELS if deterministic else DEFAULT_KERNELS), launched
-    assert len(actual) == len(expected)
-    tolerance = gradient_tolerance_for("bfloat16", backend)
-    scales = _sparse_mla_backward_term_scales(inputs)
-    for name, a, e in zip(("dq", "dkv", "d_attn_sink"), actual, expected):
-        assert_close(interop.to_numpy(a), e, tolerance, name=name, scale_floor=scales[name])
-    dq, dkv = interop.to_numpy(actual[0]), interop.to_numpy(actual[1])
-    s_kv = inputs["kv"].shape[0]
-    valid = reference.valid_slots(inputs["indices"], s_kv, inputs["topk_length"])  # [s_q, topk]
-    unread = problems.unread_rows(inputs["indices"], s_kv, inputs["topk_length"])
-    assert (dkv[unread] == 0).all(), "rows no valid slot reads must get exactly 0"
-    assert (dq[~valid.any(axis=1)] == 0).all(), "queries without a valid slot must get dq = 0"
+    assert_gradients_match(actual, expected, inputs, backend, unread_rows_exist=False)
     return actual
 
 
@@ -272,25 +264,6 @@ def test_mma_backward_at_a_larger_shape(monkeypatch, deterministic):
     _check(_larger_problem(), monkeypatch, deterministic=deterministic)
 
 
-def _count_chunks(monkeypatch, topk: int) -> list[int]:
-    """Records the queries of each chunk whose row sums the deterministic path launches."""
-    chunks: list[int] = []
-    original = cupy_backend._row_ranges
-
-    def recording(sorted_keys, s_kv, first_pair, end_pair, *args, **kwargs):
-        chunks.append((end_pair - first_pair) // topk)
-        return original(sorted_keys, s_kv, first_pair, end_pair, *args, **kwargs)
-
-    monkeypatch.setattr(cupy_backend, "_row_ranges", recording)
-    return chunks
-
-
-def _bitwise_equal(first, second):
-    assert len(first) == len(second)
-    for name, a, b in zip(("dq", "dkv", "d_attn_sink"), first, second):
-        assert interop.to_numpy(a).tobytes() == interop.to_numpy(b).tobytes(), name
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("several_plans", [False, True])
 @pytest.mark.parametrize("h", [64, 100])
@@ -303,20 +276,20 @@ def test_deterministic_mma_backward_is_bitwise_repeatable_over_several_chunks(mo
     if several_plans:  # two chunks a sort: queries 0-5 and 6-9
         monkeypatch.setattr(cupy_backend, "CHUNK_BYTES", 2 * 3 * 128 * cupy_backend._PLAN_BYTES_PER_PAIR)
         assert cupy_backend.deterministic_mma_plan_queries(3, 128) == 6
-    chunks = _count_chunks(monkeypatch, topk=128)
+    chunks = count_chunks(monkeypatch, topk=128)
     first = _check(problem, monkeypatch, deterministic=True)
     assert chunks == [3, 3, 3, 1]
     second = _check(problem, monkeypatch, deterministic=True)
     assert chunks == [3, 3, 3, 1] * 2
-    _bitwise_equal(first, second)
+    assert_bitwise_equal(first, second)
 
 
 @pytest.mark.gpu
 def test_deterministic_mma_backward_is_bitwise_repeatable_at_a_larger_shape(monkeypatch):
     problem = _larger_problem()
     monkeypatch.setattr(cupy_backend, "DETERMINISTIC_MMA_BUFFER_BYTES", 5 * 2 * 2048 * 576 * 4)  # 5 queries a chunk
-    chunks = _count_chunks(monkeypatch, topk=2048)
+    chunks = count_chunks(monkeypatch, topk=2048)
     first = _check(problem, monkeypatch, deterministic=True)
     second = _check(problem, monkeypatch, deterministic=True)
     assert chunks == [5, 5, 5, 5, 4] * 2
-    _bitwise_equal(first, second)
+    assert_bitwise_equal(first, second)

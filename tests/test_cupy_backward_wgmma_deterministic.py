@@ -22,15 +22,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cupy_launches import record_launches
-from test_cupy_backward_wgmma import CASES, H200_SMEM, _problem
 
 import dsa_ref
 from dsa_ref import interop, reference
-from dsa_ref.testing import assert_close, problems
-from dsa_ref.testing.conformance import _sparse_mla_backward_term_scales
-from dsa_ref.testing.tolerances import gradient_tolerance_for
+from dsa_ref.testing import problems
 from dsa_ref_backends.cupy_cuda import backend as cupy_backend
 from dsa_ref_backends.cupy_cuda import compile_check, kernels
+
+pytest.register_assert_rewrite("cupy_backward_problems")  # its asserts report as this file's do
+from cupy_backward_problems import (  # noqa: E402
+    A100_SMEM,
+    H200_SMEM,
+    WGMMA_BACKWARD_CASES,
+    assert_bitwise_equal,
+    assert_gradients_match,
+    backward_path,
+    count_chunks,
+    count_matches,
+    wgmma_backward_backend,
+    wgmma_backward_problem,
+)
 
 SOURCE = "sparse_mla_backward_wgmma.cu"
 KERNEL = "sparse_mla_bwd_wgmma_deterministic"
@@ -39,11 +50,8 @@ SWITCH = "DSA_REF_CUPY_WGMMA_DETERMINISTIC"
 
 # ----------------------------------------------------------------------------- CPU: routing
 def _path(**changes):
-    arguments = dict(q_dtype="bfloat16", kv_dtype="bfloat16", d_qk=576, kv_width=576, d_v=512, deterministic=True,
-                     smem_limit=H200_SMEM, deterministic_tensor_cores=True, h=128, compute_capability=90,
-                     hopper_backward=True, hopper_deterministic_backward=True)
-    arguments.update(changes)
-    return cupy_backend.backward_kernel_path(arguments.pop("q_dtype"), arguments.pop("kv_dtype"), **arguments)
+    return backward_path(changes, deterministic=True, deterministic_tensor_cores=True, h=128, compute_capability=90,
+                         hopper_backward=True, hopper_deterministic_backward=True)
 
 
 def test_chosen_deterministic_v32_backward_on_hopper_routes_to_the_wgmma_deterministic_kernel():
@@ -91,7 +99,7 @@ def test_inputs_the_wgmma_kernel_does_not_take_keep_the_deterministic_mma_kernel
 
 @pytest.mark.parametrize("changes", [
     dict(deterministic_tensor_cores=False), dict(q_dtype="float16"), dict(kv_dtype="float32"), dict(d_v=256),
-    dict(d_qk=64, kv_width=64), dict(smem_limit=166912),
+    dict(d_qk=64, kv_width=64), dict(smem_limit=A100_SMEM),
 ])
 def test_other_deterministic_inputs_keep_the_float32_kernels(changes):
     assert _path(**changes) == "simt"
@@ -142,10 +150,6 @@ def sass(tmp_path_factory) -> dict[str, str]:
     return {name: compile_check.kernel_sass(result.sass, name) for name in ("sparse_mla_bwd_wgmma", KERNEL)}
 
 
-def _count(text: str, pattern: str) -> int:
-    return len(re.findall(pattern, text))
-
-
 def test_sass_keeps_the_default_kernels_products_and_waits(sass):
     deterministic, default = sass[KERNEL], sass["sparse_mla_bwd_wgmma"]
     for pattern in (r"HGMMA\.64x32x16\.F32\.BF16 R\d+, gdesc\[UR\d+\], ",
@@ -156,37 +160,30 @@ def test_sass_keeps_the_default_kernels_products_and_waits(sass):
                     r"HGMMA\S* R\d+, gdesc\[UR\d+\]\S*, RZ, !UPT",
                     r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0", r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", r"USETMAXREG",
                     r"SHFL\.BFLY"):
-        assert _count(deterministic, pattern) == _count(default, pattern), pattern
-    assert _count(deterministic, r"HGMMA") == 2 * (68 + 8 + 36)
+        assert count_matches(deterministic, pattern) == count_matches(default, pattern), pattern
+    assert count_matches(deterministic, r"HGMMA") == 2 * (68 + 8 + 36)
 
 
 def test_sass_stores_the_row_gradients_with_no_float_atomic(sass):
     deterministic = sass[KERNEL]
     # No reduction or atomic of any kind: the sums happen in the row-sum kernel, in a fixed order.
-    assert _count(deterministic, r"\b(?:RED|REDG|ATOM|ATOMG|ATOMS)\.") == 0
+    assert count_matches(deterministic, r"\b(?:RED|REDG|ATOM|ATOMG|ATOMS)\.") == 0
     # Where the default kernel has one 16-byte reduction a thread's slot takes per 8 columns (8 in each of
     # four value chunks, 4 in the rope half, per consumer instance), this one has a 16-byte evict-first store.
-    assert _count(sass["sparse_mla_bwd_wgmma"], r"REDG\.E\.ADD\.F32x4\.") == 2 * (4 * 8 + 4)
-    assert _count(deterministic, r"STG\.E\.EF\.128 ") == 2 * (4 * 8 + 4)
+    assert count_matches(sass["sparse_mla_bwd_wgmma"], r"REDG\.E\.ADD\.F32x4\.") == 2 * (4 * 8 + 4)
+    assert count_matches(deterministic, r"STG\.E\.EF\.128 ") == 2 * (4 * 8 + 4)
     # Besides them only dq's float2 stores (32 + 4 per accumulator row pair and consumer), as in default mode.
-    assert _count(deterministic, r"\bSTG\.E\.64 ") == _count(sass["sparse_mla_bwd_wgmma"], r"\bSTG\.E\.64 ") == 144
-    assert _count(deterministic, r"\bSTG\.") == 72 + 144
-    assert _count(deterministic, r"\b(?:LDL|STL)\b") == 0
+    assert count_matches(deterministic, r"\bSTG\.E\.64 ") == \
+        count_matches(sass["sparse_mla_bwd_wgmma"], r"\bSTG\.E\.64 ") == 144
+    assert count_matches(deterministic, r"\bSTG\.") == 72 + 144
+    assert count_matches(deterministic, r"\b(?:LDL|STL)\b") == 0
 
 
 # ----------------------------------------------------------------------------- GPU
 def _backend():
-    pytest.importorskip("cupy")
-    backend = cupy_backend.CupyBackend()
-    if backend.unavailable_reasons():
-        pytest.skip("; ".join(backend.unavailable_reasons()))
-    if cupy_backend._compute_capability() != 90:
-        pytest.skip("the wgmma backward runs on compute capability 9.0 only")
-    if cupy_backend._smem_optin() < cupy_backend.WGMMA_BACKWARD_SMEM:
-        pytest.skip("the wgmma backward needs sm_90's shared memory per block")
-    backend.poison_outputs = True  # dq and the contribution buffer start NaN: a missed write or a stray read shows
+    # Outputs poisoned: dq and the contribution buffer start NaN, so a missed write or a stray read shows.
+    backend = wgmma_backward_backend()
     backend.deterministic_tensor_cores = True
-    backend.hopper_backward = True
     backend.hopper_deterministic_backward = True
     return backend
 
@@ -204,30 +201,20 @@ def _check(problem, monkeypatch, backend=None):
     expected = reference.sparse_mla_backward(**inputs)
     actual, launched = _run(problem, backend, monkeypatch)
     assert launched[0] == KERNEL and set(launched) == {KERNEL, "sparse_mla_bwd_mma_row_sum"}, launched
-    assert len(actual) == len(expected)
-    tolerance = gradient_tolerance_for("bfloat16", backend)
-    scales = _sparse_mla_backward_term_scales(inputs)
-    for name, a, e in zip(("dq", "dkv", "d_attn_sink"), actual, expected):
-        assert_close(interop.to_numpy(a), e, tolerance, name=name, scale_floor=scales[name])
-    dq, dkv = interop.to_numpy(actual[0]), interop.to_numpy(actual[1])
-    s_kv = inputs["kv"].shape[0]
-    valid = reference.valid_slots(inputs["indices"], s_kv, inputs["topk_length"])  # [s_q, topk]
-    unread = problems.unread_rows(inputs["indices"], s_kv, inputs["topk_length"])
-    assert unread.any() and (dkv[unread] == 0).all(), "rows no valid slot reads must get exactly 0"
-    assert (dq[~valid.any(axis=1)] == 0).all(), "queries without a valid slot must get dq = 0"
+    assert_gradients_match(actual, expected, inputs, backend)
     return actual, launched
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(WGMMA_BACKWARD_CASES))
 def test_wgmma_deterministic_backward_matches_reference(name, monkeypatch):
-    _check(_problem(len(name), **CASES[name]), monkeypatch)
+    _check(wgmma_backward_problem(len(name), **WGMMA_BACKWARD_CASES[name]), monkeypatch)
 
 
 @pytest.mark.gpu
 def test_wgmma_deterministic_dq_is_the_default_kernels_and_dkv_agrees(monkeypatch):
     """dq comes out of the same body untouched by the row-gradient stores: bitwise the default mode's."""
-    problem = _problem(9, s_kv=3000, h=128, topk=512, sink=True, d_lse=True, with_topk_length=True)
+    problem = wgmma_backward_problem(9, s_kv=3000, h=128, topk=512, sink=True, d_lse=True, with_topk_length=True)
     backend = _backend()
     deterministic, _ = _check(problem, monkeypatch, backend)
     default, launched = _run(problem, backend, monkeypatch, deterministic=False)
@@ -242,29 +229,11 @@ def test_wgmma_deterministic_backward_follows_the_environment_variable(monkeypat
     backend = _backend()
     backend.hopper_deterministic_backward = False
     monkeypatch.setenv(SWITCH, "1")
-    _check(_problem(2, s_q=3, s_kv=100, h=64, topk=64), monkeypatch, backend)
+    _check(wgmma_backward_problem(2, s_q=3, s_kv=100, h=64, topk=64), monkeypatch, backend)
     monkeypatch.setenv(SWITCH, "0")
     backend.hopper_deterministic_backward = True
-    _, launched = _run(_problem(2, s_q=3, s_kv=100, h=64, topk=64), backend, monkeypatch)
+    _, launched = _run(wgmma_backward_problem(2, s_q=3, s_kv=100, h=64, topk=64), backend, monkeypatch)
     assert set(launched) == {"sparse_mla_bwd_mma_deterministic", "sparse_mla_bwd_mma_row_sum"}, launched
-
-
-def _count_chunks(monkeypatch, topk: int) -> list[int]:
-    chunks: list[int] = []
-    original = cupy_backend._row_ranges
-
-    def recording(sorted_keys, s_kv, first_pair, end_pair, *args, **kwargs):
-        chunks.append((end_pair - first_pair) // topk)
-        return original(sorted_keys, s_kv, first_pair, end_pair, *args, **kwargs)
-
-    monkeypatch.setattr(cupy_backend, "_row_ranges", recording)
-    return chunks
-
-
-def _bitwise_equal(first, second):
-    assert len(first) == len(second)
-    for name, a, b in zip(("dq", "dkv", "d_attn_sink"), first, second):
-        assert interop.to_numpy(a).tobytes() == interop.to_numpy(b).tobytes(), name
 
 
 @pytest.mark.gpu
@@ -272,18 +241,18 @@ def _bitwise_equal(first, second):
 @pytest.mark.parametrize("h", [64, 128])
 def test_wgmma_deterministic_backward_is_bitwise_repeatable_over_several_chunks(monkeypatch, h, several_plans):
     # Few rows, each read by many (query, head block, slot) pairs: the sums an atomic order would change.
-    problem = _problem(5, s_q=10, s_kv=40, h=h, topk=128, sink=True, d_lse=True, with_topk_length=True)
+    problem = wgmma_backward_problem(5, s_q=10, s_kv=40, h=h, topk=128, sink=True, d_lse=True, with_topk_length=True)
     head_blocks = h // 64
     monkeypatch.setattr(cupy_backend, "DETERMINISTIC_MMA_BUFFER_BYTES", 3 * head_blocks * 128 * 576 * 4)
     if several_plans:  # two chunks a sort: queries 0-5 and 6-9
         monkeypatch.setattr(cupy_backend, "CHUNK_BYTES", 2 * 3 * 128 * cupy_backend._PLAN_BYTES_PER_PAIR)
         assert cupy_backend.deterministic_mma_plan_queries(3, 128) == 6
-    chunks = _count_chunks(monkeypatch, topk=128)
+    chunks = count_chunks(monkeypatch, topk=128)
     first, _ = _check(problem, monkeypatch)  # the kernels are fetched once a call; the chunks count the launches
     assert chunks == [3, 3, 3, 1]
     second, _ = _check(problem, monkeypatch)
     assert chunks == [3, 3, 3, 1] * 2
-    _bitwise_equal(first, second)
+    assert_bitwise_equal(first, second)
 
 
 @pytest.mark.gpu
@@ -293,8 +262,8 @@ def test_wgmma_deterministic_backward_is_bitwise_repeatable_at_the_v32_size(monk
                                                    invalid_fraction=0.02, duplicate_fraction=0.02, topk_length=True,
                                                    attn_sink=True, d_lse=True, unread_nan=True, distribution="recent")
     monkeypatch.setattr(cupy_backend, "DETERMINISTIC_MMA_BUFFER_BYTES", 5 * 2 * 2048 * 576 * 4)  # 5 queries a chunk
-    chunks = _count_chunks(monkeypatch, topk=2048)
+    chunks = count_chunks(monkeypatch, topk=2048)
     first, _ = _check(problem, monkeypatch)
     second, _ = _check(problem, monkeypatch)
     assert chunks == [5, 5, 5, 5, 4] * 2
-    _bitwise_equal(first, second)
+    assert_bitwise_equal(first, second)

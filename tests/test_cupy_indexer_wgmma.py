@@ -20,24 +20,16 @@ import numpy as np
 import pytest
 
 from dsa_ref_backends.cupy_cuda import backend as cupy_backend
+from cupy_hopper import hopper_backend
 from cupy_launches import record_launches
 from dsa_ref_backends.cupy_cuda import compile_check, kernels
+
+pytest.register_assert_rewrite("cupy_indexer_problems")  # its asserts report as this file's do
+from cupy_indexer_problems import PAGED_WGMMA_CASES, check_paged_scores, nan_key_problem, paged_problem  # noqa: E402
 
 torch = pytest.importorskip("torch")
 
 SOURCE = Path(cupy_backend.__file__).resolve().parent / "csrc" / "indexer_wgmma.cu"
-
-#: problems.paged_indexer_problem arguments the kernel takes (d_I 128, blocks of a multiple of 64).
-WGMMA_CASES = {
-    "v32-one-query": dict(batch=3, next_n=1, h_i=64, d_i=128, block_size=64, max_blocks=3),
-    "v32-two-queries-holes": dict(batch=4, next_n=2, h_i=64, d_i=128, block_size=64, max_blocks=24,
-                                  unallocated_fraction=0.1, spare_blocks=3),
-    "three-queries-two-groups": dict(batch=2, next_n=3, h_i=64, d_i=128, block_size=64, max_blocks=5),
-    "few-heads-blocks-of-128": dict(batch=3, next_n=1, h_i=4, d_i=128, block_size=128, max_blocks=3),
-    "wide-result": dict(batch=2, next_n=2, h_i=32, d_i=128, block_size=64, max_blocks=4, max_context_len=True),
-    "many-chunks": dict(batch=2, next_n=1, h_i=64, d_i=128, block_size=64, max_blocks=40,
-                        unallocated_fraction=0.02),
-}
 
 
 @pytest.mark.parametrize(("h_i", "d_i", "block_size", "capability", "chosen", "expected"), [
@@ -95,12 +87,7 @@ def test_the_host_asks_for_the_shared_memory_the_kernel_lays_out():
 
 # ----------------------------------------------------------------------------- GPU
 def _hopper_backend(monkeypatch):
-    pytest.importorskip("cupy")
-    backend = cupy_backend.CupyBackend()
-    if backend.unavailable_reasons():
-        pytest.skip("; ".join(backend.unavailable_reasons()))
-    if cupy_backend._compute_capability() != 90:
-        pytest.skip("indexer_paged_wgmma runs on compute capability 9.0 only")
+    backend = hopper_backend("indexer_paged_wgmma")
     backend.paged_indexer_wgmma = True
     backend.paged_indexer_wgmma_v2 = False  # the first wgmma kernel; test_cupy_paged_indexer_v2.py has the default
     backend.indexer_wgmma = True
@@ -109,44 +96,24 @@ def _hopper_backend(monkeypatch):
 
 
 def _check(problem, backend, launched, queries):
-    import dsa_ref
-    from dsa_ref import interop, reference
-    from dsa_ref.testing.assertions import assert_close
-    from dsa_ref.testing.tolerances import tolerance_for
-
-    got = interop.to_numpy(dsa_ref.lightning_indexer_paged(**problem.native_inputs(backend), backend=backend))
-    expected = reference.lightning_indexer_paged(**problem.inputs)
-    assert [n for n in launched if "indexer" in n] == [f"indexer_paged_wgmma_q{queries}"], launched
-    assert np.array_equal(np.isneginf(got), np.isneginf(expected)), "the -inf pattern differs"
-    assert np.array_equal(np.isnan(got), np.isnan(expected)), "the NaN pattern differs"
-    assert_close(got, expected, tolerance_for(problem.dtype, backend), name="scores")
+    check_paged_scores(problem, backend, launched, f"indexer_paged_wgmma_q{queries}")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", list(WGMMA_CASES))
+@pytest.mark.parametrize("name", list(PAGED_WGMMA_CASES))
 @pytest.mark.parametrize("strided", [False, True])
 def test_wgmma_kernel_matches_the_reference(name, strided, monkeypatch):
-    from dsa_ref.testing import problems
-
     backend, launched = _hopper_backend(monkeypatch)
-    case = WGMMA_CASES[name]
-    problem = problems.paged_indexer_problem(np.random.default_rng(len(name)), strided=strided, **case)
-    _check(problem, backend, launched, 1 if case["next_n"] == 1 else 2)
+    problem, queries = paged_problem(PAGED_WGMMA_CASES[name], len(name), strided=strided)
+    _check(problem, backend, launched, queries)
 
 
 @pytest.mark.gpu
 def test_a_nan_key_poisons_its_own_scores_and_no_other(monkeypatch):
     """A NaN byte in one key gives NaN at that key's position for every query that sees it, also with
     4 of the 64 head columns in use (the absent ones must not turn 0 x NaN into the sum)."""
-    from dsa_ref.testing import problems
-
     backend, launched = _hopper_backend(monkeypatch)
-    problem = problems.paged_indexer_problem(np.random.default_rng(3), batch=2, next_n=1, h_i=4, d_i=128,
-                                             block_size=64, max_blocks=2)
-    table, cache = problem.inputs["block_table"], problem.inputs["k_cache"].copy()
-    cache[int(table[0, 0]), 7] = 0x7F  # dim 7 of position 0 of sequence 0 (seen by its query): e4m3 NaN
-    problem.inputs["k_cache"] = cache
-    _check(problem, backend, launched, 1)
+    _check(nan_key_problem(1), backend, launched, 1)
 
 
 DENSE_RANGES = ["causal", "disjoint", "empty-and-partial"]

@@ -20,10 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cupy_hopper import hopper_backend
 from cupy_launches import record_launches
 from dsa_ref_backends import kernel_switch
 from dsa_ref_backends.cupy_cuda import backend as cupy_backend
 from dsa_ref_backends.cupy_cuda import compile_check, kernels
+
+pytest.register_assert_rewrite("cupy_indexer_problems")  # its asserts report as this file's do
+from cupy_indexer_problems import PAGED_WGMMA_CASES, check_paged_scores, nan_key_problem, paged_problem  # noqa: E402
 
 SOURCE_NAME = "indexer_wgmma_v2.cu"
 SOURCE = Path(cupy_backend.__file__).resolve().parent / "csrc" / SOURCE_NAME
@@ -148,29 +152,23 @@ def test_sass_shows_the_design(compiled, name):
 
 
 # ----------------------------------------------------------------------------- GPU
-#: problems.paged_indexer_problem arguments (d_I 128, blocks of a multiple of 64, h_i <= 64).
+#: The first kernel's cases under names of their own (a name's length seeds the problem), and more.
 CASES = {
-    "one-query": dict(batch=3, next_n=1, h_i=64, d_i=128, block_size=64, max_blocks=3),
+    "one-query": PAGED_WGMMA_CASES["v32-one-query"],
     "one-query-ragged-holes": dict(batch=5, next_n=1, h_i=64, d_i=128, block_size=64, max_blocks=37,
                                    unallocated_fraction=0.1, spare_blocks=2),
-    "two-queries-holes": dict(batch=4, next_n=2, h_i=64, d_i=128, block_size=64, max_blocks=24,
-                              unallocated_fraction=0.1, spare_blocks=3),
-    "three-queries-two-groups": dict(batch=2, next_n=3, h_i=64, d_i=128, block_size=64, max_blocks=5),
-    "few-heads-blocks-of-128": dict(batch=3, next_n=1, h_i=4, d_i=128, block_size=128, max_blocks=3),
+    "two-queries-holes": PAGED_WGMMA_CASES["v32-two-queries-holes"],
+    "three-queries-two-groups": PAGED_WGMMA_CASES["three-queries-two-groups"],
+    "few-heads-blocks-of-128": PAGED_WGMMA_CASES["few-heads-blocks-of-128"],
     "odd-heads-two-queries": dict(batch=3, next_n=2, h_i=33, d_i=128, block_size=64, max_blocks=7),
-    "wide-result": dict(batch=2, next_n=2, h_i=32, d_i=128, block_size=64, max_blocks=4, max_context_len=True),
-    "many-runs": dict(batch=2, next_n=1, h_i=64, d_i=128, block_size=64, max_blocks=40, unallocated_fraction=0.02),
+    "wide-result": PAGED_WGMMA_CASES["wide-result"],
+    "many-runs": PAGED_WGMMA_CASES["many-chunks"],
     "one-head": dict(batch=2, next_n=1, h_i=1, d_i=128, block_size=64, max_blocks=17),
 }
 
 
 def _v2_backend(monkeypatch):
-    pytest.importorskip("cupy")
-    backend = cupy_backend.CupyBackend()
-    if backend.unavailable_reasons():
-        pytest.skip("; ".join(backend.unavailable_reasons()))
-    if cupy_backend._compute_capability() != 90:
-        pytest.skip("indexer_paged_wgmma_v2 runs on compute capability 9.0 only")
+    backend = hopper_backend("indexer_paged_wgmma_v2")
     monkeypatch.delenv("DSA_REF_CUPY_PAGED_INDEXER_V2", raising=False)
     monkeypatch.delenv("DSA_REF_CUPY_PAGED_INDEXER_WGMMA", raising=False)
     backend.paged_indexer_wgmma = True
@@ -180,29 +178,16 @@ def _v2_backend(monkeypatch):
 
 
 def _check(problem, backend, launched, queries):
-    import dsa_ref
-    from dsa_ref import interop, reference
-    from dsa_ref.testing.assertions import assert_close
-    from dsa_ref.testing.tolerances import tolerance_for
-
-    got = interop.to_numpy(dsa_ref.lightning_indexer_paged(**problem.native_inputs(backend), backend=backend))
-    expected = reference.lightning_indexer_paged(**problem.inputs)
-    assert [n for n in launched if "indexer" in n] == [f"indexer_paged_wgmma_v2_q{queries}"], launched
-    assert np.array_equal(np.isneginf(got), np.isneginf(expected)), "the -inf pattern differs"
-    assert np.array_equal(np.isnan(got), np.isnan(expected)), "the NaN pattern differs"
-    assert_close(got, expected, tolerance_for(problem.dtype, backend), name="scores")
+    check_paged_scores(problem, backend, launched, f"indexer_paged_wgmma_v2_q{queries}")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("strided", [False, True])
 def test_v2_matches_the_reference(name, strided, monkeypatch):
-    from dsa_ref.testing import problems
-
     backend, launched = _v2_backend(monkeypatch)
-    case = CASES[name]
-    problem = problems.paged_indexer_problem(np.random.default_rng(100 + len(name)), strided=strided, **case)
-    _check(problem, backend, launched, 1 if case["next_n"] == 1 else 2)
+    problem, queries = paged_problem(CASES[name], 100 + len(name), strided=strided)
+    _check(problem, backend, launched, queries)
 
 
 @pytest.mark.gpu
@@ -210,15 +195,8 @@ def test_v2_matches_the_reference(name, strided, monkeypatch):
 def test_a_nan_key_poisons_its_own_scores_and_no_other(next_n, monkeypatch):
     """A NaN byte in one key gives NaN at that key's position for every query that sees it, with 4 of the
     64 head columns in use: the absent heads' 0 x NaN is no select away, and must change nothing."""
-    from dsa_ref.testing import problems
-
     backend, launched = _v2_backend(monkeypatch)
-    problem = problems.paged_indexer_problem(np.random.default_rng(3), batch=2, next_n=next_n, h_i=4, d_i=128,
-                                             block_size=64, max_blocks=2)
-    table, cache = problem.inputs["block_table"], problem.inputs["k_cache"].copy()
-    cache[int(table[0, 0]), 7] = 0x7F  # dim 7 of position 0 of sequence 0 (seen by its queries): e4m3 NaN
-    problem.inputs["k_cache"] = cache
-    _check(problem, backend, launched, next_n)
+    _check(nan_key_problem(next_n), backend, launched, next_n)
 
 
 @pytest.mark.gpu

@@ -19,14 +19,14 @@ import types
 
 import numpy as np
 import pytest
+from cupy_hopper import hopper_backend
 from cupy_launches import record_launches
 
-import dsa_ref
-from dsa_ref import interop, reference
-from dsa_ref.testing import assert_close, problems
-from dsa_ref.testing.tolerances import tolerance_for
 from dsa_ref_backends.cupy_cuda import backend as cupy_backend
 from dsa_ref_backends.cupy_cuda import kernels
+
+pytest.register_assert_rewrite("cupy_wgmma_problems")  # its asserts report as this file's do
+from cupy_wgmma_problems import FORWARD_CASES, check_forward, forward_problem, run_forward  # noqa: E402
 
 H200_SMEM = 232448  # MaxSharedMemoryPerBlockOptin of sm_90
 A100_SMEM = 166912  # ... of sm_80
@@ -195,84 +195,29 @@ def test_module_loads_the_sm_90a_cubin_instead_of_a_raw_module(monkeypatch):
 
 # ----------------------------------------------------------------------------- GPU
 def _backend():
-    pytest.importorskip("cupy")
-    backend = cupy_backend.CupyBackend()
-    if backend.unavailable_reasons():
-        pytest.skip("; ".join(backend.unavailable_reasons()))
-    if cupy_backend._compute_capability() != 90:
-        pytest.skip("the wgmma forward runs on compute capability 9.0 only")
+    backend = hopper_backend("the wgmma forward")
     backend.poison_outputs = True  # an element the kernel forgets to write is NaN and fails the comparison
     backend.hopper_forward = True  # the default on Hopper; set here so the tests hold whatever the environment says
     backend.hopper_forward_v2 = False  # the first wgmma kernel; test_cupy_wgmma_v2.py has the default, the second
     return backend
 
 
-
-def _problem(seed: int, *, s_q, s_kv, h, topk, empty_query=None, topk_lengths=None, **features):
-    """A bf16 V3.2 forward problem; ``empty_query`` gets no valid slot at all; ``topk_lengths``
-    replaces the random lengths (0, cuts inside a tile, ...); rows nobody reads are NaN."""
-    rng = np.random.default_rng(seed)
-    problem = problems.sparse_mla_problem(rng, s_q=s_q, s_kv=s_kv, h=h, d_qk=576, d_v=512, topk=topk,
-                                          dtype="bfloat16", **features)
-    inputs = dict(problem.inputs)
-    if empty_query is not None:
-        indices = inputs["indices"].copy()
-        indices[empty_query] = rng.choice(np.array([-1, s_kv, np.iinfo(np.int32).min, np.iinfo(np.int32).max],
-                                                   np.int32), size=topk)
-        inputs["indices"] = indices
-    if topk_lengths is not None:
-        inputs["topk_length"] = np.asarray(topk_lengths, np.int32)
-    kv = inputs["kv"].copy()
-    kv[problems.unread_rows(inputs["indices"], s_kv, inputs["topk_length"])] = np.nan
-    inputs["kv"] = kv
-    return problems.Problem("sparse_mla", inputs, dict(problem.params), "bfloat16")
-
-
-def _run(problem, backend):
-    out, lse = dsa_ref.sparse_mla(**problem.native_inputs(backend), backend=backend)
-    return interop.to_numpy(out), interop.to_numpy(lse)
-
-
 def _check(problem, monkeypatch):
-    backend = _backend()
-    launched = record_launches(monkeypatch)
-    out, lse = _run(problem, backend)
-    assert launched == ["sparse_mla_fwd_wgmma"], launched
-    expected_out, expected_lse = reference.sparse_mla(**problem.inputs)
-    tolerance = tolerance_for("bfloat16", backend)
-    assert_close(out, expected_out, tolerance, name="out")
-    assert_close(lse, expected_lse, tolerance, name="lse")
-    empty = ~reference.valid_slots(problem.inputs["indices"], problem.inputs["kv"].shape[0],
-                                   problem.inputs["topk_length"]).any(axis=1)
-    assert (out[empty] == 0).all() and np.isneginf(lse[empty]).all()
-    return out, lse
-
-
-SMALL_CASES = {
-    f"h{h}-topk{topk}": dict(s_q=4, s_kv=600, h=h, topk=topk, invalid_fraction=0.2, duplicate_fraction=0.25,
-                             attn_sink=True, empty_query=1, topk_lengths=[topk, 0, 37, topk - 64 + 5])
-    for h in (64, 128) for topk in (64, 128, 320)
-}
-SMALL_CASES["h64-topk100-plain"] = dict(s_q=3, s_kv=300, h=64, topk=100)  # a partial last tile, no options
-SMALL_CASES["h128-topk64-few-rows"] = dict(s_q=3, s_kv=40, h=128, topk=64, duplicate_fraction=0.5,
-                                           logit_scale=3.0)  # few rows, each read many times
-SMALL_CASES["h64-topk2048"] = dict(s_q=2, s_kv=5000, h=64, topk=2048, invalid_fraction=0.05, topk_length=True,
-                                   attn_sink=True)
-SMALL_CASES["h64-all-invalid"] = dict(s_q=3, s_kv=50, h=64, topk=64, invalid_fraction=1.0)
+    return check_forward(problem, monkeypatch, _backend(), "sparse_mla_fwd_wgmma")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", list(SMALL_CASES))
+@pytest.mark.parametrize("name", list(FORWARD_CASES))
 def test_wgmma_forward_matches_reference(name, monkeypatch):
-    _check(_problem(len(name), **SMALL_CASES[name]), monkeypatch)
+    _check(forward_problem(len(name), **FORWARD_CASES[name]), monkeypatch)
 
 
 @pytest.mark.gpu
 def test_wgmma_forward_reruns_are_bitwise_equal(monkeypatch):
-    problem = _problem(5, s_q=6, s_kv=2000, h=128, topk=512, invalid_fraction=0.1, duplicate_fraction=0.1,
-                       topk_length=True, attn_sink=True)
+    problem = forward_problem(5, s_q=6, s_kv=2000, h=128, topk=512, invalid_fraction=0.1, duplicate_fraction=0.1,
+                              topk_length=True, attn_sink=True)
     first = _check(problem, monkeypatch)
-    second = _run(problem, _backend())
+    second = run_forward(problem, _backend())
     for a, b in zip(first, second):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
@@ -283,11 +228,11 @@ def test_wgmma_forward_follows_the_environment_variable(monkeypatch):
     backend.hopper_forward = False
     monkeypatch.setenv("DSA_REF_CUPY_WGMMA", "1")
     launched = record_launches(monkeypatch)
-    _run(_problem(2, s_q=2, s_kv=100, h=64, topk=64), backend)
+    run_forward(forward_problem(2, s_q=2, s_kv=100, h=64, topk=64), backend)
     assert launched == ["sparse_mla_fwd_wgmma"], launched
 
 
 @pytest.mark.gpu
 def test_wgmma_forward_at_the_v32_size(monkeypatch):
-    _check(_problem(11, s_q=32, s_kv=8192, h=128, topk=2048, invalid_fraction=0.02, duplicate_fraction=0.02,
-                    topk_length=True, attn_sink=True, distribution="recent"), monkeypatch)
+    _check(forward_problem(11, s_q=32, s_kv=8192, h=128, topk=2048, invalid_fraction=0.02, duplicate_fraction=0.02,
+                           topk_length=True, attn_sink=True, distribution="recent"), monkeypatch)

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cupy_hopper import hopper_backend
 from cupy_launches import record_launches
 
-import dsa_ref
-from dsa_ref import interop, reference
-from dsa_ref.testing import assert_close, problems
-from dsa_ref.testing.tolerances import tolerance_for
 from dsa_ref_backends.cupy_cuda import backend as cupy_backend
 from dsa_ref_backends.cupy_cuda import compile_check, kernels
+
+pytest.register_assert_rewrite("cupy_wgmma_problems")  # its asserts report as this file's do
+from cupy_wgmma_problems import FORWARD_CASES, check_forward, forward_problem, run_forward  # noqa: E402
 
 SOURCE = "sparse_mla_wgmma_v2.cu"
 KERNEL = "sparse_mla_fwd_wgmma_v2"
@@ -185,71 +185,20 @@ def test_the_index_check_fails_on_the_first_kernel(nvcc, tmp_path):
 
 # ----------------------------------------------------------------------------- GPU
 def _backend(v2: bool = True):
-    pytest.importorskip("cupy")
-    backend = cupy_backend.CupyBackend()
-    if backend.unavailable_reasons():
-        pytest.skip("; ".join(backend.unavailable_reasons()))
-    if cupy_backend._compute_capability() != 90:
-        pytest.skip("the wgmma forward runs on compute capability 9.0 only")
-    if cupy_backend._smem_optin() < cupy_backend.WGMMA_FORWARD_SMEM:
-        pytest.skip("the wgmma forward needs sm_90's shared memory per block")
+    backend = hopper_backend("the wgmma forward", cupy_backend.WGMMA_FORWARD_SMEM)
     backend.poison_outputs = True  # an element the kernel forgets to write is NaN and fails the comparison
     backend.hopper_forward = True
     backend.hopper_forward_v2 = v2
     return backend
 
 
-def _problem(seed: int, *, s_q, s_kv, h, topk, empty_query=None, topk_lengths=None, **features):
-    """A bf16 V3.2 forward problem; ``empty_query`` gets no valid slot at all; ``topk_lengths``
-    replaces the random lengths (0, cuts inside a tile, ...); rows nobody reads are NaN."""
-    rng = np.random.default_rng(seed)
-    problem = problems.sparse_mla_problem(rng, s_q=s_q, s_kv=s_kv, h=h, d_qk=576, d_v=512, topk=topk,
-                                          dtype="bfloat16", **features)
-    inputs = dict(problem.inputs)
-    if empty_query is not None:
-        indices = inputs["indices"].copy()
-        indices[empty_query] = rng.choice(np.array([-1, s_kv, problems.INT32_MIN, problems.INT32_MAX], np.int32),
-                                          size=topk)
-        inputs["indices"] = indices
-    if topk_lengths is not None:
-        inputs["topk_length"] = np.asarray(topk_lengths, np.int32)
-    kv = inputs["kv"].copy()
-    kv[problems.unread_rows(inputs["indices"], s_kv, inputs["topk_length"])] = np.nan
-    inputs["kv"] = kv
-    return problems.Problem("sparse_mla", inputs, dict(problem.params), "bfloat16")
-
-
-def _run(problem, backend):
-    out, lse = dsa_ref.sparse_mla(**problem.native_inputs(backend), backend=backend)
-    return interop.to_numpy(out), interop.to_numpy(lse)
-
-
 def _check(problem, monkeypatch, backend=None):
-    backend = backend or _backend()
-    launched = record_launches(monkeypatch)
-    out, lse = _run(problem, backend)
-    assert launched == [KERNEL], launched
-    expected_out, expected_lse = reference.sparse_mla(**problem.inputs)
-    tolerance = tolerance_for("bfloat16", backend)
-    assert_close(out, expected_out, tolerance, name="out")
-    assert_close(lse, expected_lse, tolerance, name="lse")
-    empty = ~reference.valid_slots(problem.inputs["indices"], problem.inputs["kv"].shape[0],
-                                   problem.inputs["topk_length"]).any(axis=1)
-    assert (out[empty] == 0).all() and np.isneginf(lse[empty]).all()
-    return out, lse
+    return check_forward(problem, monkeypatch, backend or _backend(), KERNEL)
 
 
-CASES = {
-    f"h{h}-topk{topk}": dict(s_q=4, s_kv=600, h=h, topk=topk, invalid_fraction=0.2, duplicate_fraction=0.25,
-                             attn_sink=True, empty_query=1, topk_lengths=[topk, 0, 37, topk - 64 + 5])
-    for h in (64, 128) for topk in (64, 128, 320)
-}
-CASES["h64-topk100-plain"] = dict(s_q=3, s_kv=300, h=64, topk=100)  # a partial last tile, no options
-CASES["h128-topk64-few-rows"] = dict(s_q=3, s_kv=40, h=128, topk=64, duplicate_fraction=0.5, logit_scale=3.0)
-CASES["h64-topk2048"] = dict(s_q=2, s_kv=5000, h=64, topk=2048, invalid_fraction=0.05, topk_length=True,
-                             attn_sink=True)
-CASES["h64-all-invalid"] = dict(s_q=3, s_kv=50, h=64, topk=64, invalid_fraction=1.0)
-# Tile counts 1, 2 and 3 around the two stages, cuts one slot into a tile and one slot short of one.
+#: The first kernel's cases, and tile counts 1, 2 and 3 around the two stages, cuts one slot into a tile
+#: and one slot short of one.
+CASES = dict(FORWARD_CASES)
 CASES["h128-topk192-cuts"] = dict(s_q=5, s_kv=900, h=128, topk=192, invalid_fraction=0.1, attn_sink=True,
                                   topk_lengths=[1, 64, 65, 127, 192])
 
@@ -257,18 +206,18 @@ CASES["h128-topk192-cuts"] = dict(s_q=5, s_kv=900, h=128, topk=192, invalid_frac
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
 def test_wgmma_v2_forward_matches_reference(name, monkeypatch):
-    _check(_problem(len(name), **CASES[name]), monkeypatch)
+    _check(forward_problem(len(name), **CASES[name]), monkeypatch)
 
 
 @pytest.mark.gpu
 def test_wgmma_v2_forward_is_bitwise_the_first_kernel(monkeypatch):
     """The consumers' arithmetic is the first kernel's, operation for operation (a skipped rescale
     multiplies by exactly 1), and both producers write the same tiles: out and lse agree bit for bit."""
-    problem = _problem(5, s_q=6, s_kv=2000, h=128, topk=512, invalid_fraction=0.1, duplicate_fraction=0.1,
-                       topk_length=True, attn_sink=True)
+    problem = forward_problem(5, s_q=6, s_kv=2000, h=128, topk=512, invalid_fraction=0.1, duplicate_fraction=0.1,
+                              topk_length=True, attn_sink=True)
     second = _check(problem, monkeypatch)
     launched = record_launches(monkeypatch)
-    first = _run(problem, _backend(v2=False))
+    first = run_forward(problem, _backend(v2=False))
     assert launched == ["sparse_mla_fwd_wgmma"], launched
     for a, b in zip(second, first):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
@@ -278,14 +227,14 @@ def test_wgmma_v2_forward_is_bitwise_the_first_kernel(monkeypatch):
 def test_wgmma_v2_forward_follows_the_environment_variable(monkeypatch):
     backend = _backend(v2=False)
     monkeypatch.setenv(ENV, "1")
-    _check(_problem(2, s_q=2, s_kv=100, h=64, topk=64), monkeypatch, backend)
+    _check(forward_problem(2, s_q=2, s_kv=100, h=64, topk=64), monkeypatch, backend)
     monkeypatch.setenv(ENV, "0")
     launched = record_launches(monkeypatch)
-    _run(_problem(2, s_q=2, s_kv=100, h=64, topk=64), _backend(v2=True))
+    run_forward(forward_problem(2, s_q=2, s_kv=100, h=64, topk=64), _backend(v2=True))
     assert launched == ["sparse_mla_fwd_wgmma"], launched
 
 
 @pytest.mark.gpu
 def test_wgmma_v2_forward_at_the_v32_size(monkeypatch):
-    _check(_problem(11, s_q=32, s_kv=8192, h=128, topk=2048, invalid_fraction=0.02, duplicate_fraction=0.02,
-                    topk_length=True, attn_sink=True, distribution="recent"), monkeypatch)
+    _check(forward_problem(11, s_q=32, s_kv=8192, h=128, topk=2048, invalid_fraction=0.02, duplicate_fraction=0.02,
+                           topk_length=True, attn_sink=True, distribution="recent"), monkeypatch)

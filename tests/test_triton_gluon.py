@@ -11,20 +11,25 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
 from triton_ptxas import compile_gluon_for_sm90, ptxas_usage, run_compiled_report
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from dsa_ref import interop, reference  # noqa: E402
-from dsa_ref.testing.assertions import assert_close  # noqa: E402
-from dsa_ref.testing.tolerances import tolerance_for  # noqa: E402
 from dsa_ref_backends.torch_triton import sparse_mla, sparse_mla_gluon  # noqa: E402
 from dsa_ref_backends.torch_triton._interpreter import interpreter_enabled  # noqa: E402
 
-H100_SHARED_MEMORY_PER_BLOCK = 232448  # 227 KiB, the opt-in maximum of sm_90
+pytest.register_assert_rewrite("gluon_forward_cases")  # its asserts report as this file's do
+from gluon_forward_cases import (  # noqa: E402
+    H100_SHARED_MEMORY_PER_BLOCK,
+    awkward_case,
+    check_awkward_case,
+    check_int64_indices_and_views,
+    require_hopper,
+    zero_inputs,
+)
+
 COMPILE_CASES = [(True, True), (False, False)]  # (topk_length, attn_sink)
 
 
@@ -76,13 +81,6 @@ def test_gluon_sm90_compile_uses_wgmma_with_d_v_split_and_async_gathers(compiled
 
 
 # --------------------------------------------------------------------------- when it applies
-def _inputs(device="cpu", *, s_q=2, h=64, s_kv=16, topk=8, dtype=torch.bfloat16):
-    q = torch.zeros(s_q, h, 576, dtype=dtype, device=device)
-    kv = torch.zeros(s_kv, 576, dtype=dtype, device=device)
-    indices = torch.zeros(s_q, topk, dtype=torch.int32, device=device)
-    return q, kv, indices
-
-
 def _environment_reasons(device="cpu") -> list[str]:
     reasons = []
     if interpreter_enabled():
@@ -93,7 +91,7 @@ def _environment_reasons(device="cpu") -> list[str]:
 
 
 def test_gluon_applies_names_only_the_machine_for_supported_inputs():
-    q, kv, indices = _inputs()
+    q, kv, indices = zero_inputs()
     reasons = sparse_mla_gluon.gluon_applies(q, kv, 512, indices, torch.zeros(2, dtype=torch.int32), torch.zeros(64))
     assert reasons == _environment_reasons()
 
@@ -127,7 +125,7 @@ def test_gluon_applies_gives_each_reason_with_its_value(change, expected):
 
 
 def test_gluon_refuses_to_launch_where_it_does_not_apply():
-    q, kv, indices = _inputs(dtype=torch.float32)
+    q, kv, indices = zero_inputs(dtype=torch.float32)
     with pytest.raises(ValueError, match=r"does not apply: q dtype=torch\.float32.*needs a CUDA GPU"):
         sparse_mla_gluon.sparse_mla_gluon(q, kv, indices, 576**-0.5)
     with pytest.raises(ValueError, match=r"does not apply: .*d_v=256 \(supported: 512\)"):
@@ -135,7 +133,7 @@ def test_gluon_refuses_to_launch_where_it_does_not_apply():
 
 
 def test_sparse_mla_kernel_choice_is_checked():
-    q, kv, indices = _inputs()
+    q, kv, indices = zero_inputs()
     with pytest.raises(ValueError,
                        match=(r"kernel='cuda' is not a valid sparse MLA kernel; "
                               r"available: \['tl', 'gluon', 'gluon_pingpong'\]")):
@@ -145,36 +143,10 @@ def test_sparse_mla_kernel_choice_is_checked():
 
 
 # --------------------------------------------------------------------------- on a Hopper GPU
-def _hopper():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("needs a Hopper (sm_90) GPU")
-
-
 def _awkward_case(h, s_kv, topk, *, seed, sink, with_topk_length, index_dtype=torch.int32):
-    """bf16 inputs whose index rows hold every kind of invalid slot, duplicates, an empty row and
-    a row of invalid slots only."""
-    generator = torch.Generator().manual_seed(seed)
-    s_q = 6
-    q = torch.randn(s_q, h, 576, generator=generator).to(torch.bfloat16)
-    kv = torch.randn(s_kv, 576, generator=generator).to(torch.bfloat16)
-    indices = torch.randint(0, s_kv, (s_q, topk), generator=generator).to(index_dtype)
-    for n, bad in enumerate((-(2**31), -1, s_kv, 2**31 - 1)):
-        indices[:, n::13] = bad
-    if index_dtype == torch.int64:
-        indices[:, 5::17] = 2**32 + 3  # wraps to row 3 if narrowed without a check
-    indices[1, : topk // 2] = indices[1, 0].clamp(min=0)  # duplicates: one row counted many times
-    indices[2] = -1  # no valid slot: out 0, lse -inf
-    topk_length = None
-    if with_topk_length:
-        topk_length = torch.randint(0, topk + 1, (s_q,), generator=generator, dtype=torch.int32)
-        topk_length[0], topk_length[3] = topk, 0  # the whole row; an empty row
-        topk_length[4] = min(topk, 65)  # a tile cut after one slot
-    attn_sink = torch.randn(h, generator=generator) if sink else None
-    return q, kv, indices, topk_length, attn_sink
-
-
-def _np(x):
-    return None if x is None else interop.to_numpy(x)
+    """awkward_case of 6 queries; with topk_length, row 0 whole, row 3 empty, row 4 a tile cut after one slot."""
+    return awkward_case(h, s_kv, topk, seed=seed, sink=sink, with_topk_length=with_topk_length,
+                        index_dtype=index_dtype, s_q=6, lengths={0: topk, 3: 0, 4: 65})
 
 
 @pytest.mark.gpu
@@ -183,38 +155,17 @@ def _np(x):
                                            (64, 65536, 2048)])
 @pytest.mark.parametrize("sink, with_topk_length", [(False, False), (True, True)])
 def test_gluon_matches_reference_on_awkward_cases(h, s_kv, topk, sink, with_topk_length):
-    _hopper()
-    q, kv, indices, topk_length, attn_sink = _awkward_case(h, s_kv, topk, seed=h + s_kv + topk, sink=sink,
-                                                           with_topk_length=with_topk_length)
-    cuda = [None if x is None else x.cuda() for x in (q, kv, indices, topk_length, attn_sink)]
-    out, lse = sparse_mla.sparse_mla(cuda[0], cuda[1], cuda[2], 576**-0.5, 512, cuda[3], cuda[4], kernel="gluon")
-    again_out, again_lse = sparse_mla.sparse_mla(cuda[0], cuda[1], cuda[2], 576**-0.5, 512, cuda[3], cuda[4],
-                                                 kernel="gluon")
-    assert torch.equal(out.view(torch.int32), again_out.view(torch.int32)), "repeated run differs"
-    assert torch.equal(lse.view(torch.int32), again_lse.view(torch.int32)), "repeated run differs"
-    expected_out, expected_lse = reference.sparse_mla(_np(q), _np(kv), indices.numpy(), d_v=512,
-                                                      topk_length=_np(topk_length), attn_sink=_np(attn_sink))
-    tolerance = tolerance_for("bfloat16")
-    assert_close(_np(out), expected_out, tolerance, name="out")
-    assert_close(_np(lse), expected_lse, tolerance, name="lse", scale_by_max=False)
-    assert np.all(_np(out)[2] == 0.0) and np.all(np.isneginf(_np(lse)[2])), "a row with no valid slot"
+    require_hopper()
+    case = _awkward_case(h, s_kv, topk, seed=h + s_kv + topk, sink=sink, with_topk_length=with_topk_length)
+    check_awkward_case(case, "gluon")
 
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("poisoned_torch_outputs")
 def test_gluon_int64_indices_past_int32_are_invalid_and_views_are_accepted():
-    _hopper()
-    q, kv, indices, topk_length, attn_sink = _awkward_case(128, 2048, 256, seed=7, sink=True, with_topk_length=True,
-                                                           index_dtype=torch.int64)
-    wide_q = torch.cat([q, q], dim=-1).cuda()[..., 576:]  # not contiguous: the launcher copies it
-    out, lse = sparse_mla_gluon.sparse_mla_gluon(wide_q, kv.cuda()[1:], (indices - 1).cuda(), 0.05,
-                                                 topk_length.cuda(), attn_sink.cuda())
-    expected_out, expected_lse = reference.sparse_mla(_np(q), _np(kv)[1:], (indices - 1).numpy(), sm_scale=0.05,
-                                                      d_v=512, topk_length=_np(topk_length),
-                                                      attn_sink=_np(attn_sink))
-    tolerance = tolerance_for("bfloat16")
-    assert_close(_np(out), expected_out, tolerance, name="out")
-    assert_close(_np(lse), expected_lse, tolerance, name="lse", scale_by_max=False)
+    require_hopper()
+    case = _awkward_case(128, 2048, 256, seed=7, sink=True, with_topk_length=True, index_dtype=torch.int64)
+    check_int64_indices_and_views(sparse_mla_gluon.sparse_mla_gluon, case)
 
 
 if __name__ == "__main__":

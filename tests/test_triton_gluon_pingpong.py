@@ -25,13 +25,23 @@ from triton_ptxas import run_compiled_report
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from dsa_ref import interop, reference  # noqa: E402
 from dsa_ref.testing.assertions import assert_close  # noqa: E402
 from dsa_ref.testing.tolerances import tolerance_for  # noqa: E402
 from dsa_ref_backends.torch_triton import sparse_mla, sparse_mla_gluon, sparse_mla_gluon_pingpong  # noqa: E402
 
+pytest.register_assert_rewrite("gluon_forward_cases")  # its asserts report as this file's do
+from gluon_forward_cases import (  # noqa: E402
+    H100_SHARED_MEMORY_PER_BLOCK,
+    assert_matches_reference,
+    awkward_case,
+    check_awkward_case,
+    check_int64_indices_and_views,
+    require_hopper,
+    to_numpy,
+    zero_inputs,
+)
+
 pingpong = sparse_mla_gluon_pingpong
-H100_SHARED_MEMORY_PER_BLOCK = 232448  # 227 KiB, the opt-in maximum of sm_90
 REGISTER_FILE = 65536  # 32-bit registers of an SM, all of them this kernel's (one CTA an SM)
 COMPILE_CASES = (True, False)  # HAS_TOPK_LENGTH
 
@@ -140,13 +150,6 @@ def test_pingpong_sm90_compile_has_the_designed_products_and_gathers(compiled, c
 
 
 # --------------------------------------------------------------------------- the switch, the refusals
-def _bf16_inputs(*, s_q=2, h=64, s_kv=16, topk=64):
-    q = torch.zeros(s_q, h, 576, dtype=torch.bfloat16)
-    kv = torch.zeros(s_kv, 576, dtype=torch.bfloat16)
-    indices = torch.zeros(s_q, topk, dtype=torch.int32)
-    return q, kv, indices
-
-
 class _RecordingKernels:
     """Stands in for the sparse MLA module: records the kernel the backend chose."""
 
@@ -173,7 +176,7 @@ def recording(monkeypatch):
 def _chosen(kernels, backend=None) -> str:
     from dsa_ref_backends.torch_triton.backend import TritonBackend
 
-    q, kv, indices = _bf16_inputs()
+    q, kv, indices = zero_inputs(topk=64)
     (backend or TritonBackend()).sparse_mla(q, kv, indices, sm_scale=0.05, d_v=512, topk_length=None, attn_sink=None)
     return kernels.kernels[-1]
 
@@ -207,7 +210,7 @@ def test_pingpong_switch_attribute_and_environment(recording, monkeypatch):
 def test_pingpong_only_where_the_gluon_kernel_applies(monkeypatch):
     from dsa_ref_backends.torch_triton import backend as triton_backend
 
-    q, kv, indices = _bf16_inputs()
+    q, kv, indices = zero_inputs(topk=64)
     # On the CPU (or the interpreter) the Gluon kernel does not apply, so neither does its variant.
     assert sparse_mla_gluon.gluon_applies(q, kv, 512, indices)
     assert triton_backend.forward_kernel(True, q, kv, 512, indices, None, None, pingpong=True) == "tl"
@@ -219,7 +222,7 @@ def test_pingpong_only_where_the_gluon_kernel_applies(monkeypatch):
 
 
 def test_pingpong_refuses_what_the_gluon_kernel_refuses():
-    q, kv, indices = _bf16_inputs()
+    q, kv, indices = zero_inputs(topk=64)
     with pytest.raises(ValueError, match=r"ping-pong sparse MLA kernel does not apply: .*q dtype=torch\.float32"):
         pingpong.sparse_mla_gluon_pingpong(q.to(torch.float32), kv, indices, 576**-0.5)
     with pytest.raises(ValueError, match=r"ping-pong sparse MLA kernel does not apply: .*h=96 \(supported: a multiple"):
@@ -243,45 +246,21 @@ def _release_it_is_written_for(monkeypatch):
 
 
 # --------------------------------------------------------------------------- on a Hopper GPU
-def _hopper():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("needs a Hopper (sm_90) GPU")
-
-
 def _awkward_case(h, s_kv, topk, *, seed, sink, with_topk_length, index_dtype=torch.int32):
-    """bf16 inputs whose index rows hold every kind of invalid slot, duplicates, a row of invalid slots
-    only, and (with topk_length) lengths that end a tile anywhere, both consumers' last tile included."""
-    generator = torch.Generator().manual_seed(seed)
-    s_q = 10
-    q = torch.randn(s_q, h, 576, generator=generator).to(torch.bfloat16)
-    kv = torch.randn(s_kv, 576, generator=generator).to(torch.bfloat16)
-    indices = torch.randint(0, s_kv, (s_q, topk), generator=generator).to(index_dtype)
-    for n, bad in enumerate((-(2**31), -1, s_kv, 2**31 - 1)):
-        indices[:, n::13] = bad
-    if index_dtype == torch.int64:
-        indices[:, 5::17] = 2**32 + 3  # wraps to row 3 if narrowed without a check
-    indices[1, : topk // 2] = indices[1, 0].clamp(min=0)  # duplicates: one row counted many times
-    indices[2] = -1  # no valid slot: out 0, lse -inf
-    indices[5, 32:] = -1  # only the first tile valid: the second consumer's tiles all masked
-    topk_length = None
-    if with_topk_length:
-        topk_length = torch.randint(0, topk + 1, (s_q,), generator=generator, dtype=torch.int32)
-        lengths = (topk, 0, 1, 31, 32, 33, 64, 65)  # the whole row, an empty row, tiles cut and whole
-        for row, length in zip((0, 3, 4, 6, 7, 8, 9, 5), lengths):
-            topk_length[row] = min(topk, length)
-    attn_sink = torch.randn(h, generator=generator) if sink else None
-    return q, kv, indices, topk_length, attn_sink
-
-
-def _np(x):
-    return None if x is None else interop.to_numpy(x)
+    """awkward_case of 10 queries, row 5 valid in its first tile only, and (with topk_length) lengths that
+    end a tile anywhere, both consumers' last tile included."""
+    lengths = (topk, 0, 1, 31, 32, 33, 64, 65)  # the whole row, an empty row, tiles cut and whole
+    case = awkward_case(h, s_kv, topk, seed=seed, sink=sink, with_topk_length=with_topk_length,
+                        index_dtype=index_dtype, s_q=10, lengths=dict(zip((0, 3, 4, 6, 7, 8, 9, 5), lengths)))
+    case[2][5, 32:] = -1  # only the first tile valid: the second consumer's tiles all masked
+    return case
 
 
 @pytest.mark.gpu
 def test_pingpong_finishes_on_small_inputs():
     """A mistake in the mbarrier protocol hangs the GPU rather than failing: run a few launches in a
     child process with a time limit first."""
-    _hopper()
+    require_hopper()
     script = textwrap.dedent("""
         import torch
         from dsa_ref_backends.torch_triton.sparse_mla_gluon_pingpong import sparse_mla_gluon_pingpong
@@ -308,61 +287,36 @@ def test_pingpong_finishes_on_small_inputs():
                                            (128, 8192, 2048), (64, 65536, 2048), (128, 2048, 96)])
 @pytest.mark.parametrize("sink, with_topk_length", [(False, False), (True, True)])
 def test_pingpong_matches_reference_on_awkward_cases(h, s_kv, topk, sink, with_topk_length):
-    _hopper()
-    q, kv, indices, topk_length, attn_sink = _awkward_case(h, s_kv, topk, seed=h + s_kv + topk, sink=sink,
-                                                           with_topk_length=with_topk_length)
-    cuda = [None if x is None else x.cuda() for x in (q, kv, indices, topk_length, attn_sink)]
-    out, lse = sparse_mla.sparse_mla(cuda[0], cuda[1], cuda[2], 576**-0.5, 512, cuda[3], cuda[4],
-                                     kernel="gluon_pingpong")
-    again_out, again_lse = sparse_mla.sparse_mla(cuda[0], cuda[1], cuda[2], 576**-0.5, 512, cuda[3], cuda[4],
-                                                 kernel="gluon_pingpong")
-    assert torch.equal(out.view(torch.int32), again_out.view(torch.int32)), "repeated run differs"
-    assert torch.equal(lse.view(torch.int32), again_lse.view(torch.int32)), "repeated run differs"
-    expected_out, expected_lse = reference.sparse_mla(_np(q), _np(kv), indices.numpy(), d_v=512,
-                                                      topk_length=_np(topk_length), attn_sink=_np(attn_sink))
-    tolerance = tolerance_for("bfloat16")
-    assert_close(_np(out), expected_out, tolerance, name="out")
-    assert_close(_np(lse), expected_lse, tolerance, name="lse", scale_by_max=False)
-    assert np.all(_np(out)[2] == 0.0) and np.all(np.isneginf(_np(lse)[2])), "a row with no valid slot"
+    require_hopper()
+    case = _awkward_case(h, s_kv, topk, seed=h + s_kv + topk, sink=sink, with_topk_length=with_topk_length)
+    cuda, out, lse = check_awkward_case(case, "gluon_pingpong")
     if with_topk_length:
-        assert np.all(_np(out)[3] == 0.0) and np.all(np.isneginf(_np(lse)[3])), "topk_length 0"
+        assert np.all(to_numpy(out)[3] == 0.0) and np.all(np.isneginf(to_numpy(lse)[3])), "topk_length 0"
     # The first Gluon kernel on the same inputs: the same math, another order of the sums.
     gluon_out, gluon_lse = sparse_mla.sparse_mla(cuda[0], cuda[1], cuda[2], 576**-0.5, 512, cuda[3], cuda[4],
                                                  kernel="gluon")
-    assert_close(_np(out), _np(gluon_out), tolerance, name="out against the first Gluon kernel")
+    assert_close(to_numpy(out), to_numpy(gluon_out), tolerance_for("bfloat16"),
+                 name="out against the first Gluon kernel")
 
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("poisoned_torch_outputs")
 def test_pingpong_int64_indices_past_int32_are_invalid_and_views_are_accepted():
-    _hopper()
-    q, kv, indices, topk_length, attn_sink = _awkward_case(128, 2048, 256, seed=7, sink=True, with_topk_length=True,
-                                                           index_dtype=torch.int64)
-    wide_q = torch.cat([q, q], dim=-1).cuda()[..., 576:]  # not contiguous: the launcher copies it
-    out, lse = pingpong.sparse_mla_gluon_pingpong(wide_q, kv.cuda()[1:], (indices - 1).cuda(), 0.05,
-                                                  topk_length.cuda(), attn_sink.cuda())
-    expected_out, expected_lse = reference.sparse_mla(_np(q), _np(kv)[1:], (indices - 1).numpy(), sm_scale=0.05,
-                                                      d_v=512, topk_length=_np(topk_length),
-                                                      attn_sink=_np(attn_sink))
-    tolerance = tolerance_for("bfloat16")
-    assert_close(_np(out), expected_out, tolerance, name="out")
-    assert_close(_np(lse), expected_lse, tolerance, name="lse", scale_by_max=False)
+    require_hopper()
+    case = _awkward_case(128, 2048, 256, seed=7, sink=True, with_topk_length=True, index_dtype=torch.int64)
+    check_int64_indices_and_views(pingpong.sparse_mla_gluon_pingpong, case)
 
 
 @pytest.mark.gpu
 def test_pingpong_through_the_backend_switch(monkeypatch):
-    _hopper()
+    require_hopper()
     import dsa_ref
 
-    q, kv, indices, topk_length, attn_sink = _awkward_case(64, 1000, 200, seed=3, sink=True, with_topk_length=True)
-    cuda = [None if x is None else x.cuda() for x in (q, kv, indices, topk_length, attn_sink)]
+    case = _awkward_case(64, 1000, 200, seed=3, sink=True, with_topk_length=True)
+    cuda = [None if x is None else x.cuda() for x in case]
     monkeypatch.setenv("DSA_REF_TRITON_GLUON_PINGPONG", "1")
     out, lse = dsa_ref.sparse_mla(cuda[0], cuda[1], cuda[2], topk_length=cuda[3], attn_sink=cuda[4], backend="triton")
-    expected_out, expected_lse = reference.sparse_mla(_np(q), _np(kv), indices.numpy(), d_v=512,
-                                                      topk_length=_np(topk_length), attn_sink=_np(attn_sink))
-    tolerance = tolerance_for("bfloat16")
-    assert_close(_np(out), expected_out, tolerance, name="out")
-    assert_close(_np(lse), expected_lse, tolerance, name="lse", scale_by_max=False)
+    assert_matches_reference(out, lse, *case)
 
 
 if __name__ == "__main__":
