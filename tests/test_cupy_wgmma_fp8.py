@@ -1,6 +1,8 @@
-"""The cupy backend's Hopper sparse-MLA forward over the packed FP8 cache (``sparse_mla_fwd_wgmma_fp8`` in
+"""The cupy backend's Hopper sparse-MLA forwards over the packed FP8 cache (``sparse_mla_fwd_wgmma_fp8`` in
 csrc/sparse_mla_wgmma.cu: the wgmma kernel whose producer warpgroup dequantizes the gathered 656-byte rows
-into its bf16 tiles; sm_90a only, the default there, ``CupyBackend.hopper_fp8_decode``).
+into its bf16 tiles; sm_90a only, the default there, ``CupyBackend.hopper_fp8_decode``; and
+``sparse_mla_fwd_wgmma_fp8_v2`` in csrc/sparse_mla_wgmma_v2.cu, the same rows on the second wgmma schedule,
+``CupyBackend.hopper_fp8_decode_v2``).
 
 CPU part: which inputs the wrapper routes to it (only when chosen, only on compute capability 9.0, only the
 packed cache with bf16 q at d_qk 576, d_v 512 and h a multiple of 64; everything else as before), the
@@ -9,12 +11,13 @@ switch set by the tests): against the float64 reference on the unpacked cache wi
 tolerance, on invalid indices of every kind, duplicates, topk_length with 0 and cuts inside a tile,
 attn_sink, a query without a valid slot, unread rows filled with NaN bytes, h 64 and 128, topk not a
 multiple of 64, decode-like batches of one and two queries a sequence; a cache view off a 16-byte
-boundary; bitwise-equal reruns; one V3.2-size decode (b 64, s_q 2, T 32K, h 128, topk 2048). Each test
-checks which kernel ran.
+boundary; bitwise-equal reruns; one V3.2-size decode (b 64, s_q 2, T 32K, h 128, topk 2048). Each runs on
+both kernels and checks which one ran; the second kernel's outputs equal the first's bit for bit.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import numpy as np
@@ -27,11 +30,14 @@ from dsa_ref.reference import formats
 from dsa_ref.testing import assert_close, problems
 from dsa_ref.testing.tolerances import tolerance_for
 from dsa_ref_backends.cupy_cuda import backend as cupy_backend
-from dsa_ref_backends.cupy_cuda import kernels
+from dsa_ref_backends.cupy_cuda import compile_check, kernels
 
 H200_SMEM = 232448  # MaxSharedMemoryPerBlockOptin of sm_90
 A100_SMEM = 166912  # ... of sm_80
 KERNEL = "sparse_mla_fwd_wgmma_fp8"
+KERNEL_V2 = "sparse_mla_fwd_wgmma_fp8_v2"
+V2_SOURCE = "sparse_mla_wgmma_v2.cu"
+V2_ENV = "DSA_REF_CUPY_WGMMA_FP8_V2"
 
 
 # ----------------------------------------------------------------------------- CPU: routing
@@ -99,6 +105,8 @@ def test_the_kernel_is_listed_and_its_row_layout_is_the_specs():
     text = kernels.source_text("sparse_mla_wgmma.cu")
     assert re.search(r'extern "C" __global__ void __launch_bounds__\(mla_wgmma::THREADS, 1\)\s*' + KERNEL + r"\(",
                      text)
+    assert '#include "fp8_rows.cuh"' in text and '#include "fp8_rows.cuh"' in kernels.source_text(V2_SOURCE)
+    text = kernels.source_text("fp8_rows.cuh")  # the row format both kernels read
 
     def constant(name):
         found = re.search(rf"constexpr int {name} = (\d+);", text)
@@ -112,8 +120,38 @@ def test_the_kernel_is_listed_and_its_row_layout_is_the_specs():
     assert formats.KV_CACHE_FP8_BYTES % 16 == 0  # every row of an aligned cache starts 16-byte aligned
 
 
+# ----------------------------------------------------------------------------- CPU: the second kernel
+def test_the_second_fp8_kernel_is_opt_in_and_takes_only_the_first_ones_inputs(monkeypatch):
+    assert cupy_backend.CupyBackend.hopper_fp8_decode_v2 is False, "opt-in until the kit passes it on the GPU"
+    monkeypatch.delenv(V2_ENV, raising=False)
+    assert not cupy_backend.kernel_switch(cupy_backend.CupyBackend.hopper_fp8_decode_v2, V2_ENV)
+    monkeypatch.setenv(V2_ENV, "1")
+    assert cupy_backend.kernel_switch(False, V2_ENV)
+    text = inspect.getsource(cupy_backend.CupyBackend.sparse_mla)
+    # Only where forward_kernel_path chose the first FP8 kernel; the same launch (grid, threads, shared memory).
+    assert (f'if kernel_path == "wgmma_fp8" and kernel_switch(self.hopper_fp8_decode_v2, "{V2_ENV}"):\n'
+            f'                source, name = "{V2_SOURCE}", "{KERNEL_V2}"') in text
+    assert "kernels.kernel(source, name, device_id, WGMMA_FORWARD_SMEM)" in text
+    assert "_aligned_16(q), _aligned_16(kv)" in text  # its 16-byte row loads, as the first kernel's
+    assert KERNEL_V2 in kernels.KERNELS[V2_SOURCE] and kernels.template_kernels(V2_SOURCE) == ()
+
+
+def test_the_second_fp8_kernels_register_handover_fits_what_the_launch_allocates():
+    """setmaxnreg.inc takes only what setmaxnreg.dec gave back (168 a thread at launch): the FP8 producer's
+    and consumers' counts must fit in it, and the compiled kernel has no stack or spill."""
+    text = kernels.source_text(V2_SOURCE)
+    number = {name: int(re.search(rf"constexpr int {name} = (\d+);", text).group(1))
+              for name in ("LAUNCH_REGISTERS", "FP8_PRODUCER_REGISTERS", "FP8_CONSUMER_REGISTERS", "THREADS")}
+    producer, consumer = number["FP8_PRODUCER_REGISTERS"], number["FP8_CONSUMER_REGISTERS"]
+    assert producer % 8 == 0 and consumer % 8 == 0 and consumer >= 176  # the consumers spill under 176
+    assert 128 * producer + 256 * consumer <= number["THREADS"] * number["LAUNCH_REGISTERS"]
+    report = compile_check.report_path(V2_SOURCE, "sm_90a").read_text().splitlines()
+    (line,) = [line for line in report if line.startswith(f"{KERNEL_V2} ")]
+    assert line.split()[1:5] == [str(number["LAUNCH_REGISTERS"]), "0", "0", "0"], line
+
+
 # ----------------------------------------------------------------------------- GPU
-def _backend():
+def _backend(kernel: str = KERNEL):
     pytest.importorskip("cupy")
     backend = cupy_backend.CupyBackend()
     if backend.unavailable_reasons():
@@ -122,7 +160,14 @@ def _backend():
         pytest.skip("the wgmma forward runs on compute capability 9.0 only")
     backend.poison_outputs = True  # an element the kernel forgets to write is NaN and fails the comparison
     backend.hopper_fp8_decode = True
+    backend.hopper_fp8_decode_v2 = kernel == KERNEL_V2
     return backend
+
+
+@pytest.fixture(params=[KERNEL, KERNEL_V2])
+def kernel(request):
+    """Each GPU test on both FP8 wgmma kernels."""
+    return request.param
 
 
 def _poison_unread_rows(inputs):
@@ -188,11 +233,12 @@ def _compare(out, lse, inputs, backend):
     assert (out[empty] == 0).all() and np.isneginf(lse[empty]).all()
 
 
-def _check(problem, monkeypatch):
-    backend = _backend()
+def _check(problem, monkeypatch, kernel):
+    monkeypatch.delenv(V2_ENV, raising=False)  # the backend's attribute chooses, not the environment
+    backend = _backend(kernel)
     launched = record_launches(monkeypatch)
     out, lse = _run(problem.native_inputs(backend), backend)
-    assert launched == [KERNEL], launched
+    assert launched == [kernel], launched
     _compare(out, lse, problem.inputs, backend)
     return out, lse
 
@@ -216,8 +262,8 @@ SMALL_CASES["h128-v32-scale"] = dict(s_q=4, s_kv=3000, h=128, topk=512, sm_scale
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(SMALL_CASES))
-def test_fp8_wgmma_forward_matches_reference(name, monkeypatch):
-    _check(_problem(len(name), **SMALL_CASES[name]), monkeypatch)
+def test_fp8_wgmma_forward_matches_reference(name, monkeypatch, kernel):
+    _check(_problem(len(name), **SMALL_CASES[name]), monkeypatch, kernel)
 
 
 DECODE_CASES = {
@@ -230,25 +276,38 @@ DECODE_CASES = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(DECODE_CASES))
-def test_fp8_wgmma_forward_matches_reference_on_decode_batches(name, monkeypatch):
-    _check(_decode_problem(len(name), **DECODE_CASES[name]), monkeypatch)
+def test_fp8_wgmma_forward_matches_reference_on_decode_batches(name, monkeypatch, kernel):
+    _check(_decode_problem(len(name), **DECODE_CASES[name]), monkeypatch, kernel)
 
 
 @pytest.mark.gpu
-def test_fp8_wgmma_forward_reruns_are_bitwise_equal(monkeypatch):
+def test_fp8_wgmma_forward_reruns_are_bitwise_equal(monkeypatch, kernel):
     problem = _problem(5, s_q=6, s_kv=2000, h=128, topk=512, invalid_fraction=0.1, duplicate_fraction=0.1,
                        topk_length=True, attn_sink=True)
-    first = _check(problem, monkeypatch)
-    second = _run(problem.native_inputs(_backend()), _backend())
+    first = _check(problem, monkeypatch, kernel)
+    second = _run(problem.native_inputs(_backend(kernel)), _backend(kernel))
     for a, b in zip(first, second):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 @pytest.mark.gpu
-def test_fp8_wgmma_forward_copies_a_cache_view_off_a_16_byte_boundary(monkeypatch):
+@pytest.mark.parametrize("name", ["b8-next2-h128", "h64-topk2048", "h128-topk200-sink"])
+def test_fp8_wgmma_v2_outputs_are_the_first_kernels_bit_for_bit(name, monkeypatch):
+    """The same dequantized bf16 tiles and the same consumer arithmetic (v2 skips only O rescales by exactly
+    1): out and lse equal to the last bit."""
+    problem = (_decode_problem(len(name), **DECODE_CASES[name]) if name in DECODE_CASES
+               else _problem(len(name), **SMALL_CASES[name]))
+    first = _check(problem, monkeypatch, KERNEL)
+    second = _check(problem, monkeypatch, KERNEL_V2)
+    for a, b in zip(first, second):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.gpu
+def test_fp8_wgmma_forward_copies_a_cache_view_off_a_16_byte_boundary(monkeypatch, kernel):
     import cupy
 
-    backend = _backend()
+    backend = _backend(kernel)
     problem = _problem(9, s_q=3, s_kv=400, h=64, topk=128, invalid_fraction=0.1)
     inputs = problem.native_inputs(backend)
     cache = inputs["kv"]
@@ -260,12 +319,13 @@ def test_fp8_wgmma_forward_copies_a_cache_view_off_a_16_byte_boundary(monkeypatc
     inputs["kv"] = shifted
     launched = record_launches(monkeypatch)
     out, lse = _run(inputs, backend)
-    assert launched == [KERNEL], launched
+    assert launched == [kernel], launched
     _compare(out, lse, problem.inputs, backend)
 
 
 @pytest.mark.gpu
 def test_fp8_wgmma_forward_follows_the_environment_variable(monkeypatch):
+    monkeypatch.delenv(V2_ENV, raising=False)
     backend = _backend()
     problem = _problem(2, s_q=2, s_kv=100, h=64, topk=64)
     backend.hopper_fp8_decode = False
@@ -275,6 +335,26 @@ def test_fp8_wgmma_forward_follows_the_environment_variable(monkeypatch):
     assert launched == [KERNEL], launched
     backend.hopper_fp8_decode = True
     monkeypatch.setenv("DSA_REF_CUPY_WGMMA_FP8", "0")
+    launched.clear()
+    _run(problem.native_inputs(backend), backend)
+    assert launched == ["sparse_mla_fwd_mma<true>"], launched
+
+
+@pytest.mark.gpu
+def test_fp8_wgmma_v2_follows_its_environment_variable(monkeypatch):
+    monkeypatch.delenv("DSA_REF_CUPY_WGMMA_FP8", raising=False)
+    backend = _backend(KERNEL)
+    problem = _problem(2, s_q=2, s_kv=100, h=64, topk=64)
+    monkeypatch.setenv(V2_ENV, "1")
+    launched = record_launches(monkeypatch)
+    _run(problem.native_inputs(backend), backend)
+    assert launched == [KERNEL_V2], launched
+    backend.hopper_fp8_decode_v2 = True
+    monkeypatch.setenv(V2_ENV, "0")
+    launched.clear()
+    _run(problem.native_inputs(backend), backend)
+    assert launched == [KERNEL], launched
+    monkeypatch.setenv("DSA_REF_CUPY_WGMMA_FP8", "0")  # off with the first kernel's switch, as its inputs are
     launched.clear()
     _run(problem.native_inputs(backend), backend)
     assert launched == ["sparse_mla_fwd_mma<true>"], launched
@@ -299,11 +379,11 @@ def _random_packed_cache(cupy, rows: int, chunk_rows: int = 1 << 18):
 
 
 @pytest.mark.gpu
-def test_fp8_wgmma_forward_at_the_v32_decode_size(monkeypatch):
+def test_fp8_wgmma_forward_at_the_v32_decode_size(monkeypatch, kernel):
     """b 64, s_q 2, T 32K, h 128, topk 2048: the whole batch in one launch over a 1.4 GB cache; the float64
     reference on a sample of the queries (both ends of the batch, a few between) over the rows they read."""
     cupy = pytest.importorskip("cupy")
-    backend = _backend()
+    backend = _backend(kernel)
     batch, next_n, context, h, topk = 64, 2, 32768, 128, 2048
     cupy.random.seed(11)
     rng = np.random.default_rng(11)
@@ -321,7 +401,7 @@ def test_fp8_wgmma_forward_at_the_v32_decode_size(monkeypatch):
     out, lse = _run(dict(q=cupy.asarray(q.view(np.int16)), kv=cache, indices=cupy.asarray(indices),
                          sm_scale=problems.V32_SM_SCALE, d_v=512, topk_length=cupy.asarray(topk_length),
                          attn_sink=cupy.asarray(attn_sink)), backend)
-    assert launched == [KERNEL], launched
+    assert launched == [kernel], launched
     assert np.isfinite(out).all() and np.isfinite(lse).all()
 
     sample = np.array([0, 1, 2, 37, 64, 65, 100, queries - 2, queries - 1])

@@ -54,8 +54,7 @@ def test_the_v2_forward_is_the_default_and_follows_its_environment_variable(monk
 def test_the_backend_sends_only_the_wgmma_path_to_the_v2_kernel():
     text = inspect.getsource(cupy_backend.CupyBackend.sparse_mla)
     assert f'hopper_v2 = kernel_switch(self.hopper_forward_v2, "{ENV}")' in text
-    assert f'if kernel_path == "wgmma" and hopper_v2:\n                # ' in text
-    assert f'source, name = "{SOURCE}", "{KERNEL}"' in text
+    assert f'if kernel_path == "wgmma" and hopper_v2:\n                source, name = "{SOURCE}", "{KERNEL}"' in text
     assert "kernels.kernel(source, name, device_id, WGMMA_FORWARD_SMEM)" in text
     # The v2 switch alone does not reroute: the inputs the wgmma kernel takes, with its switch on.
     assert "hopper_forward=hopper," in text and "hopper_forward=hopper or" not in text
@@ -63,7 +62,7 @@ def test_the_backend_sends_only_the_wgmma_path_to_the_v2_kernel():
 
 # ----------------------------------------------------------------------------- CPU: the source
 def test_host_launch_constants_agree_with_the_source():
-    assert kernels.KERNELS[SOURCE] == (KERNEL,)
+    assert kernels.KERNELS[SOURCE] == (KERNEL, "sparse_mla_fwd_wgmma_fp8_v2")  # the FP8 one: test_cupy_wgmma_fp8.py
     assert kernels.SOURCE_ARCHITECTURES[SOURCE] == "sm_90a"
     assert compile_check.architectures(SOURCE) == ("sm_90a",)
     assert (SOURCE, "sm_90a") in compile_check.compile_jobs()

@@ -224,20 +224,22 @@ def main(argv: list[str] | None = None) -> int:
         del q, kv, indices, out, lse, d_out
         torch.cuda.empty_cache()
     if "cupy-decode" in groups:
-        # The decode step's sparse attention over the packed FP8 cache: sparse_mla_fwd_mma<true> (the
-        # default) against sparse_mla_fwd_wgmma_fp8 (CupyBackend.hopper_fp8_decode), same inputs.
-        for next_n, context in ((2, 32768), (1, 131072)):
-            q, cache, slots = fp8_decode_inputs(torch, 64, next_n, context)
-            shape = f"FP8 cache b=64 s_q={next_n} T={context} h=128 topk=2048"
-            flop = 2 * 64 * next_n * 128 * 2048 * (576 + 512)
+        # The decode step's sparse attention over the packed FP8 cache: sparse_mla_fwd_mma<true>,
+        # sparse_mla_fwd_wgmma_fp8 (CupyBackend.hopper_fp8_decode, the default) and
+        # sparse_mla_fwd_wgmma_fp8_v2 (hopper_fp8_decode_v2), same inputs, each compared with the mma.sync
+        # kernel's outputs.
+        for batch, next_n, context in ((64, 2, 32768), (128, 2, 32768), (64, 1, 131072)):
+            q, cache, slots = fp8_decode_inputs(torch, batch, next_n, context)
+            shape = f"FP8 cache b={batch} s_q={next_n} T={context} h=128 topk=2048"
+            flop = 2 * batch * next_n * 128 * 2048 * (576 + 512)
             outputs = {}
-            for fp8_wgmma in (False, True):
+            for kernel, wgmma, v2 in (("mma.sync", False, False), ("wgmma (hopper_fp8_decode, default)", True, False),
+                                      ("wgmma v2 (hopper_fp8_decode_v2)", True, True)):
                 backend = CupyBackend()
-                backend.hopper_fp8_decode = fp8_wgmma
-                name = "wgmma (hopper_fp8_decode)" if fp8_wgmma else "mma.sync (default)"
-                outputs[fp8_wgmma] = timed(torch, f"cupy FP8 decode, {name}", shape, flop,
-                                           lambda: dsa_ref.sparse_mla(q, cache, slots, backend=backend),
-                                           reference=None if not fp8_wgmma else outputs.get(False))
+                backend.hopper_fp8_decode, backend.hopper_fp8_decode_v2 = wgmma, v2
+                outputs[kernel] = timed(torch, f"cupy FP8 decode, {kernel}", shape, flop,
+                                        lambda: dsa_ref.sparse_mla(q, cache, slots, backend=backend),
+                                        reference=outputs.get("mma.sync"))
             del q, cache, slots, outputs
             torch.cuda.empty_cache()
     if "triton-topk" in groups:

@@ -21,7 +21,8 @@ fragment layout shows up as a permutation there). The kernels:
                  under ``dsa_ref.use_deterministic(True)``);
 * ``radix_topk`` Triton's sampled-cut top-k (``TritonBackend.radix_topk``), one pass and two, through the
                  kit's tie-aware check (scores with ties, ``-inf`` and NaN);
-* ``paged_v2``   CuPy's second wgmma paged indexer (``CupyBackend.paged_indexer_wgmma_v2``), next_n 1 and 2.
+* ``paged_v2``   CuPy's second wgmma paged indexer (``CupyBackend.paged_indexer_wgmma_v2``), next_n 1 and 2;
+* ``wgmma_fp8_v2``  CuPy's second wgmma forward over the packed FP8 cache (``CupyBackend.hopper_fp8_decode_v2``).
 
 On a GPU machine, from a checkout::
 
@@ -40,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 KERNELS = ("gluon", "wgmma", "det_mma", "wgmma_fp8", "wgmma_bwd", "wgmma_v2", "gluon_pingpong", "wgmma_det",
-           "gluon_det", "radix_topk", "paged_v2")
+           "gluon_det", "radix_topk", "paged_v2", "wgmma_fp8_v2")
 #: The kernels :func:`probe_backward` runs; :func:`probe_topk` and :func:`probe_paged` take one each,
 #: :func:`probe_forward` the rest.
 BACKWARD_KERNELS = ("det_mma", "wgmma_bwd", "wgmma_det", "gluon_det")
@@ -93,7 +94,7 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
     import dsa_ref
     from dsa_ref import interop, reference
 
-    problem = _forward_problem(small, packed_fp8=kernel == "wgmma_fp8")
+    problem = _forward_problem(small, packed_fp8=kernel in ("wgmma_fp8", "wgmma_fp8_v2"))
     inputs = problem.inputs
     if kernel in ("gluon", "gluon_pingpong"):
         import torch
@@ -115,7 +116,8 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
         backend = CupyBackend()
         backend.hopper_forward = kernel in ("wgmma", "wgmma_v2")
         backend.hopper_forward_v2 = kernel == "wgmma_v2"
-        backend.hopper_fp8_decode = kernel == "wgmma_fp8"
+        backend.hopper_fp8_decode = kernel in ("wgmma_fp8", "wgmma_fp8_v2")
+        backend.hopper_fp8_decode_v2 = kernel == "wgmma_fp8_v2"
         backend.poison_outputs = True
         out, lse = dsa_ref.sparse_mla(**problem.native_inputs(backend), backend=backend)
     out, lse = interop.to_numpy(out), interop.to_numpy(lse)

@@ -119,6 +119,13 @@ class CupyBackend(Backend):
     #: Set this to False, or DSA_REF_CUPY_WGMMA_FP8=0, to run the mma.sync kernel on Hopper too.
     hopper_fp8_decode: bool = True
 
+    #: Where that FP8 kernel would run (``hopper_fp8_decode`` or DSA_REF_CUPY_WGMMA_FP8, and its inputs),
+    #: run ``sparse_mla_fwd_wgmma_fp8_v2`` (csrc/sparse_mla_wgmma_v2.cu) instead: the same contract, layout
+    #: and launch on the second wgmma schedule, with a producer whose row loads run two batches ahead of
+    #: its dequantizing stores across tiles and the wait for a free stage (backends/cupy_cuda/NOTES.md).
+    #: Off until the conformance kit passes it on the GPU: True, or DSA_REF_CUPY_WGMMA_FP8_V2=1, runs it.
+    hopper_fp8_decode_v2: bool = False
+
     #: The decode step's indexer over a paged fp8 key cache on one launch for the batch
     #: (``indexer_paged_mma`` in csrc/indexer.cu: the keys read out of their pages in place) instead
     #: of one dense launch per sequence: 1.47 ms against 33.0 at b 64, T 128K on the H200, the whole
@@ -397,9 +404,11 @@ class CupyBackend(Backend):
         if kernel_path in ("wgmma", "wgmma_fp8"):
             source = "sparse_mla_wgmma.cu"
             name = "sparse_mla_fwd_wgmma_fp8" if kernel_path == "wgmma_fp8" else "sparse_mla_fwd_wgmma"
+            # The same launch: sparse_mla_wgmma_v2.cu keeps the layout (Smem::TOTAL) and the threads.
             if kernel_path == "wgmma" and hopper_v2:
-                # The same launch: sparse_mla_wgmma_v2.cu keeps the layout (Smem::TOTAL) and the threads.
                 source, name = "sparse_mla_wgmma_v2.cu", "sparse_mla_fwd_wgmma_v2"
+            if kernel_path == "wgmma_fp8" and kernel_switch(self.hopper_fp8_decode_v2, "DSA_REF_CUPY_WGMMA_FP8_V2"):
+                source, name = "sparse_mla_wgmma_v2.cu", "sparse_mla_fwd_wgmma_fp8_v2"
             if kernel_path == "wgmma_fp8":
                 # The producer reads the packed rows 16 bytes at a time: a view that starts off a 16-byte
                 # boundary (rows themselves are 656 = 41 x 16 bytes) is copied, never read misaligned.

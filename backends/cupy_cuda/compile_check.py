@@ -55,6 +55,12 @@ REQUIRED_KERNEL_SASS: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
         name: ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16")
         for name in ("sparse_mla_fwd_wgmma", "sparse_mla_fwd_wgmma_fp8")
     },
+    # The bf16 gather's cp.async; the FP8 rows' 16-byte loads, e4m3 unpacking and bf16 packing.
+    ("sparse_mla_wgmma_v2.cu", "sm_90a"): {
+        "sparse_mla_fwd_wgmma_v2": ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16", "LDGSTS"),
+        "sparse_mla_fwd_wgmma_fp8_v2": ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16",
+                                        "LDG.E.NA.128.CONSTANT", "F2FP.F16.E4M3.UNPACK_B", "F2FP.BF16.F32.PACK_AB"),
+    },
     ("indexer_wgmma_v2.cu", "sm_90a"): {
         "indexer_paged_wgmma_v2_q1": ("QGMMA.64x64x32.F32.E4M3.E4M3", "FMNMX.NAN"),
         "indexer_paged_wgmma_v2_q2": ("QGMMA.64x128x32.F32.E4M3.E4M3", "FMNMX.NAN"),

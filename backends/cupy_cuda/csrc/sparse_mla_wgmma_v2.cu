@@ -1,9 +1,14 @@
 // Sparse MLA forward on Hopper's warpgroup tensor-core instructions, second schedule (sm_90a only):
-// sparse_mla_fwd_wgmma_v2, the contract of sparse_mla_fwd_wgmma in sparse_mla_wgmma.cu (bf16 q
-// [s_q, h, 576], bf16 latent rows [s_kv, 576], d_v = 512, h a multiple of 64): an index < 0 or >= s_kv,
-// or a slot past topk_length, is never read; duplicates count twice; no valid slot -> out 0 and lse
-// -inf; with a sink, out *= 1 / (1 + exp(sink - lse)). Same block, warpgroups, shared-memory layout and
-// consumer loop as that kernel (its header explains them); what differs is the producer's gather.
+// the contracts of the kernels of sparse_mla_wgmma.cu (bf16 q [s_q, h, 576], d_v = 512, h a multiple of
+// 64): an index < 0 or >= s_kv, or a slot past topk_length, is never read; duplicates count twice; no
+// valid slot -> out 0 and lse -inf; with a sink, out *= 1 / (1 + exp(sink - lse)). Two entry points on
+// one body (sparse_mla_fwd_wgmma_v2_body<FP8_CACHE>), as there:
+//
+//   sparse_mla_fwd_wgmma_v2      bf16 latent rows [s_kv, 576] (sparse_mla_fwd_wgmma's contract);
+//   sparse_mla_fwd_wgmma_fp8_v2  the packed FP8 decode cache uint8 [s_kv, 656] (sparse_mla_fwd_wgmma_fp8's).
+//
+// Same block, warpgroups, shared-memory layout and consumer loop as those kernels (their header explains
+// them); what differs is the producers' schedule.
 //
 // Why: in sparse_mla_fwd_wgmma a producer warp takes a tile's rows one at a time, and each row's
 // cp.async waits for that row's index load (a dependent global load, L2 latency: the SASS has LDG ->
@@ -21,11 +26,19 @@
 //     conflicts in the copies' shared-memory writes; each 8-thread group reads 128 contiguous bytes
 //     of its row.
 //
+// The FP8 producer (fp8_rows.cuh's loads and dequantizing stores) in sparse_mla_fwd_wgmma_fp8 waits for a
+// stage to be free before it loads the stage's first batch of rows, and loads each later batch only
+// after the previous one's stores are issued: at b 64, s_q 2, T 32K it took ~4.6 us a tile, about four
+// dependent HBM round trips, while the consumers need ~2.5. Here its loads run FP8_DEPTH batches ahead of
+// its stores without a break: across the stage boundary and the wait for `empty` (loads only fill
+// registers; nothing touches the stage before the wait), with a tile's row indices loaded two tiles ahead
+// and the first tile's rows requested before the block's Q copy and barrier.
+//
 // Consumer: unchanged but for the O rescale, which a warp skips when every factor it would apply is
 // exactly 1 (no row maximum of the warp moved: bit for bit the same O).
 //
 // Scores are kept in log2 units (scale_log2 = sm_scale * log2 e) so exp2 is one instruction.
-#include "hopper.cuh"
+#include "fp8_rows.cuh"
 
 using namespace dsa;
 
@@ -63,6 +76,18 @@ constexpr int CONSUMER_REGISTERS = 224;
 static_assert(128 * PRODUCER_REGISTERS + CONSUMER_THREADS * CONSUMER_REGISTERS <= THREADS * LAUNCH_REGISTERS,
               "the consumers' increase must fit in what the launch allocated");
 static_assert(PRODUCER_REGISTERS % 8 == 0 && CONSUMER_REGISTERS % 8 == 0, "setmaxnreg takes multiples of 8");
+
+// The FP8 producer keeps FP8_DEPTH batches of rows in flight (fp8_rows::Fp8Batch, 24 registers each at
+// 4 rows) beside the three tiles' indices, its addresses and the batch it dequantizes. ptxas (nvcc 13.0)
+// fits two batches in 120 registers without spilling (it spills at 112; four batches spill even at
+// 152), which leaves the consumers 192 (they compile without spills from 176 up).
+constexpr int FP8_DEPTH = 2;
+constexpr int FP8_PRODUCER_REGISTERS = 120;
+constexpr int FP8_CONSUMER_REGISTERS = 192;
+static_assert(fp8_rows::FP8_BATCHES % FP8_DEPTH == 0, "a whole number of rings a tile: slots repeat every tile");
+static_assert(128 * FP8_PRODUCER_REGISTERS + CONSUMER_THREADS * FP8_CONSUMER_REGISTERS <= THREADS * LAUNCH_REGISTERS,
+              "the consumers' increase must fit in what the launch allocated");
+static_assert(FP8_PRODUCER_REGISTERS % 8 == 0 && FP8_CONSUMER_REGISTERS % 8 == 0, "setmaxnreg takes multiples of 8");
 
 // Named barriers of the two consumer warpgroups (0 is __syncthreads).
 constexpr u32 MAX_EXCHANGED = 1;   // both row maxima of the tile written
@@ -121,7 +146,61 @@ __device__ __forceinline__ void fill_stage(u32 kv_tile, int* stage_valid, const 
     cp_async_wait<0>();
 }
 
-__device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restrict__ q, const u16* __restrict__ kv,
+// The FP8 producer's state carried across tiles: the indices of the warp's 16 rows (lane j < 16: row
+// producer_warp + 4 j, fp8_rows::fp8_row_index) of the tile being stored (`now`) and of the next
+// (`next`), and FP8_DEPTH batches of loaded rows; ring slot b % FP8_DEPTH holds batch b of its tile.
+struct Fp8Ahead {
+    int now, next;
+    fp8_rows::Fp8Batch ring[FP8_DEPTH];
+};
+
+// The first tile's indices and rows, requested before the block's Q copy and barrier.
+__device__ __forceinline__ void start_fp8_rows(Fp8Ahead& ahead, const u8* __restrict__ kv,
+                                               const int* __restrict__ row_indices, int n_slots, int s_kv,
+                                               int producer_warp, int lane) {
+    using namespace fp8_rows;
+    ahead.now = fp8_row_index(row_indices, 0, n_slots, s_kv, producer_warp, lane);
+    ahead.next = fp8_row_index(row_indices, 1, n_slots, s_kv, producer_warp, lane);
+#pragma unroll
+    for (int batch = 0; batch < FP8_DEPTH; ++batch) ahead.ring[batch] = load_fp8_batch(kv, ahead.now, batch, lane);
+}
+
+// Producer, packed FP8 rows: per tile, the indices of tile + 2 requested, the wait for the stage, the
+// validity flags, then each batch stored (dequantized) and its ring slot refilled with the batch
+// FP8_DEPTH later (of this tile or the next), so that FP8_DEPTH batches are always in flight; then the
+// fence into the async proxy and the release. Past the last tile every slot is past n_slots: no row is
+// read there (the loads come back as zeros, never stored).
+__device__ __forceinline__ void produce_fp8_tiles(Fp8Ahead& ahead, u8* smem, u32 full_barriers, u32 empty_barriers,
+                                                  const u8* __restrict__ kv, const int* __restrict__ row_indices,
+                                                  int n_tiles, int n_slots, int s_kv, int producer_warp, int lane) {
+    using namespace hopper;
+    using namespace fp8_rows;
+    int* valid_flags = reinterpret_cast<int*>(smem + Smem::VALID_OFFSET);
+    for (int tile = 0; tile < n_tiles; ++tile) {
+        const int stage = tile % STAGES;
+        const u32 round = (u32)(tile / STAGES);
+        const int after = fp8_row_index(row_indices, tile + 2, n_slots, s_kv, producer_warp, lane);
+        // A fresh barrier counts its (never run) previous phase as complete: round 0 passes.
+        mbarrier_wait(empty_barriers + 8 * stage, (round & 1u) ^ 1u);
+        u8* kv_tile = smem + Smem::KV_OFFSET + stage * TILE_BYTES;
+        if (lane < PRODUCER_WARP_ROWS) valid_flags[stage * BLOCK_T + producer_warp + 4 * lane] = ahead.now >= 0;
+#pragma unroll
+        for (int batch = 0; batch < FP8_BATCHES; ++batch) {
+            store_fp8_batch(kv_tile, ahead.ring[batch % FP8_DEPTH], batch, producer_warp, lane);
+            const int later = batch + FP8_DEPTH;  // counted from this tile's first batch
+            ahead.ring[batch % FP8_DEPTH] = load_fp8_batch(kv, later < FP8_BATCHES ? ahead.now : ahead.next,
+                                                           later % FP8_BATCHES, lane);
+        }
+        // This thread's stores of the stage, into the async proxy that wgmma reads through, before the release.
+        fence_proxy_async_shared();
+        mbarrier_arrive(full_barriers + 8 * stage);
+        ahead.now = ahead.next;
+        ahead.next = after;
+    }
+}
+
+template <bool FP8_CACHE>
+__device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restrict__ q, const u8* __restrict__ kv,
                                                              const int* __restrict__ indices,
                                                              const int* __restrict__ topk_length,
                                                              const float* __restrict__ attn_sink,
@@ -151,10 +230,16 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
     const u32 full_barriers = base + Smem::BARRIER_OFFSET;   // + 8 stage
     const u32 empty_barriers = full_barriers + STAGES * 8;
 
-    // The producer's first tile of indices, loaded before the Q copy and the block's barrier.
+    // The producer's first tile of indices (and, for FP8 rows, the rows), requested before the Q copy and
+    // the block's barrier.
     const int group = (tid & 127) / THREADS_PER_ROW, part = tid % THREADS_PER_ROW;
+    const int producer_warp = tid >> 5;
     int rows[ROWS_PER_THREAD];
-    if (warpgroup == 0) load_tile_rows(rows, row_indices, 0, n_slots, s_kv, group);
+    Fp8Ahead fp8_ahead;
+    if (warpgroup == 0) {
+        if constexpr (FP8_CACHE) start_fp8_rows(fp8_ahead, kv, row_indices, n_slots, s_kv, producer_warp, lane);
+        else load_tile_rows(rows, row_indices, 0, n_slots, s_kv, group);
+    }
 
     if (tid == 0) {
         for (int stage = 0; stage < STAGES; ++stage) {
@@ -176,7 +261,14 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
 
     if (warpgroup == 0) {
         // ---------------------------------------------------------------- producer
+        if constexpr (FP8_CACHE) {
+            setmaxnreg_decrease<FP8_PRODUCER_REGISTERS>();
+            produce_fp8_tiles(fp8_ahead, smem, full_barriers, empty_barriers, kv, row_indices, n_tiles, n_slots, s_kv,
+                              producer_warp, lane);
+            return;
+        }
         setmaxnreg_decrease<PRODUCER_REGISTERS>();
+        const u16* kv_rows = reinterpret_cast<const u16*>(kv);
         for (int tile = 0; tile < n_tiles; ++tile) {
             const int stage = tile % STAGES;
             const u32 round = (u32)(tile / STAGES);
@@ -185,7 +277,7 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
             load_tile_rows(next_rows, row_indices, tile + 1, n_slots, s_kv, group);
             // A fresh barrier counts its (never run) previous phase as complete: round 0 passes.
             mbarrier_wait(empty_barriers + 8 * stage, (round & 1u) ^ 1u);
-            fill_stage(kv_tiles + stage * TILE_BYTES, valid_flags + stage * BLOCK_T, kv, rows, group, part);
+            fill_stage(kv_tiles + stage * TILE_BYTES, valid_flags + stage * BLOCK_T, kv_rows, rows, group, part);
             // This thread's cp.async writes of the stage, into the async proxy that wgmma reads through,
             // before the release.
             fence_proxy_async_shared();
@@ -197,7 +289,7 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
     }
 
     // -------------------------------------------------------------------- consumers
-    setmaxnreg_increase<CONSUMER_REGISTERS>();
+    setmaxnreg_increase<FP8_CACHE ? FP8_CONSUMER_REGISTERS : CONSUMER_REGISTERS>();
     const int consumer = warpgroup - 1;              // value dims 256 c .., slots 32 c .. of a tile
     const int row0 = ((tid >> 5) & 3) * 16 + (lane >> 2);  // this thread's rows: row0, row0 + 8
     const int quad_lane = lane & 3;
@@ -327,6 +419,20 @@ sparse_mla_fwd_wgmma_v2(const u16* __restrict__ q,            // [s_q, h, 576] b
                         float* __restrict__ out,              // [s_q, h, 512]
                         float* __restrict__ lse,              // [s_q, h]
                         int h, int s_kv, int topk, float scale_log2) {
-    mla_wgmma_v2::sparse_mla_fwd_wgmma_v2_body(q, kv, indices, topk_length, attn_sink, out, lse, h, s_kv, topk,
-                                               scale_log2);
+    mla_wgmma_v2::sparse_mla_fwd_wgmma_v2_body<false>(q, reinterpret_cast<const u8*>(kv), indices, topk_length,
+                                                      attn_sink, out, lse, h, s_kv, topk, scale_log2);
+}
+
+// The packed FP8 cache (16-byte aligned: the host copies a cache that is not).
+extern "C" __global__ void __launch_bounds__(mla_wgmma_v2::THREADS, 1)
+sparse_mla_fwd_wgmma_fp8_v2(const u16* __restrict__ q,            // [s_q, h, 576] bf16 bits
+                            const u8* __restrict__ kv,            // [s_kv, 656] packed FP8 rows
+                            const int* __restrict__ indices,      // [s_q, topk]
+                            const int* __restrict__ topk_length,  // [s_q] or null
+                            const float* __restrict__ attn_sink,  // [h] or null
+                            float* __restrict__ out,              // [s_q, h, 512]
+                            float* __restrict__ lse,              // [s_q, h]
+                            int h, int s_kv, int topk, float scale_log2) {
+    mla_wgmma_v2::sparse_mla_fwd_wgmma_v2_body<true>(q, kv, indices, topk_length, attn_sink, out, lse, h, s_kv, topk,
+                                                     scale_log2);
 }
