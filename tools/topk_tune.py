@@ -1,6 +1,7 @@
 """Top-k on a GPU: a launch-configuration sweep of both backends, and a small case for the sanitizers.
 
     python tools/topk_tune.py --out FILE.json      # sweep, at the benchmark's shape
+    python tools/topk_tune.py --out FILE.json --only triton-radix   # one kernel's sweep
     python tools/topk_tune.py --small               # one small call of every path (sanitizers)
 
 The sweep times 4096 rows x 32768 scores, k 2048, with two score distributions: ``randn`` (the
@@ -22,18 +23,23 @@ def _scores(torch, distribution: str, rows: int, s_kv: int):
     return scores
 
 
-def sweep(out: str | None) -> list[dict]:
+IMPLS = ("torch", "triton", "triton-radix", "cupy")
+
+
+def sweep(out: str | None, only: tuple[str, ...] = IMPLS) -> list[dict]:
     import cupy
     import torch
     from triton.testing import do_bench
 
     from dsa_ref_backends.cupy_cuda.backend import CupyBackend
-    from dsa_ref_backends.torch_triton import topk
+    from dsa_ref_backends.torch_triton import topk, topk_radix
 
     rows, s_kv, k = 4096, 32768, 2048
     results = []
 
     def measure(impl: str, distribution: str, config: dict, fn) -> None:
+        if impl not in only:
+            return
         try:
             ms = do_bench(fn, warmup=25, rep=100)
         except Exception as error:  # noqa: BLE001 - a configuration that fails to launch is a result too
@@ -52,6 +58,13 @@ def sweep(out: str | None) -> list[dict]:
             for candidates in (2048, 1024, 64):  # 64: the threshold bin never fits, rows are re-read
                 config = dict(BLOCK=block, num_warps=warps, CANDIDATES=candidates)
                 measure("triton", distribution, config, lambda: topk.topk_indices(scores, k, config=config))
+        # The sampled-cut kernel (the Triton backend's default): block, warps and sample size; its set is
+        # compared with torch.topk's by the tests, here only timed.
+        for block, warps in ((1024, 8), (1024, 4), (2048, 8), (2048, 16), (512, 4)):
+            for sample in (2048, 1024, 4096):
+                config = dict(BLOCK=block, num_warps=warps, SAMPLE=sample)
+                measure("triton-radix", distribution, config,
+                        lambda: topk_radix.topk_indices(scores, k, config=config))
         backend = CupyBackend()
         native = cupy.from_dlpack(scores)
         for capacity in (8192, 6144, 1500, 0):  # 1500 and 0: the fallback, bin in shared memory / row re-read
@@ -90,11 +103,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the sweep's results here (JSON)")
     parser.add_argument("--small", action="store_true", help="one small call of every path, for the sanitizers")
+    parser.add_argument("--only", default=",".join(IMPLS), help=f"comma-separated subset of {', '.join(IMPLS)}")
     args = parser.parse_args()
+    only = tuple(name for name in args.only.split(",") if name)
+    if set(only) - set(IMPLS):
+        parser.error(f"--only: unknown {sorted(set(only) - set(IMPLS))}; known: {', '.join(IMPLS)}")
     if args.small:
         small()
     else:
-        sweep(args.out)
+        sweep(args.out, only)
 
 
 if __name__ == "__main__":
