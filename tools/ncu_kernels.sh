@@ -3,7 +3,9 @@
 # topk 2048, bf16), one launch each, for the limits the NOTES.md files name but have not measured:
 #   sh tools/ncu_kernels.sh OUT_DIR [KERNELS]
 # KERNELS: comma-separated subset of gluon (Triton's Gluon forward), wgmma (CuPy's wgmma forward),
-# mma (CuPy's mma.sync forward, for comparison), paged (Triton's paged indexer at b 64, T 128K).
+# mma (CuPy's mma.sync forward, for comparison), paged (Triton's paged indexer at b 64, T 128K),
+# fp8 and fp8_v2 (CuPy's wgmma forwards over the packed FP8 cache at the decode shape b 64, s_q 2, T 32K,
+# with per-instruction stall counts: SourceCounters).
 # Sections: speed of light, compute and memory workload, occupancy, warp state (stall reasons), launch
 # statistics; written as OUT_DIR/ncu_<kernel>.txt (ncu's text report); the launch profiled is the
 # second (the first compiles and warms up).
@@ -15,7 +17,9 @@ SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section Mem
   --section Occupancy --section WarpStateStats --section LaunchStats --section SchedulerStats"
 
 run_one() {  # name, kernel-name regex, python snippet that launches it (after one warm-up call)
-  timeout "${NCU_TIMEOUT:-240}" ncu --target-processes all -k "regex:$2" -s 1 -c 1 $SECTIONS python3 -c "$3" \
+  # shellcheck disable=SC2086
+  timeout "${NCU_TIMEOUT:-240}" ncu --target-processes all -k "regex:$2" -s 1 -c 1 $SECTIONS ${EXTRA_SECTIONS:-} \
+    python3 -c "$3" \
     > "$OUT/ncu_$1.txt" 2>&1
   echo "$1 rc=$?"
   grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Stall|Issue Slot|No Eligible" \
@@ -47,6 +51,21 @@ if has mma; then
 for _ in range(2): dsa_ref.sparse_mla(q, kv, indices, backend='cupy')
 torch.cuda.synchronize()"
 fi
+DECODE='
+import sys, torch, dsa_ref
+sys.path.insert(0, "tools")
+from opt_in_bench import fp8_decode_inputs
+q, cache, slots = fp8_decode_inputs(torch, 64, 2, 32768)
+'
+for variant in fp8 fp8_v2; do
+  if has $variant; then
+    v2=$([ $variant = fp8_v2 ] && echo 1 || echo 0)
+    DSA_REF_CUPY_WGMMA_FP8_V2=$v2 EXTRA_SECTIONS="--section SourceCounters" run_one $variant "sparse_mla_fwd_wgmma_fp8" \
+      "$DECODE
+for _ in range(2): dsa_ref.sparse_mla(q, cache, slots, backend='cupy')
+torch.cuda.synchronize()"
+  fi
+done
 if has paged; then
   run_one paged "_paged_indexer_kernel" "
 import torch, dsa_ref.torch as dsa_torch

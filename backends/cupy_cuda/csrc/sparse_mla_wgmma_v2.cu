@@ -29,10 +29,11 @@
 // The FP8 producer (fp8_rows.cuh's loads and dequantizing stores) in sparse_mla_fwd_wgmma_fp8 waits for a
 // stage to be free before it loads the stage's first batch of rows, and loads each later batch only
 // after the previous one's stores are issued: at b 64, s_q 2, T 32K it took ~4.6 us a tile, about four
-// dependent HBM round trips, while the consumers need ~2.5. Here its loads run FP8_DEPTH batches ahead of
-// its stores without a break: across the stage boundary and the wait for `empty` (loads only fill
-// registers; nothing touches the stage before the wait), with a tile's row indices loaded two tiles ahead
-// and the first tile's rows requested before the block's Q copy and barrier.
+// dependent HBM round trips, while the consumers need ~2.5. Here the first FP8_DEPTH batches of a tile are
+// loaded right after the previous tile's release, so that they travel during the wait for `empty` (loads
+// only fill registers; nothing touches the stage before the wait), the later ones FP8_DEPTH batches ahead
+// of the stores; a tile's row indices are loaded two tiles ahead and the first tile's rows requested
+// before the block's Q copy and barrier.
 //
 // Consumer: unchanged but for the O rescale, which a warp skips when every factor it would apply is
 // exactly 1 (no row maximum of the warp moved: bit for bit the same O).
@@ -79,11 +80,13 @@ static_assert(PRODUCER_REGISTERS % 8 == 0 && CONSUMER_REGISTERS % 8 == 0, "setma
 
 // The FP8 producer keeps FP8_DEPTH batches of rows in flight (fp8_rows::Fp8Batch, 24 registers each at
 // 4 rows) beside the three tiles' indices, its addresses and the batch it dequantizes. ptxas (nvcc 13.0)
-// fits two batches in 120 registers without spilling (it spills at 112; four batches spill even at
-// 152), which leaves the consumers 192 (they compile without spills from 176 up).
+// fits two batches without spilling from 120 registers (it spills at 112; four batches spill even at
+// 152), but at 120 it sinks the last batch's loads among that batch's own stores, so their latency is
+// not hidden; at 152 every load of a batch is issued before the stores of the batch before it end.
+// The consumers get 176, where they compile without spills.
 constexpr int FP8_DEPTH = 2;
-constexpr int FP8_PRODUCER_REGISTERS = 120;
-constexpr int FP8_CONSUMER_REGISTERS = 192;
+constexpr int FP8_PRODUCER_REGISTERS = 152;
+constexpr int FP8_CONSUMER_REGISTERS = 176;
 static_assert(fp8_rows::FP8_BATCHES % FP8_DEPTH == 0, "a whole number of rings a tile: slots repeat every tile");
 static_assert(128 * FP8_PRODUCER_REGISTERS + CONSUMER_THREADS * FP8_CONSUMER_REGISTERS <= THREADS * LAUNCH_REGISTERS,
               "the consumers' increase must fit in what the launch allocated");
@@ -167,9 +170,13 @@ __device__ __forceinline__ void start_fp8_rows(Fp8Ahead& ahead, const u8* __rest
 
 // Producer, packed FP8 rows: per tile, the indices of tile + 2 requested, the wait for the stage, the
 // validity flags, then each batch stored (dequantized) and its ring slot refilled with the batch
-// FP8_DEPTH later (of this tile or the next), so that FP8_DEPTH batches are always in flight; then the
-// fence into the async proxy and the release. Past the last tile every slot is past n_slots: no row is
-// read there (the loads come back as zeros, never stored).
+// FP8_DEPTH later in the same tile; then the fence into the async proxy and the release. The next tile's
+// first FP8_DEPTH batches are loaded after the fence, before that tile's wait for its stage, during which
+// they travel. Not before the fence: fence.proxy.async is MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S in SASS, and
+// the MEMBAR waits for every load of the thread still in flight (the first version of this loop, which
+// refilled the slots with the next tile's batches before it, measured no faster than the first FP8 kernel).
+// Past the last tile every slot is past n_slots: no row is read there (the loads come back as zeros,
+// never stored).
 __device__ __forceinline__ void produce_fp8_tiles(Fp8Ahead& ahead, u8* smem, u32 full_barriers, u32 empty_barriers,
                                                   const u8* __restrict__ kv, const int* __restrict__ row_indices,
                                                   int n_tiles, int n_slots, int s_kv, int producer_warp, int lane) {
@@ -179,6 +186,13 @@ __device__ __forceinline__ void produce_fp8_tiles(Fp8Ahead& ahead, u8* smem, u32
     for (int tile = 0; tile < n_tiles; ++tile) {
         const int stage = tile % STAGES;
         const u32 round = (u32)(tile / STAGES);
+        // The tile's first batches (tile 0's came with start_fp8_rows), requested at the top of the loop,
+        // after the previous tile's fence in program order and across the loop's back edge, where ptxas
+        // leaves them; its scheduler moved them above the fence when they followed it in the same block.
+        if (tile > 0) {
+#pragma unroll
+            for (int batch = 0; batch < FP8_DEPTH; ++batch) ahead.ring[batch] = load_fp8_batch(kv, ahead.now, batch, lane);
+        }
         const int after = fp8_row_index(row_indices, tile + 2, n_slots, s_kv, producer_warp, lane);
         // A fresh barrier counts its (never run) previous phase as complete: round 0 passes.
         mbarrier_wait(empty_barriers + 8 * stage, (round & 1u) ^ 1u);
@@ -187,9 +201,8 @@ __device__ __forceinline__ void produce_fp8_tiles(Fp8Ahead& ahead, u8* smem, u32
 #pragma unroll
         for (int batch = 0; batch < FP8_BATCHES; ++batch) {
             store_fp8_batch(kv_tile, ahead.ring[batch % FP8_DEPTH], batch, producer_warp, lane);
-            const int later = batch + FP8_DEPTH;  // counted from this tile's first batch
-            ahead.ring[batch % FP8_DEPTH] = load_fp8_batch(kv, later < FP8_BATCHES ? ahead.now : ahead.next,
-                                                           later % FP8_BATCHES, lane);
+            if (batch + FP8_DEPTH < FP8_BATCHES)
+                ahead.ring[batch % FP8_DEPTH] = load_fp8_batch(kv, ahead.now, batch + FP8_DEPTH, lane);
         }
         // This thread's stores of the stage, into the async proxy that wgmma reads through, before the release.
         fence_proxy_async_shared();
