@@ -2,7 +2,7 @@
 csrc/sparse_mla_wgmma.cu: the wgmma kernel whose producer warpgroup dequantizes the gathered 656-byte rows
 into its bf16 tiles; sm_90a only, the default there, ``CupyBackend.hopper_fp8_decode``; and
 ``sparse_mla_fwd_wgmma_fp8_v2`` in csrc/sparse_mla_wgmma_v2.cu, the same rows on the second wgmma schedule,
-``CupyBackend.hopper_fp8_decode_v2``).
+``CupyBackend.hopper_fp8_decode_v2``, the default since measured on the H200).
 
 CPU part: which inputs the wrapper routes to it (only when chosen, only on compute capability 9.0, only the
 packed cache with bf16 q at d_qk 576, d_v 512 and h a multiple of 64; everything else as before), the
@@ -121,10 +121,12 @@ def test_the_kernel_is_listed_and_its_row_layout_is_the_specs():
 
 
 # ----------------------------------------------------------------------------- CPU: the second kernel
-def test_the_second_fp8_kernel_is_opt_in_and_takes_only_the_first_ones_inputs(monkeypatch):
-    assert cupy_backend.CupyBackend.hopper_fp8_decode_v2 is False, "opt-in until the kit passes it on the GPU"
+def test_the_second_fp8_kernel_is_the_default_and_takes_only_the_first_ones_inputs(monkeypatch):
+    assert cupy_backend.CupyBackend.hopper_fp8_decode_v2 is True, "the default since measured on the H200"
     monkeypatch.delenv(V2_ENV, raising=False)
-    assert not cupy_backend.kernel_switch(cupy_backend.CupyBackend.hopper_fp8_decode_v2, V2_ENV)
+    assert cupy_backend.kernel_switch(cupy_backend.CupyBackend.hopper_fp8_decode_v2, V2_ENV)
+    monkeypatch.setenv(V2_ENV, "0")
+    assert not cupy_backend.kernel_switch(True, V2_ENV)
     monkeypatch.setenv(V2_ENV, "1")
     assert cupy_backend.kernel_switch(False, V2_ENV)
     text = inspect.getsource(cupy_backend.CupyBackend.sparse_mla)

@@ -260,8 +260,8 @@ def test_sm90_compile_has_no_spills(compiled_radix, case):
     # bytes on the stack at topk 1), and the kernel is tuned for the one that runs it.
     if triton.__version__.startswith(GPU_TRITON_RELEASE + "."):
         assert usage["spill_bytes"] == 0, usage
-    # 64 registers at 8 warps: four programs an SM (the register file's 64K), for the latency of the one read
-    assert usage["registers"] <= 64, usage
+    # At least four programs an SM by registers (the register file's 64K), for the latency of the one read
+    assert usage["registers"] * 32 * usage["warps"] * 4 <= 65536, usage
     assert usage["shared"] <= 16384, usage
     assert usage["vector_loads"] >= 2, usage  # the row is read 16 bytes a load (and the next block too)
 
