@@ -27,9 +27,9 @@
 //     of its row.
 //
 // The FP8 producer (fp8_rows.cuh's loads and dequantizing stores) in sparse_mla_fwd_wgmma_fp8 waits for a
-// stage to be free before it loads the stage's first batch of rows, and loads each later batch only
-// after the previous one's stores are issued: at b 64, s_q 2, T 32K it took ~4.6 us a tile, about four
-// dependent HBM round trips, while the consumers need ~2.5. Here the first FP8_DEPTH batches of a tile are
+// stage to be free before it loads the stage's first batches of rows, so every fill starts with a round
+// trip to HBM: at b 64, s_q 2, T 32K a tile took ~4.6 us there, while the consumers need ~2.5 on bf16
+// rows (~4.1 us here: backends/cupy_cuda/NOTES.md has the measurements). Here the first FP8_DEPTH batches of a tile are
 // loaded right after the previous tile's release, so that they travel during the wait for `empty` (loads
 // only fill registers; nothing touches the stage before the wait), the later ones FP8_DEPTH batches ahead
 // of the stores; a tile's row indices are loaded two tiles ahead and the first tile's rows requested
