@@ -22,6 +22,7 @@ import re
 
 import numpy as np
 import pytest
+from cupy_hopper import hopper_backend
 from cupy_launches import record_launches
 
 import dsa_ref
@@ -154,12 +155,7 @@ def test_the_second_fp8_kernels_register_handover_fits_what_the_launch_allocates
 
 # ----------------------------------------------------------------------------- GPU
 def _backend(kernel: str = KERNEL):
-    pytest.importorskip("cupy")
-    backend = cupy_backend.CupyBackend()
-    if backend.unavailable_reasons():
-        pytest.skip("; ".join(backend.unavailable_reasons()))
-    if cupy_backend._compute_capability() != 90:
-        pytest.skip("the wgmma forward runs on compute capability 9.0 only")
+    backend = hopper_backend(kernel)
     backend.poison_outputs = True  # an element the kernel forgets to write is NaN and fails the comparison
     backend.hopper_fp8_decode = True
     backend.hopper_fp8_decode_v2 = kernel == KERNEL_V2
