@@ -16,9 +16,10 @@ Which kernel runs (all compute the same function; see csrc/*.cu):
 * top-k: radix select, one block per row.
 * sparse MLA: tensor cores for bf16 queries with bf16 rows or the packed FP8 cache at
   d_qk = 576, d_v = 512 (on sm_90, bf16 rows and h a multiple of 64: Hopper's wgmma with a producer
-  warpgroup, csrc/sparse_mla_wgmma.cu, and the packed cache on the same kernel, dequantized by its
-  producer, ``CupyBackend.hopper_fp8_decode``; otherwise mma.sync,
-  csrc/sparse_mla.cu); float32 CUDA cores for every other shape and dtype.
+  warpgroup, csrc/sparse_mla_wgmma_v2.cu (its first schedule csrc/sparse_mla_wgmma.cu), and the packed
+  cache on the same kernels, dequantized by their producers, ``CupyBackend.hopper_fp8_decode`` and
+  ``hopper_fp8_decode_v2``; otherwise mma.sync, csrc/sparse_mla.cu); float32 CUDA cores for every other
+  shape and dtype.
 * sparse MLA backward: tensor cores (csrc/sparse_mla_backward_mma.cu) for bf16 queries and rows at
   d_qk = 576, d_v = 512 on a device with 219 KiB of shared memory per block (sm_90), row gradients
   added with fp32 atomics (on sm_90 with h a multiple of 64: Hopper's wgmma,
