@@ -1,5 +1,6 @@
-"""The bf16 V3.2 forward problems, cases and check that the tests of the cupy backend's two wgmma sparse-MLA
-forwards run on a Hopper GPU (tests/test_cupy_wgmma.py, test_cupy_wgmma_v2.py)."""
+"""The V3.2 forward problems, cases and checks that the tests of the cupy backend's wgmma sparse-MLA forwards
+run on a Hopper GPU (tests/test_cupy_wgmma.py, test_cupy_wgmma_v2.py, and over the packed FP8 cache
+test_cupy_wgmma_fp8.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from dsa_ref.testing.tolerances import tolerance_for
 
 
 def forward_problem(seed: int, *, s_q, s_kv, h, topk, empty_query=None, topk_lengths=None, **features):
-    """A bf16 V3.2 forward problem; ``empty_query`` gets no valid slot at all; ``topk_lengths``
-    replaces the random lengths (0, cuts inside a tile, ...); rows nobody reads are NaN."""
+    """A bf16-query V3.2 forward problem (``packed_fp8=True`` in ``features``: over the packed FP8 cache);
+    ``empty_query`` gets no valid slot at all; ``topk_lengths`` replaces the random lengths (0, cuts inside
+    a tile, ...); rows nobody reads are poisoned (:func:`poison_unread_rows`)."""
     rng = np.random.default_rng(seed)
     problem = problems.sparse_mla_problem(rng, s_q=s_q, s_kv=s_kv, h=h, d_qk=576, d_v=512, topk=topk,
                                           dtype="bfloat16", **features)
@@ -26,10 +28,17 @@ def forward_problem(seed: int, *, s_q, s_kv, h, topk, empty_query=None, topk_len
         inputs["indices"] = indices
     if topk_lengths is not None:
         inputs["topk_length"] = np.asarray(topk_lengths, np.int32)
-    kv = inputs["kv"].copy()
-    kv[problems.unread_rows(inputs["indices"], s_kv, inputs["topk_length"])] = np.nan
-    inputs["kv"] = kv
+    poison_unread_rows(inputs)
     return problems.Problem("sparse_mla", inputs, dict(problem.params), "bfloat16")
+
+
+def poison_unread_rows(inputs):
+    """Rows of ``inputs["kv"]`` that no valid slot reads become NaN: bf16 rows NaN, packed FP8 rows 0xFF
+    bytes (NaN latents, scales and RoPE values), so that a kernel reading one fails."""
+    kv = inputs["kv"].copy()
+    kv[problems.unread_rows(inputs["indices"], kv.shape[0], inputs["topk_length"])] = \
+        0xFF if kv.dtype == np.uint8 else np.nan
+    inputs["kv"] = kv
 
 
 #: forward_problem arguments both kernels run.
@@ -57,11 +66,16 @@ def check_forward(problem, monkeypatch, backend, kernel: str):
     launched = record_launches(monkeypatch)
     out, lse = run_forward(problem, backend)
     assert launched == [kernel], launched
-    expected_out, expected_lse = reference.sparse_mla(**problem.inputs)
+    compare_forward(out, lse, problem.inputs, backend)
+    return out, lse
+
+
+def compare_forward(out, lse, inputs, backend):
+    """``out`` and ``lse`` against the float64 reference on ``inputs`` (a packed cache unpacked exactly) with
+    the kit's bf16 tolerance; queries without a valid slot give 0 and -inf."""
+    expected_out, expected_lse = reference.sparse_mla(**inputs)
     tolerance = tolerance_for("bfloat16", backend)
     assert_close(out, expected_out, tolerance, name="out")
     assert_close(lse, expected_lse, tolerance, name="lse")
-    empty = ~reference.valid_slots(problem.inputs["indices"], problem.inputs["kv"].shape[0],
-                                   problem.inputs["topk_length"]).any(axis=1)
+    empty = ~reference.valid_slots(inputs["indices"], inputs["kv"].shape[0], inputs["topk_length"]).any(axis=1)
     assert (out[empty] == 0).all() and np.isneginf(lse[empty]).all()
-    return out, lse

@@ -33,6 +33,9 @@ from dsa_ref.testing.tolerances import tolerance_for
 from dsa_ref_backends.cupy_cuda import backend as cupy_backend
 from dsa_ref_backends.cupy_cuda import compile_check, kernels
 
+pytest.register_assert_rewrite("cupy_wgmma_problems")  # its asserts report as this file's do
+from cupy_wgmma_problems import FORWARD_CASES, compare_forward, forward_problem, poison_unread_rows  # noqa: E402
+
 H200_SMEM = 232448  # MaxSharedMemoryPerBlockOptin of sm_90
 A100_SMEM = 166912  # ... of sm_80
 KERNEL = "sparse_mla_fwd_wgmma_fp8"
@@ -168,30 +171,9 @@ def kernel(request):
     return request.param
 
 
-def _poison_unread_rows(inputs):
-    """Rows of the packed cache that no valid slot reads become 0xFF bytes: NaN latents (e4m3), NaN scales
-    and NaN RoPE values (bf16), so that a kernel reading one fails."""
-    kv = inputs["kv"].copy()
-    kv[problems.unread_rows(inputs["indices"], kv.shape[0], inputs["topk_length"])] = 0xFF
-    inputs["kv"] = kv
-
-
-def _problem(seed: int, *, s_q, s_kv, h, topk, empty_query=None, topk_lengths=None, **features):
-    """A packed-cache V3.2 forward problem; ``empty_query`` gets no valid slot at all; ``topk_lengths``
-    replaces the random lengths (0, cuts inside a tile, ...); rows nobody reads are poisoned."""
-    rng = np.random.default_rng(seed)
-    problem = problems.sparse_mla_problem(rng, s_q=s_q, s_kv=s_kv, h=h, d_qk=576, d_v=512, topk=topk,
-                                          dtype="bfloat16", packed_fp8=True, **features)
-    inputs = dict(problem.inputs)
-    if empty_query is not None:
-        indices = inputs["indices"].copy()
-        indices[empty_query] = rng.choice(np.array([-1, s_kv, np.iinfo(np.int32).min, np.iinfo(np.int32).max],
-                                                   np.int32), size=topk)
-        inputs["indices"] = indices
-    if topk_lengths is not None:
-        inputs["topk_length"] = np.asarray(topk_lengths, np.int32)
-    _poison_unread_rows(inputs)
-    return problems.Problem("sparse_mla", inputs, dict(problem.params), "bfloat16")
+def _problem(seed: int, **arguments):
+    """A packed-cache V3.2 forward problem (cupy_wgmma_problems.forward_problem's arguments)."""
+    return forward_problem(seed, packed_fp8=True, **arguments)
 
 
 def _decode_problem(seed: int, *, batch: int, next_n: int, context: int, h: int, topk: int,
@@ -213,7 +195,7 @@ def _decode_problem(seed: int, *, batch: int, next_n: int, context: int, h: int,
         indices = np.where(invalid, adversarial, indices).astype(np.int32)
     inputs = dict(q=q, kv=cache, indices=indices, sm_scale=problems.V32_SM_SCALE, d_v=512, topk_length=None,
                   attn_sink=rng.standard_normal(h).astype(np.float32) if attn_sink else None)
-    _poison_unread_rows(inputs)
+    poison_unread_rows(inputs)
     return problems.Problem("sparse_mla", inputs, dict(batch=batch, next_n=next_n, context=context), "bfloat16")
 
 
@@ -222,38 +204,20 @@ def _run(inputs, backend):
     return interop.to_numpy(out), interop.to_numpy(lse)
 
 
-def _compare(out, lse, inputs, backend):
-    expected_out, expected_lse = reference.sparse_mla(**inputs)  # the cache unpacked exactly, float64
-    tolerance = tolerance_for("bfloat16", backend)
-    assert_close(out, expected_out, tolerance, name="out")
-    assert_close(lse, expected_lse, tolerance, name="lse")
-    empty = ~reference.valid_slots(inputs["indices"], inputs["kv"].shape[0], inputs["topk_length"]).any(axis=1)
-    assert (out[empty] == 0).all() and np.isneginf(lse[empty]).all()
-
-
 def _check(problem, monkeypatch, kernel):
     monkeypatch.delenv(V2_ENV, raising=False)  # the backend's attribute chooses, not the environment
     backend = _backend(kernel)
     launched = record_launches(monkeypatch)
     out, lse = _run(problem.native_inputs(backend), backend)
     assert launched == [kernel], launched
-    _compare(out, lse, problem.inputs, backend)
+    compare_forward(out, lse, problem.inputs, backend)
     return out, lse
 
 
-SMALL_CASES = {
-    f"h{h}-topk{topk}": dict(s_q=4, s_kv=600, h=h, topk=topk, invalid_fraction=0.2, duplicate_fraction=0.25,
-                             attn_sink=True, empty_query=1, topk_lengths=[topk, 0, 37, topk - 64 + 5])
-    for h in (64, 128) for topk in (64, 128, 320)
-}
-SMALL_CASES["h64-topk100-plain"] = dict(s_q=3, s_kv=300, h=64, topk=100)  # a partial last tile, no options
+# The bf16 kernels' cases (cupy_wgmma_problems.FORWARD_CASES) and two more.
+SMALL_CASES = dict(FORWARD_CASES)
 SMALL_CASES["h128-topk200-sink"] = dict(s_q=5, s_kv=900, h=128, topk=200, topk_length=True, attn_sink=True,
                                         invalid_fraction=0.1)
-SMALL_CASES["h128-topk64-few-rows"] = dict(s_q=3, s_kv=40, h=128, topk=64, duplicate_fraction=0.5,
-                                           logit_scale=3.0)  # few rows, each read many times
-SMALL_CASES["h64-topk2048"] = dict(s_q=2, s_kv=5000, h=64, topk=2048, invalid_fraction=0.05, topk_length=True,
-                                   attn_sink=True)
-SMALL_CASES["h64-all-invalid"] = dict(s_q=3, s_kv=50, h=64, topk=64, invalid_fraction=1.0)
 SMALL_CASES["h128-v32-scale"] = dict(s_q=4, s_kv=3000, h=128, topk=512, sm_scale=problems.V32_SM_SCALE,
                                      distribution="recent", duplicate_fraction=0.05)
 
@@ -318,7 +282,7 @@ def test_fp8_wgmma_forward_copies_a_cache_view_off_a_16_byte_boundary(monkeypatc
     launched = record_launches(monkeypatch)
     out, lse = _run(inputs, backend)
     assert launched == [kernel], launched
-    _compare(out, lse, problem.inputs, backend)
+    compare_forward(out, lse, problem.inputs, backend)
 
 
 @pytest.mark.gpu
@@ -409,4 +373,4 @@ def test_fp8_wgmma_forward_at_the_v32_decode_size(monkeypatch, kernel):
     compact = np.where(valid, np.searchsorted(rows, np.where(valid, sample_indices, 0)), -1).astype(np.int32)
     inputs = dict(q=q[sample], kv=cupy.asnumpy(cache[cupy.asarray(rows)]), indices=compact,
                   sm_scale=problems.V32_SM_SCALE, d_v=512, topk_length=sample_length, attn_sink=attn_sink)
-    _compare(out[sample], lse[sample], inputs, backend)
+    compare_forward(out[sample], lse[sample], inputs, backend)

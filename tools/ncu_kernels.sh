@@ -5,7 +5,8 @@
 # KERNELS: comma-separated subset of gluon (Triton's Gluon forward), wgmma (CuPy's wgmma forward),
 # mma (CuPy's mma.sync forward, for comparison), paged (Triton's paged indexer at b 64, T 128K),
 # fp8 and fp8_v2 (CuPy's wgmma forwards over the packed FP8 cache at the decode shape b 64, s_q 2, T 32K,
-# with per-instruction stall counts: SourceCounters).
+# with the SourceCounters section too: the text report gives its summary, branch and uncoalesced-access
+# counts; per-instruction stall reasons need ncu's source page of a saved report).
 # Sections: speed of light, compute and memory workload, occupancy, warp state (stall reasons), launch
 # statistics; written as OUT_DIR/ncu_<kernel>.txt (ncu's text report); the launch profiled is the
 # second (the first compiles and warms up).
