@@ -40,8 +40,10 @@ H200_SMEM = 232448  # MaxSharedMemoryPerBlockOptin of sm_90
 A100_SMEM = 166912  # ... of sm_80
 KERNEL = "sparse_mla_fwd_wgmma_fp8"
 KERNEL_V2 = "sparse_mla_fwd_wgmma_fp8_v2"
+KERNEL_PAIR = "sparse_mla_fwd_wgmma_fp8_pair"
 V2_SOURCE = "sparse_mla_wgmma_v2.cu"
 V2_ENV = "DSA_REF_CUPY_WGMMA_FP8_V2"
+PAIR_ENV = "DSA_REF_CUPY_WGMMA_FP8_PAIR"
 
 
 # ----------------------------------------------------------------------------- CPU: routing
@@ -156,19 +158,50 @@ def test_the_second_fp8_kernels_register_handover_fits_what_the_launch_allocates
     assert line.split()[1:5] == [str(number["LAUNCH_REGISTERS"]), "0", "0", "0"], line
 
 
+def test_the_pair_kernel_is_opt_in_and_takes_the_second_kernels_inputs_with_h_a_multiple_of_128(monkeypatch):
+    assert cupy_backend.CupyBackend.hopper_fp8_decode_pair is False, "opt-in until measured on the GPU"
+    monkeypatch.setenv(PAIR_ENV, "1")
+    assert cupy_backend.kernel_switch(False, PAIR_ENV)
+    text = inspect.getsource(cupy_backend.CupyBackend.sparse_mla)
+    v2_choice = text.index(f'source, name = "{V2_SOURCE}", "{KERNEL_V2}"')
+    pair_choice = text.index(f'name = "{KERNEL_PAIR}"')
+    assert v2_choice < pair_choice  # inside the v2 kernel's branch: the same source, grid, threads and memory
+    assert (f'if h % 128 == 0 and kernel_switch(self.hopper_fp8_decode_pair, "{PAIR_ENV}"):'
+            in text[v2_choice:pair_choice])
+    assert KERNEL_PAIR in kernels.KERNELS[V2_SOURCE]
+
+
+def test_the_pair_kernel_is_a_cluster_of_two_sharing_half_tiles_and_compiles_like_the_second():
+    """Its blocks are declared as clusters of two (so the host launch needs nothing else), each block sends
+    the peer 32 rows a tile, and the compile report shows the second kernel's registers, no stack, no spill."""
+    text = kernels.source_text(V2_SOURCE)
+    assert re.search(rf"__cluster_dims__\(2, 1, 1\)[^\n]*\n{KERNEL_PAIR}\(", text)
+    assert "PAIR_PEER_BYTES == BLOCK_T / 2 * D_QK * 2" in text
+    report = compile_check.report_path(V2_SOURCE, "sm_90a").read_text().splitlines()
+    (pair,) = [line for line in report if line.startswith(f"{KERNEL_PAIR} ")]
+    (second,) = [line for line in report if line.startswith(f"{KERNEL_V2} ")]
+    assert pair.split()[1:5] == second.split()[1:5] == ["168", "0", "0", "0"], (pair, second)
+
+
 # ----------------------------------------------------------------------------- GPU
 def _backend(kernel: str = KERNEL):
     backend = hopper_backend(kernel)
     backend.poison_outputs = True  # an element the kernel forgets to write is NaN and fails the comparison
     backend.hopper_fp8_decode = True
-    backend.hopper_fp8_decode_v2 = kernel == KERNEL_V2
+    backend.hopper_fp8_decode_v2 = kernel in (KERNEL_V2, KERNEL_PAIR)
+    backend.hopper_fp8_decode_pair = kernel == KERNEL_PAIR
     return backend
 
 
-@pytest.fixture(params=[KERNEL, KERNEL_V2])
+@pytest.fixture(params=[KERNEL, KERNEL_V2, KERNEL_PAIR])
 def kernel(request):
-    """Each GPU test on both FP8 wgmma kernels."""
+    """Each GPU test on the three FP8 wgmma kernels (the pair kernel's problems with h not a multiple of 128
+    run the second kernel, and the tests check that they do)."""
     return request.param
+
+
+def _expected_launch(kernel: str, h: int) -> str:
+    return KERNEL_V2 if kernel == KERNEL_PAIR and h % 128 else kernel
 
 
 def _problem(seed: int, **arguments):
@@ -206,10 +239,11 @@ def _run(inputs, backend):
 
 def _check(problem, monkeypatch, kernel):
     monkeypatch.delenv(V2_ENV, raising=False)  # the backend's attribute chooses, not the environment
+    monkeypatch.delenv(PAIR_ENV, raising=False)
     backend = _backend(kernel)
     launched = record_launches(monkeypatch)
     out, lse = _run(problem.native_inputs(backend), backend)
-    assert launched == [kernel], launched
+    assert launched == [_expected_launch(kernel, problem.inputs["q"].shape[1])], launched
     compare_forward(out, lse, problem.inputs, backend)
     return out, lse
 
@@ -266,6 +300,19 @@ def test_fp8_wgmma_v2_outputs_are_the_first_kernels_bit_for_bit(name, monkeypatc
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["b8-next2-h128", "b8-next1-h128", "h128-topk200-sink", "h128-v32-scale"])
+def test_fp8_wgmma_pair_outputs_are_the_second_kernels_bit_for_bit(name, monkeypatch):
+    """The pair's blocks hold the same bf16 tiles as the second kernel's (each dequantized once, by one of
+    the two) and run its consumers: out and lse equal to the last bit."""
+    problem = (_decode_problem(len(name), **DECODE_CASES[name]) if name in DECODE_CASES
+               else _problem(len(name), **SMALL_CASES[name]))
+    first = _check(problem, monkeypatch, KERNEL_V2)
+    second = _check(problem, monkeypatch, KERNEL_PAIR)
+    for a, b in zip(first, second):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.gpu
 def test_fp8_wgmma_forward_copies_a_cache_view_off_a_16_byte_boundary(monkeypatch, kernel):
     import cupy
 
@@ -281,7 +328,7 @@ def test_fp8_wgmma_forward_copies_a_cache_view_off_a_16_byte_boundary(monkeypatc
     inputs["kv"] = shifted
     launched = record_launches(monkeypatch)
     out, lse = _run(inputs, backend)
-    assert launched == [kernel], launched
+    assert launched == [_expected_launch(kernel, 64)], launched
     compare_forward(out, lse, problem.inputs, backend)
 
 

@@ -226,17 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     if "cupy-decode" in groups:
         # The decode step's sparse attention over the packed FP8 cache: sparse_mla_fwd_mma<true>,
         # sparse_mla_fwd_wgmma_fp8 (CupyBackend.hopper_fp8_decode, the default) and
-        # sparse_mla_fwd_wgmma_fp8_v2 (hopper_fp8_decode_v2), same inputs, each compared with the mma.sync
-        # kernel's outputs.
+        # sparse_mla_fwd_wgmma_fp8_v2 (hopper_fp8_decode_v2, the default) and sparse_mla_fwd_wgmma_fp8_pair
+        # (hopper_fp8_decode_pair), same inputs, each compared with the mma.sync kernel's outputs.
         for batch, next_n, context in ((64, 2, 32768), (128, 2, 32768), (64, 1, 131072)):
             q, cache, slots = fp8_decode_inputs(torch, batch, next_n, context)
             shape = f"FP8 cache b={batch} s_q={next_n} T={context} h=128 topk=2048"
             flop = 2 * batch * next_n * 128 * 2048 * (576 + 512)
             outputs = {}
-            for kernel, wgmma, v2 in (("mma.sync", False, False), ("wgmma (hopper_fp8_decode, default)", True, False),
-                                      ("wgmma v2 (hopper_fp8_decode_v2)", True, True)):
+            for kernel, wgmma, v2, pair in (("mma.sync", False, False, False),
+                                            ("wgmma (hopper_fp8_decode)", True, False, False),
+                                            ("wgmma v2 (hopper_fp8_decode_v2, default)", True, True, False),
+                                            ("wgmma pair (hopper_fp8_decode_pair)", True, True, True)):
                 backend = CupyBackend()
-                backend.hopper_fp8_decode, backend.hopper_fp8_decode_v2 = wgmma, v2
+                backend.hopper_fp8_decode, backend.hopper_fp8_decode_v2, backend.hopper_fp8_decode_pair = wgmma, v2, pair
                 outputs[kernel] = timed(torch, f"cupy FP8 decode, {kernel}", shape, flop,
                                         lambda: dsa_ref.sparse_mla(q, cache, slots, backend=backend),
                                         reference=outputs.get("mma.sync"))

@@ -22,7 +22,9 @@ fragment layout shows up as a permutation there). The kernels:
 * ``radix_topk`` Triton's sampled-cut top-k (``TritonBackend.radix_topk``), one pass and two, through the
                  kit's tie-aware check (scores with ties, ``-inf`` and NaN);
 * ``paged_v2``   CuPy's second wgmma paged indexer (``CupyBackend.paged_indexer_wgmma_v2``), next_n 1 and 2;
-* ``wgmma_fp8_v2``  CuPy's second wgmma forward over the packed FP8 cache (``CupyBackend.hopper_fp8_decode_v2``).
+* ``wgmma_fp8_v2``  CuPy's second wgmma forward over the packed FP8 cache (``CupyBackend.hopper_fp8_decode_v2``);
+* ``wgmma_fp8_pair``  the same with a query's two head blocks as a cluster pair sharing their tiles
+                 (``CupyBackend.hopper_fp8_decode_pair``; both problems have h 128).
 
 On a GPU machine, from a checkout::
 
@@ -41,10 +43,12 @@ from pathlib import Path
 import numpy as np
 
 KERNELS = ("gluon", "wgmma", "det_mma", "wgmma_fp8", "wgmma_bwd", "wgmma_v2", "gluon_pingpong", "wgmma_det",
-           "gluon_det", "radix_topk", "paged_v2", "wgmma_fp8_v2")
+           "gluon_det", "radix_topk", "paged_v2", "wgmma_fp8_v2", "wgmma_fp8_pair")
 #: The kernels :func:`probe_backward` runs; :func:`probe_topk` and :func:`probe_paged` take one each,
 #: :func:`probe_forward` the rest.
 BACKWARD_KERNELS = ("det_mma", "wgmma_bwd", "wgmma_det", "gluon_det")
+#: The forwards over the packed FP8 cache.
+FP8_KERNELS = ("wgmma_fp8", "wgmma_fp8_v2", "wgmma_fp8_pair")
 
 
 def error_pattern(name: str, got: np.ndarray, expected: np.ndarray, *, row_axis_name: str) -> dict:
@@ -76,13 +80,13 @@ def error_pattern(name: str, got: np.ndarray, expected: np.ndarray, *, row_axis_
     return row
 
 
-def _forward_problem(small: bool, packed_fp8: bool = False):
+def _forward_problem(small: bool, packed_fp8: bool = False, pairs: bool = False):
     from dsa_ref.testing import problems
 
     rng = np.random.default_rng(3 if small else 4)
     if small:
-        problem = problems.sparse_mla_problem(rng, s_q=4, s_kv=600, h=64, d_qk=576, d_v=512, topk=128,
-                                              dtype="bfloat16", packed_fp8=packed_fp8)
+        problem = problems.sparse_mla_problem(rng, s_q=4, s_kv=600, h=128 if pairs else 64, d_qk=576, d_v=512,
+                                              topk=128, dtype="bfloat16", packed_fp8=packed_fp8)
     else:
         problem = problems.sparse_mla_problem(rng, s_q=4, s_kv=600, h=128, d_qk=576, d_v=512, topk=320,
                                               dtype="bfloat16", invalid_fraction=0.2, duplicate_fraction=0.25,
@@ -94,7 +98,8 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
     import dsa_ref
     from dsa_ref import interop, reference
 
-    problem = _forward_problem(small, packed_fp8=kernel in ("wgmma_fp8", "wgmma_fp8_v2"))
+    # The pair kernel takes h a multiple of 128 (smaller h runs the v2 kernel).
+    problem = _forward_problem(small, packed_fp8=kernel in FP8_KERNELS, pairs=kernel == "wgmma_fp8_pair")
     inputs = problem.inputs
     if kernel in ("gluon", "gluon_pingpong"):
         import torch
@@ -116,8 +121,9 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
         backend = CupyBackend()
         backend.hopper_forward = kernel in ("wgmma", "wgmma_v2")
         backend.hopper_forward_v2 = kernel == "wgmma_v2"
-        backend.hopper_fp8_decode = kernel in ("wgmma_fp8", "wgmma_fp8_v2")
-        backend.hopper_fp8_decode_v2 = kernel == "wgmma_fp8_v2"
+        backend.hopper_fp8_decode = kernel in FP8_KERNELS
+        backend.hopper_fp8_decode_v2 = kernel in ("wgmma_fp8_v2", "wgmma_fp8_pair")
+        backend.hopper_fp8_decode_pair = kernel == "wgmma_fp8_pair"
         backend.poison_outputs = True
         out, lse = dsa_ref.sparse_mla(**problem.native_inputs(backend), backend=backend)
     out, lse = interop.to_numpy(out), interop.to_numpy(lse)

@@ -128,6 +128,13 @@ class CupyBackend(Backend):
     #: for the first FP8 kernel.
     hopper_fp8_decode_v2: bool = True
 
+    #: Where the FP8 v2 kernel would run and h is a multiple of 128, run ``sparse_mla_fwd_wgmma_fp8_pair``
+    #: (csrc/sparse_mla_wgmma_v2.cu) instead: the two head blocks of a query as a cluster of two blocks that
+    #: share their dequantized tiles, each producer loading and dequantizing half of every tile's rows
+    #: (FlashMLA's Hopper FP8 decode shares them the same way). Outputs bitwise equal to v2's. Off until
+    #: measured on the GPU (True, or DSA_REF_CUPY_WGMMA_FP8_PAIR=1, to run it).
+    hopper_fp8_decode_pair: bool = False
+
     #: The decode step's indexer over a paged fp8 key cache on one launch for the batch
     #: (``indexer_paged_mma`` in csrc/indexer.cu: the keys read out of their pages in place) instead
     #: of one dense launch per sequence: 1.47 ms against 33.0 at b 64, T 128K on the H200, the whole
@@ -411,6 +418,9 @@ class CupyBackend(Backend):
                 source, name = "sparse_mla_wgmma_v2.cu", "sparse_mla_fwd_wgmma_v2"
             if kernel_path == "wgmma_fp8" and kernel_switch(self.hopper_fp8_decode_v2, "DSA_REF_CUPY_WGMMA_FP8_V2"):
                 source, name = "sparse_mla_wgmma_v2.cu", "sparse_mla_fwd_wgmma_fp8_v2"
+                # A query's head blocks pair up in clusters of two consecutive blocks: h % 128 == 0 only.
+                if h % 128 == 0 and kernel_switch(self.hopper_fp8_decode_pair, "DSA_REF_CUPY_WGMMA_FP8_PAIR"):
+                    name = "sparse_mla_fwd_wgmma_fp8_pair"
             if kernel_path == "wgmma_fp8":
                 # The producer reads the packed rows 16 bytes at a time: a view that starts off a 16-byte
                 # boundary (rows themselves are 656 = 41 x 16 bytes) is copied, never read misaligned.

@@ -60,6 +60,10 @@ REQUIRED_KERNEL_SASS: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
         "sparse_mla_fwd_wgmma_v2": ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16", "LDGSTS"),
         "sparse_mla_fwd_wgmma_fp8_v2": ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16",
                                         "LDG.E.NA.128.CONSTANT", "F2FP.F16.E4M3.UNPACK_B", "F2FP.BF16.F32.PACK_AB"),
+        # ... and the stores into the peer block's shared memory, counted on its barrier.
+        "sparse_mla_fwd_wgmma_fp8_pair": ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16",
+                                          "LDG.E.NA.128.CONSTANT", "F2FP.F16.E4M3.UNPACK_B", "F2FP.BF16.F32.PACK_AB",
+                                          "STAS"),
     },
     ("indexer_wgmma_v2.cu", "sm_90a"): {
         "indexer_paged_wgmma_v2_q1": ("QGMMA.64x64x32.F32.E4M3.E4M3", "FMNMX.NAN"),

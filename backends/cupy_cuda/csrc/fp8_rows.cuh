@@ -109,8 +109,12 @@ __device__ __forceinline__ Fp8Batch load_fp8_batch(const u8* __restrict__ kv, in
 // producer_warp + 4 j). Latent chunk l becomes bf16 chunks 2 l and 2 l + 1; lanes 4..7 of each
 // quarter-warp store the odd one first, so that the eight 16-byte stores of a quarter-warp fall in
 // eight different bank groups (the even chunks alone would cover only four).
+// TO_PEER: each chunk also goes, at the same offset, into the other block of a cluster pair (its stage at
+// shared::cluster address `peer_tile`), counted against its barrier `peer_barrier` (hopper::st_async_16):
+// FP8_BATCH_ROWS * (D_V / 8 + 8) * 16 bytes a batch over the warp.
+template <bool TO_PEER = false>
 __device__ __forceinline__ void store_fp8_batch(u8* kv_tile, const Fp8Batch& rows, int batch, int producer_warp,
-                                                int lane) {
+                                                int lane, u32 peer_tile = 0u, u32 peer_barrier = 0u) {
     const bool odd_first = (lane >> 2) & 1;
 #pragma unroll
     for (int r = 0; r < FP8_BATCH_ROWS; ++r) {
@@ -124,14 +128,24 @@ __device__ __forceinline__ void store_fp8_batch(u8* kv_tile, const Fp8Batch& row
             odd_first ? odd : even;
         *reinterpret_cast<uint4*>(kv_tile + tile_offset(tile_row, 2 * lane + (odd_first ? 0 : 1))) =
             odd_first ? even : odd;
+        if constexpr (TO_PEER) {
+            hopper::st_async_16(peer_tile + tile_offset(tile_row, 2 * lane + (odd_first ? 1 : 0)),
+                                odd_first ? odd : even, peer_barrier);
+            hopper::st_async_16(peer_tile + tile_offset(tile_row, 2 * lane + (odd_first ? 0 : 1)),
+                                odd_first ? even : odd, peer_barrier);
+        }
     }
 #pragma unroll
     for (int k = 0; k < FP8_ROPE_CHUNKS_PER_LANE; ++k) {
         const int tile_row = producer_warp + 4 * (batch * FP8_BATCH_ROWS + (lane >> 3) + 4 * k);
         // RoPE, as stored: bf16 chunk 64 + l % 8
         *reinterpret_cast<uint4*>(kv_tile + tile_offset(tile_row, D_V / 8 + (lane & 7))) = rows.rope[k];
+        if constexpr (TO_PEER)
+            hopper::st_async_16(peer_tile + tile_offset(tile_row, D_V / 8 + (lane & 7)), rows.rope[k], peer_barrier);
     }
 }
+// Bytes one call of store_fp8_batch<true> sends to the peer over a warp: FP8_BATCH_ROWS bf16 rows of 576.
+constexpr int FP8_BATCH_PEER_BYTES = FP8_BATCH_ROWS * (D_V + 64) * 2;
 
 }  // namespace fp8_rows
 }  // namespace dsa

@@ -239,6 +239,58 @@ __device__ __forceinline__ void mbarrier_wait(u32 barrier, u32 parity) {
     }
 }
 
+// ----------------------------------------------------------------------------- clusters
+// A kernel declared with __cluster_dims__ runs its blocks in clusters, whose blocks can read and write
+// each other's shared memory and barriers through the shared::cluster window. A block's own shared
+// address becomes the same place in block `rank`'s memory through mapa; offsets stay linear.
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+    return rank;
+}
+__device__ __forceinline__ u32 peer_shared_address(u32 address, u32 rank) {
+    u32 peer;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(peer) : "r"(address), "r"(rank));
+    return peer;
+}
+// Barriers initialized by one thread become visible to the other blocks of the cluster after this and a
+// cluster barrier.
+__device__ __forceinline__ void fence_mbarrier_init_cluster() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Every thread of the cluster that has not exited meets here (release, then acquire at cluster scope):
+// what a thread wrote before is visible to every thread of the cluster after.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n"
+                 "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// 16 bytes stored into another block's shared memory (a shared::cluster address) without waiting: the
+// store counts its bytes against the transaction count of that block's barrier `peer_barrier` (also a
+// shared::cluster address), whose phase completes only once every expected byte has landed; a thread
+// that sees the phase complete may read them, tensor-core reads included, with no proxy fence.
+__device__ __forceinline__ void st_async_16(u32 peer_address, uint4 v, u32 peer_barrier) {
+    asm volatile("st.async.weak.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n"
+                 :: "r"(peer_address), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(peer_barrier) : "memory");
+}
+// An arrival (release) that also expects `bytes` more of transactions in the current phase.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(u32 barrier, u32 bytes) {
+    asm volatile("{ .reg .b64 state; mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 state, [%0], %1; }\n"
+                 :: "r"(barrier), "r"(bytes) : "memory");
+}
+// An arrival on another block's barrier (a shared::cluster address), with release at cluster scope.
+__device__ __forceinline__ void mbarrier_arrive_cluster(u32 peer_barrier) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" :: "r"(peer_barrier) : "memory");
+}
+// mbarrier_wait with acquire at cluster scope: for a phase completed by other blocks' arrivals.
+__device__ __forceinline__ void mbarrier_wait_cluster(u32 barrier, u32 parity) {
+    u32 done = 0;
+    while (!done) {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; "
+                     "selp.u32 %0, 1, 0, p; }\n"
+                     : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
+    }
+}
+
 // ----------------------------------------------------------------------------- warp roles
 // Named barrier 1..15 over `threads` threads (a multiple of 32): lets two warpgroups meet without
 // stopping the third (barrier 0 is __syncthreads).

@@ -90,6 +90,12 @@ constexpr int FP8_CONSUMER_REGISTERS = 176;
 static_assert(fp8_rows::FP8_BATCHES % FP8_DEPTH == 0, "a whole number of rings a tile: slots repeat every tile");
 static_assert(128 * FP8_PRODUCER_REGISTERS + CONSUMER_THREADS * FP8_CONSUMER_REGISTERS <= THREADS * LAUNCH_REGISTERS,
               "the consumers' increase must fit in what the launch allocated");
+// A cluster pair (sparse_mla_fwd_wgmma_fp8_pair) stores half of each warp's batches a block, all of them in
+// flight at once; the peer receives that half: 32 rows of 576 bf16 values a tile.
+constexpr int PAIR_BATCHES = fp8_rows::FP8_BATCHES / 2;
+constexpr u32 PAIR_PEER_BYTES = 4u * PAIR_BATCHES * fp8_rows::FP8_BATCH_PEER_BYTES;
+constexpr u32 PAIR_EMPTY_ARRIVALS = 2 * CONSUMER_THREADS / 32;  // a lane of every consumer warp of both blocks
+static_assert(PAIR_BATCHES == FP8_DEPTH && PAIR_PEER_BYTES == BLOCK_T / 2 * D_QK * 2, "the pair's schedule");
 static_assert(FP8_PRODUCER_REGISTERS % 8 == 0 && FP8_CONSUMER_REGISTERS % 8 == 0, "setmaxnreg takes multiples of 8");
 
 // Named barriers of the two consumer warpgroups (0 is __syncthreads).
@@ -158,14 +164,17 @@ struct Fp8Ahead {
 };
 
 // The first tile's indices and rows, requested before the block's Q copy and barrier.
+// `first_batch`: the first batch of the warp's rows this block stores (0; in a cluster pair, the block's
+// half of them: PAIR_BATCHES times its rank).
 __device__ __forceinline__ void start_fp8_rows(Fp8Ahead& ahead, const u8* __restrict__ kv,
                                                const int* __restrict__ row_indices, int n_slots, int s_kv,
-                                               int producer_warp, int lane) {
+                                               int producer_warp, int lane, int first_batch = 0) {
     using namespace fp8_rows;
     ahead.now = fp8_row_index(row_indices, 0, n_slots, s_kv, producer_warp, lane);
     ahead.next = fp8_row_index(row_indices, 1, n_slots, s_kv, producer_warp, lane);
 #pragma unroll
-    for (int batch = 0; batch < FP8_DEPTH; ++batch) ahead.ring[batch] = load_fp8_batch(kv, ahead.now, batch, lane);
+    for (int batch = 0; batch < FP8_DEPTH; ++batch)
+        ahead.ring[batch] = load_fp8_batch(kv, ahead.now, first_batch + batch, lane);
 }
 
 // Producer, packed FP8 rows: per tile, the indices of tile + 2 requested, the wait for the stage, the
@@ -212,7 +221,50 @@ __device__ __forceinline__ void produce_fp8_tiles(Fp8Ahead& ahead, u8* smem, u32
     }
 }
 
-template <bool FP8_CACHE>
+// Producer of a cluster pair (sparse_mla_fwd_wgmma_fp8_pair): the two blocks of a query's two head blocks
+// share every tile. Each dequantizes half of its rows (batches PAIR_BATCHES * rank .. of every warp's 16)
+// and stores them into its own stage and, through st.async, the peer's; so a tile costs a producer half
+// the loads and dequantization of produce_fp8_tiles and one round trip (both its batches are loaded at
+// the top of the loop, FP8_DEPTH == PAIR_BATCHES). The stage's `full` barrier completes when this block's
+// 128 producer threads have arrived (after their own stores and the proxy fence) and the peer's
+// PAIR_PEER_BYTES have landed (thread 0's arrival expects them); `empty` when all 16 consumer warps of the
+// pair have released the stage, since this producer writes into both blocks' copies of it.
+__device__ __forceinline__ void produce_fp8_pair_tiles(Fp8Ahead& ahead, u8* smem, u32 full_barriers,
+                                                       u32 empty_barriers, u32 peer_kv_tiles, u32 peer_full_barriers,
+                                                       const u8* __restrict__ kv, const int* __restrict__ row_indices,
+                                                       int n_tiles, int n_slots, int s_kv, int producer_warp, int lane,
+                                                       int first_batch) {
+    using namespace hopper;
+    using namespace fp8_rows;
+    int* valid_flags = reinterpret_cast<int*>(smem + Smem::VALID_OFFSET);
+    for (int tile = 0; tile < n_tiles; ++tile) {
+        const int stage = tile % STAGES;
+        const u32 round = (u32)(tile / STAGES);
+        if (tile > 0) {
+#pragma unroll
+            for (int batch = 0; batch < PAIR_BATCHES; ++batch)
+                ahead.ring[batch] = load_fp8_batch(kv, ahead.now, first_batch + batch, lane);
+        }
+        const int after = fp8_row_index(row_indices, tile + 2, n_slots, s_kv, producer_warp, lane);
+        // Released by consumers of both blocks (cluster-scope arrivals): acquire at cluster scope.
+        mbarrier_wait_cluster(empty_barriers + 8 * stage, (round & 1u) ^ 1u);
+        u8* kv_tile = smem + Smem::KV_OFFSET + stage * TILE_BYTES;
+        // Every block flags all 64 slots itself (the warp's lanes hold all 16 of its rows' indices).
+        if (lane < PRODUCER_WARP_ROWS) valid_flags[stage * BLOCK_T + producer_warp + 4 * lane] = ahead.now >= 0;
+#pragma unroll
+        for (int batch = 0; batch < PAIR_BATCHES; ++batch)
+            store_fp8_batch<true>(kv_tile, ahead.ring[batch], first_batch + batch, producer_warp, lane,
+                                  peer_kv_tiles + stage * TILE_BYTES, peer_full_barriers + 8 * stage);
+        fence_proxy_async_shared();
+        if ((threadIdx.x & 127) == 0) mbarrier_arrive_expect_tx(full_barriers + 8 * stage, PAIR_PEER_BYTES);
+        else mbarrier_arrive(full_barriers + 8 * stage);
+        ahead.now = ahead.next;
+        ahead.next = after;
+    }
+}
+
+// PAIR (FP8_CACHE only): the block is one of a cluster pair sharing its tiles (produce_fp8_pair_tiles).
+template <bool FP8_CACHE, bool PAIR = false>
 __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restrict__ q, const u8* __restrict__ kv,
                                                              const int* __restrict__ indices,
                                                              const int* __restrict__ topk_length,
@@ -249,16 +301,23 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
     const int producer_warp = tid >> 5;
     int rows[ROWS_PER_THREAD];
     Fp8Ahead fp8_ahead;
+    static_assert(FP8_CACHE || !PAIR, "cluster pairs share dequantized FP8 tiles only");
+    // In a pair, rank r stores batches PAIR_BATCHES r .. of every producer warp; both blocks hold the same
+    // query (consecutive head blocks), so the same slots and tiles.
+    [[maybe_unused]] const int first_batch = PAIR ? PAIR_BATCHES * (int)cluster_rank() : 0;
     if (warpgroup == 0) {
-        if constexpr (FP8_CACHE) start_fp8_rows(fp8_ahead, kv, row_indices, n_slots, s_kv, producer_warp, lane);
+        if constexpr (FP8_CACHE)
+            start_fp8_rows(fp8_ahead, kv, row_indices, n_slots, s_kv, producer_warp, lane, first_batch);
         else load_tile_rows(rows, row_indices, 0, n_slots, s_kv, group);
     }
 
     if (tid == 0) {
         for (int stage = 0; stage < STAGES; ++stage) {
-            mbarrier_init(full_barriers + 8 * stage, 128);                // every producer thread
-            mbarrier_init(empty_barriers + 8 * stage, CONSUMER_THREADS);  // every consumer thread
+            mbarrier_init(full_barriers + 8 * stage, 128);  // every producer thread (and, in a pair, the peer's bytes)
+            // every consumer thread; in a pair, one lane of every consumer warp of both blocks
+            mbarrier_init(empty_barriers + 8 * stage, PAIR ? PAIR_EMPTY_ARRIVALS : CONSUMER_THREADS);
         }
+        if constexpr (PAIR) fence_mbarrier_init_cluster();
     }
     // Q tile, by all threads, once: 64 heads x 576 dims; heads past h are zero rows (not written).
     for (int c = tid; c < BLOCK_H * ROW_CHUNKS; c += THREADS) {
@@ -271,10 +330,21 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
     cp_async_wait<0>();
     fence_proxy_async_shared();
     __syncthreads();  // Q landed and visible to wgmma; barriers initialized
+    // The peer's barriers initialized before this block stores into its stages or arrives on them.
+    if constexpr (PAIR) cluster_sync();
+    [[maybe_unused]] const u32 peer = PAIR ? cluster_rank() ^ 1u : 0u;
 
     if (warpgroup == 0) {
         // ---------------------------------------------------------------- producer
-        if constexpr (FP8_CACHE) {
+        if constexpr (PAIR) {
+            setmaxnreg_decrease<FP8_PRODUCER_REGISTERS>();
+            produce_fp8_pair_tiles(fp8_ahead, smem, full_barriers, empty_barriers, peer_shared_address(kv_tiles, peer),
+                                   peer_shared_address(full_barriers, peer), kv, row_indices, n_tiles, n_slots, s_kv,
+                                   producer_warp, lane, first_batch);
+            // Every thread of the pair meets the consumers' last barrier below, rather than leave early.
+            cluster_sync();
+            return;
+        } else if constexpr (FP8_CACHE) {
             setmaxnreg_decrease<FP8_PRODUCER_REGISTERS>();
             produce_fp8_tiles(fp8_ahead, smem, full_barriers, empty_barriers, kv, row_indices, n_tiles, n_slots, s_kv,
                               producer_warp, lane);
@@ -392,8 +462,20 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
         wgmma_commit();
         wgmma_wait<0>();
         fence_registers(acc_o);
-        mbarrier_arrive(empty_barriers + 8 * stage);  // this thread is done with the stage
+        if constexpr (PAIR) {
+            // The warp is done with the stage: both producers of the pair may write it again.
+            __syncwarp();
+            if (lane == 0) {
+                mbarrier_arrive(empty_barriers + 8 * stage);
+                mbarrier_arrive_cluster(peer_shared_address(empty_barriers + 8 * stage, peer));
+            }
+        } else {
+            mbarrier_arrive(empty_barriers + 8 * stage);  // this thread is done with the stage
+        }
     }
+    // No block of a pair leaves while the other may still arrive on its barriers (its consumers' last
+    // releases) or store into its stages; the producers meet here too.
+    if constexpr (PAIR) cluster_sync();
 
     // ---- epilogue: denominators of both slot halves (added in a fixed order), lse, attention sink.
 #pragma unroll
@@ -448,4 +530,19 @@ sparse_mla_fwd_wgmma_fp8_v2(const u16* __restrict__ q,            // [s_q, h, 57
                             int h, int s_kv, int topk, float scale_log2) {
     mla_wgmma_v2::sparse_mla_fwd_wgmma_v2_body<true>(q, kv, indices, topk_length, attn_sink, out, lse, h, s_kv, topk,
                                                      scale_log2);
+}
+
+// The packed FP8 cache, the two head blocks of a query (h a multiple of 128: blocks 2 i, 2 i + 1) in a
+// cluster sharing their dequantized tiles (produce_fp8_pair_tiles); the same arguments and launch.
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(mla_wgmma_v2::THREADS, 1)
+sparse_mla_fwd_wgmma_fp8_pair(const u16* __restrict__ q,            // [s_q, h, 576] bf16 bits
+                              const u8* __restrict__ kv,            // [s_kv, 656] packed FP8 rows
+                              const int* __restrict__ indices,      // [s_q, topk]
+                              const int* __restrict__ topk_length,  // [s_q] or null
+                              const float* __restrict__ attn_sink,  // [h] or null
+                              float* __restrict__ out,              // [s_q, h, 512]
+                              float* __restrict__ lse,              // [s_q, h]
+                              int h, int s_kv, int topk, float scale_log2) {
+    mla_wgmma_v2::sparse_mla_fwd_wgmma_v2_body<true, true>(q, kv, indices, topk_length, attn_sink, out, lse, h, s_kv,
+                                                           topk, scale_log2);
 }
