@@ -129,6 +129,13 @@ class Backend:
                 reasons.append(f"{main}.dtype={got} (supported: {', '.join(sorted(supported))})")
         return reasons
 
+    #: Optional: a method ``(q, kv, indices, topk_length, attn_sink, sm_scale, d_v) -> (out, lse) | None``
+    #: that :func:`dsa_ref.torch.sparse_mla` calls first, with torch tensors whose shapes and dtypes it
+    #: has checked (``topk_length`` clamped), and that returns torch tensors, or None where it would need
+    #: :meth:`to_native`'s conversions (then :meth:`sparse_mla` runs). A backend whose arrays are not
+    #: torch's sets it to skip those conversions on the decode path (CupyBackend.sparse_mla_torch).
+    sparse_mla_torch = None
+
     # ------------------------------------------------------------------ arrays
     def device(self) -> Any:
         """Where ``to_native`` puts arrays (a torch device, a cupy device id, or ``None``)."""

@@ -233,6 +233,45 @@ def torch_stream_pointer(device: int) -> int:
     return raw(device)
 
 
+class _StreamPointer:
+    """A ``cudaStream_t`` offered through the CUDA stream protocol (``cupy.cuda.Stream.from_external``)."""
+
+    __slots__ = ("pointer",)
+
+    def __init__(self, pointer: int):
+        self.pointer = pointer
+
+    def __cuda_stream__(self):
+        return 0, self.pointer
+
+
+#: CuPy's stream objects for torch's streams, by (device, stream pointer). One is reused for every
+#: call on that stream: it is only the pointer (CuPy neither creates nor destroys an external
+#: stream, and entering one only pushes it on a per-thread stack), while making one per call cost
+#: host time, and CuPy 14 deprecates ``ExternalStream``. A pointer that torch reuses for a new
+#: stream names that stream, so its entry stays right.
+_CUPY_STREAMS: dict = {}
+_CUPY_STREAMS_LIMIT = 64
+
+
+def cupy_stream(device: int, pointer: int):
+    """CuPy's stream object for the CUDA stream ``pointer`` of device ``device`` (torch's, from
+    :func:`torch_stream_pointer`), made once: enter it to make it CuPy's current stream, or pass it to
+    a kernel launch as ``stream=``."""
+    key = (device, pointer)
+    stream = _CUPY_STREAMS.get(key)
+    if stream is None:
+        import cupy
+
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)  # CuPy >= 14
+        stream = (from_external(_StreamPointer(pointer)) if from_external is not None
+                  else cupy.cuda.ExternalStream(pointer))
+        if len(_CUPY_STREAMS) >= _CUPY_STREAMS_LIMIT:
+            _CUPY_STREAMS.clear()
+        _CUPY_STREAMS[key] = stream
+    return stream
+
+
 def _torch_device(device: Any):
     import torch
 

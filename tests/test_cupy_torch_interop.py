@@ -270,24 +270,26 @@ def _stream_cupy(from_external: bool, device: int = 0):
 
 @pytest.mark.parametrize("from_external", [True, False])
 def test_one_cupy_stream_per_torch_stream(monkeypatch, from_external):
-    monkeypatch.setattr(torch_ops, "_CUPY_STREAMS", {})
+    monkeypatch.setattr(interop, "_CUPY_STREAMS", {})
     cupy, made = _stream_cupy(from_external)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
     with warnings.catch_warnings():
         warnings.simplefilter("error" if from_external else "ignore", DeprecationWarning)
-        first = torch_ops._cupy_stream(cupy, 0, 0x1000)
-        assert torch_ops._cupy_stream(cupy, 0, 0x1000) is first and first.ptr == 0x1000
-        other = torch_ops._cupy_stream(cupy, 0, 0x2000)
-        on_device_1 = torch_ops._cupy_stream(cupy, 1, 0x1000)
+        first = interop.cupy_stream(0, 0x1000)
+        assert interop.cupy_stream(0, 0x1000) is first and first.ptr == 0x1000
+        other = interop.cupy_stream(0, 0x2000)
+        on_device_1 = interop.cupy_stream(1, 0x1000)
     assert len({id(first), id(other), id(on_device_1)}) == 3 and other.ptr == 0x2000
     assert len(made) == 3
 
 
 def test_the_stream_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(torch_ops, "_CUPY_STREAMS", {})
+    monkeypatch.setattr(interop, "_CUPY_STREAMS", {})
     cupy, _ = _stream_cupy(True)
-    for pointer in range(torch_ops._CUPY_STREAMS_LIMIT + 5):
-        torch_ops._cupy_stream(cupy, 0, pointer + 1)
-    assert len(torch_ops._CUPY_STREAMS) <= torch_ops._CUPY_STREAMS_LIMIT
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    for pointer in range(interop._CUPY_STREAMS_LIMIT + 5):
+        interop.cupy_stream(0, pointer + 1)
+    assert len(interop._CUPY_STREAMS) <= interop._CUPY_STREAMS_LIMIT
 
 
 class _CudaLike:
@@ -304,7 +306,7 @@ class _CudaLike:
 
 @pytest.mark.parametrize("current", [0, 1])
 def test_on_torch_stream_enters_the_cached_stream(monkeypatch, current):
-    monkeypatch.setattr(torch_ops, "_CUPY_STREAMS", {})
+    monkeypatch.setattr(interop, "_CUPY_STREAMS", {})
     cupy, made = _stream_cupy(True, device=current)
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setattr(interop, "torch_stream_pointer", lambda device: 0x5000 + device)
@@ -447,7 +449,7 @@ def test_the_wrapped_array_keeps_the_tensor_alive():
 @pytest.mark.gpu
 def test_cupy_streams_are_cached_per_torch_stream_without_deprecation():
     cupy = _cupy()
-    torch_ops._CUPY_STREAMS.clear()
+    interop._CUPY_STREAMS.clear()
     backend = types.SimpleNamespace(array_kind="cupy")
     x = torch.zeros(4, device="cuda")
     with warnings.catch_warnings():
@@ -487,6 +489,120 @@ def test_the_torch_ops_wrap_their_inputs_without_dlpack(monkeypatch):
             out, lse = dt.sparse_mla(q, cache, slots, backend="cupy")
             np.testing.assert_array_equal(out.cpu().numpy(), expected[0])
             np.testing.assert_array_equal(lse.cpu().numpy(), expected[1])
+
+
+def _decode_inputs(*, batch: int = 2, context: int = 4096, h: int = 128, topk: int = 2048):
+    from dsa_ref_backends.bench import make_indices, random_fp8_cache
+
+    torch.manual_seed(0)
+    cache = random_fp8_cache(torch, batch * context, "cuda")
+    q = torch.randn(batch * 2, h, 576, device="cuda", dtype=torch.bfloat16)
+    slots = make_indices(torch, batch * 2, batch * context, topk, "uniform", "cuda")
+    topk_length = torch.randint(0, topk + 1, (batch * 2,), device="cuda", dtype=torch.int32)
+    attn_sink = torch.randn(h, device="cuda")
+    return q, cache, slots, topk_length, attn_sink
+
+
+def _public(q, cache, slots, topk_length=None, attn_sink=None):
+    import dsa_ref
+
+    numpy = [None if x is None else interop.to_numpy(x) for x in (q, cache, slots, topk_length, attn_sink)]
+    return dsa_ref.sparse_mla(numpy[0], numpy[1], numpy[2], topk_length=numpy[3], attn_sink=numpy[4], backend="cupy")
+
+
+def _no_cupy_arrays(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CuPy array was made on the decode path")
+
+    monkeypatch.setattr(interop, "_to_cupy", refuse)
+    monkeypatch.setattr(interop, "_cupy_to_torch", refuse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", ["plain", "topk_length and sink", "bf16 rows"])
+def test_the_decode_call_launches_on_the_tensors_with_no_cupy_array(monkeypatch, options):
+    """dsa_ref.torch.sparse_mla on the cupy backend (CupyBackend.sparse_mla_torch): no input or output
+    becomes a CuPy array, the kernel runs on torch's stream, and out / lse equal the public API's bit for bit."""
+    _cupy()
+    import dsa_ref.torch as dt
+
+    q, cache, slots, topk_length, attn_sink = _decode_inputs()
+    if options == "bf16 rows":
+        cache = torch.randn(cache.shape[0], 576, device="cuda").to(torch.bfloat16)
+    if options != "topk_length and sink":
+        topk_length = attn_sink = None
+    expected = _public(q, cache, slots, topk_length, attn_sink)
+    _no_cupy_arrays(monkeypatch)
+    with torch.no_grad():
+        for _ in range(2):  # the second call: the accepted signature's and the launch's caches
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out, lse = dt.sparse_mla(q, cache, slots, topk_length=topk_length, attn_sink=attn_sink, backend="cupy")
+            side.synchronize()
+            np.testing.assert_array_equal(out.cpu().numpy(), expected[0])
+            np.testing.assert_array_equal(lse.cpu().numpy(), expected[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["strided q", "cache off a 16-byte boundary", "int64 indices", "poisoned outputs",
+                                  "float32 q"])
+def test_inputs_the_kernels_cannot_read_as_they_are_take_the_general_path(monkeypatch, case):
+    _cupy()
+    import dsa_ref.torch as dt
+    from dsa_ref import registry
+
+    q, cache, slots, _, _ = _decode_inputs(batch=1, context=3000, h=64, topk=512)
+    if case == "strided q":
+        q = torch.randn(576, q.shape[1], q.shape[0], device="cuda").to(torch.bfloat16).permute(2, 1, 0)
+    elif case == "cache off a 16-byte boundary":
+        buffer = torch.zeros(cache.numel() + 8, dtype=torch.uint8, device="cuda")
+        buffer[8:] = cache.reshape(-1)
+        cache = buffer[8:].view(cache.shape)
+    elif case == "int64 indices":
+        slots = slots.to(torch.int64)
+    elif case == "poisoned outputs":
+        monkeypatch.setenv("DSA_REF_POISON_OUTPUTS", "1")
+    elif case == "float32 q":
+        q = q.float()
+    backend = registry.get_backend("cupy")
+    assert backend.sparse_mla_torch(q, cache, slots, None, None, 576**-0.5, 512) is None
+    expected = _public(q, cache, slots)
+    with torch.no_grad():
+        out, lse = dt.sparse_mla(q, cache, slots, backend="cupy")
+    np.testing.assert_array_equal(out.cpu().numpy(), expected[0])
+    np.testing.assert_array_equal(lse.cpu().numpy(), expected[1])
+
+
+@pytest.mark.gpu
+def test_the_decode_call_replays_in_a_cuda_graph(monkeypatch):
+    """Captured on a side stream (its outputs from the graph's pool) and replayed on new inputs written in
+    place: equal to eager calls on them."""
+    _cupy()
+    import dsa_ref
+    import dsa_ref.torch as dt
+
+    q, cache, slots, topk_length, attn_sink = _decode_inputs()
+    _no_cupy_arrays(monkeypatch)
+    with torch.no_grad(), dsa_ref.use_data_checks(False):
+        def step():
+            return dt.sparse_mla(q, cache, slots, topk_length=topk_length, attn_sink=attn_sink, backend="cupy")
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        q.copy_(torch.randn_like(q))
+        slots.copy_(slots.flip(1))
+        graph.replay()
+        eager = step()
+        torch.cuda.synchronize()
+    for got, want in zip(captured, eager):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.gpu

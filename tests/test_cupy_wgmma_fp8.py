@@ -135,12 +135,16 @@ def test_the_second_fp8_kernel_is_the_default_and_takes_only_the_first_ones_inpu
     assert not cupy_backend.kernel_switch(True, V2_ENV)
     monkeypatch.setenv(V2_ENV, "1")
     assert cupy_backend.kernel_switch(False, V2_ENV)
-    text = inspect.getsource(cupy_backend.CupyBackend.sparse_mla)
-    # Only where forward_kernel_path chose the first FP8 kernel; the same launch (grid, threads, shared memory).
-    assert (f'if kernel_path == "wgmma_fp8" and kernel_switch(self.hopper_fp8_decode_v2, "{V2_ENV}"):\n'
-            f'                source, name = "{V2_SOURCE}", "{KERNEL_V2}"') in text
-    assert "kernels.kernel(source, name, device_id, WGMMA_FORWARD_SMEM)" in text
-    assert "_aligned_16(q), _aligned_16(kv)" in text  # its 16-byte row loads, as the first kernel's
+    backend = cupy_backend.CupyBackend()
+    # Only where forward_kernel_path chose the first FP8 kernel; the same launch (threads, shared memory,
+    # head blocks) and its 16-byte row loads.
+    first = ("sparse_mla_wgmma.cu", KERNEL, 384, cupy_backend.WGMMA_FORWARD_SMEM, 2, True)
+    assert _plan(backend, monkeypatch, h=128) == (V2_SOURCE, KERNEL_V2, *first[2:])
+    monkeypatch.setenv(V2_ENV, "0")
+    assert _plan(backend, monkeypatch, h=128) == first
+    monkeypatch.delenv(V2_ENV)
+    backend.hopper_fp8_decode = False
+    assert _plan(backend, monkeypatch, h=128)[1] == "sparse_mla_fwd_mma<true>"
     assert KERNEL_V2 in kernels.KERNELS[V2_SOURCE] and kernels.template_kernels(V2_SOURCE) == ()
 
 
@@ -158,16 +162,31 @@ def test_the_second_fp8_kernels_register_handover_fits_what_the_launch_allocates
     assert line.split()[1:5] == [str(number["LAUNCH_REGISTERS"]), "0", "0", "0"], line
 
 
+def _plan(backend, monkeypatch, *, h: int, kv_dtype: str = "uint8", kv_width: int = 656):
+    """What the backend launches for bf16 q over ``kv_dtype`` rows on an H200 (CupyBackend._tensor_core_forward)."""
+    monkeypatch.setattr(cupy_backend, "_compute_capability", lambda: 90)
+    monkeypatch.setattr(cupy_backend, "_smem_optin", lambda: H200_SMEM)
+    return backend._tensor_core_forward("bfloat16", kv_dtype, h=h, d_qk=576, kv_width=kv_width, d_v=512)
+
+
 def test_the_pair_kernel_is_opt_in_and_takes_the_second_kernels_inputs_with_h_a_multiple_of_128(monkeypatch):
     assert cupy_backend.CupyBackend.hopper_fp8_decode_pair is False, "opt-in until measured on the GPU"
+    for variable in (V2_ENV, PAIR_ENV):
+        monkeypatch.delenv(variable, raising=False)
+    backend = cupy_backend.CupyBackend()
+    assert _plan(backend, monkeypatch, h=128)[1] == KERNEL_V2
     monkeypatch.setenv(PAIR_ENV, "1")
-    assert cupy_backend.kernel_switch(False, PAIR_ENV)
-    text = inspect.getsource(cupy_backend.CupyBackend.sparse_mla)
-    v2_choice = text.index(f'source, name = "{V2_SOURCE}", "{KERNEL_V2}"')
-    pair_choice = text.index(f'name = "{KERNEL_PAIR}"')
-    assert v2_choice < pair_choice  # inside the v2 kernel's branch: the same source, grid, threads and memory
-    assert (f'if h % 128 == 0 and kernel_switch(self.hopper_fp8_decode_pair, "{PAIR_ENV}"):'
-            in text[v2_choice:pair_choice])
+    pair = _plan(backend, monkeypatch, h=128)
+    assert pair == (V2_SOURCE, KERNEL_PAIR, 384, cupy_backend.WGMMA_FORWARD_SMEM, 2, True)  # v2's launch
+    assert _plan(backend, monkeypatch, h=256)[1] == KERNEL_PAIR
+    assert _plan(backend, monkeypatch, h=64)[1] == _plan(backend, monkeypatch, h=192)[1] == KERNEL_V2  # no pairs
+    assert _plan(backend, monkeypatch, h=128, kv_dtype="bfloat16", kv_width=576)[1] != KERNEL_PAIR  # FP8 rows only
+    monkeypatch.setenv(V2_ENV, "0")
+    assert _plan(backend, monkeypatch, h=128)[1] == KERNEL  # inside the second kernel's choice
+    monkeypatch.delenv(PAIR_ENV)
+    monkeypatch.delenv(V2_ENV)
+    backend.hopper_fp8_decode_pair = True
+    assert _plan(backend, monkeypatch, h=128)[1] == KERNEL_PAIR
     assert KERNEL_PAIR in kernels.KERNELS[V2_SOURCE]
 
 

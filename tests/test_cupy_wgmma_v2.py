@@ -51,18 +51,33 @@ def test_the_v2_forward_is_the_default_and_follows_its_environment_variable(monk
     assert not cupy_backend.kernel_switch(True, ENV)
 
 
-def test_the_backend_sends_only_the_wgmma_path_to_the_v2_kernel():
-    text = inspect.getsource(cupy_backend.CupyBackend.sparse_mla)
-    assert f'hopper_v2 = kernel_switch(self.hopper_forward_v2, "{ENV}")' in text
-    assert f'if kernel_path == "wgmma" and hopper_v2:\n                source, name = "{SOURCE}", "{KERNEL}"' in text
-    assert "kernels.kernel(source, name, device_id, WGMMA_FORWARD_SMEM)" in text
+def test_the_backend_sends_only_the_wgmma_path_to_the_v2_kernel(monkeypatch):
+    monkeypatch.setattr(cupy_backend, "_compute_capability", lambda: 90)
+    monkeypatch.setattr(cupy_backend, "_smem_optin", lambda: 232448)
+    for variable in (ENV, "DSA_REF_CUPY_WGMMA"):
+        monkeypatch.delenv(variable, raising=False)
+    backend = cupy_backend.CupyBackend()
+
+    def chosen(**changes):
+        arguments = dict(h=128, d_qk=576, kv_width=576, d_v=512)
+        arguments.update(changes)
+        return backend._tensor_core_forward("bfloat16", "bfloat16", **arguments)
+
+    assert chosen() == (SOURCE, KERNEL, 384, cupy_backend.WGMMA_FORWARD_SMEM, 2, False)  # the first one's launch
+    monkeypatch.setenv(ENV, "0")
+    assert chosen()[:2] == ("sparse_mla_wgmma.cu", "sparse_mla_fwd_wgmma")
+    monkeypatch.setenv(ENV, "1")
     # The v2 switch alone does not reroute: the inputs the wgmma kernel takes, with its switch on.
-    assert "hopper_forward=hopper," in text and "hopper_forward=hopper or" not in text
+    monkeypatch.setenv("DSA_REF_CUPY_WGMMA", "0")
+    assert chosen()[1] == "sparse_mla_fwd_mma<false>"
+    monkeypatch.delenv("DSA_REF_CUPY_WGMMA")
+    assert chosen(h=96)[1] == "sparse_mla_fwd_mma<false>" and chosen(d_v=256) is None
 
 
 # ----------------------------------------------------------------------------- CPU: the source
 def test_host_launch_constants_agree_with_the_source():
-    assert kernels.KERNELS[SOURCE] == (KERNEL, "sparse_mla_fwd_wgmma_fp8_v2")  # the FP8 one: test_cupy_wgmma_fp8.py
+    # The FP8 ones: test_cupy_wgmma_fp8.py
+    assert kernels.KERNELS[SOURCE] == (KERNEL, "sparse_mla_fwd_wgmma_fp8_v2", "sparse_mla_fwd_wgmma_fp8_pair")
     assert kernels.SOURCE_ARCHITECTURES[SOURCE] == "sm_90a"
     assert compile_check.architectures(SOURCE) == ("sm_90a",)
     assert (SOURCE, "sm_90a") in compile_check.compile_jobs()

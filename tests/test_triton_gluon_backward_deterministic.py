@@ -209,7 +209,7 @@ def _compile_variants() -> dict[str, dict]:
         for has_topk_length, has_d_lse, d_out_dtype in ((True, True, "fp32"), (False, False, "bf16")):
             constants = dict(HAS_TOPK_LENGTH=has_topk_length, HAS_D_LSE=has_d_lse, BLOCK_H=module.BLOCK_H,
                              BLOCK_T=module.BLOCK_T, D_V=module.D_V, D_R=module.D_R, D_CHUNK=module.D_CHUNK,
-                             ROW_STORES=row_stores)
+                             ROW_STORES=row_stores, ROW_STORE=module.ROW_STORE_KIND if row_stores else 0)
             ptx, shared = compile_gluon_for_sm90(
                 module._sparse_mla_backward_gluon_kernel, constants,
                 dict(p_q="*bf16", p_kv="*bf16", p_indices="*i32", p_topk_length="*i32", p_d_out=f"*{d_out_dtype}",

@@ -170,6 +170,7 @@ class CupyBackend(Backend):
 
     def __init__(self) -> None:
         self._unavailable: list[str] | None = None
+        self._torch_launches: dict = {}  # sparse_mla_torch's launches by signature
 
     # ------------------------------------------------------------------ availability
     def unavailable_reasons(self) -> list[str]:
@@ -403,42 +404,17 @@ class CupyBackend(Backend):
             return out, lse
         device_id = q.device.id
         packed = kv_dtype == "uint8"
-        hopper = kernel_switch(self.hopper_forward, "DSA_REF_CUPY_WGMMA")
-        hopper_v2 = kernel_switch(self.hopper_forward_v2, "DSA_REF_CUPY_WGMMA_V2")
-        hopper_fp8 = kernel_switch(self.hopper_fp8_decode, "DSA_REF_CUPY_WGMMA_FP8")
-        kernel_path = forward_kernel_path(q_dtype, kv_dtype, d_qk=d_qk, kv_width=int(kv.shape[1]), d_v=d_v, h=h,
-                                          compute_capability=_compute_capability() if hopper or hopper_fp8 else 0,
-                                          smem_limit=_smem_optin(), hopper_forward=hopper,
-                                          hopper_fp8_decode=hopper_fp8)
-        if kernel_path in ("wgmma", "wgmma_fp8"):
-            source = "sparse_mla_wgmma.cu"
-            name = "sparse_mla_fwd_wgmma_fp8" if kernel_path == "wgmma_fp8" else "sparse_mla_fwd_wgmma"
-            # The same launch: sparse_mla_wgmma_v2.cu keeps the layout (Smem::TOTAL) and the threads.
-            if kernel_path == "wgmma" and hopper_v2:
-                source, name = "sparse_mla_wgmma_v2.cu", "sparse_mla_fwd_wgmma_v2"
-            if kernel_path == "wgmma_fp8" and kernel_switch(self.hopper_fp8_decode_v2, "DSA_REF_CUPY_WGMMA_FP8_V2"):
-                source, name = "sparse_mla_wgmma_v2.cu", "sparse_mla_fwd_wgmma_fp8_v2"
-                # A query's head blocks pair up in clusters of two consecutive blocks: h % 128 == 0 only.
-                if h % 128 == 0 and kernel_switch(self.hopper_fp8_decode_pair, "DSA_REF_CUPY_WGMMA_FP8_PAIR"):
-                    name = "sparse_mla_fwd_wgmma_fp8_pair"
-            if kernel_path == "wgmma_fp8":
+        plan = self._tensor_core_forward(q_dtype, kv_dtype, h=h, d_qk=d_qk, kv_width=int(kv.shape[1]), d_v=d_v)
+        if plan is not None:
+            source, name, threads, smem, head_blocks, rows_16_bytes = plan
+            if rows_16_bytes:
                 # The producer reads the packed rows 16 bytes at a time: a view that starts off a 16-byte
                 # boundary (rows themselves are 656 = 41 x 16 bytes) is copied, never read misaligned.
                 q, kv = _aligned_16(q), _aligned_16(kv)
-            function = kernels.kernel(source, name, device_id, WGMMA_FORWARD_SMEM)
-            function((s_q * (h // 64),), (WGMMA_FORWARD_THREADS,),
+            function = kernels.kernel(source, name, device_id, smem)
+            function((s_q * head_blocks,), (threads,),
                      (q, kv, indices, _nullable(topk_length), _nullable(attn_sink), out, lse, np.int32(h),
                       np.int32(s_kv), np.int32(topk), np.float32(float(sm_scale) * math.log2(math.e))),
-                     shared_mem=WGMMA_FORWARD_SMEM)
-            return out, lse
-        if kernel_path == "mma":
-            smem = _MMA_SMEM[packed]
-            function = kernels.kernel("sparse_mla.cu", f"sparse_mla_fwd_mma<{'true' if packed else 'false'}>",
-                                      device_id, smem)
-            head_blocks = (h + 63) // 64
-            function((s_q * head_blocks,), (256,),
-                     (q, kv, indices, _nullable(topk_length), _nullable(attn_sink), out, lse, np.int32(h), np.int32(s_kv),
-                      np.int32(topk), np.float32(float(sm_scale) * math.log2(math.e))),
                      shared_mem=smem)
             return out, lse
         q32 = _to_float32(q, q_dtype)
@@ -451,6 +427,106 @@ class CupyBackend(Backend):
                                       np.float32(sm_scale)),
                  shared_mem=smem)
         return out, lse
+
+    def _tensor_core_forward(self, q_dtype: str, kv_dtype: str, *, h: int, d_qk: int, kv_width: int, d_v: int):
+        """The tensor-core sparse-MLA forward these inputs take, as ``(source, kernel, threads, shared memory,
+        head blocks a query, reads rows 16 bytes at a time)``, or None for the float32 kernel. Every wgmma
+        kernel keeps the first one's launch (csrc/sparse_mla_wgmma_v2.cu keeps its layout, Smem::TOTAL, and
+        threads)."""
+        hopper = kernel_switch(self.hopper_forward, "DSA_REF_CUPY_WGMMA")
+        hopper_fp8 = kernel_switch(self.hopper_fp8_decode, "DSA_REF_CUPY_WGMMA_FP8")
+        kernel_path = forward_kernel_path(q_dtype, kv_dtype, d_qk=d_qk, kv_width=kv_width, d_v=d_v, h=h,
+                                          compute_capability=_compute_capability() if hopper or hopper_fp8 else 0,
+                                          smem_limit=_smem_optin(), hopper_forward=hopper,
+                                          hopper_fp8_decode=hopper_fp8)
+        head_blocks = (h + 63) // 64
+        if kernel_path == "wgmma":
+            if kernel_switch(self.hopper_forward_v2, "DSA_REF_CUPY_WGMMA_V2"):
+                return ("sparse_mla_wgmma_v2.cu", "sparse_mla_fwd_wgmma_v2", WGMMA_FORWARD_THREADS, WGMMA_FORWARD_SMEM,
+                        head_blocks, False)
+            return "sparse_mla_wgmma.cu", "sparse_mla_fwd_wgmma", WGMMA_FORWARD_THREADS, WGMMA_FORWARD_SMEM, head_blocks, False
+        if kernel_path == "wgmma_fp8":
+            source, name = "sparse_mla_wgmma.cu", "sparse_mla_fwd_wgmma_fp8"
+            if kernel_switch(self.hopper_fp8_decode_v2, "DSA_REF_CUPY_WGMMA_FP8_V2"):
+                source, name = "sparse_mla_wgmma_v2.cu", "sparse_mla_fwd_wgmma_fp8_v2"
+                # A query's head blocks pair up in clusters of two consecutive blocks: h % 128 == 0 only.
+                if h % 128 == 0 and kernel_switch(self.hopper_fp8_decode_pair, "DSA_REF_CUPY_WGMMA_FP8_PAIR"):
+                    name = "sparse_mla_fwd_wgmma_fp8_pair"
+            return source, name, WGMMA_FORWARD_THREADS, WGMMA_FORWARD_SMEM, head_blocks, True
+        if kernel_path == "mma":
+            packed = kv_dtype == "uint8"
+            return ("sparse_mla.cu", f"sparse_mla_fwd_mma<{'true' if packed else 'false'}>", 256, _MMA_SMEM[packed],
+                    head_blocks, False)
+        return None
+
+    def sparse_mla_torch(self, q, kv, indices, topk_length, attn_sink, sm_scale: float, d_v: int):
+        """:meth:`sparse_mla` for torch CUDA tensors that the tensor-core kernels read as they are (bf16 q, bf16
+        rows or the packed FP8 cache, int32 indices, int32 topk_length and float32 attn_sink if given, all
+        contiguous on the current CUDA device): the kernel is launched on torch's current stream with the
+        tensors' addresses, and ``(out, lse)`` are torch tensors from its caching allocator (a CUDA graph
+        capture's pool while capturing). No CuPy array is made on this path, which is what a decode step's
+        host time per call was spent on (backends/cupy_cuda/NOTES.md, "host cost"). None where the inputs
+        need the general path (other dtypes or layouts, the float32 kernel, poisoned outputs); the caller
+        (:mod:`dsa_ref.torch`) has checked shapes and dtypes and clamped ``topk_length``."""
+        import torch
+
+        if (self.poison_outputs or q.dtype != torch.bfloat16 or indices.dtype != torch.int32 or not q.is_cuda
+                or not (q.is_contiguous() and kv.is_contiguous() and indices.is_contiguous())):
+            return None
+        if topk_length is not None and (topk_length.dtype != torch.int32 or not topk_length.is_contiguous()):
+            return None
+        if attn_sink is not None and (attn_sink.dtype != torch.float32 or not attn_sink.is_contiguous()):
+            return None
+        device = q.get_device()
+        environment = os.environ
+        key = (q.shape, kv.shape, kv.dtype, int(d_v), device, self.hopper_forward, self.hopper_forward_v2,
+               self.hopper_fp8_decode, self.hopper_fp8_decode_v2, self.hopper_fp8_decode_pair,
+               *[environment.get(name) for name in _FORWARD_SWITCHES])
+        launch = self._torch_launches.get(key)
+        if launch is None:
+            launch = self._torch_launch(q, kv, d_v, device)
+            if len(self._torch_launches) >= 256:
+                self._torch_launches.clear()
+            self._torch_launches[key] = launch
+        if launch is False:
+            return None
+        function, grid, threads, smem, rows_16_bytes = launch
+        if rows_16_bytes and (kv.data_ptr() % 16 or q.data_ptr() % 16):
+            return None  # the general path copies such views
+        s_q, h = q.shape[0], q.shape[1]
+        out = torch.empty((s_q, h, d_v), dtype=torch.float32, device=q.device)
+        lse = torch.empty((s_q, h), dtype=torch.float32, device=q.device)
+        if s_q == 0 or h == 0:
+            return out, lse
+        stream = interop.cupy_stream(device, interop.torch_stream_pointer(device))
+        null = _NULL_POINTER
+        function((s_q * grid,), (threads,),
+                 (np.uint64(q.data_ptr()), np.uint64(kv.data_ptr()), np.uint64(indices.data_ptr()),
+                  null if topk_length is None else np.uint64(topk_length.data_ptr()),
+                  null if attn_sink is None else np.uint64(attn_sink.data_ptr()),
+                  np.uint64(out.data_ptr()), np.uint64(lse.data_ptr()), np.int32(h), np.int32(kv.shape[0]),
+                  np.int32(indices.shape[1]), np.float32(float(sm_scale) * _LOG2_E)),
+                 shared_mem=smem, stream=stream)
+        return out, lse
+
+    def _torch_launch(self, q, kv, d_v: int, device: int):
+        """What :meth:`sparse_mla_torch` launches for inputs of this signature: ``(function, head blocks, threads,
+        shared memory, reads rows 16 bytes at a time)``, or False where it takes the general path."""
+        import cupy
+        import torch
+
+        if (self.unavailable_reasons() or device != cupy.cuda.runtime.getDevice()
+                or os.environ.get("DSA_REF_POISON_OUTPUTS") == "1"):
+            return False
+        kv_dtype = {torch.bfloat16: "bfloat16", torch.uint8: "uint8"}.get(kv.dtype)
+        if kv_dtype is None or q.dim() != 3 or kv.dim() != 2:
+            return False
+        plan = self._tensor_core_forward("bfloat16", kv_dtype, h=int(q.shape[1]), d_qk=int(q.shape[2]),
+                                         kv_width=int(kv.shape[1]), d_v=int(d_v))
+        if plan is None:
+            return False
+        source, name, threads, smem, head_blocks, rows_16_bytes = plan
+        return kernels.kernel(source, name, device, smem), head_blocks, threads, smem, rows_16_bytes
 
     # ------------------------------------------------------------------ training: sparse MLA backward
     def _float32(self, x):
@@ -840,6 +916,13 @@ def _aligned_16(x):
 def _nullable(x):
     """An optional array argument: the array, or a null pointer (8 zero bytes passed by value)."""
     return np.uint64(0) if x is None else x
+
+
+_NULL_POINTER = np.uint64(0)
+_LOG2_E = math.log2(math.e)
+#: The environment variables that choose a sparse-MLA forward kernel (CupyBackend._tensor_core_forward).
+_FORWARD_SWITCHES = ("DSA_REF_CUPY_WGMMA", "DSA_REF_CUPY_WGMMA_V2", "DSA_REF_CUPY_WGMMA_FP8",
+                     "DSA_REF_CUPY_WGMMA_FP8_V2", "DSA_REF_CUPY_WGMMA_FP8_PAIR", "DSA_REF_POISON_OUTPUTS")
 
 def _to_float32(x, dtype_name: str):
     """float32 copy of a CuPy array holding ``dtype_name`` data (bf16 / fp8 as their carriers)."""

@@ -199,7 +199,7 @@ def _on_torch_stream(backend, like: Tensor):
     import cupy
 
     device = like.get_device()
-    stream = _cupy_stream(cupy, device, interop.torch_stream_pointer(device))
+    stream = interop.cupy_stream(device, interop.torch_stream_pointer(device))
     if device != cupy.cuda.runtime.getDevice():
         return _on_device(cupy, device, stream)
     if torch.cuda.is_current_stream_capturing():
@@ -222,38 +222,6 @@ def _capturing(cupy, stream):
         yield
 
 
-class _StreamPointer:
-    """A ``cudaStream_t`` offered through the CUDA stream protocol (``cupy.cuda.Stream.from_external``)."""
-
-    __slots__ = ("pointer",)
-
-    def __init__(self, pointer: int):
-        self.pointer = pointer
-
-    def __cuda_stream__(self):
-        return 0, self.pointer
-
-
-#: CuPy's stream objects for torch's streams, by (device, stream pointer). One is reused for every
-#: call on that stream: it is only the pointer (CuPy neither creates nor destroys an external
-#: stream, and entering one only pushes it on a per-thread stack), while making one per call cost
-#: host time, and CuPy 14 deprecates ``ExternalStream``. A pointer that torch reuses for a new
-#: stream names that stream, so its entry stays right.
-_CUPY_STREAMS: dict = {}
-_CUPY_STREAMS_LIMIT = 64
-
-
-def _cupy_stream(cupy, device: int, pointer: int):
-    key = (device, pointer)
-    stream = _CUPY_STREAMS.get(key)
-    if stream is None:
-        from_external = getattr(cupy.cuda.Stream, "from_external", None)  # CuPy >= 14
-        stream = (from_external(_StreamPointer(pointer)) if from_external is not None
-                  else cupy.cuda.ExternalStream(pointer))
-        if len(_CUPY_STREAMS) >= _CUPY_STREAMS_LIMIT:
-            _CUPY_STREAMS.clear()
-        _CUPY_STREAMS[key] = stream
-    return stream
 
 
 class _TorchBlock:
@@ -324,7 +292,13 @@ def _sparse_mla_forward(q, kv, indices, topk_length, attn_sink, sm_scale: float,
             _sparse_mla_checks(q, kv, indices, topk_length, attn_sink, sm_scale, d_v),
             _run_checks(backend_name, "sparse_mla", inputs)), signature[1])
     if topk_length is not None:
-        inputs["topk_length"] = topk_length.clip(0, indices.shape[1])  # clamped on the device, never read
+        topk_length = inputs["topk_length"] = topk_length.clip(0, indices.shape[1])  # on the device, never read
+    # A backend may take torch tensors as they are (Backend.sparse_mla_torch): no conversion either way.
+    launch = backend.sparse_mla_torch
+    if launch is not None:
+        result = launch(q, kv, indices, topk_length, attn_sink, sm_scale, d_v)
+        if result is not None:
+            return _fresh_pair(result[0], result[1], q, kv)
     out, lse = _run_inputs(backend, "sparse_mla", q, inputs, seen)
     return _fresh_pair(out, lse, q, kv)
 
