@@ -3,9 +3,9 @@
 
 On any machine: the host plan (chunks in whole waves, plans, the order of the row sums, entries of
 invalid slots) and the row-sum kernel on the CPU interpreter against NumPy, bitwise; the block
-kernel's sm_90 compile with ``ROW_STORES`` (no spills, no serialized wgmma, shared memory, no float
-atomic left on the row path in PTX and SASS); the routing (off by default, its environment variable,
-deterministic mode only). On a Hopper GPU: the gradients against the float64 reference on the
+kernel's sm_90 compile with ``ROW_STORES`` (spills within a bound, no serialized wgmma, shared memory,
+no atomic left on the row path in PTX and SASS, evict-first stores); the routing (its environment
+variable, deterministic mode only). On a Hopper GPU: the gradients against the float64 reference on the
 default kernel's awkward cases, dq bitwise the default kernel's, bitwise reruns over several chunks
 and plans, and which kernels ran.
 """
@@ -209,7 +209,7 @@ def _compile_variants() -> dict[str, dict]:
         for has_topk_length, has_d_lse, d_out_dtype in ((True, True, "fp32"), (False, False, "bf16")):
             constants = dict(HAS_TOPK_LENGTH=has_topk_length, HAS_D_LSE=has_d_lse, BLOCK_H=module.BLOCK_H,
                              BLOCK_T=module.BLOCK_T, D_V=module.D_V, D_R=module.D_R, D_CHUNK=module.D_CHUNK,
-                             ROW_STORES=row_stores, ROW_STORE=module.ROW_STORE_KIND if row_stores else 0)
+                             ROW_STORES=row_stores)
             ptx, shared = compile_gluon_for_sm90(
                 module._sparse_mla_backward_gluon_kernel, constants,
                 dict(p_q="*bf16", p_kv="*bf16", p_indices="*i32", p_topk_length="*i32", p_d_out=f"*{d_out_dtype}",
@@ -222,6 +222,7 @@ def _compile_variants() -> dict[str, dict]:
                 spill_bytes=sum(spills), spill_lines=len(spills), serialized="serializ" in report.lower(),
                 ptx_float_atomics=len(re.findall(r"\b(?:atom|red)\.\S*\.(?:add|min|max)\S*\.f(?:16|32|64)", ptx)),
                 ptx_exchanges=len(re.findall(r"\batom\.global\.gpu\.relaxed\.exch\.b32", ptx)),
+                ptx_evict_first_stores=len(re.findall(r"\bst\.global\.cs\.", ptx)),
                 ptx_atomics=len(re.findall(r"\b(?:atom|red)\.", ptx)),
                 sass_red=len(re.findall(r"\bREDG?\b|\bREDG?\.", sass)),
                 sass_add_atomics=len(re.findall(r"\bATOMG?\.\S*ADD", sass)),
@@ -263,25 +264,32 @@ def compiled_variants() -> dict[str, dict]:
     return run_compiled_report(__file__)
 
 
+#: Spill bytes ptxas gives the kernel with ROW_STORES (nvcc 13.0's ptxas at 255 registers: 172 / 228 bytes at the two
+#: variants): the plain stores of the row gradients were measured faster than the exchanges that compiled
+#: without spills (105.1 -> 33.8 ms at S 4096, h 128; NOTES.md, version 15); a larger spill is a change to look at.
+ROW_STORE_SPILL_LIMIT = 256
+
+
 @pytest.mark.parametrize("case", ["True-fp32", "False-bf16"])
-def test_row_stores_compile_like_the_default_kernel_without_spills(compiled_variants, case):
+def test_row_stores_compile_like_the_default_kernel(compiled_variants, case):
     length, dtype = case.split("-")
     stores, default = compiled_variants[f"True-{length}-{dtype}"], compiled_variants[f"False-{length}-{dtype}"]
-    assert stores["spill_lines"] == 2 and stores["spill_bytes"] == 0 and stores["sass_local"] == 0, stores
+    assert default["spill_lines"] == 2 and default["spill_bytes"] == 0 and default["sass_local"] == 0, default
+    assert stores["spill_lines"] == 2 and 0 <= stores["spill_bytes"] <= ROW_STORE_SPILL_LIMIT, stores
     assert not stores["serialized"] and not default["serialized"], (stores, default)
     assert stores["registers"] <= 255 and stores["shared"] <= H100_SHARED_MEMORY_PER_BLOCK, stores
     assert stores["shared"] == default["shared"] and stores["wgmma"] == default["wgmma"], (stores, default)
 
 
 @pytest.mark.parametrize("case", ["True-fp32", "False-bf16"])
-def test_row_stores_leave_no_float_atomic_on_the_row_path(compiled_variants, case):
+def test_row_stores_leave_no_atomic_on_the_row_path(compiled_variants, case):
     length, dtype = case.split("-")
     stores, default = compiled_variants[f"True-{length}-{dtype}"], compiled_variants[f"False-{length}-{dtype}"]
-    # The default adds 72 float32 pairs a thread and step; ROW_STORES writes the same 144 values with
-    # 32-bit exchanges whose results are discarded (each buffer element is written once): bit moves.
+    # The default adds 72 float32 pairs a thread and step; ROW_STORES writes the same values with plain
+    # evict-first stores (each buffer element is written once): no atomic of any kind.
     assert default["ptx_float_atomics"] == 72, default
-    assert stores["ptx_float_atomics"] == 0 and stores["ptx_exchanges"] == 144 == stores["ptx_atomics"], stores
-    assert stores["sass_red"] == 0 and stores["sass_add_atomics"] == 0 and stores["sass_exchanges"] == 144, stores
+    assert stores["ptx_atomics"] == 0 and stores["sass_red"] == 0 and stores["sass_add_atomics"] == 0, stores
+    assert stores["sass_exchanges"] == 0 and stores["ptx_evict_first_stores"] >= 72, stores
 
 
 @pytest.mark.parametrize("head_blocks", [1, 2])

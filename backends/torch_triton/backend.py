@@ -220,7 +220,8 @@ class TritonBackend(Backend):
     #: Deterministic mode on the Gluon backward kernel storing its row gradients, then summing them per
     #: row in a fixed order (:mod:`.sparse_mla_backward_rows`), for the inputs default mode sends to the
     #: Gluon kernel (with :attr:`hopper_backward`): 136.8 -> 106.4 ms at S 4096, SKV 8192, h 128,
-    #: topk 2048 on the H200 (NOTES.md, version 14). False, or DSA_REF_TRITON_GLUON_DETERMINISTIC=0, runs
+    #: topk 2048 on the H200 (NOTES.md, version 14), 33.8 ms with plain stores of the row gradients
+    #: (version 15: 1.57x the default mode's 21.5). False, or DSA_REF_TRITON_GLUON_DETERMINISTIC=0, runs
     #: the split deterministic kernels.
     hopper_deterministic_backward: bool = True
 

@@ -34,7 +34,7 @@ One program = one query and 64 of its heads, 8 warps = two warpgroups; a step of
 In deterministic mode the split kernels (:mod:`.sparse_mla_backward`) sort the contributions instead;
 ``kernel="gluon_deterministic"`` (the backend's deterministic mode on Hopper since its measurement on the
 H200, NOTES.md version 14; ``DSA_REF_TRITON_GLUON_DETERMINISTIC=0`` for the split kernels) runs this kernel with ``ROW_STORES``: each contribution of a
-valid slot is written once to a buffer (an exchange, no float atomic), then summed per row in a fixed
+valid slot is written once to a buffer (a plain store, no atomic), then summed per row in a fixed
 order (:mod:`.sparse_mla_backward_rows`).
 """
 
@@ -52,10 +52,6 @@ from .sparse_mla_gluon import (BLOCK_H, D_QK, D_R, D_V, LOG2E, NUM_WARPS, _align
 
 BLOCK_T = 64  # slots a step: the M of the rows' contributions
 D_CHUNK = 128  # columns of the rows' contributions a product (and a round of atomics)
-#: How deterministic mode's block kernel writes a row gradient to the contribution buffer (being measured):
-#: 0 32-bit exchanges, 1 plain stores (evict-first), 2 predicated 32-bit stores in inline PTX, 3 the same
-#: as 8-byte pairs.
-ROW_STORE_KIND = 0
 
 
 @gluon.jit
@@ -84,26 +80,13 @@ def _row_slots(p_index_row, p_entry_row, o_t, slot_end, s_kv, ROW_STORES: gl.con
 
 
 @gluon.jit
-def _add_rows(p_rows, b_rows, mask, ROW_STORES: gl.constexpr, ROW_STORE: gl.constexpr = 0):
+def _add_rows(p_rows, b_rows, mask, ROW_STORES: gl.constexpr):
     if ROW_STORES:
-        # Each buffer element is written once, so an exchange is a store: its bits, in any order. A plain
-        # store spilled 164 bytes (ptxas moves it among the next chunk's products and keeps more of them
-        # live); the exchange (result discarded, RZ) is scheduled as the default's adds are, no spills.
-        if ROW_STORE == 0:
-            gl.atomic_xchg(p_rows, b_rows, mask=mask, sem="relaxed")
-        elif ROW_STORE == 1:
-            gl.store(p_rows, b_rows, mask=mask, cache_modifier=".cs")
-        elif ROW_STORE == 2:
-            gl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.cs.b32 [$1], $2; }\n mov.u32 $0, 0;",
-                "=r,l,r,r", [p_rows, b_rows.to(gl.int32, bitcast=True), mask.to(gl.int32)],
-                dtype=gl.int32, is_pure=False, pack=1)
-        else:
-            gl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $6, 0; @p st.global.cs.v2.b32 [$2], {$4, $5}; }\n"
-                " mov.u32 $0, 0; mov.u32 $1, 0;",
-                "=r,=r,l,l,r,r,r,r", [p_rows, b_rows.to(gl.int32, bitcast=True), mask.to(gl.int32)],
-                dtype=gl.int32, is_pure=False, pack=2)
+        # Each buffer element is written once: a plain store, evict-first (the buffer is read once, by the
+        # row sums, after the launch). ptxas spills ~170 bytes around it (it moves the stores among the next
+        # chunk's products and keeps more of them live), which the exchanges it replaced did not; measured,
+        # the stores take the whole backward from 105.1 to 33.8 ms at S 4096, h 128 (NOTES.md, version 15).
+        gl.store(p_rows, b_rows, mask=mask, cache_modifier=".cs")
     else:
         gl.atomic_add(p_rows, b_rows, mask=mask, sem="relaxed")
 
@@ -115,7 +98,7 @@ def _sparse_mla_backward_gluon_kernel(
     stride_q_m, stride_q_h, stride_kv, stride_i_m, stride_do_m, stride_do_h, stride_dq_m, stride_dq_h, stride_dkv,
     HAS_TOPK_LENGTH: gl.constexpr, HAS_D_LSE: gl.constexpr,
     BLOCK_H: gl.constexpr, BLOCK_T: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr, D_CHUNK: gl.constexpr,
-    ROW_STORES: gl.constexpr = False, ROW_STORE: gl.constexpr = 0,
+    ROW_STORES: gl.constexpr = False,
 ):
     """``dq`` of query ``query_begin + axis 0`` and ``BLOCK_H`` heads (axis 1), and their rows' contributions
     to ``dkv``: added with atomics, or (``ROW_STORES``, deterministic mode) stored to the contribution buffer
@@ -237,14 +220,13 @@ def _sparse_mla_backward_gluon_kernel(
             b_rows = warpgroup_mma(d_logits.permute((1, 0)), q_value.slice(chunk * D_CHUNK, D_CHUNK, dim=1),
                                    gl.zeros([BLOCK_T, D_CHUNK], gl.float32, layout=dkv_layout), use_acc=False)
             b_rows = warpgroup_mma(prob.permute((1, 0)), d_out.slice(chunk * D_CHUNK, D_CHUNK, dim=1), b_rows)
-            _add_rows(p_dkv_rows[:, None] + (chunk * D_CHUNK + o_d)[None, :], b_rows, m_valid[:, None], ROW_STORES,
-                      ROW_STORE)
+            _add_rows(p_dkv_rows[:, None] + (chunk * D_CHUNK + o_d)[None, :], b_rows, m_valid[:, None], ROW_STORES)
         b_rows = warpgroup_mma(d_logits.permute((1, 0)), q_rest, gl.zeros([BLOCK_T, D_R], gl.float32, layout=rest_acc_layout), use_acc=False)
         o_t = t + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, rest_acc_layout))
         b_index, m_valid = _row_slots(p_index_row, p_entry_row, o_t, slot_end, s_kv, ROW_STORES)
         p_dkv_rows = p_dkv_at + D_V + gl.where(m_valid, b_index, 0).to(gl.int64) * stride_dkv
         o_rest = gl.arange(0, D_R, layout=gl.SliceLayout(0, rest_acc_layout))
-        _add_rows(p_dkv_rows[:, None] + o_rest[None, :], b_rows, m_valid[:, None], ROW_STORES, ROW_STORE)
+        _add_rows(p_dkv_rows[:, None] + o_rest[None, :], b_rows, m_valid[:, None], ROW_STORES)
     async_copy.wait_group(0)  # the last (empty) gather; q's copies when there was no step
 
     p_dq_rows = p_dq + query.to(gl.int64) * stride_dq_m + head_begin * stride_dq_h
@@ -321,7 +303,6 @@ def sparse_mla_backward_gluon(q, kv, indices, d_out, lse, delta, share, sm_scale
                 dq.stride(0), dq.stride(1), contributions.stride(0),
                 HAS_TOPK_LENGTH=topk_length is not None, HAS_D_LSE=d_lse is not None,
                 BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T, D_V=D_V, D_R=D_R, D_CHUNK=D_CHUNK, ROW_STORES=True,
-                ROW_STORE=ROW_STORE_KIND,
                 num_warps=NUM_WARPS.value)
 
         sparse_mla_backward_rows.deterministic_backward(launch_block, s_q, h, s_kv, indices, topk_length, dkv,

@@ -277,18 +277,14 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(u32 barrier, u32 bytes
     asm volatile("{ .reg .b64 state; mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 state, [%0], %1; }\n"
                  :: "r"(barrier), "r"(bytes) : "memory");
 }
-// An arrival on another block's barrier (a shared::cluster address), with release at cluster scope.
+// An arrival on another block's barrier (a shared::cluster address), with the default semantics (release at
+// CTA scope), as CUTLASS's ClusterBarrier::arrive(cta_id) makes it: what it orders is this warp's tensor-core
+// reads of a stage, complete before it (wgmma_wait), against the peer producer's later writes to it. With
+// release at cluster scope ptxas adds a memory barrier (ERRBAR) before every such arrival, and the
+// peer's wait at cluster scope an L1 invalidation (CCTL.IVALL) at every wait: the two cost the first pair
+// kernel ~10% of its warps' cycles (ncu's source page, backends/cupy_cuda/NOTES.md).
 __device__ __forceinline__ void mbarrier_arrive_cluster(u32 peer_barrier) {
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" :: "r"(peer_barrier) : "memory");
-}
-// mbarrier_wait with acquire at cluster scope: for a phase completed by other blocks' arrivals.
-__device__ __forceinline__ void mbarrier_wait_cluster(u32 barrier, u32 parity) {
-    u32 done = 0;
-    while (!done) {
-        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; "
-                     "selp.u32 %0, 1, 0, p; }\n"
-                     : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
-    }
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" :: "r"(peer_barrier) : "memory");
 }
 
 // ----------------------------------------------------------------------------- warp roles

@@ -246,8 +246,8 @@ __device__ __forceinline__ void produce_fp8_pair_tiles(Fp8Ahead& ahead, u8* smem
                 ahead.ring[batch] = load_fp8_batch(kv, ahead.now, first_batch + batch, lane);
         }
         const int after = fp8_row_index(row_indices, tile + 2, n_slots, s_kv, producer_warp, lane);
-        // Released by consumers of both blocks (cluster-scope arrivals): acquire at cluster scope.
-        mbarrier_wait_cluster(empty_barriers + 8 * stage, (round & 1u) ^ 1u);
+        // Released by the consumers of both blocks (hopper::mbarrier_arrive_cluster says why a CTA-scope wait).
+        mbarrier_wait(empty_barriers + 8 * stage, (round & 1u) ^ 1u);
         u8* kv_tile = smem + Smem::KV_OFFSET + stage * TILE_BYTES;
         // Every block flags all 64 slots itself (the warp's lanes hold all 16 of its rows' indices).
         if (lane < PRODUCER_WARP_ROWS) valid_flags[stage * BLOCK_T + producer_warp + 4 * lane] = ahead.now >= 0;
