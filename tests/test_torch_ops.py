@@ -387,3 +387,54 @@ def test_cupy_results_go_back_to_torch_on_torch_stream(monkeypatch):
     monkeypatch.setattr(torch_ops, "_like", lambda x, like: converted.append((x, state["inside"])) or x)
     assert torch_ops._run_inputs(CupyLikeBackend(), "sparse_mla", CudaLike(), {}, True) == ("out", "lse")
     assert converted == [("out", True), ("lse", True)], converted
+
+
+# ---------------------------------------------------------------------------- backends taking torch tensors
+def test_a_backend_taking_torch_tensors_gets_them_as_they_are(monkeypatch):
+    """Backend.sparse_mla_torch: called first with the tensors themselves (topk_length clamped); its result
+    is the op's; None hands the call to the general path (conversions, Backend.sparse_mla)."""
+    from dsa_ref import registry
+    from dsa_ref.torch import ops as torch_ops
+
+    q, kv, indices = _sparse_inputs(torch.float32)
+    length = torch.tensor([3, 9, -2, 0, 3], dtype=torch.int32)
+    backend = registry.get_backend("numpy")
+    seen = []
+
+    def take(q_, kv_, indices_, topk_length, attn_sink, sm_scale, d_v):
+        seen.append((q_, kv_, indices_, topk_length, attn_sink, sm_scale, d_v))
+        return None if len(seen) == 1 else (torch.ones(5, 2, 6), torch.zeros(5, 2))
+
+    monkeypatch.setattr(type(backend), "sparse_mla_torch", staticmethod(take), raising=False)
+    torch_ops._ACCEPTED.clear()
+    with torch.no_grad():
+        general = dt.sparse_mla(q, kv, indices, d_v=6, topk_length=length, backend="numpy")
+        taken = dt.sparse_mla(q, kv, indices, d_v=6, topk_length=length, backend="numpy")
+    assert seen[0][0] is q and seen[0][1] is kv and seen[0][2] is indices and seen[0][6] == 6
+    assert torch.equal(seen[0][3], length.clip(0, 3))
+    expected = dsa_ref.sparse_mla(q.numpy(), kv.numpy(), indices.numpy(), d_v=6, topk_length=length.clip(0, 3).numpy())
+    np.testing.assert_allclose(general[0].numpy(), expected[0])
+    assert torch.equal(taken[0], torch.ones(5, 2, 6)) and torch.equal(taken[1], torch.zeros(5, 2))
+
+
+def test_the_triton_backend_takes_plain_tensors_on_its_device_as_they_are(monkeypatch):
+    pytest.importorskip("triton")
+    if "triton" not in dsa_ref.available_backends():
+        pytest.skip("the triton backend is not available here")
+    from dsa_ref import registry
+
+    backend = registry.get_backend("triton")
+    q, kv, indices = _sparse_inputs(torch.float32, h=16, d_qk=32)
+    q, kv = q.to(backend.device()), kv.to(backend.device())
+    indices = indices.to(backend.device())
+    calls = []
+    monkeypatch.setattr(type(backend), "sparse_mla", lambda self, *a, **k: calls.append((a, k)) or "ran")
+    assert backend.sparse_mla_torch(q, kv, indices, None, None, 0.5, 16) == "ran"
+    (arguments, keywords), = calls
+    assert arguments[0] is q and arguments[1] is kv and arguments[2] is indices
+    assert keywords == dict(sm_scale=0.5, d_v=16, topk_length=None, attn_sink=None)
+    parameter = torch.nn.Parameter(q.clone())  # a subclass: the general path converts it
+    assert backend.sparse_mla_torch(parameter, kv, indices, None, None, 0.5, 16) is None
+    elsewhere = torch.device("meta")
+    assert backend.sparse_mla_torch(q, kv.to(elsewhere), indices, None, None, 0.5, 16) is None
+    assert len(calls) == 1

@@ -217,6 +217,20 @@ class TritonBackend(Backend):
                                                            "DSA_REF_TRITON_GLUON_PINGPONG"))
         return kernels.sparse_mla(q, kv, indices, float(sm_scale), d_v, topk_length, attn_sink, kernel=kernel)
 
+    def sparse_mla_torch(self, q, kv, indices, topk_length, attn_sink, sm_scale: float, d_v: int):
+        """:meth:`sparse_mla` as :func:`dsa_ref.torch.sparse_mla` calls it (Backend.sparse_mla_torch): the
+        plain tensors already on the device the kernels run on go to the kernel module as they are, with
+        none of the general path's conversions; None for any other input (it converts them)."""
+        import torch
+
+        target = interop.resolved_torch_device(self.device())
+        tensor = torch.Tensor
+        for x in (q, kv, indices, topk_length, attn_sink):
+            if x is not None and (x.__class__ is not tensor or x.device != target):
+                return None
+        return self.sparse_mla(q, kv, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
+                               attn_sink=attn_sink)
+
     #: Deterministic mode on the Gluon backward kernel storing its row gradients, then summing them per
     #: row in a fixed order (:mod:`.sparse_mla_backward_rows`), for the inputs default mode sends to the
     #: Gluon kernel (with :attr:`hopper_backward`): 136.8 -> 106.4 ms at S 4096, SKV 8192, h 128,
