@@ -7,19 +7,15 @@
 // index of its row j (fp8_row_index), and the rows travel in batches of FP8_BATCH_ROWS (Fp8Batch).
 #pragma once
 
-#include "hopper.cuh"
+#include "mla_tile.cuh"
 
 namespace dsa {
 namespace fp8_rows {
 
 constexpr int D_V = 512;                      // the latent dims (V): the first 512 of a row
 constexpr int BLOCK_T = 64;                   // rows of a tile
-constexpr int COLUMN_BLOCK_BYTES = 64 * 128;  // 64 rows x 64 dims: one swizzled column block
 
-// Byte offset of 16-byte chunk `chunk` (0..71) of row `row` of a swizzled [64, 576] tile.
-__device__ __forceinline__ u32 tile_offset(int row, int chunk) {
-    return (chunk >> 3) * COLUMN_BLOCK_BYTES + hopper::swizzle_128b(row, chunk & 7);
-}
+using mla_tile::tile_offset;  // the tile layout the kernels share (mla_tile.cuh)
 
 // The packed FP8 cache row (dsa_ref/reference/formats.py): 656 = 41 x 16 bytes, so every row starts
 // 16-byte aligned when the cache does, and each of its three parts starts on a 16-byte boundary.

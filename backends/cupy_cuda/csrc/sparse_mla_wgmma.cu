@@ -90,10 +90,7 @@ struct Smem {
 };
 static_assert(Smem::TOTAL <= 232448, "sm_90 gives a block at most 227 KB of shared memory");
 
-// Byte offset of 16-byte chunk `chunk` (0..71) of row `row` of a swizzled [64, 576] tile.
-__device__ __forceinline__ u32 tile_offset(int row, int chunk) {
-    return (chunk >> 3) * COLUMN_BLOCK_BYTES + hopper::swizzle_128b(row, chunk & 7);
-}
+using mla_tile::tile_offset;  // the tile layout the kernels share (mla_tile.cuh)
 
 // Producer, bf16 rows: a warp per row at a time, the 32 lanes copying consecutive 16-byte chunks of
 // one row with cp.async (invalid slots zero-filled without a read), then the wait for this thread's
