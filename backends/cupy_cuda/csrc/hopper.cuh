@@ -282,7 +282,7 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(u32 barrier, u32 bytes
 // reads of a stage, complete before it (wgmma_wait), against the peer producer's later writes to it. With
 // release at cluster scope ptxas adds a memory barrier (ERRBAR) before every such arrival, and the
 // peer's wait at cluster scope an L1 invalidation (CCTL.IVALL) at every wait: the two cost the first pair
-// kernel ~10% of its warps' cycles (ncu's source page, backends/cupy_cuda/NOTES.md).
+// kernel ~12% of its warps' samples (ncu's source page, backends/cupy_cuda/NOTES.md).
 __device__ __forceinline__ void mbarrier_arrive_cluster(u32 peer_barrier) {
     asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" :: "r"(peer_barrier) : "memory");
 }
