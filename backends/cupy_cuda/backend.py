@@ -477,11 +477,14 @@ class CupyBackend(Backend):
             return None
         if attn_sink is not None and (attn_sink.dtype != torch.float32 or not attn_sink.is_contiguous()):
             return None
+        import cupy
+
         device = q.get_device()
         environment = os.environ
-        key = (q.shape, kv.shape, kv.dtype, int(d_v), device, self.hopper_forward, self.hopper_forward_v2,
-               self.hopper_fp8_decode, self.hopper_fp8_decode_v2, self.hopper_fp8_decode_pair,
-               *[environment.get(name) for name in _FORWARD_SWITCHES])
+        # The current device too: a kernel is loaded on one device, and launches where that one is current.
+        key = (q.shape, kv.shape, kv.dtype, int(d_v), device, cupy.cuda.runtime.getDevice(),
+               self.hopper_forward, self.hopper_forward_v2, self.hopper_fp8_decode, self.hopper_fp8_decode_v2,
+               self.hopper_fp8_decode_pair, *[environment.get(name) for name in _FORWARD_SWITCHES])
         launch = self._torch_launches.get(key)
         if launch is None:
             launch = self._torch_launch(q, kv, d_v, device)

@@ -222,8 +222,6 @@ def _capturing(cupy, stream):
         yield
 
 
-
-
 class _TorchBlock:
     """A block of torch's caching allocator lent to a CuPy array; given back when the array goes."""
 
