@@ -164,8 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             # wgmma kernel's outputs: the same arithmetic, so the relative difference should be 0.
             cupy_v2 = CupyBackend()
             cupy_v2.hopper_forward_v2 = True
-            timed(torch, "cupy forward, wgmma v2 (CupyBackend.hopper_forward_v2)", shape, forward_flop,
-                  lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_v2), wgmma)
+            v2 = timed(torch, "cupy forward, wgmma v2 (CupyBackend.hopper_forward_v2)", shape, forward_flop,
+                       lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_v2), wgmma)
+            # sparse_mla_fwd_wgmma_v3 (CupyBackend.hopper_split_v): v2 to rounding.
+            cupy_v3 = CupyBackend()
+            cupy_v3.hopper_forward_v2 = cupy_v3.hopper_split_v = True
+            timed(torch, "cupy forward, wgmma v3 split-V consumers (CupyBackend.hopper_split_v)", shape, forward_flop,
+                  lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_v3), v2)
 
         if not groups & {"triton-backward", "cupy-backward"}:
             continue
@@ -233,12 +238,16 @@ def main(argv: list[str] | None = None) -> int:
             shape = f"FP8 cache b={batch} s_q={next_n} T={context} h=128 topk=2048"
             flop = 2 * batch * next_n * 128 * 2048 * (576 + 512)
             outputs = {}
-            for kernel, wgmma, v2, pair in (("mma.sync", False, False, False),
-                                            ("wgmma (hopper_fp8_decode)", True, False, False),
-                                            ("wgmma v2 (hopper_fp8_decode_v2, default)", True, True, False),
-                                            ("wgmma pair (hopper_fp8_decode_pair)", True, True, True)):
+            for kernel, wgmma, v2, pair, split_v in (
+                    ("mma.sync", False, False, False, False),
+                    ("wgmma (hopper_fp8_decode)", True, False, False, False),
+                    ("wgmma v2 (hopper_fp8_decode_v2, default)", True, True, False, False),
+                    ("wgmma pair (hopper_fp8_decode_pair)", True, True, True, False),
+                    ("wgmma v3 split-V consumers (hopper_split_v)", True, True, False, True),
+                    ("wgmma pair v3 (hopper_fp8_decode_pair, hopper_split_v)", True, True, True, True)):
                 backend = CupyBackend()
                 backend.hopper_fp8_decode, backend.hopper_fp8_decode_v2, backend.hopper_fp8_decode_pair = wgmma, v2, pair
+                backend.hopper_split_v = split_v
                 outputs[kernel] = timed(torch, f"cupy FP8 decode, {kernel}", shape, flop,
                                         lambda: dsa_ref.sparse_mla(q, cache, slots, backend=backend),
                                         reference=outputs.get("mma.sync"))

@@ -24,7 +24,9 @@ fragment layout shows up as a permutation there). The kernels:
 * ``paged_v2``   CuPy's second wgmma paged indexer (``CupyBackend.paged_indexer_wgmma_v2``), next_n 1 and 2;
 * ``wgmma_fp8_v2``  CuPy's second wgmma forward over the packed FP8 cache (``CupyBackend.hopper_fp8_decode_v2``);
 * ``wgmma_fp8_pair``  the same with a query's two head blocks as a cluster pair sharing their tiles
-                 (``CupyBackend.hopper_fp8_decode_pair``; both problems have h 128).
+                 (``CupyBackend.hopper_fp8_decode_pair``; both problems have h 128);
+* ``wgmma_v3``, ``wgmma_fp8_v3``, ``wgmma_fp8_pair_v3``  the split-V consumers in those three
+                 (``CupyBackend.hopper_split_v``).
 
 On a GPU machine, from a checkout::
 
@@ -43,12 +45,13 @@ from pathlib import Path
 import numpy as np
 
 KERNELS = ("gluon", "wgmma", "det_mma", "wgmma_fp8", "wgmma_bwd", "wgmma_v2", "gluon_pingpong", "wgmma_det",
-           "gluon_det", "radix_topk", "paged_v2", "wgmma_fp8_v2", "wgmma_fp8_pair")
+           "gluon_det", "radix_topk", "paged_v2", "wgmma_fp8_v2", "wgmma_fp8_pair", "wgmma_v3", "wgmma_fp8_v3",
+           "wgmma_fp8_pair_v3")
 #: The kernels :func:`probe_backward` runs; :func:`probe_topk` and :func:`probe_paged` take one each,
 #: :func:`probe_forward` the rest.
 BACKWARD_KERNELS = ("det_mma", "wgmma_bwd", "wgmma_det", "gluon_det")
 #: The forwards over the packed FP8 cache.
-FP8_KERNELS = ("wgmma_fp8", "wgmma_fp8_v2", "wgmma_fp8_pair")
+FP8_KERNELS = ("wgmma_fp8", "wgmma_fp8_v2", "wgmma_fp8_pair", "wgmma_fp8_v3", "wgmma_fp8_pair_v3")
 
 
 def error_pattern(name: str, got: np.ndarray, expected: np.ndarray, *, row_axis_name: str) -> dict:
@@ -99,7 +102,7 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
     from dsa_ref import interop, reference
 
     # The pair kernel takes h a multiple of 128 (smaller h runs the v2 kernel).
-    problem = _forward_problem(small, packed_fp8=kernel in FP8_KERNELS, pairs=kernel == "wgmma_fp8_pair")
+    problem = _forward_problem(small, packed_fp8=kernel in FP8_KERNELS, pairs=kernel.startswith("wgmma_fp8_pair"))
     inputs = problem.inputs
     if kernel in ("gluon", "gluon_pingpong"):
         import torch
@@ -119,11 +122,12 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
         from dsa_ref_backends.cupy_cuda.backend import CupyBackend
 
         backend = CupyBackend()
-        backend.hopper_forward = kernel in ("wgmma", "wgmma_v2")
-        backend.hopper_forward_v2 = kernel == "wgmma_v2"
+        backend.hopper_forward = kernel in ("wgmma", "wgmma_v2", "wgmma_v3")
+        backend.hopper_forward_v2 = kernel in ("wgmma_v2", "wgmma_v3")
         backend.hopper_fp8_decode = kernel in FP8_KERNELS
-        backend.hopper_fp8_decode_v2 = kernel in ("wgmma_fp8_v2", "wgmma_fp8_pair")
-        backend.hopper_fp8_decode_pair = kernel == "wgmma_fp8_pair"
+        backend.hopper_fp8_decode_v2 = kernel in FP8_KERNELS[1:]
+        backend.hopper_fp8_decode_pair = kernel.startswith("wgmma_fp8_pair")
+        backend.hopper_split_v = kernel.endswith("_v3")
         backend.poison_outputs = True
         out, lse = dsa_ref.sparse_mla(**problem.native_inputs(backend), backend=backend)
     out, lse = interop.to_numpy(out), interop.to_numpy(lse)

@@ -135,6 +135,13 @@ class CupyBackend(Backend):
     #: measured on the GPU (True, or DSA_REF_CUPY_WGMMA_FP8_PAIR=1, to run it).
     hopper_fp8_decode_pair: bool = False
 
+    #: Where a v2 wgmma forward would run (bf16 rows, the FP8 cache, the FP8 pair), run its split-V twin
+    #: (``sparse_mla_fwd_wgmma_v3``, ``..._fp8_v3``, ``..._fp8_pair_v3`` in csrc/sparse_mla_wgmma_v2.cu): the same
+    #: producers and launch, FlashMLA's Hopper decode schedule for the consumers (one takes S over all 64 slots
+    #: of a tile and the softmax, the other only its half of P V, so the second's product overlaps the first's
+    #: softmax). Off until measured on the GPU (True, or DSA_REF_CUPY_WGMMA_SPLIT_V=1, to run it).
+    hopper_split_v: bool = False
+
     #: The decode step's indexer over a paged fp8 key cache on one launch for the batch
     #: (``indexer_paged_mma`` in csrc/indexer.cu: the keys read out of their pages in place) instead
     #: of one dense launch per sequence: 1.47 ms against 33.0 at b 64, T 128K on the H200, the whole
@@ -440,10 +447,12 @@ class CupyBackend(Backend):
                                           smem_limit=_smem_optin(), hopper_forward=hopper,
                                           hopper_fp8_decode=hopper_fp8)
         head_blocks = (h + 63) // 64
+        # The split-V consumers replace v2's in each v2 kernel: the same source and launch.
+        split_v = kernel_path in ("wgmma", "wgmma_fp8") and kernel_switch(self.hopper_split_v, "DSA_REF_CUPY_WGMMA_SPLIT_V")
         if kernel_path == "wgmma":
             if kernel_switch(self.hopper_forward_v2, "DSA_REF_CUPY_WGMMA_V2"):
-                return ("sparse_mla_wgmma_v2.cu", "sparse_mla_fwd_wgmma_v2", WGMMA_FORWARD_THREADS, WGMMA_FORWARD_SMEM,
-                        head_blocks, False)
+                name = "sparse_mla_fwd_wgmma_v3" if split_v else "sparse_mla_fwd_wgmma_v2"
+                return "sparse_mla_wgmma_v2.cu", name, WGMMA_FORWARD_THREADS, WGMMA_FORWARD_SMEM, head_blocks, False
             return "sparse_mla_wgmma.cu", "sparse_mla_fwd_wgmma", WGMMA_FORWARD_THREADS, WGMMA_FORWARD_SMEM, head_blocks, False
         if kernel_path == "wgmma_fp8":
             source, name = "sparse_mla_wgmma.cu", "sparse_mla_fwd_wgmma_fp8"
@@ -452,6 +461,8 @@ class CupyBackend(Backend):
                 # A query's head blocks pair up in clusters of two consecutive blocks: h % 128 == 0 only.
                 if h % 128 == 0 and kernel_switch(self.hopper_fp8_decode_pair, "DSA_REF_CUPY_WGMMA_FP8_PAIR"):
                     name = "sparse_mla_fwd_wgmma_fp8_pair"
+                if split_v:
+                    name = "sparse_mla_fwd_wgmma_fp8_pair_v3" if name.endswith("_pair") else "sparse_mla_fwd_wgmma_fp8_v3"
             return source, name, WGMMA_FORWARD_THREADS, WGMMA_FORWARD_SMEM, head_blocks, True
         if kernel_path == "mma":
             packed = kv_dtype == "uint8"
@@ -484,7 +495,7 @@ class CupyBackend(Backend):
         # The current device too: a kernel is loaded on one device, and launches where that one is current.
         key = (q.shape, kv.shape, kv.dtype, int(d_v), device, cupy.cuda.runtime.getDevice(),
                self.hopper_forward, self.hopper_forward_v2, self.hopper_fp8_decode, self.hopper_fp8_decode_v2,
-               self.hopper_fp8_decode_pair, *[environment.get(name) for name in _FORWARD_SWITCHES])
+               self.hopper_fp8_decode_pair, self.hopper_split_v, *[environment.get(name) for name in _FORWARD_SWITCHES])
         launch = self._torch_launches.get(key)
         if launch is None:
             launch = self._torch_launch(q, kv, d_v, device)
@@ -925,7 +936,8 @@ _NULL_POINTER = np.uint64(0)
 _LOG2_E = math.log2(math.e)
 #: The environment variables that choose a sparse-MLA forward kernel (CupyBackend._tensor_core_forward).
 _FORWARD_SWITCHES = ("DSA_REF_CUPY_WGMMA", "DSA_REF_CUPY_WGMMA_V2", "DSA_REF_CUPY_WGMMA_FP8",
-                     "DSA_REF_CUPY_WGMMA_FP8_V2", "DSA_REF_CUPY_WGMMA_FP8_PAIR", "DSA_REF_POISON_OUTPUTS")
+                     "DSA_REF_CUPY_WGMMA_FP8_V2", "DSA_REF_CUPY_WGMMA_FP8_PAIR", "DSA_REF_CUPY_WGMMA_SPLIT_V",
+                     "DSA_REF_POISON_OUTPUTS")
 
 def _to_float32(x, dtype_name: str):
     """float32 copy of a CuPy array holding ``dtype_name`` data (bf16 / fp8 as their carriers)."""

@@ -64,6 +64,9 @@ REQUIRED_KERNEL_SASS: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {
         "sparse_mla_fwd_wgmma_fp8_pair": ("HGMMA.64x32x16.F32.BF16", "HGMMA.64x256x16.F32.BF16",
                                           "LDG.E.NA.128.CONSTANT", "F2FP.F16.E4M3.UNPACK_B", "F2FP.BF16.F32.PACK_AB",
                                           "STAS"),
+        # The split-V consumers: S over 64 slots (N = 64) and P V with P from registers (RS form).
+        **{name: ("HGMMA.64x64x16.F32.BF16", "HGMMA.64x256x16.F32.BF16") for name in
+           ("sparse_mla_fwd_wgmma_v3", "sparse_mla_fwd_wgmma_fp8_v3", "sparse_mla_fwd_wgmma_fp8_pair_v3")},
     },
     ("indexer_wgmma_v2.cu", "sm_90a"): {
         "indexer_paged_wgmma_v2_q1": ("QGMMA.64x64x32.F32.E4M3.E4M3", "FMNMX.NAN"),

@@ -37,7 +37,8 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "indexer_wgmma.cu": ("indexer_paged_wgmma_q1", "indexer_paged_wgmma_q2", "indexer_dense_wgmma_q2"),
     "indexer_wgmma_v2.cu": ("indexer_paged_wgmma_v2_q1", "indexer_paged_wgmma_v2_q2"),
     "sparse_mla_backward_wgmma.cu": ("sparse_mla_bwd_wgmma", "sparse_mla_bwd_wgmma_deterministic"),
-    "sparse_mla_wgmma_v2.cu": ("sparse_mla_fwd_wgmma_v2", "sparse_mla_fwd_wgmma_fp8_v2", "sparse_mla_fwd_wgmma_fp8_pair"),
+    "sparse_mla_wgmma_v2.cu": ("sparse_mla_fwd_wgmma_v2", "sparse_mla_fwd_wgmma_fp8_v2", "sparse_mla_fwd_wgmma_fp8_pair",
+                               "sparse_mla_fwd_wgmma_v3", "sparse_mla_fwd_wgmma_fp8_v3", "sparse_mla_fwd_wgmma_fp8_pair_v3"),
 }
 
 #: Sources written for one architecture's own instructions, compiled for it alone (by NVRTC at run

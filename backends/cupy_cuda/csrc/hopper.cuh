@@ -101,6 +101,29 @@ __device__ __forceinline__ void wgmma_m64n256k16_bf16_b_mn_major(float (&d)[128]
         : "l"(a_descriptor), "l"(b_descriptor));
 }
 
+// D[64 x 256] += A[64 x 16] B[16 x 256] with A from registers (the RS form): four bf16x2 words a thread,
+// a[0] = (row, k 2 (t % 4) .. + 1), a[1] = (row + 8, same k), a[2] = (row, k 8 + 2 (t % 4) ..), a[3] = (row + 8,
+// k 8 + ..), rows as in the accumulator layout above: the layout of a 64 x 16 slice of an accumulator of
+// this shape family (d[4 j + 2 half + e] with j = 2 kk, 2 kk + 1), so a product's result, packed to bf16,
+// is the next product's A without passing through shared memory. B in shared memory, MN-major.
+__device__ __forceinline__ void wgmma_m64n256k16_bf16_rs_b_mn_major(float (&d)[128], const u32 (&a)[4],
+                                                                     u64 b_descriptor) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "{%128, %129, %130, %131}, %132, 1, 1, 1, 1;\n"
+        : DSA_ACC16(d, 0), DSA_ACC16(d, 16), DSA_ACC16(d, 32), DSA_ACC16(d, 48),
+          DSA_ACC16(d, 64), DSA_ACC16(d, 80), DSA_ACC16(d, 96), DSA_ACC16(d, 112)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_descriptor));
+}
+
 // D[64 x 64] += A[64 x 32] B[32 x 64], e4m3 in, fp32 accumulate (QGMMA); A and B in shared memory,
 // both K-major (fp8 wgmma reads K-major operands only: the instruction has no transpose flags).
 // Register layout as wgmma_m64n32k16_bf16's: d[4 j + 2 half + e] is (row + 8 half, 8 j + 2 (t % 4) + e).
@@ -292,6 +315,11 @@ __device__ __forceinline__ void mbarrier_arrive_cluster(u32 peer_barrier) {
 // stopping the third (barrier 0 is __syncthreads).
 __device__ __forceinline__ void named_barrier_sync(u32 id, u32 threads) {
     asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+// The arriving half of a producer / consumer hand-off on named barrier `id`: counts this thread without
+// waiting; the threads that named_barrier_sync on it see this thread's earlier writes once it completes.
+__device__ __forceinline__ void named_barrier_arrive(u32 id, u32 threads) {
+    asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
 
 // Moves registers between warpgroups: the whole warpgroup executes it; the new per-thread count

@@ -102,6 +102,23 @@ static_assert(FP8_PRODUCER_REGISTERS % 8 == 0 && FP8_CONSUMER_REGISTERS % 8 == 0
 constexpr u32 MAX_EXCHANGED = 1;   // both row maxima of the tile written
 constexpr u32 P_WRITTEN = 2;       // both halves of P in shared memory
 constexpr u32 SUMS_EXCHANGED = 3;  // both partial denominators written
+// ... of the split-V consumers (consume_split_v): the first consumer hands the second P and the rescale
+// factors of a tile (P_READY), the second hands back the P tile once its product has read it (P_FREE).
+constexpr u32 P_READY = 4;
+constexpr u32 P_FREE = 5;
+
+// Registers of the split-V consumers: the first holds O's first half (128), S (32) and P as bf16 (16), the
+// second only O's second half. With the bf16 rows' producer (56) or the FP8 rows' (152, as in v2), at most
+// what the launch allocated (FlashMLA's FP8 decode gives its three warpgroups 192 / 160 / 152).
+constexpr int SPLIT_V_FIRST_REGISTERS = 240;
+constexpr int SPLIT_V_SECOND_REGISTERS = 208;
+constexpr int FP8_SPLIT_V_FIRST_REGISTERS = 192;
+constexpr int FP8_SPLIT_V_SECOND_REGISTERS = 160;
+static_assert(128 * (PRODUCER_REGISTERS + SPLIT_V_FIRST_REGISTERS + SPLIT_V_SECOND_REGISTERS) <= THREADS * LAUNCH_REGISTERS &&
+              128 * (FP8_PRODUCER_REGISTERS + FP8_SPLIT_V_FIRST_REGISTERS + FP8_SPLIT_V_SECOND_REGISTERS) <=
+                  THREADS * LAUNCH_REGISTERS,
+              "the consumers' increases must fit in what the launch allocated");
+static_assert(FP8_SPLIT_V_SECOND_REGISTERS <= LAUNCH_REGISTERS, "the second FP8 consumer gives registers back");
 
 // Offsets from the 1024-byte-aligned start of dynamic shared memory (swizzle atoms must be aligned).
 struct Smem {
@@ -260,8 +277,198 @@ __device__ __forceinline__ void produce_fp8_pair_tiles(Fp8Ahead& ahead, u8* smem
     }
 }
 
-// PAIR (FP8_CACHE only): the block is one of a cluster pair sharing its tiles (produce_fp8_pair_tiles).
-template <bool FP8_CACHE, bool PAIR = false>
+// A consumer thread is done with a stage: it arrives on `empty`; in a cluster pair, lane 0 of each warp
+// arrives for the warp, here and on the peer's barrier (both producers of the pair write the stage).
+template <bool PAIR>
+__device__ __forceinline__ void release_stage(u32 empty_barrier, u32 peer, int lane) {
+    using namespace hopper;
+    if constexpr (PAIR) {
+        __syncwarp();
+        if (lane == 0) {
+            mbarrier_arrive(empty_barrier);
+            mbarrier_arrive_cluster(peer_shared_address(empty_barrier, peer));
+        }
+    } else {
+        mbarrier_arrive(empty_barrier);
+    }
+}
+
+// The split-V consumers (sparse_mla_fwd_wgmma_v3 and its FP8 twins), FlashMLA's Hopper decode schedule (its
+// csrc/sm90/decode/sparse_fp8/splitkv_mla.cuh, read for the design): the first consumer warpgroup takes
+// S = Q K^T over all 64 slots of a tile (N = 64), the whole online softmax (no exchange of row maxima) and
+// O[:, :256] += P V from P in registers (the RS form); it hands P and the rescale factors to the second
+// through shared memory, which only rescales O[:, 256:] and adds its P V. The second's product overlaps the
+// first's softmax and next S; in v2 both consumers stopped at two barriers a tile. Summation order: a row's
+// denominator is one thread's running sum over all 64 slots (v2 adds two 32-slot halves), so outputs agree
+// with v2's to rounding, not bit for bit.
+template <bool FP8_CACHE, bool PAIR>
+__device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_tiles, u32 p_tile, u32 full_barriers,
+                                                u32 empty_barriers, u32 peer, int n_tiles, float scale_log2,
+                                                const float* __restrict__ attn_sink, float* __restrict__ out,
+                                                float* __restrict__ lse, int query, int head0, int h, int tid) {
+    using namespace hopper;
+    const int warpgroup = tid >> 7, lane = tid & 31;
+    const int consumer = warpgroup - 1;                    // 0: S, softmax, O[:, :256]; 1: O[:, 256:]
+    const int row0 = ((tid >> 5) & 3) * 16 + (lane >> 2);  // this thread's rows: row0, row0 + 8
+    const int quad_lane = lane & 3;
+    const int* valid_flags = reinterpret_cast<const int*>(smem + Smem::VALID_OFFSET);
+    float* factors = reinterpret_cast<float*>(smem + Smem::MAX_OFFSET);  // a tile's rescale factors, [64]
+    float* finals = reinterpret_cast<float*>(smem + Smem::SUM_OFFSET);   // the rows' final factors, [64]
+
+    float acc_o[128];  // O[row0 + 8 half, 256 consumer + 8 j + 2 quad_lane + e] = acc_o[4 j + 2 half + e]
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc_o[i] = 0.0f;
+
+    if (consumer == 0) {
+        setmaxnreg_increase<FP8_CACHE ? FP8_SPLIT_V_FIRST_REGISTERS : SPLIT_V_FIRST_REGISTERS>();
+        float row_max[2] = {DSA_NEG_INF, DSA_NEG_INF};  // running max (log2 units) of rows row0, row0 + 8
+        float row_sum[2] = {0.0f, 0.0f};                // this thread's share of the denominator
+        for (int tile = 0; tile < n_tiles; ++tile) {
+            const int stage = tile % STAGES;
+            mbarrier_wait(full_barriers + 8 * stage, (u32)(tile / STAGES) & 1u);
+            const u32 kv_tile = kv_tiles + stage * TILE_BYTES;
+            const int* tile_valid = valid_flags + stage * BLOCK_T;
+
+            // ---- S = Q K^T: 64 heads x 64 slots, 36 steps of 16 dims (the first overwrites S).
+            float acc_s[32];
+            wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < D_QK / 16; ++k) {
+                const u32 column = (k >> 2) * COLUMN_BLOCK_BYTES + (k & 3) * 32;
+                const u64 q_descriptor = matrix_descriptor(q_tile + column, 16, 1024);
+                const u64 k_descriptor = matrix_descriptor(kv_tile + column, 16, 1024);
+                if (k == 0) wgmma_m64n64k16_bf16_t<0, 0, 0>(acc_s, q_descriptor, k_descriptor);
+                else wgmma_m64n64k16_bf16_t<1, 0, 0>(acc_s, q_descriptor, k_descriptor);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_registers(acc_s);
+
+            // ---- mask invalid slots, the tile's row maxima over the quad, the online-softmax update.
+            float tile_max[2] = {DSA_NEG_INF, DSA_NEG_INF};
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+                const int column = (i >> 2) * 8 + quad_lane * 2 + (i & 1);
+                acc_s[i] = tile_valid[column] ? acc_s[i] * scale_log2 : DSA_NEG_INF;
+                tile_max[(i >> 1) & 1] = fmaxf(tile_max[(i >> 1) & 1], acc_s[i]);
+            }
+            float alpha[2], exp_base[2];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 1));
+                tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
+                alpha[half] = rescale_softmax_row(row_max[half], row_sum[half], tile_max[half], exp_base[half]);
+            }
+            // P = exp2(S - max) as bf16 pairs: p[i / 2] holds columns (i, i + 1) of the accumulator layout,
+            // which is the RS form's A layout (hopper::wgmma_m64n256k16_bf16_rs_b_mn_major).
+            u32 p[16];
+#pragma unroll
+            for (int i = 0; i < 32; i += 2) {
+                const int half = (i >> 1) & 1;
+                const float p0 = fast_exp2(acc_s[i] - exp_base[half]);
+                const float p1 = fast_exp2(acc_s[i + 1] - exp_base[half]);
+                row_sum[half] += p0 + p1;
+                p[i / 2] = pack_bf16x2(p0, p1);
+            }
+            // ---- hand P and the factors to the second consumer, once it is done with the last ones.
+            if (tile > 0) named_barrier_sync(P_FREE, CONSUMER_THREADS);
+#pragma unroll
+            for (int i = 0; i < 32; i += 2) {
+                const int row = row0 + 8 * ((i >> 1) & 1);
+                *reinterpret_cast<u32*>(smem + Smem::P_OFFSET + swizzle_128b(row, i >> 2) + quad_lane * 4) = p[i / 2];
+            }
+            if (quad_lane == 0) {
+                factors[row0] = alpha[0];
+                factors[row0 + 8] = alpha[1];
+            }
+            fence_proxy_async_shared();  // the P stores, before the second consumer's wgmma reads them
+            named_barrier_arrive(P_READY, CONSUMER_THREADS);
+
+            // ---- O[:, :256] = alpha O + P V[:, :256], P from registers: 4 steps of 16 slots.
+            if (!__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
+#pragma unroll
+                for (int i = 0; i < 128; ++i) acc_o[i] *= alpha[(i >> 1) & 1];
+            }
+            fence_registers(acc_o);
+            wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < BLOCK_T / 16; ++k) {
+                const u32 a[4] = {p[4 * k], p[4 * k + 1], p[4 * k + 2], p[4 * k + 3]};
+                const u64 v_descriptor = matrix_descriptor(kv_tile + k * 16 * 128, COLUMN_BLOCK_BYTES, 1024);
+                wgmma_m64n256k16_bf16_rs_b_mn_major(acc_o, a, v_descriptor);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_registers(acc_o);
+            release_stage<PAIR>(empty_barriers + 8 * stage, peer, lane);
+        }
+        // ---- the rows' lse and final factors; the second consumer scales its half with them.
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 1);
+            row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 2);
+            const int row = row0 + 8 * half;
+            const int head = head0 + row;
+            float row_lse, factor;
+            finish_softmax_row(row_max[half], row_sum[half], attn_sink, head < h ? head : 0, row_lse, factor);
+            if (quad_lane == 0) {
+                finals[row] = factor;
+                if (head < h) lse[(u64)query * h + head] = row_lse;
+            }
+        }
+        named_barrier_arrive(SUMS_EXCHANGED, CONSUMER_THREADS);
+    } else {
+        setmaxnreg_decrease<FP8_CACHE ? FP8_SPLIT_V_SECOND_REGISTERS : SPLIT_V_SECOND_REGISTERS>();
+        for (int tile = 0; tile < n_tiles; ++tile) {
+            const int stage = tile % STAGES;
+            mbarrier_wait(full_barriers + 8 * stage, (u32)(tile / STAGES) & 1u);  // the rows: acquire them
+            const u32 kv_tile = kv_tiles + stage * TILE_BYTES;
+            named_barrier_sync(P_READY, CONSUMER_THREADS);
+            const float alpha0 = factors[row0], alpha1 = factors[row0 + 8];
+            if (!__all_sync(0xffffffffu, alpha0 == 1.0f && alpha1 == 1.0f)) {
+#pragma unroll
+                for (int i = 0; i < 128; ++i) acc_o[i] *= ((i >> 1) & 1) ? alpha1 : alpha0;
+            }
+            // ---- O[:, 256:] += P V[:, 256:], P from shared memory.
+            fence_registers(acc_o);
+            wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < BLOCK_T / 16; ++k) {
+                const u64 p_descriptor = matrix_descriptor(p_tile + k * 32, 16, 1024);
+                const u64 v_descriptor = matrix_descriptor(kv_tile + 4 * COLUMN_BLOCK_BYTES + k * 16 * 128,
+                                                           COLUMN_BLOCK_BYTES, 1024);
+                wgmma_m64n256k16_bf16_b_mn_major(acc_o, p_descriptor, v_descriptor);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_registers(acc_o);
+            if (tile + 1 < n_tiles) named_barrier_arrive(P_FREE, CONSUMER_THREADS);  // P and factors read
+            release_stage<PAIR>(empty_barriers + 8 * stage, peer, lane);
+        }
+        named_barrier_sync(SUMS_EXCHANGED, CONSUMER_THREADS);
+    }
+    // No block of a pair leaves while the other may still arrive on its barriers or store into its stages.
+    if constexpr (PAIR) cluster_sync();
+
+    // ---- epilogue: O scaled by its row's final factor.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = row0 + 8 * half;
+        const int head = head0 + row;
+        if (head >= h) continue;
+        const float factor = finals[row];
+        float* out_row = out + ((u64)query * h + head) * D_V + consumer * 256 + quad_lane * 2;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            *reinterpret_cast<float2*>(out_row + j * 8) =
+                make_float2(acc_o[4 * j + 2 * half] * factor, acc_o[4 * j + 2 * half + 1] * factor);
+        }
+    }
+}
+
+// PAIR (FP8_CACHE only): the block is one of a cluster pair sharing its tiles (produce_fp8_pair_tiles);
+// SPLIT_V: the consumers are consume_split_v's.
+template <bool FP8_CACHE, bool PAIR = false, bool SPLIT_V = false>
 __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restrict__ q, const u8* __restrict__ kv,
                                                              const int* __restrict__ indices,
                                                              const int* __restrict__ topk_length,
@@ -369,6 +576,11 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
     }
 
     // -------------------------------------------------------------------- consumers
+    if constexpr (SPLIT_V) {
+        consume_split_v<FP8_CACHE, PAIR>(smem, q_tile, kv_tiles, p_tile, full_barriers, empty_barriers, peer, n_tiles,
+                                         scale_log2, attn_sink, out, lse, query, head0, h, tid);
+        return;
+    }
     setmaxnreg_increase<FP8_CACHE ? FP8_CONSUMER_REGISTERS : CONSUMER_REGISTERS>();
     const int consumer = warpgroup - 1;              // value dims 256 c .., slots 32 c .. of a tile
     const int row0 = ((tid >> 5) & 3) * 16 + (lane >> 2);  // this thread's rows: row0, row0 + 8
@@ -542,4 +754,33 @@ sparse_mla_fwd_wgmma_fp8_pair(const u16* __restrict__ q,            // [s_q, h, 
                               int h, int s_kv, int topk, float scale_log2) {
     mla_wgmma_v2::sparse_mla_fwd_wgmma_v2_body<true, true>(q, kv, indices, topk_length, attn_sink, out, lse, h, s_kv,
                                                            topk, scale_log2);
+}
+
+// The split-V consumers (consume_split_v) over bf16 rows, the packed FP8 cache, and the FP8 cluster pair: the
+// contracts and launches of sparse_mla_fwd_wgmma_v2, sparse_mla_fwd_wgmma_fp8_v2 and sparse_mla_fwd_wgmma_fp8_pair.
+extern "C" __global__ void __launch_bounds__(mla_wgmma_v2::THREADS, 1)
+sparse_mla_fwd_wgmma_v3(const u16* __restrict__ q, const u16* __restrict__ kv, const int* __restrict__ indices,
+                        const int* __restrict__ topk_length, const float* __restrict__ attn_sink,
+                        float* __restrict__ out, float* __restrict__ lse, int h, int s_kv, int topk, float scale_log2) {
+    mla_wgmma_v2::sparse_mla_fwd_wgmma_v2_body<false, false, true>(q, reinterpret_cast<const u8*>(kv), indices,
+                                                                   topk_length, attn_sink, out, lse, h, s_kv, topk,
+                                                                   scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(mla_wgmma_v2::THREADS, 1)
+sparse_mla_fwd_wgmma_fp8_v3(const u16* __restrict__ q, const u8* __restrict__ kv, const int* __restrict__ indices,
+                            const int* __restrict__ topk_length, const float* __restrict__ attn_sink,
+                            float* __restrict__ out, float* __restrict__ lse, int h, int s_kv, int topk,
+                            float scale_log2) {
+    mla_wgmma_v2::sparse_mla_fwd_wgmma_v2_body<true, false, true>(q, kv, indices, topk_length, attn_sink, out, lse, h,
+                                                                  s_kv, topk, scale_log2);
+}
+
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(mla_wgmma_v2::THREADS, 1)
+sparse_mla_fwd_wgmma_fp8_pair_v3(const u16* __restrict__ q, const u8* __restrict__ kv, const int* __restrict__ indices,
+                                 const int* __restrict__ topk_length, const float* __restrict__ attn_sink,
+                                 float* __restrict__ out, float* __restrict__ lse, int h, int s_kv, int topk,
+                                 float scale_log2) {
+    mla_wgmma_v2::sparse_mla_fwd_wgmma_v2_body<true, true, true>(q, kv, indices, topk_length, attn_sink, out, lse, h,
+                                                                 s_kv, topk, scale_log2);
 }
