@@ -168,3 +168,18 @@ def test_split_v_forward_is_v2_to_rounding_and_reruns_bitwise(rows, monkeypatch)
     np.testing.assert_allclose(first[0], v2[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(first[1][finite], v2[1][finite], rtol=1e-6, atol=1e-6)
     assert (np.isneginf(first[1]) == np.isneginf(v2[1])).all()
+
+
+#: The register moves each kernel's warpgroups make from the launch's 168 (setmaxnreg): (allocations,
+#: releases) in hex as the SASS prints them. The second consumer grows beside the bf16 rows' 56-register
+#: producer and shrinks beside the FP8 rows' 152-register one.
+REGISTER_MOVES = {"bf16": ({"0xd0", "0xf0"}, {"0x38"}), "fp8": ({"0xc0"}, {"0xa0", "0x98"}),
+                  "pair": ({"0xc0"}, {"0xa0", "0x98"})}
+
+
+@pytest.mark.parametrize("rows", list(V3))
+def test_sass_moves_registers_to_the_consumers_as_designed(sass, rows):
+    body = compile_check.kernel_sass(sass, V3[rows])
+    allocations = set(re.findall(r"USETMAXREG\.TRY_ALLOC\.CTAPOOL UP\d, (0x[0-9a-f]+)", body))
+    releases = set(re.findall(r"USETMAXREG\.DEALLOC\.CTAPOOL (0x[0-9a-f]+)", body))
+    assert (allocations, releases) == REGISTER_MOVES[rows], (allocations, releases)

@@ -118,7 +118,8 @@ static_assert(128 * (PRODUCER_REGISTERS + SPLIT_V_FIRST_REGISTERS + SPLIT_V_SECO
               128 * (FP8_PRODUCER_REGISTERS + FP8_SPLIT_V_FIRST_REGISTERS + FP8_SPLIT_V_SECOND_REGISTERS) <=
                   THREADS * LAUNCH_REGISTERS,
               "the consumers' increases must fit in what the launch allocated");
-static_assert(FP8_SPLIT_V_SECOND_REGISTERS <= LAUNCH_REGISTERS, "the second FP8 consumer gives registers back");
+static_assert(SPLIT_V_FIRST_REGISTERS >= LAUNCH_REGISTERS && FP8_SPLIT_V_FIRST_REGISTERS >= LAUNCH_REGISTERS,
+              "the first consumer's registers only grow");
 
 // Offsets from the 1024-byte-aligned start of dynamic shared memory (swizzle atoms must be aligned).
 struct Smem {
@@ -418,7 +419,10 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
         }
         named_barrier_arrive(SUMS_EXCHANGED, CONSUMER_THREADS);
     } else {
-        setmaxnreg_decrease<FP8_CACHE ? FP8_SPLIT_V_SECOND_REGISTERS : SPLIT_V_SECOND_REGISTERS>();
+        // From the launch's 168: more with the bf16 rows' small producer, fewer beside the FP8 producer.
+        constexpr int SECOND = FP8_CACHE ? FP8_SPLIT_V_SECOND_REGISTERS : SPLIT_V_SECOND_REGISTERS;
+        if constexpr (SECOND > LAUNCH_REGISTERS) setmaxnreg_increase<SECOND>();
+        else setmaxnreg_decrease<SECOND>();
         for (int tile = 0; tile < n_tiles; ++tile) {
             const int stage = tile % STAGES;
             mbarrier_wait(full_barriers + 8 * stage, (u32)(tile / STAGES) & 1u);  // the rows: acquire them
