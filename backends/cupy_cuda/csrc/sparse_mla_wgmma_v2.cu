@@ -316,12 +316,13 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
     float* factors = reinterpret_cast<float*>(smem + Smem::MAX_OFFSET);  // a tile's rescale factors, [64]
     float* finals = reinterpret_cast<float*>(smem + Smem::SUM_OFFSET);   // the rows' final factors, [64]
 
-    float acc_o[128];  // O[row0 + 8 half, 256 consumer + 8 j + 2 quad_lane + e] = acc_o[4 j + 2 half + e]
-#pragma unroll
-    for (int i = 0; i < 128; ++i) acc_o[i] = 0.0f;
-
+    // O[row0 + 8 half, 256 consumer + 8 j + 2 quad_lane + e] = acc_o[4 j + 2 half + e]; zeroed once the
+    // warpgroup has its registers.
+    float acc_o[128];
     if (consumer == 0) {
         setmaxnreg_increase<FP8_CACHE ? FP8_SPLIT_V_FIRST_REGISTERS : SPLIT_V_FIRST_REGISTERS>();
+#pragma unroll
+        for (int i = 0; i < 128; ++i) acc_o[i] = 0.0f;
         float row_max[2] = {DSA_NEG_INF, DSA_NEG_INF};  // running max (log2 units) of rows row0, row0 + 8
         float row_sum[2] = {0.0f, 0.0f};                // this thread's share of the denominator
         for (int tile = 0; tile < n_tiles; ++tile) {
@@ -423,6 +424,8 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
         constexpr int SECOND = FP8_CACHE ? FP8_SPLIT_V_SECOND_REGISTERS : SPLIT_V_SECOND_REGISTERS;
         if constexpr (SECOND > LAUNCH_REGISTERS) setmaxnreg_increase<SECOND>();
         else setmaxnreg_decrease<SECOND>();
+#pragma unroll
+        for (int i = 0; i < 128; ++i) acc_o[i] = 0.0f;
         for (int tile = 0; tile < n_tiles; ++tile) {
             const int stage = tile % STAGES;
             mbarrier_wait(full_barriers + 8 * stage, (u32)(tile / STAGES) & 1u);  // the rows: acquire them
