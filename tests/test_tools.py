@@ -80,3 +80,41 @@ def test_racecheck_report_tells_the_warp_specialize_dispatch_from_the_kernels_ow
     assert status == 1 and result["complete"] is False, result  # the print limit cut the list: not judged
     status, result = judged("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
     assert status == 0 and result["hazards"] == 0, result
+
+
+def _source_page(rows: list[tuple[str, str, int, int, int]]) -> str:
+    """An ncu source page (``--page source --csv --print-source sass``, the columns the summary reads) with rows
+    ``(address, source, samples, long scoreboard samples, barrier samples)``."""
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Warp Stall Sampling (Not-issued Samples)",
+              "stall_long_sb", "stall_barrier", "stall_long_sb (Not Issued)"]
+    lines = ['"Kernel Name","toy_kernel",', ",".join(f'"{name}"' for name in header)]
+    for address, source, samples, long_sb, barrier in rows:
+        lines.append(",".join(f'"{value}"' for value in (address, source, samples, samples, long_sb, barrier, long_sb)))
+    return "\n".join(lines) + "\n"
+
+
+def test_ncu_stalls_ranks_instructions_and_reasons(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("ncu_stalls", ROOT / "tools" / "ncu_stalls.py")
+    stalls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stalls)
+    page = tmp_path / "page.csv"
+    page.write_text(_source_page([("0x10", "LDS R1, [R2]", 10, 0, 10), ("0x20", "@!P0  BRA 0x10", 30, 30, 0),
+                                  ("0x30", "FADD R1, R1, R2", 0, 0, 0)]))
+    out = tmp_path / "stalls.json"
+    assert stalls.main([str(page), "--top", "2", "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())["toy_kernel"]
+    assert summary["samples"] == 40
+    assert summary["reasons"] == {"stall_long_sb": 0.75, "stall_barrier": 0.25}  # "Not Issued" columns left out
+    first, second = summary["instructions"]
+    assert (first["source"], first["share"], first["reasons"]) == ("@!P0 BRA 0x10", 0.75, {"stall_long_sb": 30.0})
+    assert (second["source"], second["share"], second["reasons"]) == ("LDS R1, [R2]", 0.25, {"stall_barrier": 10.0})
+    assert "toy_kernel: 40 samples" in capsys.readouterr().out
+    wrong = tmp_path / "details.txt"
+    wrong.write_text("Section: GPU Speed Of Light Throughput\n")
+    with pytest.raises(ValueError, match="not an ncu source page"):
+        stalls.read_source_page(wrong)

@@ -4,9 +4,10 @@
 #   sh tools/ncu_kernels.sh OUT_DIR [KERNELS]
 # KERNELS: comma-separated subset of gluon (Triton's Gluon forward), wgmma (CuPy's wgmma forward),
 # mma (CuPy's mma.sync forward, for comparison), paged (Triton's paged indexer at b 64, T 128K),
-# fp8 and fp8_v2 (CuPy's wgmma forwards over the packed FP8 cache at the decode shape b 64, s_q 2, T 32K,
-# with the SourceCounters section too: the text report gives its summary, branch and uncoalesced-access
-# counts; per-instruction stall reasons need ncu's source page of a saved report).
+# fp8, fp8_v2, fp8_pair, fp8_v3 and fp8_pair_v3 (CuPy's wgmma forwards over the packed FP8 cache at the decode
+# shape b 64, s_q 2, T 32K, with the SourceCounters section too: besides the text report, each report is saved
+# and its source page written as OUT_DIR/ncu_<kernel>_source.csv, the per-instruction stall samples that
+# tools/ncu_stalls.py summarizes).
 # Sections: speed of light, compute and memory workload, occupancy, warp state (stall reasons), launch
 # statistics; written as OUT_DIR/ncu_<kernel>.txt (ncu's text report); the launch profiled is the
 # second (the first compiles and warms up).
@@ -58,13 +59,22 @@ sys.path.insert(0, "tools")
 from opt_in_bench import fp8_decode_inputs
 q, cache, slots = fp8_decode_inputs(torch, 64, 2, 32768)
 '
-for variant in fp8 fp8_v2; do
+for variant in fp8 fp8_v2 fp8_pair fp8_v3 fp8_pair_v3; do
   if has $variant; then
-    v2=$([ $variant = fp8_v2 ] && echo 1 || echo 0)
-    DSA_REF_CUPY_WGMMA_FP8_V2=$v2 EXTRA_SECTIONS="--section SourceCounters" run_one $variant "sparse_mla_fwd_wgmma_fp8" \
-      "$DECODE
+    v2=$([ $variant = fp8 ] && echo 0 || echo 1)
+    pair=$(case $variant in *pair*) echo 1 ;; *) echo 0 ;; esac)
+    v3=$(case $variant in *v3) echo 1 ;; *) echo 0 ;; esac)
+    DSA_REF_CUPY_WGMMA_FP8_V2=$v2 DSA_REF_CUPY_WGMMA_FP8_PAIR=$pair DSA_REF_CUPY_WGMMA_SPLIT_V=$v3 \
+      EXTRA_SECTIONS="--section SourceCounters --import-source no -o $OUT/ncu_$variant -f" \
+      run_one $variant "sparse_mla_fwd_wgmma_fp8" "$DECODE
 for _ in range(2): dsa_ref.sparse_mla(q, cache, slots, backend='cupy')
 torch.cuda.synchronize()"
+    # A saved report prints nothing: its text report (the sections) and its source page come from the file.
+    ncu -i "$OUT/ncu_$variant.ncu-rep" --page details > "$OUT/ncu_$variant.txt" 2>&1
+    grep -E "Duration|Issue Slot|No Eligible" "$OUT/ncu_$variant.txt" | head -n 6
+    ncu -i "$OUT/ncu_$variant.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_${variant}_source.csv" 2>&1 &&
+      python3 tools/ncu_stalls.py "$OUT/ncu_${variant}_source.csv" --top 12
+    rm -f "$OUT/ncu_$variant.ncu-rep"
   fi
 done
 if has paged; then
