@@ -278,6 +278,16 @@ __device__ __forceinline__ void produce_fp8_pair_tiles(Fp8Ahead& ahead, u8* smem
     }
 }
 
+// A consumer thread's share of one row of its O half, scaled by the row's final factor: `out_row` points at
+// its first column (256 consumer + 2 quad_lane), `half` picks the row (row0 + 8 half) in the accumulator layout.
+__device__ __forceinline__ void store_o_row(float* out_row, const float (&acc_o)[128], int half, float factor) {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+        *reinterpret_cast<float2*>(out_row + j * 8) =
+            make_float2(acc_o[4 * j + 2 * half] * factor, acc_o[4 * j + 2 * half + 1] * factor);
+    }
+}
+
 // A consumer thread is done with a stage: it arrives on `empty`; in a cluster pair, lane 0 of each warp
 // arrives for the warp, here and on the peer's barrier (both producers of the pair write the stage).
 template <bool PAIR>
@@ -463,13 +473,7 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
         const int row = row0 + 8 * half;
         const int head = head0 + row;
         if (head >= h) continue;
-        const float factor = finals[row];
-        float* out_row = out + ((u64)query * h + head) * D_V + consumer * 256 + quad_lane * 2;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-            *reinterpret_cast<float2*>(out_row + j * 8) =
-                make_float2(acc_o[4 * j + 2 * half] * factor, acc_o[4 * j + 2 * half + 1] * factor);
-        }
+        store_o_row(out + ((u64)query * h + head) * D_V + consumer * 256 + quad_lane * 2, acc_o, half, finals[row]);
     }
 }
 
@@ -678,16 +682,7 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
         wgmma_commit();
         wgmma_wait<0>();
         fence_registers(acc_o);
-        if constexpr (PAIR) {
-            // The warp is done with the stage: both producers of the pair may write it again.
-            __syncwarp();
-            if (lane == 0) {
-                mbarrier_arrive(empty_barriers + 8 * stage);
-                mbarrier_arrive_cluster(peer_shared_address(empty_barriers + 8 * stage, peer));
-            }
-        } else {
-            mbarrier_arrive(empty_barriers + 8 * stage);  // this thread is done with the stage
-        }
+        release_stage<PAIR>(empty_barriers + 8 * stage, peer, lane);  // this thread (warp) is done with the stage
     }
     // No block of a pair leaves while the other may still arrive on its barriers (its consumers' last
     // releases) or store into its stages; the producers meet here too.
@@ -709,12 +704,7 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
         const float denominator = red_sum[row] + red_sum[BLOCK_H + row];
         float row_lse, factor;
         finish_softmax_row(row_max[half], denominator, attn_sink, head, row_lse, factor);
-        float* out_row = out + ((u64)query * h + head) * D_V + consumer * 256 + quad_lane * 2;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-            *reinterpret_cast<float2*>(out_row + j * 8) =
-                make_float2(acc_o[4 * j + 2 * half] * factor, acc_o[4 * j + 2 * half + 1] * factor);
-        }
+        store_o_row(out + ((u64)query * h + head) * D_V + consumer * 256 + quad_lane * 2, acc_o, half, factor);
         if (consumer == 0 && quad_lane == 0) lse[(u64)query * h + head] = row_lse;
     }
 }
