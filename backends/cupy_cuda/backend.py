@@ -421,7 +421,7 @@ class CupyBackend(Backend):
             function = kernels.kernel(source, name, device_id, smem)
             function((s_q * head_blocks,), (threads,),
                      (q, kv, indices, _nullable(topk_length), _nullable(attn_sink), out, lse, np.int32(h),
-                      np.int32(s_kv), np.int32(topk), np.float32(float(sm_scale) * math.log2(math.e))),
+                      np.int32(s_kv), np.int32(topk), np.float32(float(sm_scale) * _LOG2_E)),
                      shared_mem=smem)
             return out, lse
         q32 = _to_float32(q, q_dtype)
@@ -595,7 +595,7 @@ class CupyBackend(Backend):
             function((s_q * (h // 64),), (WGMMA_BACKWARD_THREADS,),
                      (q, kv, indices, _nullable(topk_length), lse32, d_out_native if d_out_bf16 else d_out32,
                       delta, share, _nullable(d_lse32), dq, dkv, np.int32(h), np.int32(s_kv), np.int32(topk),
-                      np.int32(d_out_bf16), np.float32(sm_scale), np.float32(float(sm_scale) * math.log2(math.e))),
+                      np.int32(d_out_bf16), np.float32(sm_scale), np.float32(float(sm_scale) * _LOG2_E)),
                      shared_mem=WGMMA_BACKWARD_SMEM)
         elif kernel_path == "mma":
             function = kernels.kernel("sparse_mla_backward_mma.cu", "sparse_mla_bwd_mma", q.device.id,
@@ -604,7 +604,7 @@ class CupyBackend(Backend):
             function((s_q * head_blocks,), (512,),
                      (q, kv, indices, _nullable(topk_length), lse32, d_out32, delta, share, _nullable(d_lse32), dq,
                       dkv, np.int32(h), np.int32(s_kv), np.int32(topk), np.float32(sm_scale),
-                      np.float32(float(sm_scale) * math.log2(math.e))),
+                      np.float32(float(sm_scale) * _LOG2_E)),
                      shared_mem=BACKWARD_MMA_SMEM)
         elif kernel_path in ("mma_deterministic", "wgmma_deterministic"):
             _deterministic_mma_backward(q, kv, indices, topk_length, lse32, d_out32, delta, share, d_lse32, dq, dkv,
@@ -927,17 +927,21 @@ def _aligned_16(x):
     return x if x.data.ptr % 16 == 0 else x.copy()
 
 
-def _nullable(x):
-    """An optional array argument: the array, or a null pointer (8 zero bytes passed by value)."""
-    return np.uint64(0) if x is None else x
-
-
+#: A null pointer as a kernel argument: 8 zero bytes passed by value.
 _NULL_POINTER = np.uint64(0)
+
+
+def _nullable(x):
+    """An optional array argument: the array, or a null pointer."""
+    return _NULL_POINTER if x is None else x
+
+
 _LOG2_E = math.log2(math.e)
 #: The environment variables that choose a sparse-MLA forward kernel (CupyBackend._tensor_core_forward).
 _FORWARD_SWITCHES = ("DSA_REF_CUPY_WGMMA", "DSA_REF_CUPY_WGMMA_V2", "DSA_REF_CUPY_WGMMA_FP8",
                      "DSA_REF_CUPY_WGMMA_FP8_V2", "DSA_REF_CUPY_WGMMA_FP8_PAIR", "DSA_REF_CUPY_WGMMA_SPLIT_V",
                      "DSA_REF_POISON_OUTPUTS")
+
 
 def _to_float32(x, dtype_name: str):
     """float32 copy of a CuPy array holding ``dtype_name`` data (bf16 / fp8 as their carriers)."""
@@ -1108,7 +1112,7 @@ def _deterministic_mma_backward(q, kv, indices, topk_length, lse32, d_out32, del
     plan_step = deterministic_mma_plan_queries(step, topk)
     contributions = empty((step, head_blocks, topk, 576), cupy.float32)
     scales = (np.int32(h), np.int32(s_kv), np.int32(topk)) + ((np.int32(d_out_bf16),) if wgmma else ()) + (
-        np.float32(sm_scale), np.float32(sm_scale * math.log2(math.e)))
+        np.float32(sm_scale), np.float32(sm_scale * _LOG2_E))
     scatters = s_kv > 0 and topk > 0  # otherwise no slot is valid and dkv stays 0
     for plan_start in range(0, s_q, plan_step):
         plan = slice(plan_start, min(s_q, plan_start + plan_step))
