@@ -305,17 +305,23 @@ def test_fp8_wgmma_forward_reruns_are_bitwise_equal(monkeypatch, kernel):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
+def _assert_bitwise_equal_kernels(name: str, monkeypatch, first_kernel: str, second_kernel: str):
+    """Case ``name`` (of DECODE_CASES or SMALL_CASES) on both kernels, each against the reference: out and lse
+    equal to the last bit."""
+    problem = (_decode_problem(len(name), **DECODE_CASES[name]) if name in DECODE_CASES
+               else _problem(len(name), **SMALL_CASES[name]))
+    first = _check(problem, monkeypatch, first_kernel)
+    second = _check(problem, monkeypatch, second_kernel)
+    for a, b in zip(first, second):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["b8-next2-h128", "h64-topk2048", "h128-topk200-sink"])
 def test_fp8_wgmma_v2_outputs_are_the_first_kernels_bit_for_bit(name, monkeypatch):
     """The same dequantized bf16 tiles and the same consumer arithmetic (v2 skips only O rescales by exactly
     1): out and lse equal to the last bit."""
-    problem = (_decode_problem(len(name), **DECODE_CASES[name]) if name in DECODE_CASES
-               else _problem(len(name), **SMALL_CASES[name]))
-    first = _check(problem, monkeypatch, KERNEL)
-    second = _check(problem, monkeypatch, KERNEL_V2)
-    for a, b in zip(first, second):
-        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    _assert_bitwise_equal_kernels(name, monkeypatch, KERNEL, KERNEL_V2)
 
 
 @pytest.mark.gpu
@@ -323,12 +329,7 @@ def test_fp8_wgmma_v2_outputs_are_the_first_kernels_bit_for_bit(name, monkeypatc
 def test_fp8_wgmma_pair_outputs_are_the_second_kernels_bit_for_bit(name, monkeypatch):
     """The pair's blocks hold the same bf16 tiles as the second kernel's (each dequantized once, by one of
     the two) and run its consumers: out and lse equal to the last bit."""
-    problem = (_decode_problem(len(name), **DECODE_CASES[name]) if name in DECODE_CASES
-               else _problem(len(name), **SMALL_CASES[name]))
-    first = _check(problem, monkeypatch, KERNEL_V2)
-    second = _check(problem, monkeypatch, KERNEL_PAIR)
-    for a, b in zip(first, second):
-        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    _assert_bitwise_equal_kernels(name, monkeypatch, KERNEL_V2, KERNEL_PAIR)
 
 
 @pytest.mark.gpu
