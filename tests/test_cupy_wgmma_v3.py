@@ -1,10 +1,10 @@
 """The cupy backend's split-V sparse-MLA forwards on Hopper (``sparse_mla_fwd_wgmma_v3``,
 ``sparse_mla_fwd_wgmma_fp8_v3``, ``sparse_mla_fwd_wgmma_fp8_pair_v3`` in csrc/sparse_mla_wgmma_v2.cu,
-``CupyBackend.hopper_split_v``, opt-in): the v2 kernels' producers and launch with FlashMLA's decode schedule
+``CupyBackend.hopper_split_v``, the default on Hopper): the v2 kernels' producers and launch with FlashMLA's decode schedule
 for the consumers (one takes S over a tile's 64 slots and the softmax, handing P to the other, which adds
 only its half of P V).
 
-CPU part: the routing (only where a v2 kernel would run, its environment variable), the compile report (no
+CPU part: the routing (the default where a v2 kernel would run, and only there; its environment variable), the compile report (no
 spills, the launch's registers) and the SASS (N = 64 products, P V with P from registers). GPU part
 (``@pytest.mark.gpu``): against the float64 reference on the bf16 kernels' cases and the FP8 ones, over bf16
 rows, the packed cache and the cluster pair, within rounding of v2, bitwise-equal reruns, and one V3.2-size
@@ -42,11 +42,14 @@ def _chosen(backend, monkeypatch, *, rows: str, h: int = 128):
     return backend._tensor_core_forward("bfloat16", kv_dtype, h=h, d_qk=576, kv_width=width, d_v=512)
 
 
-def test_the_split_v_kernels_are_opt_in_and_replace_the_v2_kernels_only(monkeypatch):
+def test_the_split_v_kernels_are_the_default_and_replace_the_v2_kernels_only(monkeypatch):
     for variable in (ENV, "DSA_REF_CUPY_WGMMA_V2", "DSA_REF_CUPY_WGMMA_FP8_V2", "DSA_REF_CUPY_WGMMA_FP8_PAIR"):
         monkeypatch.delenv(variable, raising=False)
     backend = cupy_backend.CupyBackend()
-    assert cupy_backend.CupyBackend.hopper_split_v is False, "opt-in until measured on the GPU"
+    assert cupy_backend.CupyBackend.hopper_split_v is True
+    assert _chosen(backend, monkeypatch, rows="bf16")[1] == V3["bf16"]
+    assert _chosen(backend, monkeypatch, rows="fp8")[1] == V3["fp8"]  # the pair stays opt-in
+    backend.hopper_split_v = False
     assert _chosen(backend, monkeypatch, rows="bf16")[1] == V2["bf16"]
     monkeypatch.setenv(ENV, "1")
     for rows in ("bf16", "fp8"):
@@ -105,8 +108,10 @@ def test_sass_has_64_slot_products_and_p_v_from_registers(sass, rows):
     assert len(products) == 8  # P V: 4 steps a consumer
     assert sum(operand.startswith("R") for operand in products) == 4  # the first consumer's A from registers
     assert not re.search(r"\b(?:LDL|STL)\b", body)
-    # The hand-off: P ready / P free / the final factors (arrive on one side, sync on the other).
-    assert len(re.findall(r"\bBAR\.ARV\b", body)) >= 3 and len(re.findall(r"\bBAR\.SYNC\b", body)) >= 4
+    # The hand-offs (P ready, P free, the final factors) are rendezvous: each consumer waits at each, so
+    # six named-barrier waits beside the block's start, and no one-sided arrival.
+    assert not re.search(r"\bBAR\.ARV\b", body)
+    assert len(re.findall(r"\bBAR\.SYNC\.DEFER_BLOCKING 0x[345], 0x100\b", body)) >= 6
 
 
 # ----------------------------------------------------------------------------- GPU

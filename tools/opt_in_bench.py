@@ -155,22 +155,25 @@ def main(argv: list[str] | None = None) -> int:
         cupy_default, cupy_hopper, cupy_float32 = CupyBackend(), CupyBackend(), CupyBackend()
         cupy_hopper.hopper_forward = True
         cupy_float32.deterministic_tensor_cores = False
+
+        def cupy_forward_backend(wgmma: bool, v2: bool, split_v: bool):
+            backend = CupyBackend()
+            backend.hopper_forward, backend.hopper_forward_v2, backend.hopper_split_v = wgmma, v2, split_v
+            return backend
+
         if "cupy-forward" in groups:
-            reference = timed(torch, "cupy forward, mma.sync (default)", shape, forward_flop,
-                              lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_default))
-            wgmma = timed(torch, "cupy forward, wgmma", shape, forward_flop,
-                          lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_hopper), reference)
-            # sparse_mla_fwd_wgmma_v2 (CupyBackend.hopper_forward_v2, DSA_REF_CUPY_WGMMA_V2), against the
-            # wgmma kernel's outputs: the same arithmetic, so the relative difference should be 0.
-            cupy_v2 = CupyBackend()
-            cupy_v2.hopper_forward_v2 = True
-            v2 = timed(torch, "cupy forward, wgmma v2 (CupyBackend.hopper_forward_v2)", shape, forward_flop,
-                       lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_v2), wgmma)
-            # sparse_mla_fwd_wgmma_v3 (CupyBackend.hopper_split_v): v2 to rounding.
-            cupy_v3 = CupyBackend()
-            cupy_v3.hopper_forward_v2 = cupy_v3.hopper_split_v = True
-            timed(torch, "cupy forward, wgmma v3 split-V consumers (CupyBackend.hopper_split_v)", shape, forward_flop,
-                  lambda: dsa_ref.sparse_mla(q, kv, indices, backend=cupy_v3), v2)
+            # sparse_mla_fwd_mma<false>, then the three wgmma kernels (CupyBackend.hopper_forward,
+            # hopper_forward_v2, hopper_split_v), each against the one before it: v2 repeats the first's
+            # arithmetic (relative difference 0), v3 v2's to rounding.
+            previous = None
+            for label, switches in (("mma.sync", (False, False, False)),
+                                    ("wgmma (hopper_forward)", (True, False, False)),
+                                    ("wgmma v2 (hopper_forward_v2)", (True, True, False)),
+                                    ("wgmma v3 split-V consumers (hopper_split_v, default)", (True, True, True))):
+                backend = cupy_forward_backend(*switches)
+                previous = timed(torch, f"cupy forward, {label}", shape, forward_flop,
+                                 lambda: dsa_ref.sparse_mla(q, kv, indices, backend=backend),
+                                 previous if switches[0] else None)
 
         if not groups & {"triton-backward", "cupy-backward"}:
             continue
@@ -230,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     if "cupy-decode" in groups:
         # The decode step's sparse attention over the packed FP8 cache: sparse_mla_fwd_mma<true>,
-        # sparse_mla_fwd_wgmma_fp8 (CupyBackend.hopper_fp8_decode, the default) and
-        # sparse_mla_fwd_wgmma_fp8_v2 (hopper_fp8_decode_v2, the default) and sparse_mla_fwd_wgmma_fp8_pair
-        # (hopper_fp8_decode_pair), same inputs, each compared with the mma.sync kernel's outputs.
+        # sparse_mla_fwd_wgmma_fp8 (CupyBackend.hopper_fp8_decode), sparse_mla_fwd_wgmma_fp8_v2
+        # (hopper_fp8_decode_v2), sparse_mla_fwd_wgmma_fp8_pair (hopper_fp8_decode_pair) and their split-V
+        # twins (hopper_split_v; the default is sparse_mla_fwd_wgmma_fp8_v3), same inputs, each compared with
+        # the mma.sync kernel's outputs.
         for batch, next_n, context in ((64, 2, 32768), (128, 2, 32768), (64, 1, 131072)):
             q, cache, slots = fp8_decode_inputs(torch, batch, next_n, context)
             shape = f"FP8 cache b={batch} s_q={next_n} T={context} h=128 topk=2048"
@@ -241,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             for kernel, wgmma, v2, pair, split_v in (
                     ("mma.sync", False, False, False, False),
                     ("wgmma (hopper_fp8_decode)", True, False, False, False),
-                    ("wgmma v2 (hopper_fp8_decode_v2, default)", True, True, False, False),
+                    ("wgmma v2 (hopper_fp8_decode_v2)", True, True, False, False),
                     ("wgmma pair (hopper_fp8_decode_pair)", True, True, True, False),
-                    ("wgmma v3 split-V consumers (hopper_split_v)", True, True, False, True),
+                    ("wgmma v3 split-V consumers (hopper_split_v, default)", True, True, False, True),
                     ("wgmma pair v3 (hopper_fp8_decode_pair, hopper_split_v)", True, True, True, True)):
                 backend = CupyBackend()
                 backend.hopper_fp8_decode, backend.hopper_fp8_decode_v2, backend.hopper_fp8_decode_pair = wgmma, v2, pair

@@ -139,8 +139,11 @@ class CupyBackend(Backend):
     #: (``sparse_mla_fwd_wgmma_v3``, ``..._fp8_v3``, ``..._fp8_pair_v3`` in csrc/sparse_mla_wgmma_v2.cu): the same
     #: producers and launch, FlashMLA's Hopper decode schedule for the consumers (one takes S over all 64 slots
     #: of a tile and the softmax, the other only its half of P V, so the second's product overlaps the first's
-    #: softmax). Off until measured on the GPU (True, or DSA_REF_CUPY_WGMMA_SPLIT_V=1, to run it).
-    hopper_split_v: bool = False
+    #: softmax): 5.03 -> 4.41 ms at S 4096, SKV 8192, h 128, topk 2048 and 0.268 -> 0.247 ms for the FP8
+    #: decode at b 64, s_q 2, T 32K on the H200, outputs equal to v2's to rounding (backends/cupy_cuda/NOTES.md).
+    #: The pair's twin runs only with ``hopper_fp8_decode_pair``. Set this to False, or
+    #: DSA_REF_CUPY_WGMMA_SPLIT_V=0, for the v2 consumers.
+    hopper_split_v: bool = True
 
     #: The decode step's indexer over a paged fp8 key cache on one launch for the batch
     #: (``indexer_paged_mma`` in csrc/indexer.cu: the keys read out of their pages in place) instead

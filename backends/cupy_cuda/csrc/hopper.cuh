@@ -313,6 +313,11 @@ __device__ __forceinline__ void mbarrier_arrive_cluster(u32 peer_barrier) {
 __device__ __forceinline__ void named_barrier_sync(u32 id, u32 threads) {
     asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
+// The same for warps that reach the barrier from different instructions (other roles' code): the .aligned
+// form above requires all of them to execute the same one.
+__device__ __forceinline__ void named_barrier_sync_unaligned(u32 id, u32 threads) {
+    asm volatile("barrier.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
 // The arriving half of a producer / consumer hand-off on named barrier `id`: counts this thread without
 // waiting; the threads that named_barrier_sync on it see this thread's earlier writes once it completes.
 __device__ __forceinline__ void named_barrier_arrive(u32 id, u32 threads) {

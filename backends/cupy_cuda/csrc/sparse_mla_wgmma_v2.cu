@@ -104,6 +104,9 @@ constexpr u32 P_WRITTEN = 2;       // both halves of P in shared memory
 constexpr u32 SUMS_EXCHANGED = 3;  // both partial denominators written
 // ... of the split-V consumers (consume_split_v): the first consumer hands the second P and the rescale
 // factors of a tile (P_READY), the second hands back the P tile once its product has read it (P_FREE).
+// Both consumers wait at both (bar.sync, no bar.arrive): the waits cost the overlap nothing (the second
+// would wait for the next P anyway, the first only for a second already on its way), and compute-sanitizer's
+// racecheck reported the one-sided hand-offs' accesses of the factors as hazards.
 constexpr u32 P_READY = 4;
 constexpr u32 P_FREE = 5;
 
@@ -312,6 +315,13 @@ __device__ __forceinline__ void release_stage(u32 empty_barrier, u32 peer, int l
 // first's softmax and next S; in v2 both consumers stopped at two barriers a tile. Summation order: a row's
 // denominator is one thread's running sum over all 64 slots (v2 adds two 32-slot halves), so outputs agree
 // with v2's to rounding, not bit for bit.
+// The two consumer warpgroups meet at named barrier `id`, each from its own code: barrier.sync without
+// .aligned (bar.sync is barrier.sync.aligned, which requires every thread to execute the same instruction;
+// compute-sanitizer's synccheck reports the two warpgroups' different ones as divergent threads).
+__device__ __forceinline__ void consumers_meet(u32 id) {
+    hopper::named_barrier_sync_unaligned(id, CONSUMER_THREADS);
+}
+
 template <bool FP8_CACHE, bool PAIR>
 __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_tiles, u32 p_tile, u32 full_barriers,
                                                 u32 empty_barriers, u32 peer, int n_tiles, float scale_log2,
@@ -329,6 +339,7 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
     // O[row0 + 8 half, 256 consumer + 8 j + 2 quad_lane + e] = acc_o[4 j + 2 half + e]; zeroed once the
     // warpgroup has its registers.
     float acc_o[128];
+    float final_factor[2];  // the rows' final factors: the first computes them, the second reads them
     if (consumer == 0) {
         setmaxnreg_increase<FP8_CACHE ? FP8_SPLIT_V_FIRST_REGISTERS : SPLIT_V_FIRST_REGISTERS>();
 #pragma unroll
@@ -383,7 +394,7 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
                 p[i / 2] = pack_bf16x2(p0, p1);
             }
             // ---- hand P and the factors to the second consumer, once it is done with the last ones.
-            if (tile > 0) named_barrier_sync(P_FREE, CONSUMER_THREADS);
+            if (tile > 0) consumers_meet(P_FREE);
 #pragma unroll
             for (int i = 0; i < 32; i += 2) {
                 const int row = row0 + 8 * ((i >> 1) & 1);
@@ -394,7 +405,7 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
                 factors[row0 + 8] = alpha[1];
             }
             fence_proxy_async_shared();  // the P stores, before the second consumer's wgmma reads them
-            named_barrier_arrive(P_READY, CONSUMER_THREADS);
+            consumers_meet(P_READY);
 
             // ---- O[:, :256] = alpha O + P V[:, :256], P from registers: 4 steps of 16 slots.
             if (!__all_sync(0xffffffffu, alpha[0] == 1.0f && alpha[1] == 1.0f)) {
@@ -423,12 +434,13 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
             const int head = head0 + row;
             float row_lse, factor;
             finish_softmax_row(row_max[half], row_sum[half], attn_sink, head < h ? head : 0, row_lse, factor);
+            final_factor[half] = factor;  // every lane of the quad has the row's sums
             if (quad_lane == 0) {
                 finals[row] = factor;
                 if (head < h) lse[(u64)query * h + head] = row_lse;
             }
         }
-        named_barrier_arrive(SUMS_EXCHANGED, CONSUMER_THREADS);
+        consumers_meet(SUMS_EXCHANGED);
     } else {
         // From the launch's 168: more with the bf16 rows' small producer, fewer beside the FP8 producer.
         constexpr int SECOND = FP8_CACHE ? FP8_SPLIT_V_SECOND_REGISTERS : SPLIT_V_SECOND_REGISTERS;
@@ -440,7 +452,7 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
             const int stage = tile % STAGES;
             mbarrier_wait(full_barriers + 8 * stage, (u32)(tile / STAGES) & 1u);  // the rows: acquire them
             const u32 kv_tile = kv_tiles + stage * TILE_BYTES;
-            named_barrier_sync(P_READY, CONSUMER_THREADS);
+            consumers_meet(P_READY);
             const float alpha0 = factors[row0], alpha1 = factors[row0 + 8];
             if (!__all_sync(0xffffffffu, alpha0 == 1.0f && alpha1 == 1.0f)) {
 #pragma unroll
@@ -459,10 +471,12 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
             wgmma_commit();
             wgmma_wait<0>();
             fence_registers(acc_o);
-            if (tile + 1 < n_tiles) named_barrier_arrive(P_FREE, CONSUMER_THREADS);  // P and factors read
             release_stage<PAIR>(empty_barriers + 8 * stage, peer, lane);
+            if (tile + 1 < n_tiles) consumers_meet(P_FREE);  // P and factors read
         }
-        named_barrier_sync(SUMS_EXCHANGED, CONSUMER_THREADS);
+        consumers_meet(SUMS_EXCHANGED);
+        final_factor[0] = finals[row0];
+        final_factor[1] = finals[row0 + 8];
     }
     // No block of a pair leaves while the other may still arrive on its barriers or store into its stages.
     if constexpr (PAIR) cluster_sync();
@@ -473,7 +487,8 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
         const int row = row0 + 8 * half;
         const int head = head0 + row;
         if (head >= h) continue;
-        store_o_row(out + ((u64)query * h + head) * D_V + consumer * 256 + quad_lane * 2, acc_o, half, finals[row]);
+        store_o_row(out + ((u64)query * h + head) * D_V + consumer * 256 + quad_lane * 2, acc_o, half,
+                    final_factor[half]);
     }
 }
 
