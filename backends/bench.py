@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     parser.add_argument("--sgl-kernel-libs", metavar="DIR", default=None,
                         help="a folder with sglang-kernel's compiled libraries (flashmla_ops.abi3.so): FlashMLA's "
-                             "decode kernel for the decode_step group where neither flash_mla nor sgl_kernel imports")
+                             "decode kernel for the decode_step and host groups where neither flash_mla nor "
+                             "sgl_kernel imports")
 
 
 def _log(message: str) -> None:
@@ -564,9 +565,11 @@ def capture_cuda_graph(torch, step):
     return graph, outputs
 
 
-def bench_host(b: Bench, backends) -> None:
+def bench_host(b: Bench, backends, sgl_kernel_libs: str | None = None) -> None:
     """Host cost per call: one synchronized FP8 decode call (b 64, s_q 2, T 32K) against back-to-back
-    calls and against the replay of a captured CUDA graph, through the public API and dsa_ref.torch."""
+    calls and against the replay of a captured CUDA graph, through the public API and dsa_ref.torch; and
+    FlashMLA's decode op on the same inputs where it can be had (:func:`flash_mla_sparse_decode`), timed
+    the same way, for the host cost of a peer's op in the same run."""
     import dsa_ref
     import dsa_ref.torch as dsa_torch
 
@@ -603,6 +606,21 @@ def bench_host(b: Bench, backends) -> None:
             b.failed("host", case, f"{backend.name} CUDA graph", error)
     del cache, q
     torch.cuda.empty_cache()
+    make, name = flash_mla_sparse_decode(torch, sgl_kernel_libs)
+    impl = "FlashMLA sparse FP8 decode op"
+    if make is None:
+        _skipped(b, "host", case, impl, name)
+        return
+    try:
+        # FlashMLA's pages of 64 rows, in order: its indices are rows of the whole cache, as dsa-ref's.
+        context_lens = torch.full((batch,), s_kv, dtype=torch.int32, device="cuda")
+        block_table = torch.arange(batch * s_kv // 64, dtype=torch.int32, device="cuda").view(batch, -1)
+        call = make(q, cache, slots, block_table, context_lens, next_n)
+        single, chained = _host_times(torch, call)
+        b.record("host", case, f"{name} (synchronized call)", single)
+        b.record("host", case, f"{name} (back to back)", chained, host_ms=single - chained, peer=True)
+    except Exception as error:  # noqa: BLE001
+        b.failed("host", case, impl, error)
 
 
 def random_indexer_cache(torch, num_blocks: int, block_size: int, d_i: int, device, chunk_blocks: int = 4096):
@@ -960,7 +978,7 @@ def run(args: argparse.Namespace) -> int:
                    indexer=lambda: bench_indexer(b, backends), topk=lambda: bench_topk(b, backends),
                    fused=lambda: bench_fused(b), dsa=lambda: bench_dsa(b, backends),
                    decode=lambda: bench_decode(b, backends), training=lambda: bench_training(b, backends),
-                   host=lambda: bench_host(b, backends), decode_step=lambda: bench_decode_step(b, backends, args.sgl_kernel_libs))
+                   host=lambda: bench_host(b, backends, args.sgl_kernel_libs), decode_step=lambda: bench_decode_step(b, backends, args.sgl_kernel_libs))
     for group in groups:
         try:
             runners[group]()
