@@ -14,7 +14,8 @@ flushed between runs). Rates use the formulas printed next to them:
   dV, dQ, dK; TileLang's count), in the default mode (float atomics) and the deterministic one;
 * indexer loss (sparse stage, eq. 4): forward + backward time, against the sparse MLA backward's;
 * host cost: one synchronized call against back-to-back calls and a CUDA-graph replay of the same
-  FP8 decode step, through the public API and through ``dsa_ref.torch``.
+  FP8 decode step, through the public API and through ``dsa_ref.torch`` (seven interleaved rounds: the
+  median of their host work and its spread), beside FlashMLA's op where it can be had.
 * decode step: the whole DSA decode step of a batch (paged indexer, top-k, slots, sparse FP8 MLA;
   :func:`dsa_ref.sparse_decode_step`) through ``dsa_ref.torch`` eager and as a CUDA-graph replay, time
   only, beside the naive PyTorch step and FlashMLA's decode kernel alone (the attention stage only).
@@ -34,6 +35,7 @@ import datetime
 import json
 import platform
 import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -532,22 +534,36 @@ def bench_training(b: Bench, backends) -> None:
             b.failed("training", case, backend.name, error)
 
 
-def _host_times(torch, fn, repeats: int = 50) -> tuple[float, float]:
-    """(ms of one synchronized call, ms per call back to back), host clock: what a caller waits."""
+def _host_times(torch, fn, rounds: int = 7, repeats: int = 20) -> tuple[float, float, list[float]]:
+    """``(ms of one synchronized call, ms per call back to back, host ms of each round)``, host clock: what a
+    caller waits. ``rounds`` interleaved rounds, each the median of ``repeats`` synchronized calls and the
+    mean of ``repeats`` calls back to back; a round's host work is the first minus the second, so a change of
+    the host's pace during the measurement moves one round, not the comparison. The first two results are
+    medians over the rounds."""
     fn()
     torch.cuda.synchronize()
-    single = []
-    for _ in range(repeats):
+    singles, chained, host = [], [], []
+    for _ in range(rounds):
+        single = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            single.append(time.perf_counter() - started)
         started = time.perf_counter()
-        fn()
+        for _ in range(repeats):
+            fn()
         torch.cuda.synchronize()
-        single.append(time.perf_counter() - started)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    back_to_back = (time.perf_counter() - started) / repeats
-    return sorted(single)[len(single) // 2] * 1e3, back_to_back * 1e3
+        singles.append(statistics.median(single) * 1e3)
+        chained.append((time.perf_counter() - started) / repeats * 1e3)
+        host.append(singles[-1] - chained[-1])
+    return statistics.median(singles), statistics.median(chained), host
+
+
+def _host_fields(host: list[float]) -> dict:
+    """A row's host work: the median over the rounds (``host_ms``, what the goal reads) and their spread."""
+    return dict(host_ms=statistics.median(host), host_ms_rounds=[round(ms, 4) for ms in host],
+                host_ms_spread=[round(min(host), 4), round(max(host), 4)])
 
 
 def capture_cuda_graph(torch, step):
@@ -586,10 +602,10 @@ def bench_host(b: Bench, backends, sgl_kernel_libs: str | None = None) -> None:
         for path, fn in paths:
             impl = f"{backend.name} {path}"
             try:
-                single, chained = _host_times(torch, fn)
+                single, chained, host = _host_times(torch, fn)
                 b.record("host", case, f"{impl} (synchronized call)", single)
-                b.record("host", case, f"{impl} (back to back)", chained,
-                         host_ms=single - chained, target="host_cost" if path == "dsa_ref.torch" else None)
+                b.record("host", case, f"{impl} (back to back)", chained, **_host_fields(host),
+                         target="host_cost" if path == "dsa_ref.torch" else None)
             except Exception as error:  # noqa: BLE001
                 b.failed("host", case, impl, error)
         try:
@@ -599,7 +615,7 @@ def bench_host(b: Bench, backends, sgl_kernel_libs: str | None = None) -> None:
             graph.replay()
             eager = dsa_torch.sparse_mla(q, cache, slots, backend=backend.name)
             equal = all(torch.equal(a, e) for a, e in zip(captured, eager))
-            single, chained = _host_times(torch, graph.replay)
+            single, chained, _ = _host_times(torch, graph.replay)
             b.record("host", case, f"{backend.name} CUDA graph replay (synchronized)", single, equal_to_eager=equal)
             b.record("host", case, f"{backend.name} CUDA graph replay (back to back)", chained, equal_to_eager=equal)
         except Exception as error:  # noqa: BLE001
@@ -623,9 +639,9 @@ def _host_peer(b: Bench, case: str, impl: str, name: str, make, q, cache, slots,
         context_lens = torch.full((batch,), s_kv, dtype=torch.int32, device="cuda")
         block_table = torch.arange(batch * s_kv // 64, dtype=torch.int32, device="cuda").view(batch, -1)
         call = make(q, cache, slots, block_table, context_lens, next_n)
-        single, chained = _host_times(torch, call)
+        single, chained, host = _host_times(torch, call)
         b.record("host", case, f"{name} (synchronized call)", single)
-        b.record("host", case, f"{name} (back to back)", chained, host_ms=single - chained, peer=True)
+        b.record("host", case, f"{name} (back to back)", chained, **_host_fields(host), peer=True)
     except Exception as error:  # noqa: BLE001
         b.failed("host", case, impl, error)
 

@@ -125,3 +125,36 @@ def test_flash_mla_is_skipped_with_a_reason_when_it_cannot_be_imported(tmp_path)
     env = dict(device="cpu", date="2026-01-01", driver="-", cuda="-", torch="-", triton="-")
     bench.write_markdown(tmp_path / "bench.md", env, b.rows, [])
     assert "skipped: flash_mla not importable" in (tmp_path / "bench.md").read_text()
+
+
+def test_host_times_take_the_synchronized_call_minus_back_to_back_in_each_round(monkeypatch):
+    """A fake clock and GPU: a call costs the host ``h`` units and queues 4 units of GPU work, which runs while
+    the host goes on; ``synchronize`` waits for the queue. One synchronized call takes h + 4, back to back the
+    GPU sets the pace (h / repeats + 4 a call), so a round's difference is the host work, h (1 - 1 / repeats);
+    the round where the host is slower (h 2 instead of 1) shows it, the median over the rounds does not move."""
+    state = {"now": 0.0, "gpu_free": 0.0, "calls": 0}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: state["now"])
+
+    class FakeCuda:
+        @staticmethod
+        def synchronize():
+            state["now"] = max(state["now"], state["gpu_free"])
+
+    class FakeTorch:
+        cuda = FakeCuda
+
+    repeats = 20
+
+    def fn():
+        state["calls"] += 1
+        slow = 1 + 2 * repeats * 3 < state["calls"] <= 1 + 2 * repeats * 4  # round 3's calls, after the warm-up
+        state["now"] += 2.0 if slow else 1.0
+        state["gpu_free"] = max(state["gpu_free"], state["now"]) + 4.0
+
+    single, chained, host = bench._host_times(FakeTorch, fn, rounds=5, repeats=repeats)
+    assert len(host) == 5
+    assert single == pytest.approx(5e3) and chained == pytest.approx((1 / repeats + 4) * 1e3)  # ms of the units
+    assert host[3] == pytest.approx(2 * (1 - 1 / repeats) * 1e3)
+    assert [h for i, h in enumerate(host) if i != 3] == pytest.approx([(1 - 1 / repeats) * 1e3] * 4)
+    fields = bench._host_fields(host)
+    assert fields["host_ms"] == pytest.approx(950.0) and fields["host_ms_spread"] == [950.0, 1900.0]
