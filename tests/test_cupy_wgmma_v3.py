@@ -114,6 +114,20 @@ def test_sass_has_64_slot_products_and_p_v_from_registers(sass, rows):
     assert len(re.findall(r"\bBAR\.SYNC\.DEFER_BLOCKING 0x[345], 0x100\b", body)) >= 6
 
 
+def test_the_consumers_meet_through_unaligned_barriers_on_both_sides():
+    """The SASS of bar.sync and barrier.sync is the same, so the source is what can be checked here: each of the
+    six meetings of consume_split_v is consumers_meet (barrier.sync, both sides waiting). bar.sync from the two
+    warpgroups' different instructions fails synccheck, a one-sided barrier.arrive racecheck
+    (tools/named_barrier_check.py, backends/cupy_cuda/NOTES.md)."""
+    text = kernels.source_text(SOURCE)
+    body = text[text.index("void consume_split_v("):text.index("// PAIR (FP8_CACHE only)")]
+    assert body.count("consumers_meet(") == 6
+    assert "named_barrier_sync(" not in body and "named_barrier_arrive(" not in body
+    helper = text[text.index("void consumers_meet("):text.index("void consume_split_v(")]
+    assert "named_barrier_sync_unaligned(id, CONSUMER_THREADS)" in helper
+    assert 'asm volatile("barrier.sync %0, %1;' in kernels.source_text("hopper.cuh")
+
+
 # ----------------------------------------------------------------------------- GPU
 def _backend(rows: str):
     backend = hopper_backend("the split-V wgmma forwards", cupy_backend.WGMMA_FORWARD_SMEM)

@@ -139,7 +139,7 @@ class CupyBackend(Backend):
     #: (``sparse_mla_fwd_wgmma_v3``, ``..._fp8_v3``, ``..._fp8_pair_v3`` in csrc/sparse_mla_wgmma_v2.cu): the same
     #: producers and launch, FlashMLA's Hopper decode schedule for the consumers (one takes S over all 64 slots
     #: of a tile and the softmax, the other only its half of P V, so the second's product overlaps the first's
-    #: softmax): 5.03 -> 4.41 ms at S 4096, SKV 8192, h 128, topk 2048 and 0.268 -> 0.247 ms for the FP8
+    #: softmax): 4.985 -> 4.305 ms at S 4096, SKV 8192, h 128, topk 2048 and 0.266 -> 0.242 ms for the FP8
     #: decode at b 64, s_q 2, T 32K on the H200, outputs equal to v2's to rounding (backends/cupy_cuda/NOTES.md).
     #: The pair's twin runs only with ``hopper_fp8_decode_pair``. Set this to False, or
     #: DSA_REF_CUPY_WGMMA_SPLIT_V=0, for the v2 consumers.

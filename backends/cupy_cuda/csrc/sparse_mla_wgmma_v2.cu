@@ -104,9 +104,9 @@ constexpr u32 P_WRITTEN = 2;       // both halves of P in shared memory
 constexpr u32 SUMS_EXCHANGED = 3;  // both partial denominators written
 // ... of the split-V consumers (consume_split_v): the first consumer hands the second P and the rescale
 // factors of a tile (P_READY), the second hands back the P tile once its product has read it (P_FREE).
-// Both consumers wait at both (bar.sync, no bar.arrive): the waits cost the overlap nothing (the second
-// would wait for the next P anyway, the first only for a second already on its way), and compute-sanitizer's
-// racecheck reported the one-sided hand-offs' accesses of the factors as hazards.
+// Both consumers wait at both (consumers_meet): compute-sanitizer's racecheck does not follow a one-sided
+// hand-off (barrier.arrive on one side; tools/named_barrier_check.py), and the second's one-sided P_FREE, the
+// only one that measured faster, gained 3.5% (backends/cupy_cuda/NOTES.md).
 constexpr u32 P_READY = 4;
 constexpr u32 P_FREE = 5;
 
@@ -307,6 +307,13 @@ __device__ __forceinline__ void release_stage(u32 empty_barrier, u32 peer, int l
     }
 }
 
+// The two consumer warpgroups meet at named barrier `id`, each from its own code: barrier.sync without
+// .aligned (bar.sync is barrier.sync.aligned, which requires every thread to execute the same instruction;
+// compute-sanitizer's synccheck reports the two warpgroups' different ones as divergent threads).
+__device__ __forceinline__ void consumers_meet(u32 id) {
+    hopper::named_barrier_sync_unaligned(id, CONSUMER_THREADS);
+}
+
 // The split-V consumers (sparse_mla_fwd_wgmma_v3 and its FP8 twins), FlashMLA's Hopper decode schedule (its
 // csrc/sm90/decode/sparse_fp8/splitkv_mla.cuh, read for the design): the first consumer warpgroup takes
 // S = Q K^T over all 64 slots of a tile (N = 64), the whole online softmax (no exchange of row maxima) and
@@ -315,13 +322,6 @@ __device__ __forceinline__ void release_stage(u32 empty_barrier, u32 peer, int l
 // first's softmax and next S; in v2 both consumers stopped at two barriers a tile. Summation order: a row's
 // denominator is one thread's running sum over all 64 slots (v2 adds two 32-slot halves), so outputs agree
 // with v2's to rounding, not bit for bit.
-// The two consumer warpgroups meet at named barrier `id`, each from its own code: barrier.sync without
-// .aligned (bar.sync is barrier.sync.aligned, which requires every thread to execute the same instruction;
-// compute-sanitizer's synccheck reports the two warpgroups' different ones as divergent threads).
-__device__ __forceinline__ void consumers_meet(u32 id) {
-    hopper::named_barrier_sync_unaligned(id, CONSUMER_THREADS);
-}
-
 template <bool FP8_CACHE, bool PAIR>
 __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_tiles, u32 p_tile, u32 full_barriers,
                                                 u32 empty_barriers, u32 peer, int n_tiles, float scale_log2,
