@@ -7,6 +7,8 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 # Pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN  ?= torch==2.13.0
 TRITON_PIN ?= triton==3.6.0
+# NVRTC as the GPU machine's CuPy compiles with (CUDA 13.0), for the check of the kernels' run-time builds.
+NVRTC_PIN  ?= nvidia-cuda-nvrtc==13.0.88
 # Without a GPU, Triton kernels run (slowly) on the CPU interpreter.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ifeq ($(HAS_GPU),)
@@ -36,7 +38,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PIP) install -q "$(TORCH_PIN)" "$(TRITON_PIN)"
+	$(PIP) install -q "$(TORCH_PIN)" "$(TRITON_PIN)" "$(NVRTC_PIN)"
 	$(EDITABLE) $(PIP) install -q --no-build-isolation -e ".[test,plot,layer,docs]" pytest-xdist
 	touch $@
 

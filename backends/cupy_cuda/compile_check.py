@@ -9,6 +9,7 @@ Each source is compiled to a cubin for each architecture in :data:`ARCHITECTURES
 template instance the backend launches (:data:`kernels.KERNELS`) explicitly instantiated, all
 warnings treated as errors (``-Werror all-warnings`` also turns ptxas' spill warnings into
 errors), and ptxas' verbose report parsed into registers / stack / spills per kernel.
+:func:`nvrtc_usages` reads the same report from NVRTC's build, the one the backend launches.
 """
 
 from __future__ import annotations
@@ -220,6 +221,62 @@ def compile_source(nvcc: str, source: str, arch: str, workdir: Path) -> CompileR
         if dump.returncode != 0:
             log += f"\ncuobjdump -sass failed:\n{dump.stderr}"
     return CompileResult(source, arch, done.returncode, log, parse_report(log), sass)
+
+
+def _nvrtc_library():
+    """libnvrtc through ctypes, with its builtins loaded first (NVRTC opens them by name at its first
+    compile): from the ``nvidia-cuda-nvrtc`` wheel if installed, else the system's. None when neither."""
+    import ctypes
+    import ctypes.util
+    import importlib.util
+
+    candidates = []
+    spec = importlib.util.find_spec("nvidia")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        for pattern in ("cu*/lib/libnvrtc.so.*", "cuda_nvrtc/lib/libnvrtc.so.*"):  # the CUDA 13 and 12 wheels
+            candidates += sorted(Path(location).glob(pattern))
+    system = ctypes.util.find_library("nvrtc")
+    for candidate in [*candidates, *([system] if system else [])]:
+        try:
+            folder = Path(candidate).parent
+            for builtins in sorted(folder.glob("libnvrtc-builtins.so.*")):
+                if ".alt." not in builtins.name:
+                    ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(str(candidate))
+        except OSError:
+            continue
+    return None
+
+
+def nvrtc_usages(source: str) -> list[KernelUsage] | None:
+    """Registers, stack and spills per kernel of ``source`` as the backend builds it at run time: NVRTC with
+    :func:`kernels.nvrtc_options` (for a source of :data:`kernels.SOURCE_ARCHITECTURES`, whose architecture
+    NVRTC compiles for without a GPU) and ptxas' verbose report. NVRTC's ptxas can allocate differently from
+    nvcc's on the same source (the FP8 split-V kernels: NVRTC's build keeps bytes on the stack where nvcc's
+    keeps none), so the reports of :func:`compile_source` do not stand for the kernels that run. None without
+    libnvrtc (:func:`_nvrtc_library`)."""
+    import ctypes
+
+    library = _nvrtc_library()
+    if library is None:
+        return None
+    program = ctypes.c_void_p()
+    text = kernels.source_text(source).encode()
+    if library.nvrtcCreateProgram(ctypes.byref(program), text, source.encode(), 0, None, None) != 0:
+        raise RuntimeError(f"nvrtcCreateProgram failed on {source}")
+    try:
+        options = [*kernels.nvrtc_options(source), "--ptxas-options=-v"]
+        encoded = (ctypes.c_char_p * len(options))(*[option.encode() for option in options])
+        status = library.nvrtcCompileProgram(program, len(options), encoded)
+        size = ctypes.c_size_t()
+        library.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        library.nvrtcGetProgramLog(program, log)
+        if status != 0:
+            raise RuntimeError(f"NVRTC failed on {source} with {options}:\n{log.value.decode()}")
+        return parse_report(log.value.decode())
+    finally:
+        library.nvrtcDestroyProgram(ctypes.byref(program))
 
 
 def compile_jobs() -> list[tuple[str, str]]:

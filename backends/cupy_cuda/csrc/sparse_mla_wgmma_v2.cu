@@ -115,10 +115,18 @@ constexpr u32 P_FREE = 5;
 // what the launch allocated (FlashMLA's FP8 decode gives its three warpgroups 192 / 160 / 152).
 constexpr int SPLIT_V_FIRST_REGISTERS = 240;
 constexpr int SPLIT_V_SECOND_REGISTERS = 208;
+constexpr int FP8_SPLIT_V_PRODUCER_REGISTERS = 152;
 constexpr int FP8_SPLIT_V_FIRST_REGISTERS = 192;
 constexpr int FP8_SPLIT_V_SECOND_REGISTERS = 160;
+// The pair's split: its producer does half a tile's batches, and at 152 / 192 / 160 NVRTC's build of the pair
+// kept 16 bytes on the stack (a store in the producer's loop: 5.5% of ncu's samples); at 144 / 200 / 160 it
+// keeps none (0.305 -> 0.251 ms at b 64, s_q 2, T 32K, one run; backends/cupy_cuda/NOTES.md).
+constexpr int FP8_PAIR_SPLIT_V_PRODUCER_REGISTERS = 144;
+constexpr int FP8_PAIR_SPLIT_V_FIRST_REGISTERS = 200;
 static_assert(128 * (PRODUCER_REGISTERS + SPLIT_V_FIRST_REGISTERS + SPLIT_V_SECOND_REGISTERS) <= THREADS * LAUNCH_REGISTERS &&
-              128 * (FP8_PRODUCER_REGISTERS + FP8_SPLIT_V_FIRST_REGISTERS + FP8_SPLIT_V_SECOND_REGISTERS) <=
+              128 * (FP8_PAIR_SPLIT_V_PRODUCER_REGISTERS + FP8_PAIR_SPLIT_V_FIRST_REGISTERS + FP8_SPLIT_V_SECOND_REGISTERS) <=
+                  THREADS * LAUNCH_REGISTERS &&
+              128 * (FP8_SPLIT_V_PRODUCER_REGISTERS + FP8_SPLIT_V_FIRST_REGISTERS + FP8_SPLIT_V_SECOND_REGISTERS) <=
                   THREADS * LAUNCH_REGISTERS,
               "the consumers' increases must fit in what the launch allocated");
 static_assert(SPLIT_V_FIRST_REGISTERS >= LAUNCH_REGISTERS && FP8_SPLIT_V_FIRST_REGISTERS >= LAUNCH_REGISTERS,
@@ -341,7 +349,8 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
     float acc_o[128];
     float final_factor[2];  // the rows' final factors: the first computes them, the second reads them
     if (consumer == 0) {
-        setmaxnreg_increase<FP8_CACHE ? FP8_SPLIT_V_FIRST_REGISTERS : SPLIT_V_FIRST_REGISTERS>();
+        setmaxnreg_increase<PAIR ? FP8_PAIR_SPLIT_V_FIRST_REGISTERS
+                                 : FP8_CACHE ? FP8_SPLIT_V_FIRST_REGISTERS : SPLIT_V_FIRST_REGISTERS>();
 #pragma unroll
         for (int i = 0; i < 128; ++i) acc_o[i] = 0.0f;
         float row_max[2] = {DSA_NEG_INF, DSA_NEG_INF};  // running max (log2 units) of rows row0, row0 + 8
@@ -566,8 +575,10 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
 
     if (warpgroup == 0) {
         // ---------------------------------------------------------------- producer
+        constexpr int FP8_PRODUCER = !SPLIT_V ? FP8_PRODUCER_REGISTERS
+                                     : PAIR ? FP8_PAIR_SPLIT_V_PRODUCER_REGISTERS : FP8_SPLIT_V_PRODUCER_REGISTERS;
         if constexpr (PAIR) {
-            setmaxnreg_decrease<FP8_PRODUCER_REGISTERS>();
+            setmaxnreg_decrease<FP8_PRODUCER>();
             produce_fp8_pair_tiles(fp8_ahead, smem, full_barriers, empty_barriers, peer_shared_address(kv_tiles, peer),
                                    peer_shared_address(full_barriers, peer), kv, row_indices, n_tiles, n_slots, s_kv,
                                    producer_warp, lane, first_batch);
@@ -575,7 +586,7 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
             cluster_sync();
             return;
         } else if constexpr (FP8_CACHE) {
-            setmaxnreg_decrease<FP8_PRODUCER_REGISTERS>();
+            setmaxnreg_decrease<FP8_PRODUCER>();
             produce_fp8_tiles(fp8_ahead, smem, full_barriers, empty_barriers, kv, row_indices, n_tiles, n_slots, s_kv,
                               producer_warp, lane);
             return;
