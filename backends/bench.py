@@ -34,8 +34,8 @@ import argparse
 import datetime
 import json
 import platform
-import subprocess
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -1001,7 +1001,8 @@ def run(args: argparse.Namespace) -> int:
                    indexer=lambda: bench_indexer(b, backends), topk=lambda: bench_topk(b, backends),
                    fused=lambda: bench_fused(b), dsa=lambda: bench_dsa(b, backends),
                    decode=lambda: bench_decode(b, backends), training=lambda: bench_training(b, backends),
-                   host=lambda: bench_host(b, backends, args.sgl_kernel_libs), decode_step=lambda: bench_decode_step(b, backends, args.sgl_kernel_libs))
+                   host=lambda: bench_host(b, backends, args.sgl_kernel_libs),
+                   decode_step=lambda: bench_decode_step(b, backends, args.sgl_kernel_libs))
     for group in groups:
         try:
             runners[group]()

@@ -163,4 +163,3 @@ def test_the_run_time_build_of_each_hopper_source_keeps_nothing_on_the_stack(sou
     for name, usage in usages.items():
         allowed = NVRTC_STACK_BYTES.get(name, 0)
         assert usage.stack_bytes <= allowed and usage.spill_stores <= allowed and usage.spill_loads <= allowed, usage
-

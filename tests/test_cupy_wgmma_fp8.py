@@ -46,12 +46,12 @@ V2_ENV = "DSA_REF_CUPY_WGMMA_FP8_V2"
 PAIR_ENV = "DSA_REF_CUPY_WGMMA_FP8_PAIR"
 
 
-
 @pytest.fixture(autouse=True)
 def _v2_consumers(monkeypatch):
     """These are the v2 consumers' tests: their split-V twins, the default on Hopper, are off here
     (tests/test_cupy_wgmma_v3.py has theirs)."""
     monkeypatch.setenv("DSA_REF_CUPY_WGMMA_SPLIT_V", "0")
+
 
 # ----------------------------------------------------------------------------- CPU: routing
 def _path(**changes):

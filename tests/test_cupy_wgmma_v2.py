@@ -39,12 +39,12 @@ KERNEL = "sparse_mla_fwd_wgmma_v2"
 ENV = "DSA_REF_CUPY_WGMMA_V2"
 
 
-
 @pytest.fixture(autouse=True)
 def _v2_consumers(monkeypatch):
     """These are the v2 consumers' tests: their split-V twins, the default on Hopper, are off here
     (tests/test_cupy_wgmma_v3.py has theirs)."""
     monkeypatch.setenv("DSA_REF_CUPY_WGMMA_SPLIT_V", "0")
+
 
 # ----------------------------------------------------------------------------- CPU: the switch
 def test_the_v2_forward_is_the_default_and_follows_its_environment_variable(monkeypatch):

@@ -1,11 +1,12 @@
 """The cupy backend's split-V sparse-MLA forwards on Hopper (``sparse_mla_fwd_wgmma_v3``,
 ``sparse_mla_fwd_wgmma_fp8_v3``, ``sparse_mla_fwd_wgmma_fp8_pair_v3`` in csrc/sparse_mla_wgmma_v2.cu,
-``CupyBackend.hopper_split_v``, the default on Hopper): the v2 kernels' producers and launch with FlashMLA's decode schedule
-for the consumers (one takes S over a tile's 64 slots and the softmax, handing P to the other, which adds
-only its half of P V).
+``CupyBackend.hopper_split_v``, the default on Hopper): the v2 kernels' producers and launch with FlashMLA's
+decode schedule for the consumers (one takes S over a tile's 64 slots and the softmax, handing P to the other,
+which adds only its half of P V).
 
-CPU part: the routing (the default where a v2 kernel would run, and only there; its environment variable), the compile report (no
-spills, the launch's registers) and the SASS (N = 64 products, P V with P from registers). GPU part
+CPU part: the routing (the default where a v2 kernel would run, and only there; its environment variable), the
+compile report (no spills, the launch's registers), the barriers the consumers meet at, and the SASS (N = 64
+products, P V with P from registers). GPU part
 (``@pytest.mark.gpu``): against the float64 reference on the bf16 kernels' cases and the FP8 ones, over bf16
 rows, the packed cache and the cluster pair, within rounding of v2, bitwise-equal reruns, and one V3.2-size
 decode.
