@@ -209,6 +209,19 @@ def test_the_pair_kernel_is_a_cluster_of_two_sharing_half_tiles_and_compiles_lik
     assert pair.split()[1:5] == second.split()[1:5] == ["168", "0", "0", "0"], (pair, second)
 
 
+def test_every_consumer_thread_of_a_pair_releases_its_own_blocks_stage():
+    """racecheck follows a thread's own mbarrier arrival, not a __syncwarp before one lane's: each consumer
+    thread arrives on its block's `empty` barrier (which then counts the block's 256 threads and a lane of each
+    of the peer's 8 consumer warps), and only the arrival on the peer's barrier is one lane's for its warp."""
+    text = kernels.source_text(V2_SOURCE)
+    assert "constexpr u32 PAIR_EMPTY_ARRIVALS = CONSUMER_THREADS + CONSUMER_THREADS / 32;" in text
+    helper = text[text.index("void release_stage("):text.index("void consumers_meet(")]
+    body = helper[helper.index("{") + 1:]
+    assert body.split(";")[1].strip() == "mbarrier_arrive(empty_barrier)", body  # first, for every thread
+    assert "if (lane == 0) mbarrier_arrive_cluster(peer_shared_address(empty_barrier, peer));" in body
+    assert body.count("mbarrier_arrive(") == 1
+
+
 # ----------------------------------------------------------------------------- GPU
 def _backend(kernel: str = KERNEL):
     backend = hopper_backend(kernel)

@@ -114,21 +114,26 @@ def test_sass_has_64_slot_products_and_p_v_from_registers(sass, rows):
     assert len(products) == 8  # P V: 4 steps a consumer
     assert sum(operand.startswith("R") for operand in products) == 4  # the first consumer's A from registers
     assert not re.search(r"\b(?:LDL|STL)\b", body)
-    # The hand-offs (P ready, P free, the final factors) are rendezvous: each consumer waits at each, so
-    # six named-barrier waits beside the block's start, and no one-sided arrival.
+    # The named-barrier hand-offs (P ready, the final factors) are rendezvous: each consumer waits at each, so
+    # four named-barrier waits beside the block's start, and no one-sided arrival (P free is an mbarrier).
     assert not re.search(r"\bBAR\.ARV\b", body)
-    assert len(re.findall(r"\bBAR\.SYNC\.DEFER_BLOCKING 0x[345], 0x100\b", body)) >= 6
+    assert len(re.findall(r"\bBAR\.SYNC\.DEFER_BLOCKING 0x[34], 0x100\b", body)) >= 4
+    assert not re.search(r"\bBAR\.SYNC\.DEFER_BLOCKING 0x5\b", body)
 
 
 def test_the_consumers_meet_through_unaligned_barriers_on_both_sides():
     """The SASS of bar.sync and barrier.sync is the same, so the source is what can be checked here: each of the
-    six meetings of consume_split_v is consumers_meet (barrier.sync, both sides waiting). bar.sync from the two
-    warpgroups' different instructions fails synccheck, a one-sided barrier.arrive racecheck
-    (tools/named_barrier_check.py, backends/cupy_cuda/NOTES.md)."""
+    four named-barrier meetings of consume_split_v is consumers_meet (barrier.sync, both sides waiting), and the
+    one one-sided hand-off (P free) is an mbarrier, which racecheck follows. bar.sync from the two warpgroups'
+    different instructions fails synccheck, a one-sided barrier.arrive racecheck (tools/named_barrier_check.py,
+    backends/cupy_cuda/NOTES.md)."""
     text = kernels.source_text(SOURCE)
     body = text[text.index("void consume_split_v("):text.index("// PAIR (FP8_CACHE only)")]
-    assert body.count("consumers_meet(") == 6
+    assert body.count("consumers_meet(") == 4
     assert "named_barrier_sync(" not in body and "named_barrier_arrive(" not in body
+    first, second = body.split("} else {", 1)
+    assert first.count("mbarrier_wait(p_free_barrier") == 1 and "mbarrier_arrive(p_free_barrier" not in first
+    assert second.count("mbarrier_arrive(p_free_barrier)") == 1 and "mbarrier_wait(p_free_barrier" not in second
     helper = text[text.index("void consumers_meet("):text.index("void consume_split_v(")]
     assert "named_barrier_sync_unaligned(id, CONSUMER_THREADS)" in helper
     assert 'asm volatile("barrier.sync %0, %1;' in kernels.source_text("hopper.cuh")

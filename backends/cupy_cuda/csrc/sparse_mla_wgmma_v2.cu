@@ -94,7 +94,9 @@ static_assert(128 * FP8_PRODUCER_REGISTERS + CONSUMER_THREADS * FP8_CONSUMER_REG
 // flight at once; the peer receives that half: 32 rows of 576 bf16 values a tile.
 constexpr int PAIR_BATCHES = fp8_rows::FP8_BATCHES / 2;
 constexpr u32 PAIR_PEER_BYTES = 4u * PAIR_BATCHES * fp8_rows::FP8_BATCH_PEER_BYTES;
-constexpr u32 PAIR_EMPTY_ARRIVALS = 2 * CONSUMER_THREADS / 32;  // a lane of every consumer warp of both blocks
+// A stage's `empty` barrier in a pair: every consumer thread of the block and a lane of every consumer warp of
+// the peer (release_stage).
+constexpr u32 PAIR_EMPTY_ARRIVALS = CONSUMER_THREADS + CONSUMER_THREADS / 32;
 static_assert(PAIR_BATCHES == FP8_DEPTH && PAIR_PEER_BYTES == BLOCK_T / 2 * D_QK * 2, "the pair's schedule");
 static_assert(FP8_PRODUCER_REGISTERS % 8 == 0 && FP8_CONSUMER_REGISTERS % 8 == 0, "setmaxnreg takes multiples of 8");
 
@@ -103,12 +105,11 @@ constexpr u32 MAX_EXCHANGED = 1;   // both row maxima of the tile written
 constexpr u32 P_WRITTEN = 2;       // both halves of P in shared memory
 constexpr u32 SUMS_EXCHANGED = 3;  // both partial denominators written
 // ... of the split-V consumers (consume_split_v): the first consumer hands the second P and the rescale
-// factors of a tile (P_READY), the second hands back the P tile once its product has read it (P_FREE).
-// Both consumers wait at both (consumers_meet): compute-sanitizer's racecheck does not follow a one-sided
-// hand-off (barrier.arrive on one side; tools/named_barrier_check.py), and the second's one-sided P_FREE, the
-// only one that measured faster, gained 3.5% (backends/cupy_cuda/NOTES.md).
+// factors of a tile at P_READY, where both wait (compute-sanitizer's racecheck does not follow a one-sided
+// named barrier, barrier.arrive on one side: tools/named_barrier_check.py). The second hands the P tile back
+// through an mbarrier (Smem::P_FREE_BARRIER_OFFSET), which racecheck follows: it arrives and goes on, and only
+// the first waits (the one-sided hand-off measured 3.5% faster than both waiting: backends/cupy_cuda/NOTES.md).
 constexpr u32 P_READY = 4;
-constexpr u32 P_FREE = 5;
 
 // Registers of the split-V consumers: the first holds O's first half (128), S (32) and P as bf16 (16), the
 // second only O's second half. With the bf16 rows' producer (56) or the FP8 rows' (152, as in v2), at most
@@ -140,11 +141,14 @@ struct Smem {
     static constexpr int VALID_OFFSET = P_OFFSET + P_BYTES;                // int [STAGES][BLOCK_T]
     static constexpr int MAX_OFFSET = VALID_OFFSET + STAGES * BLOCK_T * 4;  // float [2][BLOCK_H]
     static constexpr int SUM_OFFSET = MAX_OFFSET + 2 * BLOCK_H * 4;        // float [2][BLOCK_H]
+    // The split-V consumers' P_FREE mbarrier, in the maxima's second row (they keep one row of factors there).
+    static constexpr int P_FREE_BARRIER_OFFSET = MAX_OFFSET + BLOCK_H * 4;
     static constexpr int BARRIER_OFFSET = SUM_OFFSET + 2 * BLOCK_H * 4;    // u64 full[STAGES], empty[STAGES]
     static constexpr int USED = BARRIER_OFFSET + 2 * STAGES * 8;
     static constexpr int TOTAL = USED + 1024;  // what the launch asks for: room to align the start; 231968
 };
 static_assert(Smem::TOTAL <= 232448, "sm_90 gives a block at most 227 KB of shared memory");
+static_assert(Smem::P_FREE_BARRIER_OFFSET % 8 == 0, "an mbarrier is 8-byte aligned");
 
 using mla_tile::tile_offset;  // the tile layout the kernels share (mla_tile.cuh)
 
@@ -299,19 +303,18 @@ __device__ __forceinline__ void store_o_row(float* out_row, const float (&acc_o)
     }
 }
 
-// A consumer thread is done with a stage: it arrives on `empty`; in a cluster pair, lane 0 of each warp
-// arrives for the warp, here and on the peer's barrier (both producers of the pair write the stage).
+// A consumer thread is done with a stage: it arrives on `empty`; in a cluster pair, lane 0 of each warp also
+// arrives for the warp on the peer's barrier (both producers of the pair write the stage). Every thread
+// arrives on its own block's barrier, rather than a lane for its warp: the stage's validity flags are read
+// by the threads and written by this block's producer only, and racecheck follows a thread's own arrival,
+// not the __syncwarp before a lane's (the pair's one racecheck report while one lane arrived for each warp).
 template <bool PAIR>
 __device__ __forceinline__ void release_stage(u32 empty_barrier, u32 peer, int lane) {
     using namespace hopper;
+    mbarrier_arrive(empty_barrier);
     if constexpr (PAIR) {
         __syncwarp();
-        if (lane == 0) {
-            mbarrier_arrive(empty_barrier);
-            mbarrier_arrive_cluster(peer_shared_address(empty_barrier, peer));
-        }
-    } else {
-        mbarrier_arrive(empty_barrier);
+        if (lane == 0) mbarrier_arrive_cluster(peer_shared_address(empty_barrier, peer));
     }
 }
 
@@ -343,6 +346,8 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
     const int* valid_flags = reinterpret_cast<const int*>(smem + Smem::VALID_OFFSET);
     float* factors = reinterpret_cast<float*>(smem + Smem::MAX_OFFSET);  // a tile's rescale factors, [64]
     float* finals = reinterpret_cast<float*>(smem + Smem::SUM_OFFSET);   // the rows' final factors, [64]
+    // Phase t completes when the second consumer has read tile t's P and factors.
+    const u32 p_free_barrier = smem_u32(smem) + Smem::P_FREE_BARRIER_OFFSET;
 
     // O[row0 + 8 half, 256 consumer + 8 j + 2 quad_lane + e] = acc_o[4 j + 2 half + e]; zeroed once the
     // warpgroup has its registers.
@@ -403,7 +408,7 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
                 p[i / 2] = pack_bf16x2(p0, p1);
             }
             // ---- hand P and the factors to the second consumer, once it is done with the last ones.
-            if (tile > 0) consumers_meet(P_FREE);
+            if (tile > 0) mbarrier_wait(p_free_barrier, (u32)(tile - 1) & 1u);
 #pragma unroll
             for (int i = 0; i < 32; i += 2) {
                 const int row = row0 + 8 * ((i >> 1) & 1);
@@ -480,8 +485,8 @@ __device__ __forceinline__ void consume_split_v(u8* smem, u32 q_tile, u32 kv_til
             wgmma_commit();
             wgmma_wait<0>();
             fence_registers(acc_o);
+            mbarrier_arrive(p_free_barrier);  // P and the factors read: the first may write the next ones
             release_stage<PAIR>(empty_barriers + 8 * stage, peer, lane);
-            if (tile + 1 < n_tiles) consumers_meet(P_FREE);  // P and factors read
         }
         consumers_meet(SUMS_EXCHANGED);
         final_factor[0] = finals[row0];
@@ -553,9 +558,10 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
     if (tid == 0) {
         for (int stage = 0; stage < STAGES; ++stage) {
             mbarrier_init(full_barriers + 8 * stage, 128);  // every producer thread (and, in a pair, the peer's bytes)
-            // every consumer thread; in a pair, one lane of every consumer warp of both blocks
+            // every consumer thread; in a pair, and one lane of every consumer warp of the peer
             mbarrier_init(empty_barriers + 8 * stage, PAIR ? PAIR_EMPTY_ARRIVALS : CONSUMER_THREADS);
         }
+        if constexpr (SPLIT_V) mbarrier_init(base + Smem::P_FREE_BARRIER_OFFSET, 128);  // the second consumer
         if constexpr (PAIR) fence_mbarrier_init_cluster();
     }
     // Q tile, by all threads, once: 64 heads x 576 dims; heads past h are zero rows (not written).
