@@ -143,6 +143,7 @@ def test_the_second_fp8_kernel_is_the_default_and_takes_only_the_first_ones_inpu
     monkeypatch.setenv(V2_ENV, "1")
     assert cupy_backend.kernel_switch(False, V2_ENV)
     backend = cupy_backend.CupyBackend()
+    backend.hopper_fp8_decode_pair = False  # the pair (the default at h 128) has its own test below
     # Only where forward_kernel_path chose the first FP8 kernel; the same launch (threads, shared memory,
     # head blocks) and its 16-byte row loads.
     first = ("sparse_mla_wgmma.cu", KERNEL, 384, cupy_backend.WGMMA_FORWARD_SMEM, 2, True)
@@ -176,11 +177,13 @@ def _plan(backend, monkeypatch, *, h: int, kv_dtype: str = "uint8", kv_width: in
     return backend._tensor_core_forward("bfloat16", kv_dtype, h=h, d_qk=576, kv_width=kv_width, d_v=512)
 
 
-def test_the_pair_kernel_is_opt_in_and_takes_the_second_kernels_inputs_with_h_a_multiple_of_128(monkeypatch):
-    assert cupy_backend.CupyBackend.hopper_fp8_decode_pair is False, "opt-in until measured on the GPU"
+def test_the_pair_kernel_is_the_default_and_takes_the_second_kernels_inputs_with_h_a_multiple_of_128(monkeypatch):
+    assert cupy_backend.CupyBackend.hopper_fp8_decode_pair is True
     for variable in (V2_ENV, PAIR_ENV):
         monkeypatch.delenv(variable, raising=False)
     backend = cupy_backend.CupyBackend()
+    assert _plan(backend, monkeypatch, h=128)[1] == KERNEL_PAIR
+    monkeypatch.setenv(PAIR_ENV, "0")
     assert _plan(backend, monkeypatch, h=128)[1] == KERNEL_V2
     monkeypatch.setenv(PAIR_ENV, "1")
     pair = _plan(backend, monkeypatch, h=128)
@@ -192,8 +195,8 @@ def test_the_pair_kernel_is_opt_in_and_takes_the_second_kernels_inputs_with_h_a_
     assert _plan(backend, monkeypatch, h=128)[1] == KERNEL  # inside the second kernel's choice
     monkeypatch.delenv(PAIR_ENV)
     monkeypatch.delenv(V2_ENV)
-    backend.hopper_fp8_decode_pair = True
-    assert _plan(backend, monkeypatch, h=128)[1] == KERNEL_PAIR
+    backend.hopper_fp8_decode_pair = False
+    assert _plan(backend, monkeypatch, h=128)[1] == KERNEL_V2
     assert KERNEL_PAIR in kernels.KERNELS[V2_SOURCE]
 
 

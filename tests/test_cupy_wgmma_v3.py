@@ -49,7 +49,10 @@ def test_the_split_v_kernels_are_the_default_and_replace_the_v2_kernels_only(mon
     backend = cupy_backend.CupyBackend()
     assert cupy_backend.CupyBackend.hopper_split_v is True
     assert _chosen(backend, monkeypatch, rows="bf16")[1] == V3["bf16"]
-    assert _chosen(backend, monkeypatch, rows="fp8")[1] == V3["fp8"]  # the pair stays opt-in
+    assert _chosen(backend, monkeypatch, rows="fp8")[1] == V3["pair"]  # h 128: the pair's twin
+    assert _chosen(backend, monkeypatch, rows="fp8", h=64)[1] == V3["fp8"]  # no pairs at 64 heads
+    backend.hopper_fp8_decode_pair = False
+    assert _chosen(backend, monkeypatch, rows="fp8")[1] == V3["fp8"]
     backend.hopper_split_v = False
     assert _chosen(backend, monkeypatch, rows="bf16")[1] == V2["bf16"]
     monkeypatch.setenv(ENV, "1")

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         # The decode step's sparse attention over the packed FP8 cache: sparse_mla_fwd_mma<true>,
         # sparse_mla_fwd_wgmma_fp8 (CupyBackend.hopper_fp8_decode), sparse_mla_fwd_wgmma_fp8_v2
         # (hopper_fp8_decode_v2), sparse_mla_fwd_wgmma_fp8_pair (hopper_fp8_decode_pair) and their split-V
-        # twins (hopper_split_v; the default is sparse_mla_fwd_wgmma_fp8_v3), same inputs, each compared with
+        # twins (hopper_split_v; the default is sparse_mla_fwd_wgmma_fp8_pair_v3), same inputs, each compared with
         # the mma.sync kernel's outputs.
         for batch, next_n, context in ((64, 2, 32768), (128, 2, 32768), (64, 1, 131072)):
             q, cache, slots = fp8_decode_inputs(torch, batch, next_n, context)
@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                     ("wgmma (hopper_fp8_decode)", True, False, False, False),
                     ("wgmma v2 (hopper_fp8_decode_v2)", True, True, False, False),
                     ("wgmma pair (hopper_fp8_decode_pair)", True, True, True, False),
-                    ("wgmma v3 split-V consumers (hopper_split_v, default)", True, True, False, True),
-                    ("wgmma pair v3 (hopper_fp8_decode_pair, hopper_split_v)", True, True, True, True)):
+                    ("wgmma v3 split-V consumers (hopper_split_v)", True, True, False, True),
+                    ("wgmma pair v3 (hopper_fp8_decode_pair, hopper_split_v, default)", True, True, True, True)):
                 backend = CupyBackend()
                 backend.hopper_fp8_decode, backend.hopper_fp8_decode_v2, backend.hopper_fp8_decode_pair = wgmma, v2, pair
                 backend.hopper_split_v = split_v

@@ -131,9 +131,14 @@ class CupyBackend(Backend):
     #: Where the FP8 v2 kernel would run and h is a multiple of 128, run ``sparse_mla_fwd_wgmma_fp8_pair``
     #: (csrc/sparse_mla_wgmma_v2.cu) instead: the two head blocks of a query as a cluster of two blocks that
     #: share their dequantized tiles, each producer loading and dequantizing half of every tile's rows
-    #: (FlashMLA's Hopper FP8 decode shares them the same way). Outputs bitwise equal to v2's. Off until
-    #: measured on the GPU (True, or DSA_REF_CUPY_WGMMA_FP8_PAIR=1, to run it).
-    hopper_fp8_decode_pair: bool = False
+    #: (FlashMLA's Hopper FP8 decode shares them the same way). Outputs bitwise equal to v2's. With the split-V
+    #: consumers (``hopper_split_v``) this runs ``sparse_mla_fwd_wgmma_fp8_pair_v3``, the fastest FP8 decode on the
+    #: H200: 0.237-0.243 ms against the non-pair split-V kernel's 0.249-0.257 at b 64, s_q 2, T 32K, h 128, topk 2048,
+    #: 0.448-0.458 against 0.472-0.481 at b 128, in the same processes (backends/cupy_cuda/NOTES.md). The pair of
+    #: the v2 consumers is a little slower than v2 alone (0.278-0.281 against 0.267-0.272 ms): with
+    #: ``hopper_split_v`` off, set this to False too. False, or DSA_REF_CUPY_WGMMA_FP8_PAIR=0, for one block a
+    #: head block.
+    hopper_fp8_decode_pair: bool = True
 
     #: Where a v2 wgmma forward would run (bf16 rows, the FP8 cache, the FP8 pair), run its split-V twin
     #: (``sparse_mla_fwd_wgmma_v3``, ``..._fp8_v3``, ``..._fp8_pair_v3`` in csrc/sparse_mla_wgmma_v2.cu): the same
@@ -141,7 +146,7 @@ class CupyBackend(Backend):
     #: of a tile and the softmax, the other only its half of P V, so the second's product overlaps the first's
     #: softmax): 4.985 -> 4.305 ms at S 4096, SKV 8192, h 128, topk 2048 and 0.266 -> 0.242 ms for the FP8
     #: decode at b 64, s_q 2, T 32K on the H200, outputs equal to v2's to rounding (backends/cupy_cuda/NOTES.md).
-    #: The pair's twin runs only with ``hopper_fp8_decode_pair``. Set this to False, or
+    #: The pair's twin runs where ``hopper_fp8_decode_pair`` picks the pair. Set this to False, or
     #: DSA_REF_CUPY_WGMMA_SPLIT_V=0, for the v2 consumers.
     hopper_split_v: bool = True
 
