@@ -225,21 +225,6 @@ def test_every_consumer_thread_of_a_pair_releases_its_own_blocks_stage():
     assert body.count("mbarrier_arrive(") == 1
 
 
-def test_the_second_schedules_fp8_producers_check_a_tiles_indices_only_when_it_comes_up():
-    """The indices of tile + 2 are loaded before the wait for a stage; range-checking them there made the producer
-    wait for the load every tile (8.5% of ncu's samples in the pair, backends/cupy_cuda/NOTES.md). They are kept
-    as loaded and checked when their tile becomes the one stored."""
-    text = kernels.source_text(V2_SOURCE)
-    for producer in ("void produce_fp8_tiles(", "void produce_fp8_pair_tiles("):
-        body = text[text.index(producer):]
-        body = body[:body.index("\n}\n")]
-        assert "fp8_row_index(" not in body
-        assert "const int after = fp8_row_index_unchecked(row_indices, tile + 2, n_slots, producer_warp, lane);" in body
-        assert "ahead.now = checked_row_index(ahead.next, s_kv);" in body
-    start = text[text.index("void start_fp8_rows("):]
-    assert "ahead.next = fp8_row_index_unchecked(row_indices, 1, n_slots, producer_warp, lane);" in start
-
-
 # ----------------------------------------------------------------------------- GPU
 def _backend(kernel: str = KERNEL):
     backend = hopper_backend(kernel)

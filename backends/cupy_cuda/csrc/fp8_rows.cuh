@@ -65,19 +65,11 @@ __device__ __forceinline__ void dequantize_e4m3x4(u32 word, float scale, u32& lo
 // Producer, packed FP8 rows: the index of tile row `producer_warp + 4 j` of the warp's 16 rows, read
 // by lane j < 16 (-1 where the slot is past n_slots or the index outside [0, s_kv)). Read before the
 // producer waits for the stage to be free, so that its latency hides behind the wait.
-// The two halves of fp8_row_index: the load (-1 where the slot is past n_slots), and the range check, which
-// waits for the load. A producer that reads the indices tiles ahead checks them only when the tile comes up.
-__device__ __forceinline__ int fp8_row_index_unchecked(const int* __restrict__ row_indices, int tile, int n_slots,
-                                                       int producer_warp, int lane) {
-    const int slot = tile * BLOCK_T + producer_warp + 4 * (lane & 15);
-    return lane < PRODUCER_WARP_ROWS && slot < n_slots ? row_indices[slot] : -1;
-}
-__device__ __forceinline__ int checked_row_index(int index, int s_kv) {
-    return index >= 0 && index < s_kv ? index : -1;
-}
 __device__ __forceinline__ int fp8_row_index(const int* __restrict__ row_indices, int tile, int n_slots, int s_kv,
                                              int producer_warp, int lane) {
-    return checked_row_index(fp8_row_index_unchecked(row_indices, tile, n_slots, producer_warp, lane), s_kv);
+    const int slot = tile * BLOCK_T + producer_warp + 4 * (lane & 15);
+    const int index = lane < PRODUCER_WARP_ROWS && slot < n_slots ? row_indices[slot] : -1;
+    return index >= 0 && index < s_kv ? index : -1;
 }
 
 // One batch of packed rows in registers: lane l holds 16-byte latent chunk l (values 16 l .. +16, of

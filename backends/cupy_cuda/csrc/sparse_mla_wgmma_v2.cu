@@ -187,9 +187,7 @@ __device__ __forceinline__ void fill_stage(u32 kv_tile, int* stage_valid, const 
 
 // The FP8 producer's state carried across tiles: the indices of the warp's 16 rows (lane j < 16: row
 // producer_warp + 4 j, fp8_rows::fp8_row_index) of the tile being stored (`now`) and of the next
-// (`next`, as loaded: range-checked when it becomes `now`, a tile after its load, since a check right after
-// the load stalled the producer on it every tile: 8.5% of ncu's samples in the pair), and FP8_DEPTH batches of
-// loaded rows; ring slot b % FP8_DEPTH holds batch b of its tile.
+// (`next`), and FP8_DEPTH batches of loaded rows; ring slot b % FP8_DEPTH holds batch b of its tile.
 struct Fp8Ahead {
     int now, next;
     fp8_rows::Fp8Batch ring[FP8_DEPTH];
@@ -203,7 +201,7 @@ __device__ __forceinline__ void start_fp8_rows(Fp8Ahead& ahead, const u8* __rest
                                                int producer_warp, int lane, int first_batch = 0) {
     using namespace fp8_rows;
     ahead.now = fp8_row_index(row_indices, 0, n_slots, s_kv, producer_warp, lane);
-    ahead.next = fp8_row_index_unchecked(row_indices, 1, n_slots, producer_warp, lane);
+    ahead.next = fp8_row_index(row_indices, 1, n_slots, s_kv, producer_warp, lane);
 #pragma unroll
     for (int batch = 0; batch < FP8_DEPTH; ++batch)
         ahead.ring[batch] = load_fp8_batch(kv, ahead.now, first_batch + batch, lane);
@@ -234,7 +232,7 @@ __device__ __forceinline__ void produce_fp8_tiles(Fp8Ahead& ahead, u8* smem, u32
 #pragma unroll
             for (int batch = 0; batch < FP8_DEPTH; ++batch) ahead.ring[batch] = load_fp8_batch(kv, ahead.now, batch, lane);
         }
-        const int after = fp8_row_index_unchecked(row_indices, tile + 2, n_slots, producer_warp, lane);
+        const int after = fp8_row_index(row_indices, tile + 2, n_slots, s_kv, producer_warp, lane);
         // A fresh barrier counts its (never run) previous phase as complete: round 0 passes.
         mbarrier_wait(empty_barriers + 8 * stage, (round & 1u) ^ 1u);
         u8* kv_tile = smem + Smem::KV_OFFSET + stage * TILE_BYTES;
@@ -248,7 +246,7 @@ __device__ __forceinline__ void produce_fp8_tiles(Fp8Ahead& ahead, u8* smem, u32
         // This thread's stores of the stage, into the async proxy that wgmma reads through, before the release.
         fence_proxy_async_shared();
         mbarrier_arrive(full_barriers + 8 * stage);
-        ahead.now = checked_row_index(ahead.next, s_kv);  // loaded a tile ago: no wait
+        ahead.now = ahead.next;
         ahead.next = after;
     }
 }
@@ -277,7 +275,7 @@ __device__ __forceinline__ void produce_fp8_pair_tiles(Fp8Ahead& ahead, u8* smem
             for (int batch = 0; batch < PAIR_BATCHES; ++batch)
                 ahead.ring[batch] = load_fp8_batch(kv, ahead.now, first_batch + batch, lane);
         }
-        const int after = fp8_row_index_unchecked(row_indices, tile + 2, n_slots, producer_warp, lane);
+        const int after = fp8_row_index(row_indices, tile + 2, n_slots, s_kv, producer_warp, lane);
         // Released by the consumers of both blocks (hopper::mbarrier_arrive_cluster says why a CTA-scope wait).
         mbarrier_wait(empty_barriers + 8 * stage, (round & 1u) ^ 1u);
         u8* kv_tile = smem + Smem::KV_OFFSET + stage * TILE_BYTES;
@@ -290,7 +288,7 @@ __device__ __forceinline__ void produce_fp8_pair_tiles(Fp8Ahead& ahead, u8* smem
         fence_proxy_async_shared();
         if ((threadIdx.x & 127) == 0) mbarrier_arrive_expect_tx(full_barriers + 8 * stage, PAIR_PEER_BYTES);
         else mbarrier_arrive(full_barriers + 8 * stage);
-        ahead.now = checked_row_index(ahead.next, s_kv);  // loaded a tile ago: no wait
+        ahead.now = ahead.next;
         ahead.next = after;
     }
 }
