@@ -108,14 +108,9 @@ __device__ __forceinline__ Fp8Batch load_fp8_batch(const u8* __restrict__ kv, in
 // TO_PEER: each chunk also goes, at the same offset, into the other block of a cluster pair (its stage at
 // shared::cluster address `peer_tile`), counted against its barrier `peer_barrier` (hopper::st_async_16):
 // FP8_BATCH_ROWS * (D_V / 8 + 8) * 16 bytes a batch over the warp.
-// OWN_ASYNC (with TO_PEER): this block's copy goes through st.async too, to `own_tile` (this block's stage as a
-// shared::cluster address) counted against `own_barrier`, so that no generic store needs a proxy fence (whose
-// MEMBAR would wait for the producer's loads in flight) before the stage's release.
-template <bool TO_PEER = false, bool OWN_ASYNC = false>
+template <bool TO_PEER = false>
 __device__ __forceinline__ void store_fp8_batch(u8* kv_tile, const Fp8Batch& rows, int batch, int producer_warp,
-                                                int lane, u32 peer_tile = 0u, u32 peer_barrier = 0u,
-                                                u32 own_tile = 0u, u32 own_barrier = 0u) {
-    static_assert(TO_PEER || !OWN_ASYNC, "st.async for the own copy only beside the peer's");
+                                                int lane, u32 peer_tile = 0u, u32 peer_barrier = 0u) {
     const bool odd_first = (lane >> 2) & 1;
 #pragma unroll
     for (int r = 0; r < FP8_BATCH_ROWS; ++r) {
@@ -125,17 +120,10 @@ __device__ __forceinline__ void store_fp8_batch(u8* kv_tile, const Fp8Batch& row
         dequantize_e4m3x4(rows.latent[r].y, rows.scale[r], even.z, even.w);
         dequantize_e4m3x4(rows.latent[r].z, rows.scale[r], odd.x, odd.y);
         dequantize_e4m3x4(rows.latent[r].w, rows.scale[r], odd.z, odd.w);
-        if constexpr (OWN_ASYNC) {
-            hopper::st_async_16(own_tile + tile_offset(tile_row, 2 * lane + (odd_first ? 1 : 0)),
-                                odd_first ? odd : even, own_barrier);
-            hopper::st_async_16(own_tile + tile_offset(tile_row, 2 * lane + (odd_first ? 0 : 1)),
-                                odd_first ? even : odd, own_barrier);
-        } else {
-            *reinterpret_cast<uint4*>(kv_tile + tile_offset(tile_row, 2 * lane + (odd_first ? 1 : 0))) =
-                odd_first ? odd : even;
-            *reinterpret_cast<uint4*>(kv_tile + tile_offset(tile_row, 2 * lane + (odd_first ? 0 : 1))) =
-                odd_first ? even : odd;
-        }
+        *reinterpret_cast<uint4*>(kv_tile + tile_offset(tile_row, 2 * lane + (odd_first ? 1 : 0))) =
+            odd_first ? odd : even;
+        *reinterpret_cast<uint4*>(kv_tile + tile_offset(tile_row, 2 * lane + (odd_first ? 0 : 1))) =
+            odd_first ? even : odd;
         if constexpr (TO_PEER) {
             hopper::st_async_16(peer_tile + tile_offset(tile_row, 2 * lane + (odd_first ? 1 : 0)),
                                 odd_first ? odd : even, peer_barrier);
@@ -147,9 +135,7 @@ __device__ __forceinline__ void store_fp8_batch(u8* kv_tile, const Fp8Batch& row
     for (int k = 0; k < FP8_ROPE_CHUNKS_PER_LANE; ++k) {
         const int tile_row = producer_warp + 4 * (batch * FP8_BATCH_ROWS + (lane >> 3) + 4 * k);
         // RoPE, as stored: bf16 chunk 64 + l % 8
-        if constexpr (OWN_ASYNC)
-            hopper::st_async_16(own_tile + tile_offset(tile_row, D_V / 8 + (lane & 7)), rows.rope[k], own_barrier);
-        else *reinterpret_cast<uint4*>(kv_tile + tile_offset(tile_row, D_V / 8 + (lane & 7))) = rows.rope[k];
+        *reinterpret_cast<uint4*>(kv_tile + tile_offset(tile_row, D_V / 8 + (lane & 7))) = rows.rope[k];
         if constexpr (TO_PEER)
             hopper::st_async_16(peer_tile + tile_offset(tile_row, D_V / 8 + (lane & 7)), rows.rope[k], peer_barrier);
     }

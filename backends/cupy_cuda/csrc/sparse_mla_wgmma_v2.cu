@@ -119,12 +119,11 @@ constexpr int SPLIT_V_SECOND_REGISTERS = 208;
 constexpr int FP8_SPLIT_V_PRODUCER_REGISTERS = 152;
 constexpr int FP8_SPLIT_V_FIRST_REGISTERS = 192;
 constexpr int FP8_SPLIT_V_SECOND_REGISTERS = 160;
-// The pair's split: its producer does half a tile's batches, and NVRTC's build keeps nothing on the stack only
-// at some splits (at 152 / 192 / 160 a store in the producer's loop cost 5.5% of ncu's samples;
-// backends/cupy_cuda/NOTES.md). With both copies stored through st.async: 16 bytes at 152 / 192, 8 at
-// 144 / 200, none at 136 / 208.
-constexpr int FP8_PAIR_SPLIT_V_PRODUCER_REGISTERS = 136;
-constexpr int FP8_PAIR_SPLIT_V_FIRST_REGISTERS = 208;
+// The pair's split: its producer does half a tile's batches, and at 152 / 192 / 160 NVRTC's build of the pair
+// kept 16 bytes on the stack (a store in the producer's loop: 5.5% of ncu's samples); at 144 / 200 / 160 it
+// keeps none (0.305 -> 0.251 ms at b 64, s_q 2, T 32K, one run; backends/cupy_cuda/NOTES.md).
+constexpr int FP8_PAIR_SPLIT_V_PRODUCER_REGISTERS = 144;
+constexpr int FP8_PAIR_SPLIT_V_FIRST_REGISTERS = 200;
 static_assert(128 * (PRODUCER_REGISTERS + SPLIT_V_FIRST_REGISTERS + SPLIT_V_SECOND_REGISTERS) <= THREADS * LAUNCH_REGISTERS &&
               128 * (FP8_PAIR_SPLIT_V_PRODUCER_REGISTERS + FP8_PAIR_SPLIT_V_FIRST_REGISTERS +
                      FP8_SPLIT_V_SECOND_REGISTERS) <= THREADS * LAUNCH_REGISTERS &&
@@ -254,12 +253,12 @@ __device__ __forceinline__ void produce_fp8_tiles(Fp8Ahead& ahead, u8* smem, u32
 
 // Producer of a cluster pair (sparse_mla_fwd_wgmma_fp8_pair): the two blocks of a query's two head blocks
 // share every tile. Each dequantizes half of its rows (batches PAIR_BATCHES * rank .. of every warp's 16)
-// and stores them through st.async into its own stage and the peer's; so a tile costs a producer half the
-// loads and dequantization of produce_fp8_tiles, and the next tile's rows are requested as each batch's
-// slot frees (FP8_DEPTH == PAIR_BATCHES). The stage's `full` barrier completes when this block's 128 producer
-// threads have arrived and both halves' bytes have landed (2 PAIR_PEER_BYTES: thread 0's arrival expects
-// them); `empty` when the consumers of both blocks have released the stage, since this producer writes into
-// both blocks' copies of it.
+// and stores them into its own stage and, through st.async, the peer's; so a tile costs a producer half
+// the loads and dequantization of produce_fp8_tiles and one round trip (both its batches are loaded at
+// the top of the loop, FP8_DEPTH == PAIR_BATCHES). The stage's `full` barrier completes when this block's
+// 128 producer threads have arrived (after their own stores and the proxy fence) and the peer's
+// PAIR_PEER_BYTES have landed (thread 0's arrival expects them); `empty` when all 16 consumer warps of the
+// pair have released the stage, since this producer writes into both blocks' copies of it.
 __device__ __forceinline__ void produce_fp8_pair_tiles(Fp8Ahead& ahead, u8* smem, u32 full_barriers,
                                                        u32 empty_barriers, u32 peer_kv_tiles, u32 peer_full_barriers,
                                                        const u8* __restrict__ kv, const int* __restrict__ row_indices,
@@ -268,28 +267,26 @@ __device__ __forceinline__ void produce_fp8_pair_tiles(Fp8Ahead& ahead, u8* smem
     using namespace hopper;
     using namespace fp8_rows;
     int* valid_flags = reinterpret_cast<int*>(smem + Smem::VALID_OFFSET);
-    const u32 own_kv_tiles = peer_shared_address(smem_u32(smem) + Smem::KV_OFFSET, cluster_rank());
     for (int tile = 0; tile < n_tiles; ++tile) {
         const int stage = tile % STAGES;
         const u32 round = (u32)(tile / STAGES);
+        if (tile > 0) {
+#pragma unroll
+            for (int batch = 0; batch < PAIR_BATCHES; ++batch)
+                ahead.ring[batch] = load_fp8_batch(kv, ahead.now, first_batch + batch, lane);
+        }
         const int after = fp8_row_index(row_indices, tile + 2, n_slots, s_kv, producer_warp, lane);
         // Released by the consumers of both blocks (hopper::mbarrier_arrive_cluster says why a CTA-scope wait).
         mbarrier_wait(empty_barriers + 8 * stage, (round & 1u) ^ 1u);
         u8* kv_tile = smem + Smem::KV_OFFSET + stage * TILE_BYTES;
         // Every block flags all 64 slots itself (the warp's lanes hold all 16 of its rows' indices).
         if (lane < PRODUCER_WARP_ROWS) valid_flags[stage * BLOCK_T + producer_warp + 4 * lane] = ahead.now >= 0;
-        // Each batch stored (both copies through st.async: no proxy fence, so no MEMBAR waits for the loads
-        // in flight), then its ring slot refilled with the next tile's batch, which travels during the rest
-        // of this tile and the next wait for a stage. Past the last tile the rows are -1: nothing is read.
 #pragma unroll
-        for (int batch = 0; batch < PAIR_BATCHES; ++batch) {
-            store_fp8_batch<true, true>(kv_tile, ahead.ring[batch], first_batch + batch, producer_warp, lane,
-                                        peer_kv_tiles + stage * TILE_BYTES, peer_full_barriers + 8 * stage,
-                                        own_kv_tiles + stage * TILE_BYTES, full_barriers + 8 * stage);
-            ahead.ring[batch] = load_fp8_batch(kv, ahead.next, first_batch + batch, lane);
-        }
-        // Thread 0's arrival expects both halves' bytes: this block's (its own st.async) and the peer's.
-        if ((threadIdx.x & 127) == 0) mbarrier_arrive_expect_tx(full_barriers + 8 * stage, 2 * PAIR_PEER_BYTES);
+        for (int batch = 0; batch < PAIR_BATCHES; ++batch)
+            store_fp8_batch<true>(kv_tile, ahead.ring[batch], first_batch + batch, producer_warp, lane,
+                                  peer_kv_tiles + stage * TILE_BYTES, peer_full_barriers + 8 * stage);
+        fence_proxy_async_shared();
+        if ((threadIdx.x & 127) == 0) mbarrier_arrive_expect_tx(full_barriers + 8 * stage, PAIR_PEER_BYTES);
         else mbarrier_arrive(full_barriers + 8 * stage);
         ahead.now = ahead.next;
         ahead.next = after;
