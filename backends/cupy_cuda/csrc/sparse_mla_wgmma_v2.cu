@@ -108,7 +108,8 @@ constexpr u32 SUMS_EXCHANGED = 3;  // both partial denominators written
 // factors of a tile at P_READY, where both wait (compute-sanitizer's racecheck does not follow a one-sided
 // named barrier, barrier.arrive on one side: tools/named_barrier_check.py). The second hands the P tile back
 // through an mbarrier (Smem::P_FREE_BARRIER_OFFSET), which racecheck follows: it arrives and goes on, and only
-// the first waits (the one-sided hand-off measured 3.5% faster than both waiting: backends/cupy_cuda/NOTES.md).
+// the first waits. As fast as both meeting there; the one-sided named barrier was 3.5% faster, but racecheck
+// cannot follow it (backends/cupy_cuda/NOTES.md).
 constexpr u32 P_READY = 4;
 
 // Registers of the split-V consumers: the first holds O's first half (128), S (32) and P as bf16 (16), the
@@ -558,7 +559,7 @@ __device__ __forceinline__ void sparse_mla_fwd_wgmma_v2_body(const u16* __restri
     if (tid == 0) {
         for (int stage = 0; stage < STAGES; ++stage) {
             mbarrier_init(full_barriers + 8 * stage, 128);  // every producer thread (and, in a pair, the peer's bytes)
-            // every consumer thread; in a pair, and one lane of every consumer warp of the peer
+            // every consumer thread, and in a pair one lane of every consumer warp of the peer
             mbarrier_init(empty_barriers + 8 * stage, PAIR ? PAIR_EMPTY_ARRIVALS : CONSUMER_THREADS);
         }
         if constexpr (SPLIT_V) mbarrier_init(base + Smem::P_FREE_BARRIER_OFFSET, 128);  // the second consumer
