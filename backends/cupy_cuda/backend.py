@@ -135,10 +135,9 @@ class CupyBackend(Backend):
     #: consumers (``hopper_split_v``) this runs ``sparse_mla_fwd_wgmma_fp8_pair_v3``, the fastest FP8 decode on the
     #: H200: 0.235-0.261 ms against the non-pair split-V kernel's 0.244-0.265 at b 64, s_q 2, T 32K, h 128, topk
     #: 2048 (faster in four processes of five), 0.446-0.466 against 0.466-0.490 at b 128 (in each), in the same
-    #: processes (backends/cupy_cuda/NOTES.md). The pair of
-    #: the v2 consumers is a little slower than v2 alone (0.278-0.281 against 0.267-0.272 ms): with
-    #: ``hopper_split_v`` off, set this to False too. False, or DSA_REF_CUPY_WGMMA_FP8_PAIR=0, for one block a
-    #: head block.
+    #: processes (backends/cupy_cuda/NOTES.md). The pair of the v2 consumers is a little slower than v2 alone
+    #: (0.278-0.281 against 0.267-0.272 ms): with ``hopper_split_v`` off, set this to False too. False, or
+    #: DSA_REF_CUPY_WGMMA_FP8_PAIR=0, for one block a head block.
     hopper_fp8_decode_pair: bool = True
 
     #: Where a v2 wgmma forward would run (bf16 rows, the FP8 cache, the FP8 pair), run its split-V twin
