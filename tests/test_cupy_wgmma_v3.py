@@ -55,6 +55,9 @@ def test_the_split_v_kernels_are_the_default_and_replace_the_v2_kernels_only(mon
     assert _chosen(backend, monkeypatch, rows="fp8")[1] == V3["fp8"]
     backend.hopper_split_v = False
     assert _chosen(backend, monkeypatch, rows="bf16")[1] == V2["bf16"]
+    backend.hopper_fp8_decode_pair = None  # the default pairs the split-V consumers only
+    assert _chosen(backend, monkeypatch, rows="fp8")[1] == V2["fp8"]
+    backend.hopper_fp8_decode_pair = False
     monkeypatch.setenv(ENV, "1")
     for rows in ("bf16", "fp8"):
         v3, v2 = _chosen(backend, monkeypatch, rows=rows), None

@@ -136,9 +136,10 @@ class CupyBackend(Backend):
     #: H200: 0.235-0.261 ms against the non-pair split-V kernel's 0.244-0.265 at b 64, s_q 2, T 32K, h 128, topk
     #: 2048 (faster in four processes of five), 0.446-0.466 against 0.466-0.490 at b 128 (in each), in the same
     #: processes (backends/cupy_cuda/NOTES.md). The pair of the v2 consumers is a little slower than v2 alone
-    #: (0.278-0.281 against 0.267-0.272 ms): with ``hopper_split_v`` off, set this to False too. False, or
-    #: DSA_REF_CUPY_WGMMA_FP8_PAIR=0, for one block a head block.
-    hopper_fp8_decode_pair: bool = True
+    #: (0.278-0.281 against 0.267-0.272 ms), so None (the default) runs the pair with the split-V consumers
+    #: only; True runs it with either consumers, False (or DSA_REF_CUPY_WGMMA_FP8_PAIR=0) never: one block a
+    #: head block. DSA_REF_CUPY_WGMMA_FP8_PAIR=1 is True for the whole process.
+    hopper_fp8_decode_pair: bool | None = None
 
     #: Where a v2 wgmma forward would run (bf16 rows, the FP8 cache, the FP8 pair), run its split-V twin
     #: (``sparse_mla_fwd_wgmma_v3``, ``..._fp8_v3``, ``..._fp8_pair_v3`` in csrc/sparse_mla_wgmma_v2.cu): the same
@@ -467,7 +468,8 @@ class CupyBackend(Backend):
             if kernel_switch(self.hopper_fp8_decode_v2, "DSA_REF_CUPY_WGMMA_FP8_V2"):
                 source, name = "sparse_mla_wgmma_v2.cu", "sparse_mla_fwd_wgmma_fp8_v2"
                 # A query's head blocks pair up in clusters of two consecutive blocks: h % 128 == 0 only.
-                if h % 128 == 0 and kernel_switch(self.hopper_fp8_decode_pair, "DSA_REF_CUPY_WGMMA_FP8_PAIR"):
+                pair = split_v if self.hopper_fp8_decode_pair is None else self.hopper_fp8_decode_pair
+                if h % 128 == 0 and kernel_switch(pair, "DSA_REF_CUPY_WGMMA_FP8_PAIR"):
                     name = "sparse_mla_fwd_wgmma_fp8_pair"
                 if split_v:
                     name = "sparse_mla_fwd_wgmma_fp8_pair_v3" if name.endswith("_pair") else "sparse_mla_fwd_wgmma_fp8_v3"

@@ -170,12 +170,21 @@ __device__ __forceinline__ void store_v4_f32_streaming(float* dst, float a, floa
                  : "memory");
 }
 
+// target + offset; the default instance's null target (an invalid slot) stays null.
+template <bool ROW_STORES>
+__device__ __forceinline__ float* column_target(float* target, int offset) {
+    if constexpr (ROW_STORES) return target + offset;
+    else return target == nullptr ? nullptr : target + offset;
+}
+
 // Adds the first 8 GROUPS columns of a finished contribution (rows = slots, see the header) to dkv, or
 // with ROW_STORES stores them to the slot's buffer entry: `target` is this thread's slot row of dkv (of
 // the buffer) at the chunk's first column plus 4 (l % 4 >= 2), written only where `valid`. Every lane
-// takes part in the shuffles. `valid` is a flag beside a pointer that is always computed (not a null
-// pointer): with the null test, or with the two rows' own flags, ptxas spilled 512-644 bytes of the
-// deterministic instance and serialized its wgmmas.
+// takes part in the shuffles. In the deterministic instance `valid` is a flag beside a pointer that is
+// always computed (not a null pointer): with the null test, or with the two rows' own flags, ptxas
+// spilled 512-644 bytes there and serialized its wgmmas. The default instance keeps a null target for
+// an invalid slot (column_target): with the always-computed pointer its SASS rebuilt the addresses from
+// the kernel's parameters every step (LEA 379 -> 523, LDC 26 -> 97) and its backward ran ~8% slower.
 template <int GROUPS, bool ROW_STORES>
 __device__ __forceinline__ void reduce_contribution(const float (&acc)[32], float* target, bool valid, bool odd_lane) {
 #pragma unroll
@@ -268,9 +277,14 @@ __device__ __forceinline__ void consume(const ConsumerArgs& args) {
         // The buffer entry of (this block, slot) has the stride of a dkv row: the chunks' column offsets
         // below serve both. Computed from the kernel's parameters each step (a pointer kept across the
         // loop costs two registers the consumer does not have).
-        const u64 target_row = ROW_STORES ? (u64)blockIdx.x * args.topk + step * BLOCK_T + slot_in_step : (u64)slot_row;
         const bool slot_valid = slot_row >= 0;
-        float* const slot_target = dkv + (slot_valid ? target_row : 0) * D_QK + consumer * 256 + 2 * (quad_lane & 2);
+        float* slot_target;  // see reduce_contribution for why the two instances differ here
+        if constexpr (ROW_STORES) {
+            const u64 target_row = (u64)blockIdx.x * args.topk + step * BLOCK_T + slot_in_step;
+            slot_target = dkv + (slot_valid ? target_row : 0) * D_QK + consumer * 256 + 2 * (quad_lane & 2);
+        } else {
+            slot_target = slot_valid ? dkv + (u64)slot_row * D_QK + consumer * 256 + 2 * (quad_lane & 2) : nullptr;
+        }
         wgmma_wait<0>();
         fence_registers(acc_s);
         fence_registers(acc_dp);
@@ -357,7 +371,7 @@ __device__ __forceinline__ void consume(const ConsumerArgs& args) {
         wgmma_commit();
         wgmma_wait<1>();
         fence_registers(acc_b);
-        reduce_contribution<8, ROW_STORES>(acc_b, slot_target + 64, slot_valid, odd_lane);
+        reduce_contribution<8, ROW_STORES>(acc_b, column_target<ROW_STORES>(slot_target, 64), slot_valid, odd_lane);
 
         fence_registers(acc_b);
         wgmma_fence();
@@ -365,7 +379,7 @@ __device__ __forceinline__ void consume(const ConsumerArgs& args) {
         wgmma_commit();
         wgmma_wait<1>();
         fence_registers(acc_a);
-        reduce_contribution<8, ROW_STORES>(acc_a, slot_target + 128, slot_valid, odd_lane);
+        reduce_contribution<8, ROW_STORES>(acc_a, column_target<ROW_STORES>(slot_target, 128), slot_valid, odd_lane);
 
         fence_registers(acc_a);
         wgmma_fence();
@@ -373,12 +387,13 @@ __device__ __forceinline__ void consume(const ConsumerArgs& args) {
         wgmma_commit();
         wgmma_wait<1>();
         fence_registers(acc_b);
-        reduce_contribution<8, ROW_STORES>(acc_b, slot_target + 192, slot_valid, odd_lane);
+        reduce_contribution<8, ROW_STORES>(acc_b, column_target<ROW_STORES>(slot_target, 192), slot_valid, odd_lane);
 
         wgmma_wait<0>();  // this consumer is done reading DL and FP (the next step's STAGED_FREE)
         fence_registers(acc_a);
         // The rope half: columns 512 + 32 c + ..., 4 groups of 8 (slot_target points at 256 c + ...).
-        reduce_contribution<4, ROW_STORES>(acc_a, slot_target + D_V - 224 * consumer, slot_valid, odd_lane);
+        reduce_contribution<4, ROW_STORES>(acc_a, column_target<ROW_STORES>(slot_target, D_V - 224 * consumer),
+                                           slot_valid, odd_lane);
     }
 
     // ---- dq (already scaled by sm_scale through dl); a query without a valid slot gets 0.
