@@ -190,7 +190,8 @@ def test_sass_keeps_the_slot_rows_addresses_out_of_the_constant_bank(sass):
     # The row addresses of a step come from registers kept across the loop: nvcc 13.0 gives 69 constant
     # loads in the whole kernel. With the target pointer always computed (dkv + 0 for an invalid slot,
     # as the deterministic instance needs), the default instance rebuilt them from the kernel's
-    # parameters every step (139 constant loads, 441 -> 581 LEA) and ran ~8% slower on the H200.
+    # parameters every step (139 constant loads, 441 -> 581 LEA); NVRTC's build timed the same on the H200
+    # either way, so this bounds the SASS the CI compile sees, not a measured speed.
     assert count_matches(sass, r"\bLDC(?:\.\w+)*\b") <= 90
 
 def test_sass_waits_for_the_products_only_where_the_design_does(sass):

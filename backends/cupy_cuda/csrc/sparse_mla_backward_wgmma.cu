@@ -183,8 +183,9 @@ __device__ __forceinline__ float* column_target(float* target, int offset) {
 // takes part in the shuffles. In the deterministic instance `valid` is a flag beside a pointer that is
 // always computed (not a null pointer): with the null test, or with the two rows' own flags, ptxas
 // spilled 512-644 bytes there and serialized its wgmmas. The default instance keeps a null target for
-// an invalid slot (column_target): with the always-computed pointer its SASS rebuilt the addresses from
-// the kernel's parameters every step (LEA 379 -> 523, LDC 26 -> 97) and its backward ran ~8% slower.
+// an invalid slot (column_target): with the always-computed pointer nvcc's SASS rebuilt the addresses
+// from the kernel's parameters every step (LEA 379 -> 523, LDC 26 -> 97). The runtime's NVRTC build ran
+// both sources at the same speed on the H200 (within 0.5%, NOTES.md), so the form kept is the leaner SASS.
 template <int GROUPS, bool ROW_STORES>
 __device__ __forceinline__ void reduce_contribution(const float (&acc)[32], float* target, bool valid, bool odd_lane) {
 #pragma unroll
