@@ -94,6 +94,7 @@ def _stub_kernels(sparse_mla, launch):
     sparse_mla._multiprocessors = lambda device: 132  # the H200's launch plan
     sparse_mla._sparse_mla_config.cache_clear()
     sparse_mla._launch_plan.cache_clear()
+    sparse_mla._REPEATED.clear()  # launches kept with another SM count's plan
 
 
 class _Recorder:

@@ -228,6 +228,13 @@ class TritonBackend(Backend):
         for x in (q, kv, indices, topk_length, attn_sink):
             if x is not None and (x.__class__ is not tensor or x.device != target):
                 return None
+        q_dtype = q.dtype
+        if (kv.dtype is torch.uint8 and (q_dtype is torch.bfloat16 or q_dtype is torch.float32)
+                and type(self).sparse_mla is TritonBackend.sparse_mla):
+            # The FP8 decode: :meth:`sparse_mla` would keep these operands as they are and pick the tl
+            # kernel, and dsa_ref.torch passes the scale and d_v as float and int already.
+            kernels = _sparse_mla_module or _load_sparse_mla_module()
+            return kernels.sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
         return self.sparse_mla(q, kv, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
                                attn_sink=attn_sink)
 

@@ -45,6 +45,12 @@ keyword arguments follow from a cached plan makes their :class:`LaunchOptions` w
 calls ``launcher.launch(options, grid, *args)``; ``launcher(grid, *args, **kwargs)`` finds the
 options of its keyword arguments every call.
 
+A call site that keys its launches itself goes one step further: after a launch, :meth:`CachedLauncher.direct`
+hands it the signature's :class:`DirectLaunch`, which it keeps under its own key (built from what it
+reads anyway: shapes, strides, dtypes, the plan); a repeated call then launches through
+:func:`direct_stream` and the compiled kernel's launcher with no signature key at all. That key is the
+site's to get right: it must change whenever one of the above would (see :class:`DirectLaunch`).
+
 Where the plain ``kernel[grid](...)`` runs instead, every call: another Triton release than 3.6
 (whose ``run`` this repeats); a kernel that is not a ``JITFunction`` with the stock ``run`` (under
 ``TRITON_INTERPRET=1`` it is an ``InterpretedFunction``); parameters annotated or marked
@@ -287,3 +293,70 @@ class CachedLauncher:
             self._kernels.clear()
         self._kernels[key] = entry
         return kernel
+
+    def direct(self, options: LaunchOptions, args) -> DirectLaunch | None:
+        """The :class:`DirectLaunch` of the signature of ``launch(options, grid, *args)``, once a launch of it
+        has found its compiled kernel; None when that signature takes the plain launch (or was not
+        launched yet, or the cache started over since)."""
+        if self.plain_only is not None or not options.cacheable:
+            return None
+        positional = argument_key(args)
+        if positional is None:
+            return None
+        fn, knobs = self.fn, self._knobs
+        device = self._driver.active.get_current_device()
+        modes = (fn.debug, knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+        entry = self._kernels.get((device, positional, options, *modes))
+        if not entry:
+            return None
+        kernel, run, function, metadata, tail = entry
+        return DirectLaunch(self, device, modes, kernel, run, function, metadata, tail)
+
+
+class DirectLaunch:
+    """One signature's compiled kernel, to be launched by a call site that keeps it under a key of its own.
+
+    ``run(grid_0, grid_1, grid_2, stream, function, metadata, None, None, None, *args, *tail)`` is the
+    launch :class:`CachedLauncher` makes for a repeated signature, with ``stream`` from
+    :func:`direct_stream` (None there: launch through the launcher instead). Nothing here reads the
+    arguments, so the site's key must tell apart every signature Triton compiles apart: each tensor's
+    dtype and 16-byte alignment, each int's code (the constant 1, i32/i64/u64, multiple of 16), the type
+    of every other argument, and the keyword options (see the module docstring); exact values of the
+    ints and strides are one way. The device and the debug and instrumentation modes are checked by
+    :func:`direct_stream`.
+    """
+
+    __slots__ = ("launcher", "device", "modes", "kernel", "run", "function", "metadata", "tail")
+
+    def __init__(self, launcher, device, modes, kernel, run, function, metadata, tail):
+        self.launcher, self.device, self.modes = launcher, device, modes
+        self.kernel, self.run, self.function, self.metadata, self.tail = kernel, run, function, metadata, tail
+
+
+def direct_stream(*launches: DirectLaunch):
+    """The current stream (Triton's: inside a CUDA-graph capture, the capturing one) when every launch
+    of ``launches`` may go straight to its compiled kernel's launcher now, else None: whatever would
+    send :class:`CachedLauncher` to the plain launch (a launch patched since the launcher was made,
+    pre-run or launch hooks, a changed global of the kernel, a launcher set to ``plain_only`` since), or
+    to another compiled kernel (another current device, debug or instrumentation mode), sends the caller
+    back to the launcher."""
+    first = launches[0].launcher
+    knobs = first._knobs
+    runtime = knobs.runtime
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if (enter is not None and getattr(enter, "calls", True)) or (leave is not None and getattr(leave, "calls", True)):
+        return None
+    runtime_debug, instrumentation = runtime.debug, knobs.compilation.instrumentation_mode
+    active = first._driver.active
+    device = active.get_current_device()
+    for direct in launches:
+        launcher = direct.launcher
+        fn = launcher.fn
+        if (launcher.plain_only is not None or type(fn).run is not launcher._class_run
+                or fn.__dict__.get("run") is not launcher._own_run or fn.pre_run_hooks or direct.device != device
+                or direct.modes != (fn.debug, runtime_debug, instrumentation)):
+            return None
+        for (name, _), (value, namespace) in fn.used_global_vals.items():
+            if namespace.get(name, _MISSING) != value:
+                return None
+    return active.get_current_stream(device)

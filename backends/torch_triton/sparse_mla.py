@@ -35,7 +35,7 @@ import triton.language as tl
 
 from dsa_ref.reference.formats import KV_LATENT_DIM, KV_ROPE_DIM, KV_SCALE_BLOCK
 
-from .launch import CachedLauncher, launch_options
+from .launch import CachedLauncher, direct_stream, launch_options
 from .precision import dot_precision
 
 LOG2E = 1.4426950408889634
@@ -253,6 +253,14 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
         from .sparse_mla_gluon import sparse_mla_gluon
 
         return sparse_mla_gluon(q, kv, indices, sm_scale, topk_length, attn_sink, d_v=d_v)
+    default_plan = config is None and num_splits is None
+    if default_plan:
+        repeat = _REPEATED.get(_repeat_key(q, kv, indices, d_v, topk_length, attn_sink))
+        if repeat is not None:
+            result = _launch_again(repeat, q, kv, indices, sm_scale, topk_length, attn_sink)
+            if result is not None:
+                return result
+    given = (q, kv, indices, topk_length, attn_sink)
     s_q, h, d_qk = q.shape
     s_kv = kv.shape[0]
     topk = indices.shape[1]
@@ -282,7 +290,7 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
         topk_length = topk_length.to(torch.int32).contiguous()
     if attn_sink is not None:
         attn_sink = attn_sink.to(torch.float32).contiguous()
-    if config is None and num_splits is None:  # every decode step: the same launch, computed once
+    if default_plan:  # every decode step: the same launch, computed once
         splits, slots_per_split, common, options, combine_options = _launch_plan(
             s_q, h, topk, d_v, d_qk, kv_fp8, compute_dtype, device, topk_length is not None, attn_sink is not None)
     else:
@@ -299,10 +307,12 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
     row = max(d_v, 1)
     head_stride, query_stride = row, h * row
     if splits == 1:
-        _sparse_mla_launch.launch(
-            options, grid, q, kv, indices, lengths, sink, out, lse,
-            s_q, h, s_kv, topk, d_v, d_qk, slots_per_split, scale_log2,
-            q_stride[0], q_stride[1], kv_stride[0], index_stride[0], 0, query_stride, head_stride, 0, h)
+        split_args = (q, kv, indices, lengths, sink, out, lse,
+                      s_q, h, s_kv, topk, d_v, d_qk, slots_per_split, scale_log2,
+                      q_stride[0], q_stride[1], kv_stride[0], index_stride[0], 0, query_stride, head_stride, 0, h)
+        _sparse_mla_launch.launch(options, grid, *split_args)
+        if default_plan and _unconverted(given, q, kv, indices, topk_length, attn_sink):
+            _remember(given, d_v, options, grid, split_args, None, None, (out, lse))
         return out, lse
     # The partials are the kernels' own: one allocation, the lse after the outputs at a 16-byte
     # boundary (so both pointers keep the alignment Triton specializes on, as two allocations had).
@@ -311,14 +321,135 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
     part_out_size = (splits * split_stride + 3) & ~3
     part_out = torch.empty(part_out_size + splits * s_q * h, dtype=torch.float32, device=device)
     part_lse = part_out[part_out_size:]
-    _sparse_mla_launch.launch(
-        options, grid, q, kv, indices, lengths, sink, part_out, part_lse,
-        s_q, h, s_kv, topk, d_v, d_qk, slots_per_split, scale_log2,
-        q_stride[0], q_stride[1], kv_stride[0], index_stride[0],
-        split_stride, query_stride, head_stride, s_q * h, h)
-    _combine_launch.launch(
-        combine_options, grid[:2], part_out, part_lse, sink, out, lse, h, d_v, splits,
-        split_stride, query_stride, head_stride, s_q * h, h, query_stride, head_stride, h)
+    split_args = (q, kv, indices, lengths, sink, part_out, part_lse,
+                  s_q, h, s_kv, topk, d_v, d_qk, slots_per_split, scale_log2,
+                  q_stride[0], q_stride[1], kv_stride[0], index_stride[0],
+                  split_stride, query_stride, head_stride, s_q * h, h)
+    combine_args = (part_out, part_lse, sink, out, lse, h, d_v, splits,
+                    split_stride, query_stride, head_stride, s_q * h, h, query_stride, head_stride, h)
+    _sparse_mla_launch.launch(options, grid, *split_args)
+    _combine_launch.launch(combine_options, grid[:2], *combine_args)
+    if default_plan and _unconverted(given, q, kv, indices, topk_length, attn_sink):
+        _remember(given, d_v, options, grid, split_args, combine_options, combine_args, (out, lse, part_out))
+    return out, lse
+
+
+def _repeat_key(q, kv, indices, d_v, topk_length, attn_sink) -> tuple:
+    """What decides a default-plan call's launches, short of its pointers' alignment (which
+    :func:`_launch_again` tests) and its scale's type: the shapes, strides and dtypes behind every int
+    and tensor argument and the plan (``q``'s device: the SM count), and which optional inputs there are.
+    Exact values where a kernel specializes on codes only: a new value makes one more entry, never a
+    stale one."""
+    return (q.shape, q.stride(), q.dtype, q.device, kv.shape, kv.stride(), kv.dtype, indices.shape,
+            indices.stride(), indices.dtype, d_v, topk_length is None, attn_sink is None)
+
+
+class _Repeat:
+    """A default-plan call's launches, kept for the calls of its :func:`_repeat_key`: the launchers and
+    their :class:`~.launch.DirectLaunch` es, the grids and options, and the launch arguments that follow
+    from the key (everything but the tensors and the scale), as the general path passed them."""
+
+    __slots__ = ("split_launcher", "combine_launcher", "split", "combine", "launches", "options",
+                 "combine_options", "grid", "combine_grid", "out_shape", "lse_shape", "part_numel",
+                 "part_lse_offset", "split_head", "split_strides", "combine_scalars")
+
+
+#: :class:`_Repeat` of each :func:`_repeat_key` seen: a decode loop's calls are a dict lookup, the
+#: outputs' allocations and the launches.
+_REPEATED: dict = {}
+#: Keys kept before the table starts over (a decode loop uses a handful).
+REPEATED_LIMIT = 1024
+#: Where the scale sits among the split kernel's arguments (the ints before it, the strides after).
+_SCALE_ARGUMENT = 14
+
+
+def _unconverted(given, q, kv, indices, topk_length, attn_sink) -> bool:
+    """True when the general path launched the caller's own tensors (no copy made contiguous or cast),
+    which a repeated call hands the kernels as they are."""
+    return all(a is b for a, b in zip(given, (q, kv, indices, topk_length, attn_sink)))
+
+
+def _remember(given, d_v, options, grid, split_args, combine_options, combine_args, buffers):
+    """Keep the launches just made for the calls of the same :func:`_repeat_key`, when a repeated call
+    can make them as they are: the cached launchers (not a stand-in), every pointer 16-byte aligned (the
+    one class :func:`_launch_again` launches), a float scale, and both kernels' compiled launches found."""
+    if not (isinstance(_sparse_mla_launch, CachedLauncher) and isinstance(_combine_launch, CachedLauncher)):
+        return
+    pointers = 0
+    for tensor in (*split_args[:5], *buffers):
+        pointers |= tensor.data_ptr()
+    if pointers & 15 or split_args[_SCALE_ARGUMENT].__class__ is not float:
+        return
+    split = _sparse_mla_launch.direct(options, split_args)
+    combine = None if combine_args is None else _combine_launch.direct(combine_options, combine_args)
+    if split is None or (combine_args is not None and combine is None):
+        return
+    repeat = _Repeat()
+    repeat.split_launcher, repeat.combine_launcher = _sparse_mla_launch, _combine_launch
+    repeat.split, repeat.combine = split, combine
+    repeat.launches = (split,) if combine is None else (split, combine)
+    repeat.options, repeat.combine_options = options, combine_options
+    repeat.grid, repeat.combine_grid = grid, grid[:2]
+    out, lse = buffers[:2]
+    repeat.out_shape, repeat.lse_shape = out.shape, lse.shape
+    if combine is not None:
+        part_out, part_lse = split_args[5:7]
+        repeat.part_numel, repeat.part_lse_offset = part_out.numel(), part_lse.storage_offset()
+        repeat.combine_scalars = combine_args[5:]
+    repeat.split_head, repeat.split_strides = split_args[7:_SCALE_ARGUMENT], split_args[_SCALE_ARGUMENT + 1:]
+    if len(_REPEATED) >= REPEATED_LIMIT:
+        _REPEATED.clear()
+    _REPEATED[_repeat_key(*given[:3], d_v, *given[3:])] = repeat
+
+
+def _launch_again(repeat: _Repeat, q, kv, indices, sm_scale, topk_length, attn_sink):
+    """``(out, lse)`` of a call of ``repeat``'s key, launched as the general path would launch it; None,
+    before allocating anything, for a call it does not cover (the general path then runs)."""
+    if repeat.split_launcher is not _sparse_mla_launch or repeat.combine_launcher is not _combine_launch:
+        return None  # the module's launchers were replaced (a tool's or a test's stand-in)
+    scale_log2 = sm_scale * LOG2E
+    if scale_log2.__class__ is not float:
+        return None
+    pointers = q.data_ptr() | kv.data_ptr() | indices.data_ptr()
+    if topk_length is not None:  # what the general path's conversions would leave as it is
+        if topk_length.dtype is not torch.int32 or not topk_length.is_contiguous():
+            return None
+        pointers |= topk_length.data_ptr()
+    if attn_sink is not None:
+        if attn_sink.dtype is not torch.float32 or not attn_sink.is_contiguous():
+            return None
+        pointers |= attn_sink.data_ptr()
+    if pointers & 15:
+        return None  # another kernel (Triton specializes on 16-byte alignment): the general path's
+    device = q.device
+    out = torch.empty(repeat.out_shape, dtype=torch.float32, device=device)
+    lse = torch.empty(repeat.lse_shape, dtype=torch.float32, device=device)
+    lengths = lse if topk_length is None else topk_length
+    sink = lse if attn_sink is None else attn_sink
+    combine = repeat.combine
+    if combine is None:
+        split_args = (q, kv, indices, lengths, sink, out, lse, *repeat.split_head, scale_log2, *repeat.split_strides)
+        buffers = out.data_ptr() | lse.data_ptr()
+    else:
+        part_out = torch.empty(repeat.part_numel, dtype=torch.float32, device=device)
+        part_lse = part_out[repeat.part_lse_offset:]
+        split_args = (q, kv, indices, lengths, sink, part_out, part_lse, *repeat.split_head, scale_log2,
+                      *repeat.split_strides)
+        buffers = part_out.data_ptr() | out.data_ptr() | lse.data_ptr()
+    stream = None if buffers & 15 else direct_stream(*repeat.launches)
+    if stream is None:  # through the launchers, which find (or compile) what this call needs
+        _sparse_mla_launch.launch(repeat.options, repeat.grid, *split_args)
+        if combine is not None:
+            _combine_launch.launch(repeat.combine_options, repeat.combine_grid, part_out, part_lse, sink, out, lse,
+                                   *repeat.combine_scalars)
+        return out, lse
+    split = repeat.split
+    grid_0, grid_1, grid_2 = repeat.grid
+    split.run(grid_0, grid_1, grid_2, stream, split.function, split.metadata, None, None, None, *split_args,
+              *split.tail)
+    if combine is not None:
+        combine.run(grid_0, grid_1, 1, stream, combine.function, combine.metadata, None, None, None,
+                    part_out, part_lse, sink, out, lse, *repeat.combine_scalars, *combine.tail)
     return out, lse
 
 

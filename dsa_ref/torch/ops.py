@@ -280,23 +280,26 @@ def _key_ranges(key_start: Optional[Tensor], key_end: Optional[Tensor], s_q: int
 
 # ---------------------------------------------------------------------------- sparse MLA
 def _sparse_mla_forward(q, kv, indices, topk_length, attn_sink, sm_scale: float, d_v: int, backend_name: str):
-    inputs = dict(q=q, kv=kv, indices=indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
-                  attn_sink=attn_sink)
     backend = registry._load(backend_name)
     signature = (backend, _sparse_mla_details(q, kv, indices, topk_length, attn_sink, sm_scale, d_v))
     seen = signature in _ACCEPTED
     if not seen:
+        inputs = dict(q=q, kv=kv, indices=indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
+                      attn_sink=attn_sink)
         backend, _ = _accepted("sparse_mla", backend_name, inputs, lambda: (
             _sparse_mla_checks(q, kv, indices, topk_length, attn_sink, sm_scale, d_v),
             _run_checks(backend_name, "sparse_mla", inputs)), signature[1])
     if topk_length is not None:
-        topk_length = inputs["topk_length"] = topk_length.clip(0, indices.shape[1])  # on the device, never read
+        topk_length = topk_length.clip(0, indices.shape[1])  # on the device, never read
     # A backend may take torch tensors as they are (Backend.sparse_mla_torch): no conversion either way.
     launch = backend.sparse_mla_torch
     if launch is not None:
         result = launch(q, kv, indices, topk_length, attn_sink, sm_scale, d_v)
         if result is not None:
             return _fresh_pair(result[0], result[1], q, kv)
+    # The general path's inputs, built only here: a decode call that the backend's hook took needs none.
+    inputs = dict(q=q, kv=kv, indices=indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
+                  attn_sink=attn_sink)
     out, lse = _run_inputs(backend, "sparse_mla", q, inputs, seen)
     return _fresh_pair(out, lse, q, kv)
 
