@@ -84,7 +84,11 @@ def test_one_split_passes_the_outputs_strides(monkeypatch):
 # --------------------------------------------------------------------------- dsa_ref.torch's conversion
 def test_native_inputs_are_what_to_native_gives():
     backend = registry._load("triton")
-    inputs = dict(q=torch.zeros(2, 3), kv=torch.zeros(4, 3, dtype=torch.bfloat16), scale=0.5, length=None)
+    # Made where the backend works (a GPU where there is one), so that to_native keeps them: a copy
+    # would be a new tensor on each call and nothing to compare by identity.
+    device = backend.to_native(torch.zeros(1)).device
+    inputs = dict(q=torch.zeros(2, 3, device=device), kv=torch.zeros(4, 3, dtype=torch.bfloat16, device=device),
+                  scale=0.5, length=None)
     native = ops._native_inputs(backend, inputs)
     expected = {k: backend.to_native(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     assert native.keys() == expected.keys()
