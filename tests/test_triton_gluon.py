@@ -136,7 +136,7 @@ def test_sparse_mla_kernel_choice_is_checked():
     q, kv, indices = zero_inputs()
     with pytest.raises(ValueError,
                        match=(r"kernel='cuda' is not a valid sparse MLA kernel; "
-                              r"available: \['tl', 'gluon', 'gluon_pingpong'\]")):
+                              r"available: \['tl', 'gluon', 'gluon_pingpong', 'gluon_fp8'\]")):
         sparse_mla.sparse_mla(q, kv, indices, 576**-0.5, 512, kernel="cuda")
     with pytest.raises(ValueError, match="kernel='gluon' takes neither"):
         sparse_mla.sparse_mla(q, kv, indices, 576**-0.5, 512, kernel="gluon", num_splits=2)

@@ -14,13 +14,11 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
-from triton_ptxas import run_compiled_report
+from triton_ptxas import ptxas_report, run_compiled_report
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -49,16 +47,6 @@ COMPILE_CASES = (True, False)  # HAS_TOPK_LENGTH
 # --------------------------------------------------------------------------- sm_90 compile
 
 
-def _ptxas_report(ptx: str) -> str:
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    with tempfile.TemporaryDirectory() as folder:
-        source = Path(folder) / "kernel.ptx"
-        source.write_text(ptx)
-        return subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", "-O3", str(source), "-o",
-                               f"{source}.cubin"], capture_output=True, text=True, check=True).stderr
-
-
 def _compile_pingpong() -> dict[str, dict]:
     """What ptxas and the PTX say of each case compiled for sm_90, with the launch's own options."""
     import triton
@@ -83,7 +71,7 @@ def _compile_pingpong() -> dict[str, dict]:
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=pingpong.NUM_WARPS, maxnreg=pingpong.MAX_REGISTERS))
         ptx = compiled.asm["ptx"]
-        report = _ptxas_report(ptx)
+        report = ptxas_report(ptx)
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
         used[str(has_topk_length)] = dict(
             shared=compiled.metadata.shared, registers=int(re.search(r"Used (\d+) registers", report).group(1)),

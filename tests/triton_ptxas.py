@@ -13,6 +13,17 @@ import tempfile
 from pathlib import Path
 
 
+def ptxas_report(ptx: str) -> str:
+    """ptxas's ``-v`` report of ``ptx`` assembled for sm_90a (registers, spills, its notes)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        return subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", "-O3", str(source), "-o",
+                               f"{source}.cubin"], capture_output=True, text=True, check=True).stderr
+
+
 def ptxas_usage(ptx: str) -> dict[str, int]:
     """``registers``, ``spill_bytes`` (stores + loads) and ``spill_lines`` (how many spill counts
     ptxas printed: a report without them would read as zero spills)."""

@@ -17,6 +17,9 @@ candidate's outputs from the default's. The pairs:
   (b 64, h 128, topk 2048; s_q 2 at T 32K and s_q 1 at T 128K, pages of 64 shuffled as
   ``dsa_ref_backends.bench`` builds its FP8 decode case), ``sparse_mla_fwd_mma<true>`` against
   ``sparse_mla_fwd_wgmma_fp8`` (``CupyBackend.hopper_fp8_decode``);
+* triton FP8 decode at the same shapes: the ``tl.dot`` kernel (the default) against the Gluon ping-pong
+  kernel with a dequantizing producer (``kernel="gluon_fp8"``, ``TritonBackend.hopper_fp8_decode``) at its
+  own split plan and at 2 and 4 splits, through the public API with the switch as well;
 * triton top-k at the decode step's shape (64 rows of 128K, the paged indexer's scores and normal
   ones): one pass against two (``TritonBackend.chunked_topk``) at three chunk lengths, the first
   pass and its sort alone; the sets compared;
@@ -45,7 +48,7 @@ from peers_training import relative, steady_ms  # the same steady-state timing a
 
 ROWS: list[dict] = []
 GROUPS = ("triton-forward", "cupy-forward", "cupy-decode", "triton-backward", "cupy-backward", "triton-topk",
-          "triton-indexer", "cupy-indexer", "triton-forward-pingpong")
+          "triton-indexer", "cupy-indexer", "triton-forward-pingpong", "triton-decode")
 
 
 def report(**row) -> None:
@@ -256,6 +259,29 @@ def main(argv: list[str] | None = None) -> int:
                                         lambda: dsa_ref.sparse_mla(q, cache, slots, backend=backend),
                                         reference=outputs.get("mma.sync"))
             del q, cache, slots, outputs
+            torch.cuda.empty_cache()
+    if "triton-decode" in groups:
+        # The decode step's sparse attention over the packed FP8 cache on the triton backend: the tl.dot
+        # kernel, then the Gluon FP8 kernel (its own split plan, then 2 and 4 splits) and the public API
+        # with TritonBackend.hopper_fp8_decode, each compared with the tl.dot kernel's outputs.
+        from dsa_ref_backends.torch_triton.backend import TritonBackend
+
+        for batch, next_n, context in ((64, 2, 32768), (128, 2, 32768), (64, 1, 131072)):
+            q, cache, slots = fp8_decode_inputs(torch, batch, next_n, context)
+            shape = f"FP8 cache b={batch} s_q={next_n} T={context} h=128 topk=2048"
+            flop = 2 * batch * next_n * 128 * 2048 * (576 + 512)
+            scale = 576**-0.5
+            tl_outputs = timed(torch, "triton FP8 decode, tl.dot (default)", shape, flop,
+                               lambda: triton_forward.sparse_mla(q, cache, slots, scale, 512))
+            for splits in (None, 2, 4):
+                timed(torch, f"triton FP8 decode, gluon_fp8 (splits {splits or 'planned'})", shape, flop,
+                      lambda: triton_forward.sparse_mla(q, cache, slots, scale, 512, kernel="gluon_fp8",
+                                                           num_splits=splits), reference=tl_outputs)
+            gluon_backend = TritonBackend()
+            gluon_backend.hopper_fp8_decode = True
+            timed(torch, "triton FP8 decode, public API with hopper_fp8_decode", shape, flop,
+                  lambda: dsa_ref.sparse_mla(q, cache, slots, backend=gluon_backend), reference=tl_outputs)
+            del q, cache, slots, tl_outputs
             torch.cuda.empty_cache()
     if "triton-topk" in groups:
         import dsa_ref.torch as dsa_torch

@@ -26,7 +26,9 @@ fragment layout shows up as a permutation there). The kernels:
 * ``wgmma_fp8_pair``  the same with a query's two head blocks as a cluster pair sharing their tiles
                  (``CupyBackend.hopper_fp8_decode_pair``; both problems have h 128);
 * ``wgmma_v3``, ``wgmma_fp8_v3``, ``wgmma_fp8_pair_v3``  the split-V consumers in those three
-                 (``CupyBackend.hopper_split_v``).
+                 (``CupyBackend.hopper_split_v``);
+* ``gluon_fp8``  Triton's ping-pong Gluon forward over the packed FP8 cache, its producer dequantizing
+                 (``kernel="gluon_fp8"``, ``TritonBackend.hopper_fp8_decode``).
 
 On a GPU machine, from a checkout::
 
@@ -46,12 +48,12 @@ import numpy as np
 
 KERNELS = ("gluon", "wgmma", "det_mma", "wgmma_fp8", "wgmma_bwd", "wgmma_v2", "gluon_pingpong", "wgmma_det",
            "gluon_det", "radix_topk", "paged_v2", "wgmma_fp8_v2", "wgmma_fp8_pair", "wgmma_v3", "wgmma_fp8_v3",
-           "wgmma_fp8_pair_v3")
+           "wgmma_fp8_pair_v3", "gluon_fp8")
 #: The kernels :func:`probe_backward` runs; :func:`probe_topk` and :func:`probe_paged` take one each,
 #: :func:`probe_forward` the rest.
 BACKWARD_KERNELS = ("det_mma", "wgmma_bwd", "wgmma_det", "gluon_det")
 #: The forwards over the packed FP8 cache.
-FP8_KERNELS = ("wgmma_fp8", "wgmma_fp8_v2", "wgmma_fp8_pair", "wgmma_fp8_v3", "wgmma_fp8_pair_v3")
+FP8_KERNELS = ("wgmma_fp8", "wgmma_fp8_v2", "wgmma_fp8_pair", "wgmma_fp8_v3", "wgmma_fp8_pair_v3", "gluon_fp8")
 
 
 def error_pattern(name: str, got: np.ndarray, expected: np.ndarray, *, row_axis_name: str) -> dict:
@@ -104,7 +106,7 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
     # The pair kernel takes h a multiple of 128 (smaller h runs the v2 kernel).
     problem = _forward_problem(small, packed_fp8=kernel in FP8_KERNELS, pairs=kernel.startswith("wgmma_fp8_pair"))
     inputs = problem.inputs
-    if kernel in ("gluon", "gluon_pingpong"):
+    if kernel in ("gluon", "gluon_pingpong", "gluon_fp8"):
         import torch
 
         from dsa_ref_backends.torch_triton import sparse_mla as triton_forward
@@ -113,7 +115,8 @@ def probe_forward(kernel: str, small: bool) -> list[dict]:
             return None if x is None else torch.from_numpy(np.ascontiguousarray(x)).cuda()
 
         q = cuda(inputs["q"].astype(np.float32)).to(torch.bfloat16)
-        kv = cuda(inputs["kv"].astype(np.float32)).to(torch.bfloat16)
+        # The packed FP8 cache is uint8 bytes as it is; dense rows are rounded to bf16.
+        kv = cuda(inputs["kv"]) if kernel == "gluon_fp8" else cuda(inputs["kv"].astype(np.float32)).to(torch.bfloat16)
         out, lse = triton_forward.sparse_mla(q, kv, cuda(inputs["indices"]), 576**-0.5, 512,
                                              cuda(inputs.get("topk_length")), cuda(inputs.get("attn_sink")),
                                              kernel=kernel)

@@ -61,6 +61,11 @@ class TritonBackend(Backend):
     #: consumers taking the slot tiles in turn): 325 -> 445 TFLOP/s at S 4096, SKV 8192, h 64, topk 2048
     #: on the H200 (NOTES.md, version 12). False, or DSA_REF_TRITON_GLUON_PINGPONG=0, runs the first one.
     hopper_forward_pingpong: bool = True
+    #: The FP8 decode (bf16 q over the packed FP8 cache, h a multiple of 64, d_v 512, sm_90) on the Gluon
+    #: ping-pong kernel whose producer dequantizes the rows (:mod:`.sparse_mla_gluon_fp8`) instead of the
+    #: ``tl.dot`` kernel (188 TFLOP/s at b 64, s_q 2, T 32K on the H200; NOTES.md, version 16). Off until
+    #: its GPU tests and speed are measured on the H200; True, or DSA_REF_TRITON_GLUON_FP8=1, runs it.
+    hopper_fp8_decode: bool = False
     supported_dtypes = {
         "lightning_indexer": _INDEXER_DTYPES,
         "topk_indices": _TOPK_DTYPES,
@@ -207,14 +212,14 @@ class TritonBackend(Backend):
         kernels = _sparse_mla_module or _load_sparse_mla_module()
         q, kv = _sparse_mla_operands(q, kv)
         d_v = int(d_v)
-        # The Gluon kernel takes bf16 rows only (forward_kernel's first test): the FP8 decode reads no
-        # switch from the environment.
         kernel = "tl"
         if q.dtype == kv.dtype == torch.bfloat16:
             kernel = forward_kernel(kernel_switch(self.hopper_forward, "DSA_REF_TRITON_GLUON"),
                                     q, kv, d_v, indices, topk_length, attn_sink,
                                     pingpong=kernel_switch(self.hopper_forward_pingpong,
                                                            "DSA_REF_TRITON_GLUON_PINGPONG"))
+        elif kv.dtype == torch.uint8 and kernel_switch(self.hopper_fp8_decode, "DSA_REF_TRITON_GLUON_FP8"):
+            kernel = fp8_forward_kernel(q, kv, d_v, indices, topk_length, attn_sink)
         return kernels.sparse_mla(q, kv, indices, float(sm_scale), d_v, topk_length, attn_sink, kernel=kernel)
 
     def sparse_mla_torch(self, q, kv, indices, topk_length, attn_sink, sm_scale: float, d_v: int):
@@ -230,7 +235,8 @@ class TritonBackend(Backend):
                 return None
         q_dtype = q.dtype
         if (kv.dtype is torch.uint8 and (q_dtype is torch.bfloat16 or q_dtype is torch.float32)
-                and type(self).sparse_mla is TritonBackend.sparse_mla):
+                and type(self).sparse_mla is TritonBackend.sparse_mla
+                and not kernel_switch(self.hopper_fp8_decode, "DSA_REF_TRITON_GLUON_FP8")):
             # The FP8 decode: :meth:`sparse_mla` would keep these operands as they are and pick the tl
             # kernel, and dsa_ref.torch passes the scale and d_v as float and int already.
             kernels = _sparse_mla_module or _load_sparse_mla_module()
@@ -295,6 +301,14 @@ class TritonBackend(Backend):
         return dsa.dsa_attention(q, kv, q_index, weights, k_index, topk=int(topk), key_start=_ranges(key_start),
                                  key_end=_ranges(key_end), k_scale=_scale(k_scale), sm_scale=float(sm_scale),
                                  d_v=int(d_v))
+
+
+def fp8_forward_kernel(q, kv, d_v: int, indices, topk_length, attn_sink) -> str:
+    """``"gluon_fp8"`` when the Gluon FP8 kernel covers these inputs (:func:`.sparse_mla_gluon_fp8.fp8_applies`),
+    else ``"tl"``."""
+    from .sparse_mla_gluon_fp8 import fp8_applies
+
+    return "tl" if fp8_applies(q, kv, d_v, indices, topk_length, attn_sink) else "gluon_fp8"
 
 
 def forward_kernel(hopper_forward: bool, q, kv, d_v: int, indices, topk_length, attn_sink, *,

@@ -225,7 +225,7 @@ def _sparse_mla_config(s_q: int, h: int, topk: int, d_v: int, d_qk: int, kv_fp8:
                 num_splits=num_splits, num_warps=8 if d_v_pad >= 256 else 4, num_stages=2)
 
 
-SPARSE_MLA_KERNELS = ("tl", "gluon", "gluon_pingpong")
+SPARSE_MLA_KERNELS = ("tl", "gluon", "gluon_pingpong", "gluon_fp8")
 
 
 def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn_sink=None, *,
@@ -238,12 +238,20 @@ def sparse_mla(q, kv, indices, sm_scale: float, d_v: int, topk_length=None, attn
     ``tl.dot`` one (the backend's default on Hopper where it applies; called here directly, it raises
     ValueError with the reasons when it does not apply); ``kernel="gluon_pingpong"`` its warp-specialized
     variant (:mod:`.sparse_mla_gluon_pingpong`, same inputs; the backend's default where the Gluon kernel
-    applies since its measurement on the H200, NOTES.md version 12).
+    applies since its measurement on the H200, NOTES.md version 12); ``kernel="gluon_fp8"`` the ping-pong
+    kernel over the packed FP8 cache (:mod:`.sparse_mla_gluon_fp8`, bf16 q; it takes ``num_splits``).
     """
     if kernel != "tl":
         if kernel not in SPARSE_MLA_KERNELS:
             raise ValueError(f"kernel={kernel!r} is not a valid sparse MLA kernel; "
                              f"available: {list(SPARSE_MLA_KERNELS)}")
+        if kernel == "gluon_fp8":
+            if config is not None:
+                raise ValueError("config tunes the 'tl' kernel; kernel='gluon_fp8' takes num_splits only")
+            from .sparse_mla_gluon_fp8 import sparse_mla_gluon_fp8
+
+            return sparse_mla_gluon_fp8(q, kv, indices, sm_scale, topk_length, attn_sink, d_v=d_v,
+                                        num_splits=num_splits)
         if num_splits is not None or config is not None:
             raise ValueError(f"num_splits and config tune the 'tl' kernel; kernel={kernel!r} takes neither")
         if kernel == "gluon_pingpong":
